@@ -1,0 +1,41 @@
+"""cnpose_trt: fast, checked ConvNeXtPose inference (ONNX Runtime on the CPU, TensorRT on NVIDIA GPUs).
+
+Heavy or optional dependencies (torch, onnx, onnxruntime, tensorrt, cuda-python) are imported
+only by the functions that need them, so `import cnpose_trt` is light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import BuildError, CheckpointError, CnposeError, EngineError
+from .spec import FLIP_PAIRS, JOINT_NAMES, SKELETON, VARIANTS, VariantSpec, custom_spec, get_spec
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "model", "count_parameters": "model",
+    "load_checkpoint": "checkpoint", "detect_variant": "checkpoint", "detect_spec": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "export_onnx": "export", "build_engine": "build",
+    "load_engine": "engine", "Engine": "engine",
+    "soft_argmax_reference": "decode",
+    "estimate": "pipeline", "PoseResult": "pipeline",
+}
+
+__all__ = ["VARIANTS", "VariantSpec", "JOINT_NAMES", "FLIP_PAIRS", "SKELETON", "custom_spec", "get_spec",
+           "CnposeError", "CheckpointError", "EngineError", "BuildError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnpose_trt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

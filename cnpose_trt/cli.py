@@ -1,0 +1,173 @@
+"""`cnpose-trt`: build, inspect, predict, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import CnposeError
+
+
+def _floats(n: int, what: str):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            vals = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+        return vals
+    return parse
+
+
+def _engine_for(args: argparse.Namespace) -> Any:
+    from .build import build_engine
+    from .engine import load_engine
+
+    if args.engine is not None:
+        return load_engine(args.engine)
+    result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if result.meta["weights"]["random"]:
+        print("warning: the engine uses random weights: the poses are meaningless; "
+              "pass --checkpoint for real ones", file=sys.stderr)
+    return load_engine(result.path)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .draw import draw_poses, save_image
+    from .pipeline import estimate
+    from .preprocess import load_image
+
+    if (args.focal is None) != (args.principal is None):
+        raise ValueError("--focal and --principal go together (camera intrinsics fx,fy and cx,cy)")
+    image = load_image(args.image)
+    engine = _engine_for(args)
+    intr = None if args.focal is None else (*args.focal, *args.principal)
+    result = estimate(engine, image, np.asarray(args.bbox), root_depth=args.root_depth, intrinsics=intr,
+                      flip=args.flip)
+    doc = {"image": str(args.image), "width": image.shape[1], "height": image.shape[0],
+           "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
+           "weights": engine.meta["weights"]["source"], "flip_test": args.flip,
+           "people": result.to_dict()}
+    text = json.dumps(doc, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output} ({len(result)} people)", file=sys.stderr)
+    else:
+        print(text)
+    if args.draw:
+        save_image(args.draw, draw_poses(image, result.image, result.boxes))
+        print(f"wrote {args.draw}", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import detect_spec, load_checkpoint
+    from .spec import match_variant
+
+    state, stored = load_checkpoint(args.file)
+    spec = detect_spec(state, head_upsample=stored.head_upsample if stored else None)
+    learnable = sum(int(np.prod(v.shape)) for k, v in state.items()
+                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    with_stats = sum(int(np.prod(v.shape)) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    match = match_variant(spec)
+    print(f"file:            {args.file}")
+    print(f"matches variant: {match or 'none (custom configuration)'}")
+    print(f"backbone:        depths {spec.depths}, dims {spec.dims}")
+    print(f"head:            {spec.head_channels} channels, upsample {spec.head_upsample} ({spec.head_tag})")
+    print(f"depth_dim:       {spec.depth_dim}, joints {spec.joints}, heatmap (N, {', '.join(map(str, spec.heatmap_shape))})")
+    print(f"parameters:      {learnable:,} learnable, {with_stats:,} with BatchNorm statistics")
+    if stored is not None and not stored.same_architecture(spec):
+        print(f"note: the file's own record says {stored}, which its tensors contradict")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .draw import save_image, demo_image
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image, box = demo_image()
+    img_path = save_image(out / "demo.png", image)
+    print(f"generated demo image {img_path} with a person box {box}", file=sys.stderr)
+    ns = argparse.Namespace(image=img_path, bbox=[box], root_depth=4000.0, focal=(1500.0, 1500.0),
+                            principal=(image.shape[1] / 2, image.shape[0] / 2), engine=None,
+                            variant=args.variant, checkpoint=args.checkpoint, engines=args.engines,
+                            flip=True, output=out / "demo.json", draw=out / "demo_pose.png")
+    _predict(ns)
+    print(f"demo done: {ns.output}, {ns.draw}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .build import add_build_arguments
+    from .spec import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export and compile an engine (same as python -m cnpose_trt.build)")
+    add_build_arguments(b)
+
+    i = sub.add_parser("inspect", help="show the configuration a checkpoint's tensors describe")
+    i.add_argument("file", type=Path)
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--engine", type=Path, help="a built engine (file or .json sidecar)")
+        g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default=None,
+                       help="build (or reuse) the onnxruntime engine of this variant (default XS)")
+        p.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
+        p.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
+
+    p = sub.add_parser("predict", help="3D poses of the people in an image")
+    p.add_argument("image", type=Path)
+    p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append", required=True,
+                   metavar="X,Y,W,H", help="person box in pixels; repeat for several people")
+    p.add_argument("--root-depth", type=float, default=None, metavar="MM",
+                   help="camera depth of the pelvis in mm (else depths are root-relative)")
+    p.add_argument("--focal", type=_floats(2, "--focal"), metavar="FX,FY")
+    p.add_argument("--principal", type=_floats(2, "--principal"), metavar="CX,CY")
+    engine_args(p)
+    p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
+    p.add_argument("--output", type=Path, help="JSON file (default: stdout)")
+    p.add_argument("--draw", type=Path, help="PNG of the skeletons over the image")
+
+    d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
+    engine_args(d)
+    d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if getattr(args, "variant", None) is None and args.command in ("predict", "demo") and \
+            getattr(args, "engine", None) is None and getattr(args, "checkpoint", None) is None:
+        args.variant = "XS"
+    warnings.filterwarnings("ignore", message="no checkpoint given")  # the CLI says it once itself
+    try:
+        if args.command == "build":
+            from .build import run_build
+
+            return run_build(args)
+        return {"predict": _predict, "inspect": _inspect, "demo": _demo}[args.command](args)
+    except (CnposeError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Skeleton overlays and the synthetic demo image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .spec import SKELETON
+
+_LEFT = (0, 200, 255)
+_RIGHT = (255, 80, 40)
+_CENTRE = (60, 220, 60)
+
+
+def _colour(a: int, b: int) -> tuple[int, int, int]:
+    from .spec import JOINT_NAMES
+
+    names = JOINT_NAMES[a] + JOINT_NAMES[b]
+    return _LEFT if "L_" in names else _RIGHT if "R_" in names else _CENTRE
+
+
+def draw_poses(image: np.ndarray, joints_px: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+    """A copy of an (H, W, 3) uint8 RGB image with skeletons (P, J, >=2 px) and boxes (P, 4) drawn."""
+    import cv2
+
+    canvas = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    thick = max(1, round(min(canvas.shape[:2]) / 200))
+    for p, pose in enumerate(np.asarray(joints_px)):
+        if boxes is not None:
+            x, y, w, h = (float(v) for v in boxes[p])
+            cv2.rectangle(canvas, (round(x), round(y)), (round(x + w), round(y + h)), (255, 255, 255), thick)
+        finite = np.isfinite(pose[:, :2]).all(axis=1)
+        for a, b in SKELETON:
+            if finite[a] and finite[b]:
+                cv2.line(canvas, tuple(int(round(v)) for v in pose[a, :2]),
+                         tuple(int(round(v)) for v in pose[b, :2]), _colour(a, b), thick + 1, cv2.LINE_AA)
+        for j in np.flatnonzero(finite):
+            cv2.circle(canvas, tuple(int(round(v)) for v in pose[j, :2]), thick + 2, (255, 255, 255), -1, cv2.LINE_AA)
+    return canvas
+
+
+def save_image(path: str | Path, image_rgb: np.ndarray) -> Path:
+    import cv2
+
+    path = Path(path)
+    ok, data = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image_rgb[:, :, ::-1]))
+    if not ok:
+        raise ValueError(f"cannot encode an image as {path.suffix!r}; use .png or .jpg")
+    path.write_bytes(data.tobytes())
+    return path
+
+
+def demo_image(width: int = 640, height: int = 480) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A generated RGB scene with one stick figure, and the person's box (x, y, w, h)."""
+    import cv2
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([90 + 60 * yy / height, 110 + 40 * xx / width, 140 + 50 * (1 - yy / height)], -1)
+    img = img.astype(np.uint8)
+    cv2.rectangle(img, (0, int(height * 0.8)), (width, height), (80, 70, 60), -1)
+    cx, top = width // 2, int(height * 0.12)
+    s = height / 480
+    skin, shirt, trousers = (230, 190, 160), (40, 90, 200), (40, 40, 60)
+    cv2.circle(img, (cx, top + int(30 * s)), int(28 * s), skin, -1, cv2.LINE_AA)
+    body = np.array([[cx - 45 * s, top + 70 * s], [cx + 45 * s, top + 70 * s], [cx + 35 * s, top + 210 * s],
+                     [cx - 35 * s, top + 210 * s]], np.int32)
+    cv2.fillConvexPoly(img, body, shirt, cv2.LINE_AA)
+    limbs = [((cx - 45, 80), (cx - 95, 160), (cx - 110, 230), shirt), ((cx + 45, 80), (cx + 90, 150), (cx + 140, 110), shirt),
+             ((cx - 22, 210), (cx - 40, 290), (cx - 45, 360), trousers), ((cx + 22, 210), (cx + 35, 290), (cx + 50, 360), trousers)]
+    for a, b, c, colour in limbs:
+        pts = [(int(px if i == 0 else px), int(top + py * s)) for i, (px, py) in enumerate((a, b, c))]
+        pts = [(int(cx + (p[0] - cx) * s), p[1]) for p in pts]
+        cv2.line(img, pts[0], pts[1], colour, int(22 * s), cv2.LINE_AA)
+        cv2.line(img, pts[1], pts[2], colour, int(18 * s), cv2.LINE_AA)
+    box = (int(cx - 160 * s), int(top - 10 * s), int(320 * s), int(390 * s))
+    return img, box

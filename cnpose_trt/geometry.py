@@ -1,0 +1,118 @@
+"""Boxes, crops and coordinate frames: heatmap cells -> image px, depth mm, camera mm.
+
+All functions are vectorised over the leading (person) axis and work in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .spec import BBOX_3D_DEPTH_MM, BOX_SCALE, FLIP_PAIRS
+
+
+def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | None = None) -> np.ndarray:
+    """float64 array of shape (n, *shape_tail) with finite values, or a ValueError naming `name`."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if arr.ndim == len(shape_tail):
+        arr = arr[None]
+    want = ("N" if n is None else str(n),) + tuple(map(str, shape_tail))
+    if arr.ndim != len(shape_tail) + 1 or arr.shape[1:] != shape_tail or (n is not None and arr.shape[0] != n):
+        raise ValueError(f"{name} must have shape ({', '.join(want)}), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    return arr
+
+
+def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
+    """Person boxes (P, 4) as x, y, w, h -> the square crop boxes the network sees.
+
+    Clip to the image, grow the shorter side to a square, scale by 1.25 around the centre.
+    The result may extend past the image (the crop pads with black).
+
+    Args:
+        boxes: (P, 4) or (4,) x, y, w, h in pixels.
+        image_size: (width, height) of the image.
+    Raises:
+        ValueError: a box that is empty or lies outside the image, or bad shapes.
+    """
+    width, height = image_size
+    b = as_array("boxes", boxes, (4,))
+    x1 = np.maximum(b[:, 0], 0.0)
+    y1 = np.maximum(b[:, 1], 0.0)
+    x2 = np.minimum(b[:, 0] + b[:, 2], float(width))
+    y2 = np.minimum(b[:, 1] + b[:, 3], float(height))
+    for i in range(len(b)):
+        if b[i, 2] <= 0 or b[i, 3] <= 0:
+            raise ValueError(f"boxes[{i}] is empty: width and height must be > 0, got {b[i].tolist()}")
+        if x2[i] <= x1[i] or y2[i] <= y1[i]:
+            raise ValueError(f"boxes[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
+    side = np.maximum(x2 - x1, y2 - y1) * BOX_SCALE
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return np.stack([cx - side / 2, cy - side / 2, side, side], axis=1)
+
+
+def crop_matrices(crop_boxes: np.ndarray, size: int) -> np.ndarray:
+    """(P, 2, 3) affine maps image px -> crop px for square crop boxes (P, 4)."""
+    k = size / crop_boxes[:, 2]
+    m = np.zeros((len(crop_boxes), 2, 3), np.float64)
+    m[:, 0, 0] = k
+    m[:, 1, 1] = size / crop_boxes[:, 3]
+    m[:, 0, 2] = -k * crop_boxes[:, 0]
+    m[:, 1, 2] = -m[:, 1, 1] * crop_boxes[:, 1]
+    return m
+
+
+def cells_to_image(coords: np.ndarray, crop_boxes: np.ndarray, heatmap_hw: tuple[int, int], depth_dim: int,
+                   root_depth: object = None) -> np.ndarray:
+    """(P, J, 3) cells -> (P, J, 3) as x_px, y_px, depth_mm.
+
+    x_px = x / W * box_w + box_x;  z_mm = (z / D * 2 - 1) * 1000 + root_depth  (root-relative
+    when root_depth is None).
+    """
+    h, w = heatmap_hw
+    p = coords.shape[0]
+    root = np.zeros(p) if root_depth is None else as_array("root_depth", root_depth, (), p)
+    out = np.empty(coords.shape, np.float64)
+    out[..., 0] = coords[..., 0] / w * crop_boxes[:, None, 2] + crop_boxes[:, None, 0]
+    out[..., 1] = coords[..., 1] / h * crop_boxes[:, None, 3] + crop_boxes[:, None, 1]
+    out[..., 2] = (coords[..., 2] / depth_dim * 2 - 1) * (BBOX_3D_DEPTH_MM / 2) + root[:, None]
+    return out
+
+
+def image_to_camera(image_mm: np.ndarray, intrinsics: object) -> np.ndarray:
+    """(P, J, 3) x_px, y_px, depth_mm with intrinsics (P, 4) fx, fy, cx, cy -> camera mm."""
+    k = as_array("intrinsics", intrinsics, (4,), image_mm.shape[0])
+    if (k[:, :2] <= 0).any():
+        raise ValueError(f"intrinsics focal lengths (fx, fy) must be > 0, got {k[:, :2].tolist()}")
+    z = image_mm[..., 2]
+    out = np.empty(image_mm.shape, np.float64)
+    out[..., 0] = (image_mm[..., 0] - k[:, None, 2]) / k[:, None, 0] * z
+    out[..., 1] = (image_mm[..., 1] - k[:, None, 3]) / k[:, None, 1] * z
+    out[..., 2] = z
+    return out
+
+
+def flip_permutation(joints: int, flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> np.ndarray:
+    """Index array that swaps left and right joints: values[:, perm] mirrors a pose's labels."""
+    perm = np.arange(joints)
+    for a, b in flip_pairs:
+        if not (0 <= a < joints and 0 <= b < joints):
+            raise ValueError(f"flip_pairs must index joints 0..{joints - 1}, got ({a}, {b})")
+        perm[a], perm[b] = b, a
+    return perm
+
+
+def flip_back(coords: np.ndarray, heatmap_width: int,
+              flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> np.ndarray:
+    """(P, J, 3) coordinates decoded from horizontally flipped crops -> the unflipped frame.
+
+    x -> W - 1 - x, then left and right joints swap.
+    """
+    out = np.asarray(coords, dtype=np.float64)[:, flip_permutation(coords.shape[1], flip_pairs)]
+    out[..., 0] = heatmap_width - 1 - out[..., 0]
+    return out

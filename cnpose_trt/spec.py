@@ -1,0 +1,197 @@
+"""The facts every other module asks for: variant table, joints, input contract.
+
+Nothing here imports torch, onnx or any GPU library, so the runtime can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+NUM_HEAD_LAYERS = 3
+BACKBONE_STRIDE = 32
+INPUT_SIZE = 256
+
+# ImageNet statistics, applied after scaling RGB to [0, 1].
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+# Depth of the 3D box the heatmap's z axis spans (bbox_3d_shape), in mm.
+BBOX_3D_DEPTH_MM = 2000.0
+# The crop is the squared box grown by this factor around its centre.
+BOX_SCALE = 1.25
+
+JOINT_NAMES: tuple[str, ...] = (
+    "Pelvis", "R_Hip", "R_Knee", "R_Ankle", "L_Hip", "L_Knee", "L_Ankle", "Torso",
+    "Neck", "Nose", "Head", "L_Shoulder", "L_Elbow", "L_Wrist", "R_Shoulder",
+    "R_Elbow", "R_Wrist", "Thorax",
+)
+NUM_JOINTS = len(JOINT_NAMES)
+ROOT_JOINT = 0
+FLIP_PAIRS: tuple[tuple[int, int], ...] = ((1, 4), (2, 5), (3, 6), (14, 11), (15, 12), (16, 13))
+SKELETON: tuple[tuple[int, int], ...] = (
+    (0, 7), (7, 8), (8, 9), (9, 10), (8, 11), (11, 12), (12, 13), (8, 14), (14, 15),
+    (15, 16), (0, 1), (1, 2), (2, 3), (0, 4), (4, 5), (5, 6),
+)
+
+
+def _positive_int_tuple(name: str, value: Any, length: int) -> tuple[int, ...]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of {length} positive integers, got {value!r}") from None
+    if len(items) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(items)}: {items!r}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+            raise ValueError(f"{name} must hold positive integers, got {items!r}")
+        out.append(int(item))
+    return tuple(out)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One ConvNeXtPose configuration: backbone, head and output volume.
+
+    The heatmap tensor the network emits is (N, joints * depth_dim, H, W) with
+    H = W = input_size / 32 * 2 ** (number of upsampling head layers).
+    """
+
+    name: str
+    depths: tuple[int, int, int, int]
+    dims: tuple[int, int, int, int]
+    head_channels: int
+    head_upsample: tuple[bool, bool, bool]
+    depth_dim: int
+    joints: int = NUM_JOINTS
+    input_size: int = INPUT_SIZE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "depths", _positive_int_tuple("depths", self.depths, 4))
+        object.__setattr__(self, "dims", _positive_int_tuple("dims", self.dims, 4))
+        object.__setattr__(self, "head_channels", _positive_int("head_channels", self.head_channels))
+        try:
+            flags = tuple(self.head_upsample)
+        except TypeError:
+            raise ValueError(f"head_upsample must be a sequence of {NUM_HEAD_LAYERS} booleans, "
+                             f"got {self.head_upsample!r}") from None
+        if len(flags) != NUM_HEAD_LAYERS:
+            raise ValueError(
+                f"head_upsample must have {NUM_HEAD_LAYERS} entries (ConvNeXtPose heads always have "
+                f"three layers; a non-upsampling layer is False), got {len(flags)}: {flags!r}")
+        if not all(isinstance(f, bool) for f in flags):
+            raise ValueError(f"head_upsample must hold booleans, got {flags!r}")
+        object.__setattr__(self, "head_upsample", flags)
+        object.__setattr__(self, "depth_dim", _positive_int("depth_dim", self.depth_dim))
+        object.__setattr__(self, "joints", _positive_int("joints", self.joints))
+        size = _positive_int("input_size", self.input_size)
+        if size % BACKBONE_STRIDE:
+            raise ValueError(f"input_size must be a multiple of {BACKBONE_STRIDE}, got {size}")
+        object.__setattr__(self, "input_size", size)
+
+    @property
+    def num_upsample(self) -> int:
+        return sum(self.head_upsample)
+
+    @property
+    def heatmap_size(self) -> int:
+        """H (= W) of the heatmap volume."""
+        return self.input_size // BACKBONE_STRIDE * 2 ** self.num_upsample
+
+    @property
+    def heatmap_shape(self) -> tuple[int, int, int]:
+        """(joints * depth_dim, H, W), one image's heatmap tensor."""
+        return (self.joints * self.depth_dim, self.heatmap_size, self.heatmap_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    @property
+    def head_tag(self) -> str:
+        """Names the head configuration, e.g. '3UP-256ch-D64' (benchmark groups, file names)."""
+        return f"{self.num_upsample}UP-{self.head_channels}ch-D{self.depth_dim}"
+
+    def same_architecture(self, other: "VariantSpec") -> bool:
+        """True when both specs build identical networks (names aside)."""
+        return dataclasses.replace(self, name="_") == dataclasses.replace(other, name="_")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["depths"], d["dims"], d["head_upsample"] = list(self.depths), list(self.dims), list(self.head_upsample)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "VariantSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown variant spec fields {unknown}; allowed: {sorted(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+VARIANTS: Mapping[str, VariantSpec] = {
+    "XS": VariantSpec("XS", (2, 2, 6, 2), (40, 80, 160, 320), 128, (True, True, False), 32),
+    "S": VariantSpec("S", (3, 3, 9, 3), (48, 96, 192, 384), 256, (True, True, False), 32),
+    "M": VariantSpec("M", (3, 3, 9, 3), (48, 96, 192, 384), 256, (True, True, True), 64),
+    "L": VariantSpec("L", (3, 3, 9, 3), (48, 96, 192, 384), 512, (True, True, True), 64),
+}
+
+SpecLike = Union[str, VariantSpec]
+
+
+def get_spec(variant: SpecLike) -> VariantSpec:
+    """Resolve a variant name (case-insensitive) or pass a VariantSpec through.
+
+    Raises:
+        ValueError: unknown variant name.
+        TypeError: neither a string nor a VariantSpec.
+    """
+    if isinstance(variant, VariantSpec):
+        return variant
+    if isinstance(variant, str):
+        spec = VARIANTS.get(variant.strip().upper())
+        if spec is None:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)} (or a VariantSpec), got {variant!r}")
+        return spec
+    raise TypeError(f"variant must be a variant name or a VariantSpec, got {type(variant).__name__}")
+
+
+def match_variant(spec: VariantSpec) -> str | None:
+    """The official variant name whose architecture equals spec, else None."""
+    for name, official in VARIANTS.items():
+        if official.same_architecture(spec):
+            return name
+    return None
+
+
+def upsample_flags_for(depth_dim: int, input_size: int = INPUT_SIZE, heatmap_size: int | None = None
+                       ) -> tuple[bool, bool, bool]:
+    """Head upsample flags implied by a cubic heatmap volume (H = W = depth_dim).
+
+    The weights do not reveal which head layers upsample; ConvNeXtPose volumes are cubic, so
+    H = depth_dim fixes how many do (the first ones, as in the official heads).
+    """
+    side = depth_dim if heatmap_size is None else heatmap_size
+    base = input_size // BACKBONE_STRIDE
+    for k in range(NUM_HEAD_LAYERS + 1):
+        if base * 2 ** k == side:
+            return tuple(i < k for i in range(NUM_HEAD_LAYERS))  # type: ignore[return-value]
+    raise ValueError(
+        f"cannot infer the head's upsampling layers: a {side}x{side} heatmap is not "
+        f"{base}x{base} times 1, 2, 4 or 8; pass head_upsample explicitly")
+
+
+def custom_spec(base: SpecLike, name: str = "custom", **changes: Sequence[Any] | int | str) -> VariantSpec:
+    """A spec derived from another, e.g. custom_spec('S', head_upsample=(True,)*3, depth_dim=64)."""
+    return dataclasses.replace(get_spec(base), name=name, **changes)
