@@ -16,14 +16,23 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .cache import (cache_key, default_engine_dir, engine_stem, file_lock, file_sha256, sidecar_path,
-                    write_json, atomic_write)
+from .cache import (
+    atomic_write,
+    cache_key,
+    default_engine_dir,
+    engine_stem,
+    file_lock,
+    file_sha256,
+    sidecar_path,
+    write_json,
+)
 from .errors import BuildError, CnposeError, EngineError
 from .spec import VARIANTS, SpecLike, VariantSpec, get_spec
 

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import CnposeError
 
@@ -84,7 +85,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"matches variant: {match or 'none (custom configuration)'}")
     print(f"backbone:        depths {spec.depths}, dims {spec.dims}")
     print(f"head:            {spec.head_channels} channels, upsample {spec.head_upsample} ({spec.head_tag})")
-    print(f"depth_dim:       {spec.depth_dim}, joints {spec.joints}, heatmap (N, {', '.join(map(str, spec.heatmap_shape))})")
+    shape = ", ".join(map(str, spec.heatmap_shape))
+    print(f"depth_dim:       {spec.depth_dim}, joints {spec.joints}, heatmap (N, {shape})")
     print(f"parameters:      {learnable:,} learnable, {with_stats:,} with BatchNorm statistics")
     if stored is not None and not stored.same_architecture(spec):
         print(f"note: the file's own record says {stored}, which its tensors contradict")
@@ -92,7 +94,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .draw import save_image, demo_image
+    from .draw import demo_image, save_image
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,12 +66,12 @@ def demo_image(width: int = 640, height: int = 480) -> tuple[np.ndarray, tuple[i
     body = np.array([[cx - 45 * s, top + 70 * s], [cx + 45 * s, top + 70 * s], [cx + 35 * s, top + 210 * s],
                      [cx - 35 * s, top + 210 * s]], np.int32)
     cv2.fillConvexPoly(img, body, shirt, cv2.LINE_AA)
-    limbs = [((cx - 45, 80), (cx - 95, 160), (cx - 110, 230), shirt), ((cx + 45, 80), (cx + 90, 150), (cx + 140, 110), shirt),
-             ((cx - 22, 210), (cx - 40, 290), (cx - 45, 360), trousers), ((cx + 22, 210), (cx + 35, 290), (cx + 50, 360), trousers)]
-    for a, b, c, colour in limbs:
-        pts = [(int(px if i == 0 else px), int(top + py * s)) for i, (px, py) in enumerate((a, b, c))]
-        pts = [(int(cx + (p[0] - cx) * s), p[1]) for p in pts]
-        cv2.line(img, pts[0], pts[1], colour, int(22 * s), cv2.LINE_AA)
-        cv2.line(img, pts[1], pts[2], colour, int(18 * s), cv2.LINE_AA)
+    # Each limb: shoulder/hip, elbow/knee, wrist/ankle as (dx from centre, dy from top) at scale 1.
+    limbs = [(((-45, 80), (-95, 160), (-110, 230)), shirt), (((45, 80), (90, 150), (140, 110)), shirt),
+             (((-22, 210), (-40, 290), (-45, 360)), trousers), (((22, 210), (35, 290), (50, 360)), trousers)]
+    for joints, colour in limbs:
+        a, b, c = [(int(cx + dx * s), int(top + dy * s)) for dx, dy in joints]
+        cv2.line(img, a, b, colour, int(22 * s), cv2.LINE_AA)
+        cv2.line(img, b, c, colour, int(18 * s), cv2.LINE_AA)
     box = (int(cx - 160 * s), int(top - 10 * s), int(320 * s), int(390 * s))
     return img, box

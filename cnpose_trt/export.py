@@ -34,8 +34,9 @@ def _conv_then_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     a, c = _bn_affine(bn)
     fused = copy.deepcopy(conv)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(a)
-    fused.weight = nn.Parameter((conv.weight.double() * a.view(-1, 1, 1, 1)).float())
-    fused.bias = nn.Parameter((bias * a + c).float())
+    dtype = conv.weight.dtype
+    fused.weight = nn.Parameter((conv.weight.double() * a.view(-1, 1, 1, 1)).to(dtype))
+    fused.bias = nn.Parameter((bias * a + c).to(dtype))
     return fused
 
 
@@ -47,17 +48,18 @@ def _bn_then_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     fused = copy.deepcopy(conv)
     w = conv.weight.double()
     bias = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    fused.weight = nn.Parameter((w * a.view(1, -1, 1, 1)).float())
-    fused.bias = nn.Parameter((bias + (w * c.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))).float())
+    fused.weight = nn.Parameter((w * a.view(1, -1, 1, 1)).to(conv.weight.dtype))
+    fused.bias = nn.Parameter((bias + (w * c.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))).to(conv.weight.dtype))
     return fused
 
 
 def _bn_as_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A standalone BatchNorm as a depthwise 1x1 conv (TensorRT fuses it as a scale layer)."""
     a, c = _bn_affine(bn)
-    conv = nn.Conv2d(bn.num_features, bn.num_features, kernel_size=1, groups=bn.num_features)
-    conv.weight = nn.Parameter(a.view(-1, 1, 1, 1).float())
-    conv.bias = nn.Parameter(c.float())
+    dtype = bn.weight.dtype
+    conv = nn.Conv2d(bn.num_features, bn.num_features, kernel_size=1, groups=bn.num_features, dtype=dtype)
+    conv.weight = nn.Parameter(a.view(-1, 1, 1, 1).to(dtype))
+    conv.bias = nn.Parameter(c.to(dtype))
     return conv
 
 

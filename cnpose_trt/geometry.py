@@ -5,7 +5,7 @@ All functions are vectorised over the leading (person) axis and work in float64.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

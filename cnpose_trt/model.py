@@ -49,7 +49,7 @@ class Backbone(nn.Module):
         self.norm = nn.BatchNorm2d(dims[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for down, stage in zip(self.downsample_layers, self.stages):
+        for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))
         return self.norm(x)
 

@@ -6,8 +6,9 @@ Nothing here imports torch, onnx or any GPU library, so the runtime can use it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 NUM_HEAD_LAYERS = 3
 BACKBONE_STRIDE = 32
@@ -122,7 +123,7 @@ class VariantSpec:
         """Names the head configuration, e.g. '3UP-256ch-D64' (benchmark groups, file names)."""
         return f"{self.num_upsample}UP-{self.head_channels}ch-D{self.depth_dim}"
 
-    def same_architecture(self, other: "VariantSpec") -> bool:
+    def same_architecture(self, other: VariantSpec) -> bool:
         """True when both specs build identical networks (names aside)."""
         return dataclasses.replace(self, name="_") == dataclasses.replace(other, name="_")
 
@@ -132,7 +133,7 @@ class VariantSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VariantSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> VariantSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -147,7 +148,7 @@ VARIANTS: Mapping[str, VariantSpec] = {
     "L": VariantSpec("L", (3, 3, 9, 3), (48, 96, 192, 384), 512, (True, True, True), 64),
 }
 
-SpecLike = Union[str, VariantSpec]
+SpecLike = str | VariantSpec
 
 
 def get_spec(variant: SpecLike) -> VariantSpec:

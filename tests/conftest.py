@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def make_model(variant, seed=0):
+    from cnpose_trt.model import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_model(variant, seed=seed)
+
+
+def write_official(path: Path, model) -> Path:
+    """A checkpoint in the official training layout: DataParallel keys under 'network'."""
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    torch.save({"epoch": 24, "network": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def xs_engine_path(engine_dir) -> Path:
+    from cnpose_trt.build import build_engine
+
+    return build_engine("XS", out_dir=engine_dir, max_batch=4).path
+
+
+@pytest.fixture(scope="session")
+def xs_engine(xs_engine_path):
+    from cnpose_trt.engine import load_engine
+
+    return load_engine(xs_engine_path)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

@@ -1,0 +1,110 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import make_model, write_official
+
+from cnpose_trt import BuildError, EngineError, load_engine
+from cnpose_trt import build as build_mod
+from cnpose_trt.build import build_engine
+from cnpose_trt.build import main as build_main
+from cnpose_trt.cache import sidecar_path
+
+
+def test_build_writes_engine_and_sidecar(xs_engine_path):
+    meta = json.loads(sidecar_path(xs_engine_path).read_text())
+    assert meta["variant"] == "XS" and meta["head"] == "2UP-128ch-D32" and meta["precision"] == "fp32"
+    assert meta["backend"] == "onnxruntime" and meta["opset"] >= 17 and meta["max_batch"] == 4
+    assert meta["input"] == {"name": "image", "dtype": "float32", "shape": ["N", 3, 256, 256]}
+    assert meta["output"] == {"name": "heatmaps", "dtype": "float32", "shape": ["N", 576, 32, 32]}
+    assert len(meta["weights"]["sha256"]) == 64 and meta["weights"]["random"] is True
+    assert {"torch", "onnx", "onnxruntime", "numpy", "python", "cnpose_trt"} <= set(meta["versions"])
+    assert meta["parity_rel_l2_vs_torch"] < 1e-4 and meta["built_at"]
+    assert xs_engine_path.name.startswith("XS-2UP-128ch-D32-fp32-onnxruntime-")
+
+
+def test_cache_reuse_and_rebuild(tmp_path):
+    first = build_engine("XS", out_dir=tmp_path, max_batch=2)
+    again = build_engine("xs", out_dir=tmp_path, max_batch=2)
+    assert again.cached and again.path == first.path and not first.cached
+    mtime = os.stat(first.path).st_mtime_ns
+    other_batch = build_engine("XS", out_dir=tmp_path, max_batch=3)
+    other_weights = build_engine("XS", out_dir=tmp_path, max_batch=2, seed=1)
+    assert len({first.path, other_batch.path, other_weights.path}) == 3
+    assert not other_batch.cached and not other_weights.cached
+    forced = build_engine("XS", out_dir=tmp_path, max_batch=2, force=True)
+    assert not forced.cached and forced.path == first.path and os.stat(first.path).st_mtime_ns >= mtime
+    # A damaged cached engine is rebuilt, not reused.
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    assert not build_engine("XS", out_dir=tmp_path, max_batch=2).cached
+    load_engine(first.path)
+
+
+def test_checkpoint_decides_variant(tmp_path):
+    ckpt = write_official(tmp_path / "ConvNeXtPose_L.tar", make_model("S", seed=9))
+    result = build_engine(checkpoint=ckpt, out_dir=tmp_path)
+    assert result.meta["variant"] == "S" and result.meta["weights"]["random"] is False
+    with pytest.raises(Exception, match="holds weights of S, not of variant L"):
+        build_engine("L", ckpt, out_dir=tmp_path)
+
+
+def test_interrupted_build_leaves_no_valid_engine(tmp_path, monkeypatch):
+    good = build_engine("XS", out_dir=tmp_path)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "write_json", boom)  # dies after the engine, before the sidecar
+    with pytest.raises(KeyboardInterrupt):
+        build_engine("XS", out_dir=tmp_path, force=True)
+    with pytest.raises(EngineError, match="unfinished build"):
+        load_engine(good.path)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert not build_engine("XS", out_dir=tmp_path).cached
+
+
+def test_tensorrt_backend_without_tensorrt(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real(n, *a))
+    with pytest.raises(BuildError, match="TensorRT is not installed.*pip install"):
+        build_engine("XS", backend="tensorrt", out_dir=tmp_path)
+    assert build_main(["--variant", "XS", "--backend", "tensorrt", "--out", str(tmp_path)]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+def test_cli_prints_engine_path_last(tmp_path, capsys):
+    assert build_main(["--variant", "XS", "--out", str(tmp_path), "--max-batch", "2"]) == 0
+    first = capsys.readouterr()
+    assert "[2/4] exporting ONNX" in first.err
+    assert build_main(["--variant", "XS", "--out", str(tmp_path), "--max-batch", "2"]) == 0
+    second = capsys.readouterr()
+    assert "cached engine is up to date" in second.err
+    assert first.out.strip().splitlines()[-1] == second.out.strip().splitlines()[-1]
+    assert load_engine(second.out.strip().splitlines()[-1]).spec.name == "XS"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "XL"}, "variant must be one of"),
+    ({"variant": None}, "variant is required"),
+    ({"variant": "XS", "max_batch": 0}, "max_batch must be an integer"),
+    ({"variant": "XS", "precision": "fp8"}, "precision must be one of"),
+    ({"variant": "XS", "backend": "cuda"}, "backend must be one of"),
+    ({"variant": "XS", "opset": 11}, "opset must be 17 or newer"),
+])
+def test_bad_build_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_engine(out_dir=tmp_path, **kwargs)
+
+
+def test_engine_output_matches_torch_model(xs_engine, rng):
+    import torch
+
+    x = rng.standard_normal((3, 3, 256, 256)).astype(np.float32)
+    with torch.no_grad():
+        ref = make_model("XS")(torch.from_numpy(x)).numpy()
+    got = xs_engine.infer(x)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4

@@ -1,0 +1,89 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnpose_trt import EngineError, load_engine
+from cnpose_trt.cache import sidecar_path
+
+
+def test_infer_shapes_and_chunking(xs_engine, rng):
+    assert xs_engine.max_batch == 4 and xs_engine.backend == "onnxruntime"
+    x = rng.standard_normal((6, 3, 256, 256)).astype(np.float32)
+    out = xs_engine.infer(x)  # 6 > max_batch: run as 4 + 2
+    assert out.shape == (6, 576, 32, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(out[4:], xs_engine.infer(x[4:]), rtol=1e-5, atol=1e-5)
+    assert "XS 2UP-128ch-D32" in repr(xs_engine)
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (np.zeros((2, 3, 256, 256), np.float64), TypeError, "images must be float32, got float64"),
+    (np.zeros((3, 256, 256), np.float32), ValueError, r"must have shape \(N, 3, 256, 256\), got \(3, 256, 256\)"),
+    (np.zeros((1, 3, 224, 224), np.float32), ValueError, "got \\(1, 3, 224, 224\\)"),
+    (np.zeros((1, 256, 256, 3), np.float32), ValueError, "must have shape"),
+    (np.zeros((0, 3, 256, 256), np.float32), ValueError, "at least one image"),
+    ([[1.0]], TypeError, "images must be a numpy array"),
+])
+def test_bad_input(xs_engine, images, error, message):
+    with pytest.raises(error, match=message):
+        xs_engine.infer(images)
+
+
+def _copy(src, dst_dir):
+    shutil.copy(src, dst_dir / src.name)
+    shutil.copy(sidecar_path(src), dst_dir / sidecar_path(src).name)
+    return dst_dir / src.name
+
+
+def test_corrupted_engine(xs_engine_path, tmp_path):
+    path = _copy(xs_engine_path, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="damaged or was replaced"):
+        load_engine(path)
+    with pytest.raises(EngineError, match="onnxruntime cannot load engine"):
+        path.write_bytes(b"not an onnx file")
+        side = json.loads(sidecar_path(path).read_text())
+        load_engine(path, verify=False)
+    assert side["engine_file"] == path.name
+
+
+def test_sidecar_problems(xs_engine_path, tmp_path):
+    path = _copy(xs_engine_path, tmp_path)
+    side = sidecar_path(path)
+    meta = json.loads(side.read_text())
+    side.write_text("{ not json")
+    with pytest.raises(EngineError, match="unreadable"):
+        load_engine(path)
+    side.write_text(json.dumps({**meta, "engine_format": 99}))
+    with pytest.raises(EngineError, match="unknown format"):
+        load_engine(path)
+    side.write_text(json.dumps({**meta, "backend": "tensorrt"}))
+    with pytest.raises(EngineError, match="backend 'tensorrt'"):
+        load_engine(side)
+    wrong = dict(meta["spec"], head_channels=256, name="S")
+    side.write_text(json.dumps({**meta, "spec": wrong, "output": dict(meta["output"], shape=["N", 1152, 64, 64])}))
+    load_engine(path)  # S has the same output shape as XS: the sidecar is trusted there
+    side.write_text(json.dumps({**meta, "spec": dict(meta["spec"], head_upsample=[True] * 3, depth_dim=64)}))
+    with pytest.raises(EngineError, match="outputs .* needs"):
+        load_engine(path)
+    side.unlink()
+    with pytest.raises(EngineError, match="unfinished build"):
+        load_engine(path)
+
+
+def test_runtime_does_not_need_torch(xs_engine_path):
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+        "import numpy as np, cnpose_trt\n"
+        f"e = cnpose_trt.load_engine({str(xs_engine_path)!r})\n"
+        "img = np.full((300, 200, 3), 128, np.uint8)\n"
+        "r = cnpose_trt.estimate(e, img, [20, 30, 150, 250], flip=True)\n"
+        "print(r.image.shape, 'torch' in sys.modules and sys.modules['torch'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(1, 18, 3) False"

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+
+from cnpose_trt.geometry import (
+    cells_to_image,
+    crop_matrices,
+    flip_back,
+    flip_permutation,
+    image_to_camera,
+    process_boxes,
+)
+from cnpose_trt.preprocess import check_image, crop_people, load_image, prepare
+from cnpose_trt.spec import FLIP_PAIRS, PIXEL_MEAN, PIXEL_STD
+
+
+def test_process_boxes_square_and_scale():
+    out = process_boxes([[10, 20, 100, 50], [-50, -50, 100, 100]], (640, 480))
+    np.testing.assert_allclose(out[0], [60 - 62.5, 45 - 62.5, 125, 125])
+    np.testing.assert_allclose(out[1], [25 - 31.25, 25 - 31.25, 62.5, 62.5])  # clipped to (0, 0, 50, 50) first
+    tall = process_boxes([600, 400, 100, 200], (640, 480))  # clipped to (600, 400, 40, 80)
+    np.testing.assert_allclose(tall[0], [620 - 50, 440 - 50, 100, 100])
+
+
+@pytest.mark.parametrize("box, message", [
+    ([10, 10, 0, 50], "boxes\\[0\\] is empty"),
+    ([10, 10, 30, -5], "is empty"),
+    ([700, 10, 50, 50], "lies outside the 640x480 image"),
+    ([-100, -100, 50, 50], "lies outside"),
+    ([1, 2, np.nan, 4], "must be finite"),
+    ([1, 2, 3], "boxes must have shape \\(N, 4\\)"),
+    ("abc", "must be numeric|boxes must"),
+])
+def test_bad_boxes(box, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        process_boxes(box, (640, 480))
+
+
+def _bilinear(img, x, y):
+    """Reference sampler: zero outside, pixel centres at integers."""
+    h, w = img.shape[:2]
+    x0, y0 = int(np.floor(x)), int(np.floor(y))
+    out = np.zeros(img.shape[2])
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            wgt = (1 - abs(x - xi)) * (1 - abs(y - yi))
+            if 0 <= xi < w and 0 <= yi < h and wgt > 0:
+                out += wgt * img[yi, xi]
+    return out
+
+
+def test_crop_matches_independent_sampler(rng):
+    img = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    boxes = process_boxes([[5, 10, 60, 80]], (90, 120))
+    crops = crop_people(img, boxes, size=64)
+    m = crop_matrices(boxes, 64)[0]
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    mean, std = np.asarray(PIXEL_MEAN) * 255, np.asarray(PIXEL_STD) * 255
+    for v, u in [(0, 0), (10, 33), (63, 63), (31, 5), (50, 60)]:
+        sx, sy, _ = inv @ [u, v, 1]
+        want = (_bilinear(img.astype(np.float64), sx, sy) - mean) / std
+        np.testing.assert_allclose(crops[0, :, v, u], want, atol=0.05)  # OpenCV's 5-bit weight grid
+    flipped = crop_people(img, boxes, size=64, flip=True)
+    np.testing.assert_array_equal(flipped[0], crops[0][:, :, ::-1])
+
+
+def test_cells_to_image_round_trip_through_crop():
+    boxes = np.array([[-20.0, 30.0, 200.0, 200.0], [5.0, 5.0, 64.0, 64.0]])
+    cells = np.array([[[0.0, 0.0, 0.0], [31.0, 16.0, 63.0]], [[10.5, 3.25, 32.0], [63.0, 63.0, 16.0]]])
+    img = cells_to_image(cells, boxes, (64, 64), 64, root_depth=[5000.0, 3000.0])
+    m = crop_matrices(boxes, 256)
+    crop_px = np.einsum("pij,pkj->pki", m, np.concatenate([img[..., :2], np.ones((2, 2, 1))], -1))
+    np.testing.assert_allclose(crop_px, cells[..., :2] / 64 * 256, atol=1e-9)
+    np.testing.assert_allclose(img[0, 0, 2], 5000 - 1000)
+    np.testing.assert_allclose(img[0, 1, 2], (63 / 64 * 2 - 1) * 1000 + 5000)
+    np.testing.assert_allclose(img[1, 0, 2], 3000)
+    rel = cells_to_image(cells, boxes, (64, 64), 64)
+    np.testing.assert_allclose(rel[..., 2], img[..., 2] - [[5000], [3000]])
+
+
+def test_camera_coordinates():
+    img = np.array([[[700.0, 300.0, 4000.0], [500.0, 100.0, 2000.0]]])
+    cam = image_to_camera(img, [1000.0, 1200.0, 500.0, 400.0])
+    np.testing.assert_allclose(cam[0, 0], [(700 - 500) / 1000 * 4000, (300 - 400) / 1200 * 4000, 4000])
+    np.testing.assert_allclose(cam[0, 1], [0.0, (100 - 400) / 1200 * 2000, 2000])
+    with pytest.raises(ValueError, match="focal lengths"):
+        image_to_camera(img, [0.0, 1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="intrinsics must have shape \\(1, 4\\)"):
+        image_to_camera(img, [1.0, 1.0, 0.0])
+
+
+def test_flip_back(rng):
+    coords = rng.uniform(0, 31, (3, 18, 3))
+    back = flip_back(coords, 32)
+    perm = flip_permutation(18)
+    assert sorted(perm) == list(range(18)) and (perm[perm] == np.arange(18)).all()
+    for a, b in FLIP_PAIRS:
+        np.testing.assert_allclose(back[:, a, 0], 31 - coords[:, b, 0])
+        np.testing.assert_allclose(back[:, a, 1:], coords[:, b, 1:])
+    np.testing.assert_allclose(back[:, 0, 0], 31 - coords[:, 0, 0])
+    np.testing.assert_allclose(flip_back(back, 32), coords)
+    with pytest.raises(ValueError, match="flip_pairs must index joints 0..4"):
+        flip_permutation(5)
+
+
+def test_image_checks(tmp_path):
+    with pytest.raises(ValueError, match="\\(H, W, 3\\)"):
+        check_image(np.zeros((10, 10), np.uint8))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        check_image(np.zeros((10, 10, 3), np.int64))
+    (tmp_path / "fake.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file"):
+        load_image(tmp_path / "fake.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an image file"):
+        load_image(tmp_path / "empty.jpg")
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+    grey = np.empty((50, 40, 3), np.float32)
+    grey[:] = np.asarray(PIXEL_MEAN) * 255
+    x, boxes = prepare(grey, [[10, 10, 20, 30]])
+    assert x.shape == (1, 3, 256, 256) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_allclose(x[0, :, 128, 128], 0, atol=1e-5)
