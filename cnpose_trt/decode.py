@@ -9,9 +9,15 @@ or +inf, or only -inf, has no well-defined distribution: its x, y, z and confide
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-from .spec import NUM_JOINTS
+from .spec import BBOX_3D_DEPTH_MM, FLIP_PAIRS, NUM_JOINTS
+
+log = logging.getLogger(__name__)
 
 
 def check_heatmaps(heatmaps: np.ndarray, joints: int, depth_dim: int | None) -> tuple[int, int, int, int, int]:
@@ -63,3 +69,240 @@ def soft_argmax_reference(heatmaps: np.ndarray, joints: int = NUM_JOINTS, depth_
             coords[i, bad] = np.nan
             conf[i, bad] = np.nan
     return coords, conf
+
+
+# ---------------------------------------------------------------------------------------------
+# The public decode: compiled fused kernel (CPU or CUDA), NumPy fallback without the extension.
+# ---------------------------------------------------------------------------------------------
+
+OUT_FIELDS = 10  # packed output: x, y, z (cells), confidence, x_px, y_px, depth_mm, X, Y, Z (camera mm)
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_warned_fallback = False
+
+
+def compiled():
+    """The compiled module cnpose_trt._C, or None when the package was installed without it."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C
+
+
+class Decoded:
+    """Result of decode(): one packed float32 (N, J, 10) buffer and views on it.
+
+    Fields not requested (image without boxes, camera without intrinsics) are None.
+    """
+
+    __slots__ = ("packed", "has_image", "has_camera")
+
+    def __init__(self, packed: Any, has_image: bool, has_camera: bool) -> None:
+        self.packed, self.has_image, self.has_camera = packed, has_image, has_camera
+
+    @property
+    def cells(self) -> Any:
+        """(N, J, 3) x, y, z in heatmap cells."""
+        return self.packed[..., 0:3]
+
+    @property
+    def confidence(self) -> Any:
+        """(N, J) peak probability of each joint's softmax, in (0, 1]."""
+        return self.packed[..., 3]
+
+    @property
+    def image(self) -> Any:
+        """(N, J, 3) x_px, y_px, depth_mm (root-relative without root_depth), or None."""
+        return self.packed[..., 4:7] if self.has_image else None
+
+    @property
+    def camera(self) -> Any:
+        """(N, J, 3) X, Y, Z in camera mm, or None."""
+        return self.packed[..., 7:10] if self.has_camera else None
+
+
+class DeviceArray:
+    """A raw CUDA device pointer with shape and dtype, e.g. a TensorRT output binding.
+
+    Exposes __cuda_array_interface__ (v3); dtype may be "float32", "float16" or "bfloat16".
+    The memory is not owned: keep it alive until the stream that uses it is done.
+    """
+
+    _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: str = "float32") -> None:
+        if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)) or ptr <= 0:
+            raise ValueError(f"ptr must be a positive integer device address, got {ptr!r}")
+        if dtype not in self._TYPESTR:
+            raise TypeError(f"dtype must be one of {', '.join(self._TYPESTR)}, got {dtype!r}")
+        self.ptr, self.shape, self.dtype = int(ptr), tuple(int(s) for s in shape), dtype
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self._TYPESTR[self.dtype], "data": (self.ptr, False),
+                "strides": None, "version": 3}
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _is_cupy(x: Any) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, root, intr, flipped, perm,
+              depth_range_mm: float, out: np.ndarray | None) -> np.ndarray:
+    """NumPy path with the compiled kernel's contract (used when _C is not built)."""
+    global _warned_fallback
+    if not _warned_fallback:
+        log.warning("cnpose_trt._C is not built: decoding with the NumPy reference (slow)")
+        _warned_fallback = True
+    from .geometry import as_array
+
+    n, j, d, h, w = check_heatmaps(heatmaps, joints, depth_dim)
+    boxes = None if boxes is None else as_array("boxes", boxes, (4,), n)
+    root = None if root is None else as_array("root_depth", root, (), n)
+    intr = None if intr is None else as_array("intrinsics", intr, (4,), n)
+    if flipped is not None and (flipped.shape != heatmaps.shape):
+        raise ValueError(f"flipped must have the shape of heatmaps {heatmaps.shape}, got {flipped.shape}")
+    coords, conf = soft_argmax_reference(heatmaps, j, d)
+    if flipped is not None:
+        fc, fconf = soft_argmax_reference(flipped, j, d)
+        fc = fc[:, perm]
+        fc[..., 0] = w - 1 - fc[..., 0]
+        coords, conf = (coords + fc) / 2, (conf + fconf[:, perm]) / 2
+    res = np.full((n, j, OUT_FIELDS), np.nan, np.float32) if out is None else out
+    res[..., 0:3], res[..., 3] = coords, conf
+    if boxes is not None:
+        rd = np.zeros(n) if root is None else root.astype(np.float64)
+        b = boxes.astype(np.float64)
+        res[..., 4] = coords[..., 0] / w * b[:, None, 2] + b[:, None, 0]
+        res[..., 5] = coords[..., 1] / h * b[:, None, 3] + b[:, None, 1]
+        res[..., 6] = (coords[..., 2] / d * 2 - 1) * (depth_range_mm / 2) + rd[:, None]
+        if intr is not None:
+            k = intr.astype(np.float64)
+            res[..., 7] = (res[..., 4] - k[:, None, 2]) / k[:, None, 0] * res[..., 6]
+            res[..., 8] = (res[..., 5] - k[:, None, 3]) / k[:, None, 1] * res[..., 6]
+            res[..., 9] = res[..., 6]
+    return res
+
+
+def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None, *, boxes: Any = None,
+           root_depth: Any = None, intrinsics: Any = None, flipped: Any = None,
+           flip_pairs: Sequence[tuple[int, int]] | None = None, out: Any = None, stream: int | None = None,
+           depth_range_mm: float = BBOX_3D_DEPTH_MM, threads: int = 0) -> Decoded:
+    """Fused single-pass soft-argmax with post-processing, on the CPU or the GPU.
+
+    Args:
+        heatmaps: (N, J*D, H, W) float32/float16/bfloat16, C-contiguous: a numpy array (CPU), a
+            torch tensor (CPU or CUDA), a cupy array, any __cuda_array_interface__ or DLPack
+            object, or a DeviceArray wrapping a raw device pointer (TensorRT output buffers).
+        joints, depth_dim: J and D (D defaults to channels / J).
+        boxes: (N, 4) square crop boxes x, y, w, h in image px -> the image frame.
+        root_depth: (N,) root depth in mm (needs boxes; default 0: root-relative depth).
+        intrinsics: (N, 4) fx, fy, cx, cy -> camera mm (needs boxes).
+        flipped: heatmaps of the horizontally flipped crops (same shape): averaged in
+            (x -> W - 1 - x, left/right swapped by flip_pairs, default the 18-joint pairs).
+        out: optional float32 (N, J, 10) buffer on the heatmaps' device to write into.
+        stream: CUDA stream handle (int) to enqueue on; default: the library's current stream
+            (torch, cupy) or the legacy default stream (raw pointers). No host sync inside; on
+            the GPU, pass boxes/root_depth/intrinsics as device arrays to keep it fully async.
+        threads: CPU threads (0: all cores).
+    Returns:
+        Decoded: .cells (N, J, 3), .confidence (N, J), .image and .camera (N, J, 3) or None,
+        .packed (N, J, 10), in the input's library and on its device. A joint whose volume
+        holds NaN or +inf, or only -inf, decodes to NaN.
+    Raises:
+        ValueError, TypeError: naming the argument and what is allowed.
+        RuntimeError: a GPU input with the extension built without CUDA.
+    """
+    if flip_pairs is not None and flipped is None:
+        raise ValueError("flip_pairs is only meaningful with flipped heatmaps")
+    if isinstance(heatmaps, np.ndarray):
+        return _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
+                            depth_range_mm, threads)
+    if _is_torch(heatmaps) and not heatmaps.is_cuda:
+        return _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs,
+                                 out, depth_range_mm, threads)
+    if _is_torch(heatmaps) or hasattr(heatmaps, "__cuda_array_interface__"):
+        from ._device import decode_device
+
+        return decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
+                             stream, depth_range_mm)
+    if hasattr(heatmaps, "__dlpack__"):
+        from ._device import from_dlpack
+
+        return decode(from_dlpack(heatmaps), joints, depth_dim, boxes=boxes, root_depth=root_depth,
+                      intrinsics=intrinsics, flipped=None if flipped is None else from_dlpack(flipped),
+                      flip_pairs=flip_pairs, out=out, stream=stream, depth_range_mm=depth_range_mm, threads=threads)
+    raise TypeError("heatmaps must be a numpy array, a torch tensor, a cupy array, a __cuda_array_interface__ or "
+                    f"DLPack object, or a DeviceArray; got {type(heatmaps).__name__}")
+
+
+def _flip_perm(joints: int, flipped: Any, flip_pairs: Sequence[tuple[int, int]] | None) -> list[int] | None:
+    if flipped is None:
+        return None
+    from .geometry import flip_permutation
+
+    return flip_permutation(joints, FLIP_PAIRS if flip_pairs is None else flip_pairs).tolist()
+
+
+def _per_image(name: str, value: Any, n: int, tail: tuple[int, ...]) -> np.ndarray | None:
+    """Host float32 (n, *tail) from an array-like; a single row broadcasts to every image."""
+    if value is None:
+        return None
+    if _is_torch(value):
+        value = value.detach().cpu().numpy()
+    elif _is_cupy(value):
+        value = value.get()
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if arr.shape == tail:
+        arr = np.broadcast_to(arr, (n, *tail))
+    return np.ascontiguousarray(arr)
+
+
+def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
+                 depth_range_mm, threads) -> Decoded:
+    if not isinstance(joints, (int, np.integer)) or isinstance(joints, bool):
+        raise ValueError(f"joints must be a positive integer, got {joints!r}")
+    n = heatmaps.shape[0] if heatmaps.ndim else 0
+    b = _per_image("boxes", boxes, n, (4,))
+    r = _per_image("root_depth", root_depth, n, ())
+    k = _per_image("intrinsics", intrinsics, n, (4,))
+    if flipped is not None and not isinstance(flipped, np.ndarray):
+        raise TypeError(f"flipped must be a numpy array like heatmaps, got {type(flipped).__name__}")
+    perm = _flip_perm(int(joints), flipped, flip_pairs)
+    lib = compiled()
+    if lib is None:
+        if r is not None and b is None:
+            raise ValueError("root_depth needs boxes (depth in mm is computed with the image frame)")
+        if k is not None and b is None:
+            raise ValueError("intrinsics need boxes (camera coordinates start from image pixels)")
+        packed = _fallback(heatmaps, joints, depth_dim, b, r, k, flipped, perm, depth_range_mm, out)
+    else:
+        packed = lib.decode_host(heatmaps, int(joints), depth_dim, flipped=flipped, flip_perm=perm, boxes=b,
+                                 root_depth=r, intrinsics=k, out=out, depth_range_mm=float(depth_range_mm),
+                                 threads=int(threads))
+    return Decoded(packed, b is not None, k is not None)
+
+
+def _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
+                      depth_range_mm, threads) -> Decoded:
+    import torch
+
+    def host(t):
+        if t is None:
+            return None
+        if not t.is_contiguous():
+            raise ValueError("heatmaps must be C-contiguous (call .contiguous())")
+        return (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy()
+
+    np_out = None if out is None else out.numpy()
+    res = _decode_host(host(heatmaps), joints, depth_dim, boxes, root_depth, intrinsics, host(flipped), flip_pairs,
+                       np_out, depth_range_mm, threads)
+    packed = out if out is not None else torch.from_numpy(res.packed)
+    return Decoded(packed, res.has_image, res.has_camera)

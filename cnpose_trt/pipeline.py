@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from .decode import soft_argmax_reference
+from .decode import decode
 from .engine import Engine
-from .geometry import as_array, cells_to_image, flip_back, flip_permutation, image_to_camera
+from .geometry import as_array
 from .preprocess import check_image, prepare
-from .spec import FLIP_PAIRS, JOINT_NAMES
+from .spec import JOINT_NAMES
 
 
 @dataclasses.dataclass
@@ -87,11 +87,12 @@ def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any =
     if flip:
         inputs = np.concatenate([inputs, inputs[:, :, :, ::-1]])
     heatmaps = engine.infer(np.ascontiguousarray(inputs))
-    cells, conf = soft_argmax_reference(heatmaps, spec.joints, spec.depth_dim)
-    if flip:
-        cells = (cells[:p] + flip_back(cells[p:], spec.heatmap_size, FLIP_PAIRS)) / 2
-        conf = (conf[:p] + conf[p:][:, flip_permutation(spec.joints)]) / 2
-    img = cells_to_image(cells, crop_boxes, (spec.heatmap_size, spec.heatmap_size), spec.depth_dim, root)
-    cam = image_to_camera(img, k) if k is not None else None
+    res = decode(heatmaps[:p], spec.joints, spec.depth_dim, boxes=crop_boxes,
+                 root_depth=root, intrinsics=k,
+                 flipped=heatmaps[p:] if flip else None)
+    cells = res.cells.astype(np.float64)
+    conf = res.confidence.astype(np.float64)
+    img = res.image.astype(np.float64)
+    cam = None if k is None else res.camera.astype(np.float64)
     return PoseResult(as_array("boxes", boxes, (4,)), crop_boxes, cells, conf, img, cam, root is None)
 

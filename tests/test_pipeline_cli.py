@@ -22,7 +22,8 @@ def test_estimate_several_people(xs_engine, demo):
     assert r.image.shape == (2, 18, 3) and r.camera.shape == (2, 18, 3) and r.confidence.shape == (2, 18)
     assert not r.root_relative and np.isfinite(r.image).all()
     assert ((r.confidence > 0) & (r.confidence <= 1)).all()
-    np.testing.assert_allclose(r.camera[1, :, 0], (r.image[1, :, 0] - 320) / 1500 * r.image[1, :, 2])
+    # float32 outputs of the fused decode: compare at float32 precision.
+    np.testing.assert_allclose(r.camera[1, :, 0], (r.image[1, :, 0] - 320) / 1500 * r.image[1, :, 2], rtol=1e-6)
     # Joints lie inside the crop box they were decoded in; depths within root +- 1000 mm.
     for p in range(2):
         x0, y0, s, _ = r.crop_boxes[p]
@@ -41,7 +42,7 @@ def test_estimate_errors(xs_engine, demo):
         estimate(xs_engine, img, [10, 10, 50, 50], intrinsics=[1, 1, 0, 0])
     with pytest.raises(ValueError, match="lies outside"):
         estimate(xs_engine, img, [1000, 10, 50, 50])
-    with pytest.raises(ValueError, match="root_depth must have shape \\(2\\)"):
+    with pytest.raises(ValueError, match=r"root_depth must have shape \(2,?\)"):
         estimate(xs_engine, img, [[10, 10, 50, 50], [20, 20, 40, 40]], root_depth=[1.0, 2.0, 3.0])
 
 

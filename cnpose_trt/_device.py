@@ -1,0 +1,179 @@
+"""GPU side of decode(): turn torch / cupy / __cuda_array_interface__ objects into pointers.
+
+Imported only for device inputs; torch and cupy are imported only if the input is theirs
+(or, for raw pointers without `out`, to allocate the result).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .decode import OUT_FIELDS, Decoded, DeviceArray, _flip_perm, _is_cupy, _is_torch, _per_image, compiled
+
+_CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
+
+
+class _Buf:
+    """What the kernel needs of one device array: pointer, shape, dtype name, owner library."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.obj = obj
+        if _is_torch(obj):
+            import torch
+
+            names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+            if obj.dtype not in names:
+                raise TypeError(f"{name} dtype must be float32, float16 or bfloat16, got {obj.dtype}")
+            if not obj.is_cuda:
+                raise ValueError(f"{name} is on the host ({obj.device}) while heatmaps are on the GPU")
+            if not obj.is_contiguous():
+                raise ValueError(f"{name} must be C-contiguous (call .contiguous())")
+            self.ptr, self.shape, self.dtype, self.lib = obj.data_ptr(), tuple(obj.shape), names[obj.dtype], "torch"
+            self.device = obj.device.index
+            return
+        cai = getattr(obj, "__cuda_array_interface__", None)
+        if cai is None:
+            raise TypeError(f"{name} must be a device array like heatmaps (torch, cupy, __cuda_array_interface__), "
+                            f"got {type(obj).__name__}")
+        shape = tuple(int(s) for s in cai["shape"])
+        if isinstance(obj, DeviceArray):
+            dtype = obj.dtype
+        else:
+            dtype = _CAI_DTYPES.get(cai["typestr"])
+            if dtype is None:
+                raise TypeError(f"{name} dtype must be float32, float16 or bfloat16, got typestr {cai['typestr']!r}")
+        itemsize = 4 if dtype == "float32" else 2
+        strides = cai.get("strides")
+        if strides is not None and tuple(strides) != _c_strides(shape, itemsize):
+            raise ValueError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {shape}")
+        self.ptr, self.shape, self.dtype = int(cai["data"][0]), shape, dtype
+        self.lib = "cupy" if _is_cupy(obj) else "raw"
+        self.device = None
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    out, acc = [], itemsize
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+def from_dlpack(obj: Any) -> Any:
+    """A DLPack producer as a torch tensor (or cupy array without torch), zero-copy."""
+    try:
+        import torch
+
+        return torch.from_dlpack(obj)
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        return cupy.from_dlpack(obj)
+    except ImportError:
+        raise TypeError("DLPack inputs need torch or cupy installed to be read") from None
+
+
+def _default_stream(buf: _Buf) -> int:
+    if buf.lib == "torch":
+        import torch
+
+        return int(torch.cuda.current_stream(buf.obj.device).cuda_stream)
+    if buf.lib == "cupy":
+        import cupy
+
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def _alloc_like(buf: _Buf, shape: tuple[int, ...], host: np.ndarray | None, stream: int) -> Any:
+    """A float32 device array in the input's library (on `stream`), empty or holding `host`."""
+    if buf.lib in ("torch", "raw") and (buf.lib == "torch" or _has("torch")):
+        import torch
+
+        device = buf.obj.device if buf.lib == "torch" else torch.device("cuda", _pointer_device(buf))
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+            if host is None:
+                return torch.empty(shape, dtype=torch.float32, device=device)
+            # Pinned staging + non_blocking: the copy is stream-ordered, no host sync.
+            return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+    if buf.lib == "cupy" or _has("cupy"):
+        import cupy
+
+        with cupy.cuda.ExternalStream(stream):
+            return cupy.empty(shape, dtype=cupy.float32) if host is None else cupy.asarray(host)
+    raise ValueError("pass out= (a float32 (N, J, 10) device buffer): neither torch nor cupy is installed to "
+                     "allocate one for a raw device pointer")
+
+
+def _pointer_device(buf: _Buf) -> int:
+    return int(compiled().cuda_pointer_device(buf.ptr))
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out, stream,
+                  depth_range_mm) -> Decoded:
+    lib = compiled()
+    if lib is None:
+        raise RuntimeError("cnpose_trt._C is not built: GPU decoding needs the compiled extension "
+                           "(pip install -e . where nvcc is found)")
+    if not lib.built_with_cuda:
+        raise RuntimeError("cnpose_trt._C was built without CUDA: reinstall where nvcc is found (or with "
+                           "CNPOSE_TRT_CUDA=1) to decode on the GPU")
+    hm = _Buf(heatmaps, "heatmaps")
+    if len(hm.shape) != 4:
+        raise ValueError(f"heatmaps must have 4 dimensions (N, J*D, H, W), got {len(hm.shape)}")
+    n = hm.shape[0]
+    if stream is None:
+        stream = _default_stream(hm)
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
+        raise TypeError(f"stream must be an integer CUDA stream handle (0: default stream), got {stream!r}")
+    fl = None
+    if flipped is not None:
+        fl = _Buf(flipped, "flipped")
+        if fl.shape != hm.shape or fl.dtype != hm.dtype:
+            raise ValueError(f"flipped must match heatmaps {hm.shape} {hm.dtype}, got {fl.shape} {fl.dtype}")
+    perm = _flip_perm(int(joints), flipped, flip_pairs)
+    keep = []  # device temporaries: alive until the call returns; stream-ordered frees after that
+
+    def post(name: str, value: Any, tail: tuple[int, ...]) -> int:
+        if value is None:
+            return 0
+        if _is_torch(value) and value.is_cuda or hasattr(value, "__cuda_array_interface__"):
+            buf = _Buf(value, name)
+            if buf.dtype != "float32" or buf.shape != (n, *tail):
+                raise ValueError(f"{name} must be float32 with shape {(n, *tail)}, got {buf.dtype} {buf.shape}")
+            keep.append(value)
+            return buf.ptr
+        host = _per_image(name, value, n, tail)
+        if host.shape != (n, *tail):
+            raise ValueError(f"{name} must have shape {(n, *tail)}, got {host.shape}")
+        if not np.isfinite(host).all():
+            raise ValueError(f"{name} must be finite")
+        dev = _alloc_like(hm, host.shape, host, int(stream))
+        keep.append(dev)
+        return _Buf(dev, name).ptr
+
+    b = post("boxes", boxes, (4,))
+    r = post("root_depth", root_depth, ())
+    k = post("intrinsics", intrinsics, (4,))
+    if out is None:
+        joints_n = int(joints)
+        out = _alloc_like(hm, (n, joints_n, OUT_FIELDS), None, int(stream))
+    ob = _Buf(out, "out")
+    if ob.dtype != "float32" or len(ob.shape) != 3 or ob.shape[2] != OUT_FIELDS:
+        raise ValueError(f"out must be a float32 (N, J, {OUT_FIELDS}) device array, got {ob.dtype} {ob.shape}")
+    if ob.shape[:2] != (n, int(joints)):
+        raise ValueError(f"out must have shape ({n}, {joints}, {OUT_FIELDS}), got {ob.shape}")
+    lib.decode_device(hm.ptr, list(hm.shape), hm.dtype, int(joints), depth_dim, out=ob.ptr,
+                      flipped=0 if fl is None else fl.ptr, flip_perm=perm, boxes=b, root_depth=r, intrinsics=k,
+                      stream=int(stream), depth_range_mm=float(depth_range_mm))
+    return Decoded(out, b != 0, k != 0)
