@@ -1,8 +1,9 @@
-"""Benchmark plumbing: machine record, per-group ratio table against the baseline in the same run.
+"""Benchmark plumbing: machine record, and a table of each group against its baseline and its
+bandwidth reference, all measured in the same run.
 
-Each benchmark puts `group` (the head configuration), `role` ("baseline" or "candidate") and
-`images` (per call) in extra_info; after the run a table gives images/s, p50/p99 and the
-candidate/baseline speed-up per group.
+Each benchmark sets `group` and puts in extra_info: role ("baseline", "candidate" or
+"bandwidth"), backend, images (per call) and bytes (moved per call: for a candidate the bytes
+it must read; for the bandwidth reference the bytes read plus written).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def machine_info() -> dict:
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    try:
+        from cnpose_trt import _C
+
+        info["cnpose_trt._C"] = f"avx2={_C.cpu_has_avx2()} cuda={_C.built_with_cuda}"
+    except ImportError:
+        info["cnpose_trt._C"] = "not built"
     return info
 
 
@@ -46,31 +53,45 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 - 
     machine_info["cnpose_trt"] = globals()["machine_info"]()
 
 
-def _stats(bench) -> dict:
+def _row(bench) -> dict:
     data = sorted(bench.stats.data)
-    n_img = bench.extra_info.get("images", 1)
+    info = bench.extra_info
     p50 = float(np.percentile(data, 50))
-    return {"name": bench.name, "group": bench.group, "role": bench.extra_info.get("role", "?"),
-            "backend": bench.extra_info.get("backend", "?"), "p50_ms": p50 * 1e3,
-            "p99_ms": float(np.percentile(data, 99)) * 1e3, "img_s": n_img / p50}
+    return {"group": bench.group, "role": info.get("role", "?"), "backend": info.get("backend", bench.name),
+            "p50": p50, "p99": float(np.percentile(data, 99)), "images": info.get("images", 1),
+            "bytes": info.get("bytes")}
+
+
+def summary_rows(benchmarks) -> list[str]:
+    rows = [_row(b) for b in benchmarks if b.stats is not None]
+    lines = [f"{'group':<30}{'backend':<34}{'role':<10}{'p50 ms':>9}{'p99 ms':>9}{'ms/img':>9}{'img/s':>9}"
+             f"{'GB/s':>8}{'speed-up':>9}{'of bw':>7}"]
+    for group in sorted({r["group"] for r in rows}):
+        members = [r for r in rows if r["group"] == group]
+        base = next((r for r in members if r["role"] == "baseline"), None)
+        bw = next((r for r in members if r["role"] == "bandwidth"), None)
+        for r in members:
+            gbs = r["bytes"] / r["p50"] / 1e9 if r["bytes"] else None
+            up = f"{base['p50'] / r['p50']:.1f}x" if base and r is not base and r["role"] != "bandwidth" else ""
+            share = ""
+            if bw and r is not bw and gbs and bw["bytes"]:
+                share = f"{gbs / (bw['bytes'] / bw['p50'] / 1e9):.0%}"
+            lines.append(f"{group:<30}{r['backend'][:33]:<34}{r['role']:<10}{r['p50'] * 1e3:>9.3f}{r['p99'] * 1e3:>9.3f}"
+                         f"{r['p50'] * 1e3 / r['images']:>9.3f}{r['images'] / r['p50']:>9.1f}"
+                         f"{(f'{gbs:.1f}' if gbs else ''):>8}{up:>9}{share:>7}")
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    rows = [_stats(b) for b in session.benchmarks if b.stats is not None]
     tr = terminalreporter
-    tr.write_sep("=", "cnpose_trt benchmark summary (p50-based; speed-up = candidate vs baseline, same run)")
+    tr.write_sep("=", "cnpose_trt benchmark summary (p50; speed-up vs the group's baseline; "
+                      "'of bw' = share of the bandwidth reference; all from this run)")
     tr.write_line(f"machine: {machine_info()}")
-    tr.write_line(f"{'group':<34}{'backend':<26}{'role':<10}{'p50 ms':>10}{'p99 ms':>10}{'img/s':>10}{'speed-up':>10}")
-    for group in sorted({r["group"] for r in rows}):
-        members = [r for r in rows if r["group"] == group]
-        base = next((r for r in members if r["role"] == "baseline"), None)
-        for r in members:
-            up = f"{base['p50_ms'] / r['p50_ms']:.2f}x" if base and r is not base else ""
-            tr.write_line(f"{group:<34}{r['backend']:<26}{r['role']:<10}{r['p50_ms']:>10.2f}"
-                          f"{r['p99_ms']:>10.2f}{r['img_s']:>10.1f}{up:>10}")
+    for line in summary_rows(session.benchmarks):
+        tr.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,8 @@ def _alloc_like(buf: _Buf, shape: tuple[int, ...], host: np.ndarray | None, stre
         import torch
 
         device = buf.obj.device if buf.lib == "torch" else torch.device("cuda", _pointer_device(buf))
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+        target = torch.cuda.default_stream(device) if stream == 0 else torch.cuda.ExternalStream(stream, device=device)
+        with torch.cuda.stream(target):
             if host is None:
                 return torch.empty(shape, dtype=torch.float32, device=device)
             # Pinned staging + non_blocking: the copy is stream-ordered, no host sync.
@@ -103,7 +104,7 @@ def _alloc_like(buf: _Buf, shape: tuple[int, ...], host: np.ndarray | None, stre
     if buf.lib == "cupy" or _has("cupy"):
         import cupy
 
-        with cupy.cuda.ExternalStream(stream):
+        with cupy.cuda.Stream.null if stream == 0 else cupy.cuda.ExternalStream(stream):
             return cupy.empty(shape, dtype=cupy.float32) if host is None else cupy.asarray(host)
     raise ValueError("pass out= (a float32 (N, J, 10) device buffer): neither torch nor cupy is installed to "
                      "allocate one for a raw device pointer")

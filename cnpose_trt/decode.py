@@ -71,6 +71,26 @@ def soft_argmax_reference(heatmaps: np.ndarray, joints: int = NUM_JOINTS, depth_
     return coords, conf
 
 
+
+def soft_argmax_torch(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None) -> tuple[Any, Any]:
+    """The upstream PyTorch formulation: reshape, softmax, three marginal sums (in the input dtype).
+
+    What users of the reference code run today; the baseline of the decode benchmarks.
+    Returns (coords (N, J, 3), confidence (N, J)) as torch tensors on the input's device.
+    """
+    import torch
+
+    n, c, h, w = heatmaps.shape
+    d = c // joints if depth_dim is None else depth_dim
+    p = torch.softmax(heatmaps.reshape(n, joints, d * h * w), dim=2)
+    conf = p.amax(dim=2)
+    p = p.reshape(n, joints, d, h, w)
+    kw = {"dtype": heatmaps.dtype, "device": heatmaps.device}
+    x = (p.sum(dim=(2, 3)) * torch.arange(w, **kw)).sum(dim=2)
+    y = (p.sum(dim=(2, 4)) * torch.arange(h, **kw)).sum(dim=2)
+    z = (p.sum(dim=(3, 4)) * torch.arange(d, **kw)).sum(dim=2)
+    return torch.stack((x, y, z), dim=2), conf
+
 # ---------------------------------------------------------------------------------------------
 # The public decode: compiled fused kernel (CPU or CUDA), NumPy fallback without the extension.
 # ---------------------------------------------------------------------------------------------

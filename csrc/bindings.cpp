@@ -206,14 +206,17 @@ py::array decode_host(const py::object& heatmaps_obj, int64_t joints, std::optio
   }
   a.out = out.mutable_data();
 
-  if (isa != "auto" && isa != "avx2" && isa != "portable")
-    throw py::value_error(cat("isa must be 'auto', 'avx2' or 'portable', got '", isa, "'"));
-  if (isa == "avx2" && !cnpose::cpu_has_avx2()) throw py::value_error("isa='avx2': this processor lacks AVX2/FMA/F16C");
+  cnpose::Isa chosen = cnpose::best_isa();
+  if (isa == "avx512") chosen = cnpose::Isa::kAvx512;
+  else if (isa == "avx2") chosen = cnpose::Isa::kAvx2;
+  else if (isa == "portable") chosen = cnpose::Isa::kPortable;
+  else if (isa != "auto") throw py::value_error(cat("isa must be 'auto', 'avx512', 'avx2' or 'portable', got '", isa, "'"));
+  if (!cnpose::cpu_supports(chosen)) throw py::value_error(cat("isa='", isa, "': this processor lacks it"));
   if (threads < 0) throw py::value_error(cat("threads must be >= 0 (0: all cores), got ", threads));
   const int nthreads = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
   {
     py::gil_scoped_release release;
-    cnpose::decode_cpu_isa(a, nthreads, isa != "portable");
+    cnpose::decode_cpu_isa(a, nthreads, chosen);
   }
   return out;
 }
@@ -235,9 +238,9 @@ void decode_device(uintptr_t heatmaps, const std::vector<int64_t>& shape, const 
                    std::optional<int64_t> depth_dim, uintptr_t out, uintptr_t flipped,
                    std::optional<std::vector<int64_t>> flip_perm, uintptr_t boxes, uintptr_t root_depth,
                    uintptr_t intrinsics, uintptr_t stream, double depth_range_mm) {
-  require_cuda();
   DecodeArgs a = check_shape(shape, joints, depth_dim);
   a.dtype = parse_dtype(dtype, "heatmaps");
+  require_cuda();
   if (!(depth_range_mm > 0) || !std::isfinite(depth_range_mm))
     throw py::value_error(cat("depth_range_mm must be a positive finite number, got ", depth_range_mm));
   a.depth_range_mm = static_cast<float>(depth_range_mm);
@@ -276,6 +279,32 @@ void decode_device(uintptr_t heatmaps, const std::vector<int64_t>& shape, const 
 #endif
 }
 
+// Reads a buffer with `threads` threads (64-bit words, independent accumulators): the memory
+// read bandwidth the decode is compared with in the benchmarks, measured in the same run.
+uint64_t memory_read_probe(const py::array& buf, int threads) {
+  if (!(buf.flags() & py::array::c_style)) throw py::value_error("buf must be C-contiguous");
+  if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  const auto* words = static_cast<const uint64_t*>(buf.data());
+  const int64_t count = buf.nbytes() / 8;
+  std::vector<uint64_t> partial(static_cast<size_t>(threads), 0);
+  py::gil_scoped_release release;
+  auto work = [&](int t) {
+    const int64_t lo = count * t / threads, hi = count * (t + 1) / threads;
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    int64_t i = lo;
+    for (; i + 4 <= hi; i += 4) a0 += words[i], a1 += words[i + 1], a2 += words[i + 2], a3 += words[i + 3];
+    for (; i < hi; ++i) a0 += words[i];
+    partial[static_cast<size_t>(t)] = a0 + a1 + a2 + a3;
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+  uint64_t total = 0;
+  for (uint64_t v : partial) total += v;
+  return total;
+}
+
 }  // namespace
 
 #ifndef CNPOSE_WITH_CUDA
@@ -290,7 +319,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("OUT_FIELDS") = cnpose::OUT_FIELDS;
   m.attr("built_with_cuda") = kWithCuda;
   m.attr("MAX_FLIP_JOINTS_CUDA") = cnpose::kMaxFlipJoints;
-  m.def("cpu_has_avx2", &cnpose::cpu_has_avx2, "Whether the AVX2+FMA+F16C kernel runs on this processor.");
+  m.def("cpu_has_avx2", [] { return cnpose::cpu_supports(cnpose::Isa::kAvx2); },
+        "Whether the AVX2+FMA+F16C kernel runs on this processor.");
+  m.def("cpu_has_avx512", [] { return cnpose::cpu_supports(cnpose::Isa::kAvx512); },
+        "Whether the AVX-512 (F, BW, VL) kernel runs on this processor.");
+  m.def("cpu_isa", [] {
+    const cnpose::Isa i = cnpose::best_isa();
+    return std::string(i == cnpose::Isa::kAvx512 ? "avx512" : i == cnpose::Isa::kAvx2 ? "avx2" : "portable");
+  }, "The kernel decode_host uses with isa='auto'.");
   m.def("cuda_device_count", &cnpose::cuda_device_count, "Visible CUDA devices (0 when built without CUDA).");
   m.def(
       "cuda_pointer_device",
@@ -299,6 +335,8 @@ PYBIND11_MODULE(_C, m) {
         return cnpose::cuda_pointer_device(reinterpret_cast<const void*>(ptr), "ptr");
       },
       py::arg("ptr"), "Device ordinal of a CUDA device pointer (ValueError for host pointers).");
+  m.def("memory_read_probe", &memory_read_probe, py::arg("buf"), py::arg("threads") = 0,
+        "Sum a C-contiguous buffer as 64-bit words on `threads` threads (a memory read bandwidth probe).");
   m.def("decode_host", &decode_host, py::arg("heatmaps"), py::arg("joints") = 18, py::arg("depth_dim") = py::none(),
         py::kw_only(), py::arg("flipped") = py::none(), py::arg("flip_perm") = py::none(),
         py::arg("boxes") = py::none(), py::arg("root_depth") = py::none(), py::arg("intrinsics") = py::none(),

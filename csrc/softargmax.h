@@ -53,11 +53,14 @@ struct DecodeArgs {
   CNPOSE_HD int64_t volume() const { return depth * height * width; }
 };
 
-// CPU: threads over (image, joint) pairs; AVX2+F16C kernels where the processor has them
-// (use_avx2 = false forces the portable kernel, for tests).
+// CPU: threads over (image, joint) pairs; the widest kernel the processor runs (AVX-512,
+// AVX2+FMA+F16C, or portable C++). decode_cpu_isa picks one explicitly (tests, benchmarks); an
+// unsupported choice falls back to the portable kernel.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 void decode_cpu(const DecodeArgs& args, int threads);
-void decode_cpu_isa(const DecodeArgs& args, int threads, bool use_avx2);
-bool cpu_has_avx2();
+void decode_cpu_isa(const DecodeArgs& args, int threads, Isa isa);
+bool cpu_supports(Isa isa);
+Isa best_isa();
 
 // CUDA: at least one thread block per (image, joint), enqueued on `stream`, no host sync.
 // Pointers in args are device pointers except flip_perm (host, copied into the launch).

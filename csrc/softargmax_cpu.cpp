@@ -7,8 +7,9 @@
 // (W terms per lane) and go into double accumulators, which keeps float32 results within
 // ~1e-6 of the float64 oracle on 262,144-voxel volumes.
 //
-// Two kernels: AVX2+FMA+F16C (8 lanes, own exp) chosen at run time where the processor has
-// them, and a portable scalar one. The build never requires AVX2.
+// Three kernels, picked at run time by what the processor has: AVX-512 (16 lanes, exp via
+// scalef), AVX2+FMA+F16C (8 lanes, own exp) and a portable scalar one. The build never
+// requires either instruction set: each SIMD entry point carries its own target attribute.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -118,133 +119,215 @@ JointMoments reduce_portable(const void* vol, int64_t D, int64_t H, int64_t W) {
 
 #ifdef CNPOSE_X86
 #define CNPOSE_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define CNPOSE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-// exp(x) for x <= 0 to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial in r,
-// 2^n put into the exponent bits. Inputs below -87.3 (incl. -inf) clamp to ~1e-38: negligible
-// against s >= 1. NaN inputs are detected separately by the caller.
-CNPOSE_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
-}
-
-template <DType DT>
-CNPOSE_AVX2 inline __m256 load8(const void* base, int64_t i) {
-  if constexpr (DT == DType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-  } else if constexpr (DT == DType::kFloat16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+// SIMD traits: the few vector operations the generic row kernel needs, per instruction set.
+// exp(x) is only called with x = logit - running max <= 0 (or -inf, or NaN). Both versions give
+// exactly 0 below the float range, as the float64 oracle does (a single hot voxel then decodes
+// to its exact cell), and keep NaN as NaN so that a NaN voxel poisons the sums it enters.
+struct Avx2 {
+  using vec = __m256;
+  static constexpr int N = 8;
+  CNPOSE_AVX2 static vec set1(float v) { return _mm256_set1_ps(v); }
+  CNPOSE_AVX2 static vec zero() { return _mm256_setzero_ps(); }
+  CNPOSE_AVX2 static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  CNPOSE_AVX2 static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  CNPOSE_AVX2 static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  // Returns m where v is NaN: NaN never becomes the max.
+  CNPOSE_AVX2 static vec max_ignore_nan(vec v, vec m) { return _mm256_max_ps(v, m); }
+  template <DType DT>
+  CNPOSE_AVX2 static vec load(const void* base, int64_t i) {
+    if constexpr (DT == DType::kFloat32) {
+      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+      if constexpr (DT == DType::kFloat16) return _mm256_cvtph_ps(raw);
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
   }
-}
+  CNPOSE_AVX2 static float hmax(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  CNPOSE_AVX2 static double hsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  // x = n ln2 + r, |r| <= ln2/2; n by the round-to-nearest of adding 1.5 * 2^23; exp(r) by a
+  // degree-7 polynomial (Cephes' expf coefficients, ~1 ulp); 2^n into the exponent bits.
+  CNPOSE_AVX2 static vec exp(vec x) {
+    const vec lo = set1(-87.3f);
+    const vec underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(lo, x);  // NaN x passes through: max returns its second operand
+    const vec magic = set1(12582912.0f);  // 1.5 * 2^23
+    const vec t = _mm256_fmadd_ps(x, set1(1.44269504088896341f), magic);
+    const vec n = _mm256_sub_ps(t, magic);
+    vec r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    vec p = set1(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, set1(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, set1(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, set1(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, set1(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, set1(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
+    const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+  }
+};
 
-CNPOSE_AVX2 inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
+struct Avx512 {
+  using vec = __m512;
+  static constexpr int N = 16;
+  CNPOSE_AVX512 static vec set1(float v) { return _mm512_set1_ps(v); }
+  CNPOSE_AVX512 static vec zero() { return _mm512_setzero_ps(); }
+  CNPOSE_AVX512 static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  CNPOSE_AVX512 static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  CNPOSE_AVX512 static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  CNPOSE_AVX512 static vec max_ignore_nan(vec v, vec m) { return _mm512_max_ps(v, m); }
+  template <DType DT>
+  CNPOSE_AVX512 static vec load(const void* base, int64_t i) {
+    if constexpr (DT == DType::kFloat32) {
+      return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+    } else {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+      if constexpr (DT == DType::kFloat16) return _mm512_cvtph_ps(raw);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+  }
+  CNPOSE_AVX512 static float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+  CNPOSE_AVX512 static double hsum(vec v) { return _mm512_reduce_add_ps(v); }
+  // In log2 units: x log2(e) = n + f, |f| <= 1/2, 2^f by its degree-6 Taylor polynomial
+  // (error < 2^-22), scalef puts 2^n in. Clamping at -200 makes -inf (and anything below the
+  // float range) exactly 0; NaN passes the clamp (max returns its second operand) and stays NaN.
+  CNPOSE_AVX512 static vec exp(vec x) {
+    const vec xs = _mm512_max_ps(set1(-200.0f), _mm512_mul_ps(x, set1(1.44269504088896341f)));
+    const vec n = _mm512_roundscale_ps(xs, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vec f = _mm512_sub_ps(xs, n);
+    vec p = set1(1.5403530393381609e-04f);
+    p = _mm512_fmadd_ps(p, f, set1(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, set1(9.6181291076284772e-03f));
+    p = _mm512_fmadd_ps(p, f, set1(5.5504108664821580e-02f));
+    p = _mm512_fmadd_ps(p, f, set1(2.4022650695910071e-01f));
+    p = _mm512_fmadd_ps(p, f, set1(6.9314718055994531e-01f));
+    p = _mm512_fmadd_ps(p, f, set1(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+};
 
-CNPOSE_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// One kernel body for both instruction sets: inlined into each ISA's entry point below, so it
+// is compiled once per target. Rows are taken in chunks of about kChunk logits (whole rows): a
+// max pass over the chunk (it then sits in L1), a rescale of the double accumulators only when
+// the running max grows, an exp pass into float vector sums, one flush into doubles per chunk.
+constexpr int64_t kChunk = 512;
+
+template <class V, DType DT>
+__attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, int64_t D, int64_t H, int64_t W) {
+  using vec = typename V::vec;
+  constexpr int N = V::N;
+  Accum acc;
+  const int64_t wv = W - W % N;
+  const int64_t rows = D * H;
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / W);
+  // w of every column, so the x moment is one FMA with a memory operand per vector.
+  std::vector<float> wtab(static_cast<size_t>(wv));
+  for (int64_t w = 0; w < wv; ++w) wtab[static_cast<size_t>(w)] = static_cast<float>(w);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t r1 = std::min(rows, r0 + chunk_rows);
+    vec vmax = V::set1(kNegInf);
+    float cmax = kNegInf;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t w = 0; w < wv; w += N) vmax = V::max_ignore_nan(V::template load<DT>(vol, r * W + w), vmax);
+      for (int64_t w = wv; w < W; ++w) {
+        const float v = load_scalar<DT>(vol, r * W + w);
+        cmax = v > cmax ? v : cmax;
+      }
+    }
+    cmax = std::max(cmax, V::hmax(vmax));
+    if (cmax == kNegInf) {  // no mass here: only -inf, or NaN, which must still poison the joint
+      for (int64_t i = r0 * W; i < r1 * W && !acc.bad; ++i) acc.bad = std::isnan(load_scalar<DT>(vol, i));
+      continue;
+    }
+    acc.raise_max(cmax);
+    const vec vm = V::set1(acc.m);
+    vec es = V::zero(), ex = V::zero(), ey = V::zero(), ez = V::zero();
+    double ts = 0, tx = 0, ty = 0, tz = 0;  // scalar row tails
+    for (int64_t r = r0; r < r1; ++r) {
+      const float h = static_cast<float>(r % H), d = static_cast<float>(r / H);
+      vec rs = V::zero();
+      for (int64_t w = 0; w < wv; w += N) {
+        const vec e = V::exp(V::sub(V::template load<DT>(vol, r * W + w), vm));
+        rs = V::add(rs, e);
+        ex = V::fmadd(e, V::template load<DType::kFloat32>(wtab.data(), w), ex);
+      }
+      es = V::add(es, rs);
+      ey = V::fmadd(rs, V::set1(h), ey);
+      ez = V::fmadd(rs, V::set1(d), ez);
+      for (int64_t w = wv; w < W; ++w) {
+        const double e = std::exp(static_cast<double>(load_scalar<DT>(vol, r * W + w)) - acc.m);
+        ts += e, tx += e * static_cast<double>(w), ty += e * h, tz += e * d;
+      }
+    }
+    acc.s += V::hsum(es) + ts, acc.sx += V::hsum(ex) + tx, acc.sy += V::hsum(ey) + ty, acc.sz += V::hsum(ez) + tz;
+  }
+  if (std::isnan(acc.s)) acc.bad = true;
+  return finish_moments(acc.m, acc.s, acc.sx, acc.sy, acc.sz, acc.bad);
 }
 
 template <DType DT>
 CNPOSE_AVX2 JointMoments reduce_avx2(const void* vol, int64_t D, int64_t H, int64_t W) {
-  Accum acc;
-  const int64_t wv = W & ~int64_t{7};
-  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 nan_seen = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t row = (d * H + h) * W;
-      // max(v, m) returns m when v is NaN, so NaN never becomes the max; it is flagged instead.
-      __m256 vmax = _mm256_set1_ps(kNegInf);
-      for (int64_t w = 0; w < wv; w += 8) {
-        const __m256 v = load8<DT>(vol, row + w);
-        nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        vmax = _mm256_max_ps(v, vmax);
-      }
-      float rmax = hmax(vmax);
-      for (int64_t w = wv; w < W; ++w) {
-        const float v = load_scalar<DT>(vol, row + w);
-        if (std::isnan(v)) acc.bad = true;
-        rmax = v > rmax ? v : rmax;
-      }
-      if (rmax == kNegInf) continue;
-      acc.raise_max(rmax);
-      const __m256 vm = _mm256_set1_ps(acc.m);
-      __m256 es = _mm256_setzero_ps(), ex = _mm256_setzero_ps();
-      for (int64_t w = 0; w < wv; w += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(load8<DT>(vol, row + w), vm));
-        es = _mm256_add_ps(es, e);
-        ex = _mm256_fmadd_ps(e, _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(w))), ex);
-      }
-      double rs = hsum(es), rx = hsum(ex);
-      for (int64_t w = wv; w < W; ++w) {
-        const double e = std::exp(static_cast<double>(load_scalar<DT>(vol, row + w)) - acc.m);
-        rs += e;
-        rx += e * static_cast<double>(w);
-      }
-      acc.add_row(rs, rx, h, d);
-    }
-  }
-  if (_mm256_movemask_ps(nan_seen) != 0) acc.bad = true;
-  return finish_moments(acc.m, acc.s, acc.sx, acc.sy, acc.sz, acc.bad);
+  return reduce_simd<Avx2, DT>(vol, D, H, W);
+}
+
+template <DType DT>
+CNPOSE_AVX512 JointMoments reduce_avx512(const void* vol, int64_t D, int64_t H, int64_t W) {
+  return reduce_simd<Avx512, DT>(vol, D, H, W);
 }
 #endif  // CNPOSE_X86
 
 using ReduceFn = JointMoments (*)(const void*, int64_t, int64_t, int64_t);
 
 template <DType DT>
-ReduceFn pick(bool avx2) {
+ReduceFn pick(Isa isa) {
 #ifdef CNPOSE_X86
-  if (avx2) return &reduce_avx2<DT>;
+  if (isa == Isa::kAvx512) return &reduce_avx512<DT>;
+  if (isa == Isa::kAvx2) return &reduce_avx2<DT>;
 #endif
-  (void)avx2;
+  (void)isa;
   return &reduce_portable<DT>;
 }
 
-ReduceFn pick_reduce(DType dt, bool avx2) {
+ReduceFn pick_reduce(DType dt, Isa isa) {
   switch (dt) {
-    case DType::kFloat32: return pick<DType::kFloat32>(avx2);
-    case DType::kFloat16: return pick<DType::kFloat16>(avx2);
-    default: return pick<DType::kBFloat16>(avx2);
+    case DType::kFloat32: return pick<DType::kFloat32>(isa);
+    case DType::kFloat16: return pick<DType::kFloat16>(isa);
+    default: return pick<DType::kBFloat16>(isa);
   }
 }
 
 }  // namespace
 
-bool cpu_has_avx2() {
+bool cpu_supports(Isa isa) {
 #ifdef CNPOSE_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  return isa == Isa::kPortable || (isa == Isa::kAvx2 && avx2) || (isa == Isa::kAvx512 && avx512);
 #else
-  return false;
+  return isa == Isa::kPortable;
 #endif
 }
 
-void decode_cpu_isa(const DecodeArgs& a, int threads, bool use_avx2) {
-  const ReduceFn reduce = pick_reduce(a.dtype, use_avx2 && cpu_has_avx2());
+Isa best_isa() {
+  return cpu_supports(Isa::kAvx512) ? Isa::kAvx512 : cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
+}
+
+void decode_cpu_isa(const DecodeArgs& a, int threads, Isa isa) {
+  const ReduceFn reduce = pick_reduce(a.dtype, cpu_supports(isa) ? isa : Isa::kPortable);
   const int64_t tasks = a.n * a.joints;
   const int64_t V = a.volume();
   const int64_t elem = a.dtype == DType::kFloat32 ? 4 : 2;
@@ -274,6 +357,6 @@ void decode_cpu_isa(const DecodeArgs& a, int threads, bool use_avx2) {
   for (auto& th : pool) th.join();
 }
 
-void decode_cpu(const DecodeArgs& a, int threads) { decode_cpu_isa(a, threads, true); }
+void decode_cpu(const DecodeArgs& a, int threads) { decode_cpu_isa(a, threads, best_isa()); }
 
 }  // namespace cnpose

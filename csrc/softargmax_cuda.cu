@@ -109,12 +109,14 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
 
-// Fold VN logits (already * log2e) starting at cell (d, h, w0) of a row into the state.
+// Fold VN logits starting at cell (d, h, w0) of a row into the state (in log2 units).
 template <int VN>
-__device__ __forceinline__ void accumulate(State& st, const float* l, uint32_t w0, uint32_t h, uint32_t d) {
+__device__ __forceinline__ void accumulate(State& st, const float* raw, uint32_t w0, uint32_t h, uint32_t d) {
+  float l[VN];
   float lm = -INFINITY;
 #pragma unroll
   for (int k = 0; k < VN; ++k) {
+    l[k] = raw[k] * kLog2e;
     st.bad |= (l[k] != l[k]);
     lm = fmaxf(lm, l[k]);  // fmaxf ignores NaN; NaN is flagged above
   }
@@ -158,7 +160,7 @@ __device__ State reduce_volume(const T* __restrict__ vol, uint32_t V, uint32_t H
     }
   } else {
     for (uint32_t i = threadIdx.x; i < V; i += kThreads) {
-      const float l = to_float(vol[i]) * kLog2e;
+      const float l = to_float(vol[i]);
       const uint32_t row = i / W;
       accumulate<1>(st, &l, i - row * W, row % H, row / H);
     }

@@ -2,18 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnpose_trt.decode import soft_argmax_reference
+from cnpose_trt.decode import soft_argmax_reference, soft_argmax_torch
 
 
 def torch_reference(heatmaps, joints, depth_dim):
-    """The upstream formulation: reshape, softmax, three marginal sums (independent of ours)."""
-    t = torch.from_numpy(heatmaps).double()
-    n, _, h, w = t.shape
-    p = torch.softmax(t.reshape(n, joints, -1), dim=2).reshape(n, joints, depth_dim, h, w)
-    x = (p.sum(dim=(2, 3)) * torch.arange(w, dtype=torch.float64)).sum(-1)
-    y = (p.sum(dim=(2, 4)) * torch.arange(h, dtype=torch.float64)).sum(-1)
-    z = (p.sum(dim=(3, 4)) * torch.arange(depth_dim, dtype=torch.float64)).sum(-1)
-    return torch.stack([x, y, z], -1).numpy(), p.reshape(n, joints, -1).max(-1).values.numpy()
+    """The upstream formulation in float64: an implementation independent of the NumPy oracle."""
+    coords, conf = soft_argmax_torch(torch.from_numpy(heatmaps).double(), joints, depth_dim)
+    return coords.numpy(), conf.numpy()
 
 
 @pytest.mark.parametrize("shape", [(2, 18, 4, 5, 6), (3, 18, 32, 32, 32), (1, 5, 7, 3, 9)])

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One prepared GPU check (run on the lent GPU machine, or any machine with an NVIDIA GPU):
+#   1. build cnpose_trt._C with CUDA (for this GPU's architecture),
+#   2. run the CUDA tests and the compiled-decode tests (and TensorRT tests where TensorRT exists),
+#   3. run the GPU benchmarks and print the summary table.
+# Logs and JSON results go to $OUT (or ./gpu_check_out). Usage: bash benchmarks/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+status=0
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+nvcc --version | tail -1
+$PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+date -u +"date %Y-%m-%dT%H:%M:%SZ"
+
+echo "== build (CUDA forced on)"
+ARCH="${CNPOSE_TRT_CUDA_ARCH:-$($PY -c "import torch; a,b=torch.cuda.get_device_capability(); print(f'{a}{b}')")}"
+CNPOSE_TRT_CUDA=1 CNPOSE_TRT_CUDA_ARCH="$ARCH" $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+grep "cnpose_trt build" "$OUT/build.log"
+$PY -c "from cnpose_trt import _C; print('built_with_cuda', _C.built_with_cuda, 'devices', _C.cuda_device_count(), 'cpu isa', _C.cpu_isa())"
+
+echo "== tests: CUDA decode, compiled CPU decode, TensorRT (skipped without TensorRT)"
+TESTS="tests/test_decode_cuda.py tests/test_decode_compiled.py tests/test_decode.py"
+ls tests/test_tensorrt*.py >/dev/null 2>&1 && TESTS="$TESTS $(ls tests/test_tensorrt*.py)"
+$PY -m pytest -q -p no:cacheprovider -rs $TESTS 2>&1 | tee "$OUT/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "${1:-}" != "--quick" ] && command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer memcheck (small CUDA cases)"
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider \
+      tests/test_decode_cuda.py -k "misaligned or hot_voxel or raw_pointer or fused_post" > "$OUT/memcheck.log" 2>&1
+  rc=$?
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+  [ $rc -eq 0 ] || { echo "memcheck rc=$rc"; status=1; }
+fi
+
+echo "== GPU benchmarks (decode at batch ${CNPOSE_BENCH_GPU_BATCH:-64}: fused vs torch reference vs D2D copy)"
+$PY -m pytest -q -p no:cacheprovider benchmarks/test_decode.py -k cuda --benchmark-only \
+    --benchmark-json "$OUT/decode-gpu.json" 2>&1 | tee "$OUT/bench.log" \
+    | sed -n '/cnpose_trt benchmark summary/,/^$/p' | grep -v "^-" | head -20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== done (status $status); results in $OUT"
+exit $status

@@ -1,0 +1,137 @@
+"""Decode throughput per head configuration: fused single-pass kernel vs the PyTorch reference,
+and as a share of the memory bandwidth measured in the same run.
+
+    python -m pytest benchmarks/test_decode.py --benchmark-only            # CPU (and GPU if present)
+    CNPOSE_BENCH_GPU_BATCH=64 python -m pytest benchmarks/test_decode.py -k cuda --benchmark-only
+
+CPU: batch 8 (CNPOSE_BENCH_CPU_BATCH); the bandwidth reference reads an equally large buffer
+with as many threads as the decode uses. GPU: batch 64 (CNPOSE_BENCH_GPU_BATCH); the
+bandwidth reference is a device-to-device copy of an equally large buffer (read + write).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cnpose_trt.decode import decode, soft_argmax_torch
+
+CPU_BATCH = int(os.environ.get("CNPOSE_BENCH_CPU_BATCH", "8"))
+GPU_BATCH = int(os.environ.get("CNPOSE_BENCH_GPU_BATCH", "64"))
+HEADS = {"2UP-D32": (32, 32), "3UP-D64": (64, 64)}  # heatmap config: (D, H=W); XS/S and M/L
+HEAD_LIST = os.environ.get("CNPOSE_BENCH_HEADS", ",".join(HEADS)).split(",")
+ROUNDS = int(os.environ.get("CNPOSE_BENCH_ROUNDS", "7"))
+JOINTS = 18
+
+
+def _heatmaps(head: str, batch: int) -> np.ndarray:
+    d, s = HEADS[head]
+    return (np.random.default_rng(0).standard_normal((batch, JOINTS * d, s, s)) * 3).astype(np.float32)
+
+
+def _C():
+    try:
+        from cnpose_trt import _C
+    except ImportError:
+        pytest.skip("cnpose_trt._C is not built")
+    return _C
+
+
+# ----------------------------------------------------------------------------------------- CPU
+
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cpu_torch_reference(benchmark, head):
+    torch = pytest.importorskip("torch")
+    hm = torch.from_numpy(_heatmaps(head, CPU_BATCH))
+    benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
+    benchmark.extra_info.update(role="baseline", backend=f"torch-ref-fp32 ({torch.get_num_threads()} thr)",
+                                images=CPU_BATCH, bytes=hm.numel() * 4)
+    with torch.inference_mode():
+        benchmark.pedantic(soft_argmax_torch, args=(hm, JOINTS), rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cpu_fused(benchmark, head, dtype):
+    lib = _C()
+    hm = _heatmaps(head, CPU_BATCH).astype(dtype)
+    benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
+    isa = lib.cpu_isa()
+    benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{isa}-{dtype}", images=CPU_BATCH,
+                                bytes=hm.nbytes)
+    res = benchmark.pedantic(decode, args=(hm, JOINTS), rounds=ROUNDS, warmup_rounds=1)
+    assert np.isfinite(res.cells).all()
+
+
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cpu_read_bandwidth(benchmark, head):
+    lib = _C()
+    buf = _heatmaps(head, CPU_BATCH)
+    benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
+    benchmark.extra_info.update(role="bandwidth", backend=f"memory read ({os.cpu_count()} thr)", images=CPU_BATCH,
+                                bytes=buf.nbytes)
+    benchmark.pedantic(lib.memory_read_probe, args=(buf,), rounds=ROUNDS, warmup_rounds=1)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+def _cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not _C().built_with_cuda:
+        pytest.skip("cnpose_trt._C was built without CUDA")
+    return torch
+
+
+def _timed(torch, fn, inner: int = 20):
+    """One benchmark round = `inner` launches then a sync; reported per launch via images."""
+    def run():
+        for _ in range(inner):
+            fn()
+        torch.cuda.synchronize()
+    return run
+
+
+INNER = 20
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cuda_torch_reference(benchmark, head):
+    torch = _cuda()
+    hm = torch.from_numpy(_heatmaps(head, GPU_BATCH)).cuda()
+    benchmark.group = f"decode-cuda-{head}-b{GPU_BATCH}"
+    benchmark.extra_info.update(role="baseline", backend="torch-ref-fp32 (cuda)", images=GPU_BATCH * INNER,
+                                bytes=hm.numel() * 4 * INNER)
+    with torch.inference_mode():
+        benchmark.pedantic(_timed(torch, lambda: soft_argmax_torch(hm, JOINTS), INNER), rounds=ROUNDS,
+                           warmup_rounds=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cuda_fused(benchmark, head, dtype):
+    torch = _cuda()
+    hm = torch.from_numpy(_heatmaps(head, GPU_BATCH)).cuda().to(getattr(torch, dtype))
+    out = torch.empty(GPU_BATCH, JOINTS, 10, device="cuda")
+    benchmark.group = f"decode-cuda-{head}-b{GPU_BATCH}"
+    benchmark.extra_info.update(role="candidate", backend=f"fused-cuda-{dtype}", images=GPU_BATCH * INNER,
+                                bytes=hm.numel() * hm.element_size() * INNER)
+    benchmark.pedantic(_timed(torch, lambda: decode(hm, JOINTS, out=out), INNER), rounds=ROUNDS, warmup_rounds=1)
+    assert torch.isfinite(out[..., :4]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cuda_copy_bandwidth(benchmark, head):
+    torch = _cuda()
+    src = torch.from_numpy(_heatmaps(head, GPU_BATCH)).cuda()
+    dst = torch.empty_like(src)
+    benchmark.group = f"decode-cuda-{head}-b{GPU_BATCH}"
+    benchmark.extra_info.update(role="bandwidth", backend="device-to-device copy (r+w)", images=GPU_BATCH * INNER,
+                                bytes=2 * src.numel() * 4 * INNER)
+    benchmark.pedantic(_timed(torch, lambda: dst.copy_(src), INNER), rounds=ROUNDS, warmup_rounds=1)
