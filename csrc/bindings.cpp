@@ -9,7 +9,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <sstream>
+#include <cstdio>
+#include <type_traits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,19 +23,32 @@ using cnpose::DType;
 
 namespace {
 
+// Messages are built without iostreams: some hosts link extensions with -Bsymbolic-functions
+// next to another libstdc++ user (torch), and an ostringstream there crashed in locale code.
+inline std::string to_s(const std::string& s) { return s; }
+inline std::string to_s(const char* s) { return s; }
+inline std::string to_s(char c) { return std::string(1, c); }
+inline std::string to_s(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string to_s(T v) {
+  return std::to_string(v);
+}
+
 template <typename... Parts>
 std::string cat(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
+  std::string out;
+  ((out += to_s(parts)), ...);
+  return out;
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + (shape.size() == 1 ? ",)" : ")");
 }
 
 const char* dtype_name(DType dt) {
