@@ -76,8 +76,8 @@ def summary_rows(benchmarks) -> list[str]:
             share = ""
             if bw and r is not bw and gbs and bw["bytes"]:
                 share = f"{gbs / (bw['bytes'] / bw['p50'] / 1e9):.0%}"
-            lines.append(f"{group:<30}{r['backend'][:33]:<34}{r['role']:<10}{r['p50'] * 1e3:>9.3f}{r['p99'] * 1e3:>9.3f}"
-                         f"{r['p50'] * 1e3 / r['images']:>9.3f}{r['images'] / r['p50']:>9.1f}"
+            lines.append(f"{group:<30}{r['backend'][:33]:<34}{r['role']:<10}{r['p50'] * 1e3:>9.3f}"
+                         f"{r['p99'] * 1e3:>9.3f}{r['p50'] * 1e3 / r['images']:>9.3f}{r['images'] / r['p50']:>9.1f}"
                          f"{(f'{gbs:.1f}' if gbs else ''):>8}{up:>9}{share:>7}")
     return lines
 
