@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-python3}"
+# Absolute, without resolving symlinks (a venv's python is a symlink to the base interpreter).
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 cp -r setup.py pyproject.toml README.md csrc cnpose_trt tests "$WORK"/
