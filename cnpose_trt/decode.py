@@ -174,37 +174,29 @@ def _is_cupy(x: Any) -> bool:
 def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, root, intr, flipped, perm,
               depth_range_mm: float, out: np.ndarray | None) -> np.ndarray:
     """NumPy path with the compiled kernel's contract (used when _C is not built)."""
+    from .geometry import as_array, cells_to_image, flip_back, image_to_camera
+
     global _warned_fallback
     if not _warned_fallback:
         log.warning("cnpose_trt._C is not built: decoding with the NumPy reference (slow)")
         _warned_fallback = True
-    from .geometry import as_array
-
     n, j, d, h, w = check_heatmaps(heatmaps, joints, depth_dim)
-    boxes = None if boxes is None else as_array("boxes", boxes, (4,), n)
-    root = None if root is None else as_array("root_depth", root, (), n)
-    intr = None if intr is None else as_array("intrinsics", intr, (4,), n)
-    if flipped is not None and (flipped.shape != heatmaps.shape):
+    if flipped is not None and flipped.shape != heatmaps.shape:
         raise ValueError(f"flipped must have the shape of heatmaps {heatmaps.shape}, got {flipped.shape}")
     coords, conf = soft_argmax_reference(heatmaps, j, d)
     if flipped is not None:
-        fc, fconf = soft_argmax_reference(flipped, j, d)
-        fc = fc[:, perm]
-        fc[..., 0] = w - 1 - fc[..., 0]
-        coords, conf = (coords + fc) / 2, (conf + fconf[:, perm]) / 2
+        fcoords, fconf = soft_argmax_reference(flipped, j, d)
+        pairs = [(a, b) for a, b in enumerate(perm) if a < b]
+        coords = (coords + flip_back(fcoords, w, pairs)) / 2
+        conf = (conf + fconf[:, perm]) / 2
     res = np.full((n, j, OUT_FIELDS), np.nan, np.float32) if out is None else out
     res[..., 0:3], res[..., 3] = coords, conf
     if boxes is not None:
-        rd = np.zeros(n) if root is None else root.astype(np.float64)
-        b = boxes.astype(np.float64)
-        res[..., 4] = coords[..., 0] / w * b[:, None, 2] + b[:, None, 0]
-        res[..., 5] = coords[..., 1] / h * b[:, None, 3] + b[:, None, 1]
-        res[..., 6] = (coords[..., 2] / d * 2 - 1) * (depth_range_mm / 2) + rd[:, None]
+        image = cells_to_image(coords, as_array("boxes", boxes, (4,), n), (h, w), d, root,
+                               depth_range_mm=depth_range_mm)
+        res[..., 4:7] = image
         if intr is not None:
-            k = intr.astype(np.float64)
-            res[..., 7] = (res[..., 4] - k[:, None, 2]) / k[:, None, 0] * res[..., 6]
-            res[..., 8] = (res[..., 5] - k[:, None, 3]) / k[:, None, 1] * res[..., 6]
-            res[..., 9] = res[..., 6]
+            res[..., 7:10] = image_to_camera(image, intr)
     return res
 
 

@@ -68,7 +68,7 @@ def crop_matrices(crop_boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def cells_to_image(coords: np.ndarray, crop_boxes: np.ndarray, heatmap_hw: tuple[int, int], depth_dim: int,
-                   root_depth: object = None) -> np.ndarray:
+                   root_depth: object = None, depth_range_mm: float = BBOX_3D_DEPTH_MM) -> np.ndarray:
     """(P, J, 3) cells -> (P, J, 3) as x_px, y_px, depth_mm.
 
     x_px = x / W * box_w + box_x;  z_mm = (z / D * 2 - 1) * 1000 + root_depth  (root-relative
@@ -80,7 +80,7 @@ def cells_to_image(coords: np.ndarray, crop_boxes: np.ndarray, heatmap_hw: tuple
     out = np.empty(coords.shape, np.float64)
     out[..., 0] = coords[..., 0] / w * crop_boxes[:, None, 2] + crop_boxes[:, None, 0]
     out[..., 1] = coords[..., 1] / h * crop_boxes[:, None, 3] + crop_boxes[:, None, 1]
-    out[..., 2] = (coords[..., 2] / depth_dim * 2 - 1) * (BBOX_3D_DEPTH_MM / 2) + root[:, None]
+    out[..., 2] = (coords[..., 2] / depth_dim * 2 - 1) * (depth_range_mm / 2) + root[:, None]
     return out
 
 

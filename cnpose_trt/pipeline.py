@@ -52,15 +52,6 @@ class PoseResult:
         return people
 
 
-def _per_person(name: str, value: Any, p: int, tail: tuple[int, ...]) -> np.ndarray | None:
-    if value is None:
-        return None
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.shape == tail:
-        arr = np.broadcast_to(arr, (p, *tail))
-    return arr
-
-
 def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any = None,
              intrinsics: Any = None, flip: bool = False) -> PoseResult:
     """3D poses of the people in one image.
@@ -82,17 +73,15 @@ def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any =
     p = len(crop_boxes)
     if intrinsics is not None and root_depth is None:
         raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-    root = _per_person("root_depth", root_depth, p, ())
-    k = _per_person("intrinsics", intrinsics, p, (4,))
     if flip:
         inputs = np.concatenate([inputs, inputs[:, :, :, ::-1]])
     heatmaps = engine.infer(np.ascontiguousarray(inputs))
     res = decode(heatmaps[:p], spec.joints, spec.depth_dim, boxes=crop_boxes,
-                 root_depth=root, intrinsics=k,
+                 root_depth=root_depth, intrinsics=intrinsics,
                  flipped=heatmaps[p:] if flip else None)
     cells = res.cells.astype(np.float64)
     conf = res.confidence.astype(np.float64)
     img = res.image.astype(np.float64)
-    cam = None if k is None else res.camera.astype(np.float64)
-    return PoseResult(as_array("boxes", boxes, (4,)), crop_boxes, cells, conf, img, cam, root is None)
+    cam = None if intrinsics is None else res.camera.astype(np.float64)
+    return PoseResult(as_array("boxes", boxes, (4,)), crop_boxes, cells, conf, img, cam, root_depth is None)
 

@@ -172,3 +172,22 @@ def test_cuda_request_without_cuda_build():
         _C.decode_device(1, [1, 36, 4, 4], "float32", out=1)
     with pytest.raises(RuntimeError, match="built without CUDA"):
         decode(DeviceArray(1 << 20, (1, 36, 4, 4)))
+
+
+def test_numpy_fallback_matches_compiled(monkeypatch, rng):
+    """Without the extension, decode() keeps the same contract through the NumPy oracle."""
+    import cnpose_trt.decode as dec
+
+    n, j, d = 3, 18, 4
+    hm = (rng.standard_normal((n, j * d, 8, 8)) * 3).astype(np.float32)
+    fl = (rng.standard_normal((n, j * d, 8, 8)) * 3).astype(np.float32)
+    hm[1, :d] = -np.inf  # joint 0 of image 1: no mass
+    kw = dict(boxes=[[10, 20, 100, 100]] * n, root_depth=[3000, 4000, 5000], intrinsics=[800, 900, 320, 240],
+              flipped=fl)
+    compiled = decode(hm, j, **kw).packed
+    monkeypatch.setattr(dec, "compiled", lambda: None)
+    fallback = decode(hm, j, **kw).packed
+    np.testing.assert_allclose(fallback, compiled, rtol=1e-5, atol=1e-3)
+    assert np.isnan(fallback[1, 0]).all()
+    with pytest.raises(ValueError, match="intrinsics need boxes"):
+        decode(hm, j, intrinsics=[1, 1, 0, 0])
