@@ -20,7 +20,7 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "export_onnx": "export", "build_engine": "build",
     "load_engine": "engine", "Engine": "engine",
-    "soft_argmax_reference": "decode",
+    "soft_argmax_reference": "decode", "decode": "decode", "Decoded": "decode", "DeviceArray": "decode",
     "estimate": "pipeline", "PoseResult": "pipeline",
 }
 
