@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Bound eagerly: the function `decode` shares its name with the module cnpose_trt.decode, and a
+# lazy binding would be shadowed by the submodule once anything imports it. numpy only.
+from .decode import Decoded, DeviceArray, decode, soft_argmax_reference
 from .errors import BuildError, CheckpointError, CnposeError, EngineError
 from .spec import FLIP_PAIRS, JOINT_NAMES, SKELETON, VARIANTS, VariantSpec, custom_spec, get_spec
 
@@ -20,11 +23,11 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "export_onnx": "export", "build_engine": "build",
     "load_engine": "engine", "Engine": "engine",
-    "soft_argmax_reference": "decode", "decode": "decode", "Decoded": "decode", "DeviceArray": "decode",
     "estimate": "pipeline", "PoseResult": "pipeline",
 }
 
-__all__ = ["VARIANTS", "VariantSpec", "JOINT_NAMES", "FLIP_PAIRS", "SKELETON", "custom_spec", "get_spec",
+__all__ = ["decode", "Decoded", "DeviceArray", "soft_argmax_reference",
+           "VARIANTS", "VariantSpec", "JOINT_NAMES", "FLIP_PAIRS", "SKELETON", "custom_spec", "get_spec",
            "CnposeError", "CheckpointError", "EngineError", "BuildError", "__version__", *_LAZY]
 
 

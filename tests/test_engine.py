@@ -87,3 +87,10 @@ def test_runtime_does_not_need_torch(xs_engine_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(1, 18, 3) False"
+
+
+def test_package_api_names_survive_submodule_imports():
+    code = ("import cnpose_trt.decode, cnpose_trt.pipeline, cnpose_trt as cp, sys\n"
+            "assert callable(cp.decode) and callable(cp.estimate) and callable(cp.load_engine)\n"
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'import cnpose_trt is not light'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
