@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 
-from cnpose_trt.decode import decode, soft_argmax_torch
+from cnpose_trt.decoding import decode, soft_argmax_torch
 
 CPU_BATCH = int(os.environ.get("CNPOSE_BENCH_CPU_BATCH", "8"))
 GPU_BATCH = int(os.environ.get("CNPOSE_BENCH_GPU_BATCH", "64"))

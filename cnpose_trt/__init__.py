@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Bound eagerly: the function `decode` shares its name with the module cnpose_trt.decode, and a
-# lazy binding would be shadowed by the submodule once anything imports it. numpy only.
-from .decode import Decoded, DeviceArray, decode, soft_argmax_reference
+# The decode API is bound eagerly (it needs numpy only); its module is `decoding`, so that the
+# function cnpose_trt.decode is never shadowed by a submodule of the same name.
+from .decoding import Decoded, DeviceArray, decode, soft_argmax_reference
 from .errors import BuildError, CheckpointError, CnposeError, EngineError
 from .spec import FLIP_PAIRS, JOINT_NAMES, SKELETON, VARIANTS, VariantSpec, custom_spec, get_spec
 

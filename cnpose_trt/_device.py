@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import OUT_FIELDS, Decoded, DeviceArray, _flip_perm, _is_cupy, _is_torch, _per_image, compiled
+from .decoding import OUT_FIELDS, Decoded, DeviceArray, _flip_perm, _is_cupy, _is_torch, _per_image, compiled
 
 _CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
 

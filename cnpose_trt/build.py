@@ -1,16 +1,16 @@
-"""Build step: variant (+ checkpoint) -> ONNX -> engine file + JSON sidecar, cached.
+"""Build step: variant (+ checkpoint) -> FP32 ONNX -> precision graph -> engine + JSON sidecar, cached.
 
-    python -m cnpose_trt.build --variant M [--checkpoint FILE] [--backend auto|onnxruntime|tensorrt]
-                               [--max-batch N] [--out DIR] [--force]
+    python -m cnpose_trt.build --variant M [--fp16] [--int8 --calib-images DIR] [--checkpoint FILE]
+                               [--backend auto|onnxruntime|tensorrt] [--max-batch N] [--out DIR] [--force]
+    python -m cnpose_trt.build --all --fp16 --int8 --calib-images DIR
 
-The last line printed (stdout) is the engine path; progress goes to stderr.
+The engine paths are printed last (stdout), one per line; progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -34,19 +34,26 @@ from .cache import (
     write_json,
 )
 from .errors import BuildError, CnposeError, EngineError
+from .precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS, PrecisionOptions
 from .spec import VARIANTS, SpecLike, VariantSpec, get_spec
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32",)
 DEFAULT_MAX_BATCH = 32
-# Rel. L2 error between the built engine and PyTorch above which the build is refused: FP32
+# Rel. L2 error between an FP32 engine and PyTorch above which the build is refused: FP32
 # graphs agree to ~1e-6, so 1e-3 only trips on a broken export.
 PARITY_LIMIT = 1e-3
+ACCURACY_SAMPLES = 8  # synthetic crops on which FP16/INT8 engines are compared with FP32
 
-TENSORRT_INSTALL_HINT = (
-    "TensorRT is not installed. On a machine with an NVIDIA GPU and driver: "
-    "pip install 'cnpose_trt[tensorrt]' (tensorrt-cu12 or tensorrt-cu13, and cuda-python). "
-    "Without a GPU use --backend onnxruntime (the default that --backend auto picks).")
+
+@dataclasses.dataclass(frozen=True)
+class TrtOptions:
+    """TensorRT builder settings (part of a TensorRT engine's cache key)."""
+
+    opt_batch: int | None = None  # default: max_batch // 2, at least 1
+    workspace_mb: int = 4096
+    opt_level: int = 3
+    version_compatible: bool = False
+    hardware_compatible: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +74,16 @@ def _versions() -> dict[str, str]:
 
 
 def resolve_backend(backend: str) -> str:
-    """Name the backend that will build: 'auto' is onnxruntime until TensorRT building lands."""
+    """'auto' is tensorrt where TensorRT and a GPU are present, else onnxruntime."""
+    from . import tensorrt_backend
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BuildError(TENSORRT_INSTALL_HINT)
-        raise BuildError("this version of cnpose_trt cannot build TensorRT engines yet; "
-                         "use --backend onnxruntime")
+        tensorrt_backend.import_trt()  # BuildError with the install hint if missing
+        return "tensorrt"
+    if backend == "auto" and tensorrt_backend.available():
+        return "tensorrt"
     return "onnxruntime"
 
 
@@ -109,16 +118,49 @@ def _optimise_for_ort(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
 
 
-def _parity(model: Any, engine_file: Path, seed: int = 1) -> float:
+def _ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _parity(model: Any, engine_file: Path, seed: int = 1) -> float:
     import torch
 
     x = np.random.default_rng(seed).standard_normal((2, *model.spec.input_shape)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
-    sess = ort.InferenceSession(str(engine_file), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64)
+    out = _ort_runner(engine_file)(x).astype(np.float64)
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def accuracy_inputs(spec: VariantSpec, count: int = ACCURACY_SAMPLES, seed: int = 123) -> np.ndarray:
+    """Normalised crops of generated scenes, the common input of precision comparisons."""
+    from .precision import calibration_batches
+
+    rng = np.random.default_rng(seed)
+    return np.concatenate(list(calibration_batches([("synthetic", rng)], count, count, spec.input_size)))
+
+
+def joint_error(heat_ref: np.ndarray, heat: np.ndarray, spec: VariantSpec) -> dict[str, float]:
+    """Decoded-joint difference of two heatmap batches, in heatmap cells and in mm.
+
+    mm assume the usual 3D box of bbox_3d_shape = 2000 mm per side spread over the W x H x D
+    volume: a cell is 2000/W mm in x, 2000/H mm in y, 2000/D mm in z.
+    """
+    from .decoding import decode
+    from .spec import BBOX_3D_DEPTH_MM
+
+    a = decode(np.ascontiguousarray(heat_ref), spec.joints, spec.depth_dim).cells.astype(np.float64)
+    b = decode(np.ascontiguousarray(heat), spec.joints, spec.depth_dim).cells.astype(np.float64)
+    d = b - a
+    cells = np.linalg.norm(d, axis=-1)
+    size = spec.heatmap_size
+    mm = np.linalg.norm(d * (BBOX_3D_DEPTH_MM / np.array([size, size, spec.depth_dim])), axis=-1)
+    return {"mean_cells": float(cells.mean()), "max_cells": float(cells.max()), "mean_mm": float(mm.mean()),
+            "max_mm": float(mm.max()), "samples": int(len(a))}
 
 
 def _cached(engine: Path, key: str) -> dict[str, Any] | None:
@@ -135,51 +177,82 @@ def _cached(engine: Path, key: str) -> dict[str, Any] | None:
     return meta
 
 
+def _positive(name: str, value: Any, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
+    return value
+
+
 def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None = None, *,
                  backend: str = "auto", precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH,
                  out_dir: str | Path | None = None, force: bool = False, opset: int | None = None,
-                 seed: int = 0, progress: Callable[[str], None] | None = None) -> BuildResult:
+                 seed: int = 0, progress: Callable[[str], None] | None = None,
+                 keep_fp32: Sequence[str] = (), fp16_output: bool = True,
+                 calib_images: str | Path | None = None, calib_boxes: str | Path | None = None,
+                 calib_count: int = 64, calib_method: str = "entropy", calib_synthetic: bool = False,
+                 int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE, trt: TrtOptions | None = None) -> BuildResult:
     """Export and compile one engine, or reuse the cached one.
 
     Args:
         variant: "XS", "S", "M", "L" or a VariantSpec; optional with a checkpoint (then read
             from the weights' shapes).
         checkpoint: weights file; without one, deterministic random weights (benchmarks only).
-        backend: "auto", "onnxruntime" or "tensorrt".
-        max_batch: largest batch one engine call takes (larger ones are chunked).
+        backend: "auto" (TensorRT where it and a GPU are present, else onnxruntime),
+            "onnxruntime" or "tensorrt".
+        precision: "fp32", "fp16" (FP16 graph; keep_fp32 node prefixes stay float32; float16
+            heatmaps unless fp16_output=False) or "int8" (Q/DQ graph calibrated on calib_images
+            with boxes from calib_boxes JSON, calib_count crops, calib_method entropy | minmax |
+            percentile; int8_exclude node prefixes stay float; calib_synthetic for benchmarks).
+        max_batch: largest batch of one engine call (larger ones are chunked).
         out_dir: cache folder, default $CNPOSE_TRT_ENGINES or ./engines.
         force: rebuild even when a valid cached engine exists.
+        trt: TensorRT builder options.
     Returns:
         BuildResult(path, cached, sidecar metadata).
     Raises:
         ValueError: bad arguments. CheckpointError, BuildError: see their messages.
     """
     from .export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
+    from .precision import calibration_set, inspect_graph
 
     say = progress or (lambda msg: None)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 4096:
-        raise ValueError(f"max_batch must be an integer in 1..4096, got {max_batch!r}")
+    _positive("max_batch", max_batch, 4096)
+    opts = PrecisionOptions(precision=precision, fp16_output=fp16_output, keep_fp32=tuple(keep_fp32),
+                            calib_method=calib_method, int8_exclude=tuple(int8_exclude),
+                            calib_images=None if calib_images is None else str(calib_images),
+                            calib_boxes=None if calib_boxes is None else str(calib_boxes),
+                            calib_count=calib_count, calib_synthetic=calib_synthetic)
+    trt = trt or TrtOptions()
+    opt_batch = trt.opt_batch or max(1, max_batch // 2)
+    _positive("opt_batch", opt_batch, max_batch)
     opset = DEFAULT_OPSET if opset is None else opset
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset must be {DEFAULT_OPSET} or newer, got {opset}")
     if variant is not None:
         variant = get_spec(variant)
     backend_name = resolve_backend(backend)
+    calib_hash = calibration_set(opts, seed)[1] if precision == "int8" else None
     versions = _versions()
 
-    say("[1/4] preparing the model")
+    say("[1/5] preparing the model")
     model, source, wsha = _prepare_model(variant, checkpoint, seed)
     spec: VariantSpec = model.spec
     say(f"      variant {spec.name} ({spec.head_tag}), weights: {source}")
-    key = cache_key({"spec": spec.to_dict(), "precision": precision, "weights_sha256": wsha,
-                     "backend": backend_name, "backend_version": versions["onnxruntime"],
-                     "opset": opset, "max_batch": max_batch})
+    key_fields: dict[str, Any] = {
+        "spec": spec.to_dict(), "precision": precision, "precision_options": opts.key_fields(calib_hash),
+        "weights_sha256": wsha, "backend": backend_name, "opset": opset, "max_batch": max_batch}
+    if backend_name == "tensorrt":
+        from . import tensorrt_backend
+
+        key_fields.update(backend_version=tensorrt_backend.import_trt().__version__,
+                          device=tensorrt_backend.gpu_identity(), trt=dataclasses.asdict(trt), opt_batch=opt_batch)
+    else:
+        key_fields.update(backend_version=versions["onnxruntime"])
+    key = cache_key(key_fields)
     out = Path(out_dir) if out_dir is not None else default_engine_dir()
     out.mkdir(parents=True, exist_ok=True)
     stem = engine_stem(spec.name, spec.head_tag, precision, backend_name, key)
-    engine = out / f"{stem}.onnx"
+    engine = out / (stem + (".engine" if backend_name == "tensorrt" else ".onnx"))
     with file_lock(out / f".{stem}.lock"):
         meta = None if force else _cached(engine, key)
         if meta is not None:
@@ -187,64 +260,158 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
             return BuildResult(engine, True, meta)
         sidecar_path(engine).unlink(missing_ok=True)  # an engine without a sidecar never loads
         started = time.time()
+        extra: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
-            raw, opt = Path(tmp) / "model.onnx", Path(tmp) / "model.opt.onnx"
-            say(f"[2/4] exporting ONNX (opset {opset}, BatchNorm folded)")
+            fp32 = Path(tmp) / "model.fp32.onnx"
+            say(f"[2/5] exporting ONNX (opset {opset}, BatchNorm folded)")
             try:
-                export_onnx(model, raw, opset)
+                export_onnx(model, fp32, opset)
             except Exception as exc:
                 raise BuildError(f"ONNX export failed: {exc}") from exc
-            say("[3/4] optimising the graph for onnxruntime")
-            _optimise_for_ort(raw, opt)
-            say("[4/4] checking the engine against PyTorch")
-            err = _parity(model, opt)
-            if not err <= PARITY_LIMIT:
-                raise BuildError(f"built engine disagrees with PyTorch: rel. L2 error {err:.2e} > {PARITY_LIMIT}")
-            say(f"      rel. L2 error vs PyTorch: {err:.1e}")
-            atomic_write(engine, opt.read_bytes())
-        h = spec.heatmap_shape
+            graph = fp32
+            if precision == "fp16":
+                say("[3/5] converting the graph to FP16")
+                from .precision import convert_fp16
+
+                graph = Path(tmp) / "model.fp16.onnx"
+                extra["fp16"] = convert_fp16(fp32, graph, opts.keep_fp32, opts.fp16_output)
+            elif precision == "int8":
+                from .precision import quantize_int8
+
+                calib_key = cache_key({"spec": spec.to_dict(), "weights_sha256": wsha, "opset": opset,
+                                       **opts.key_fields(calib_hash)})
+                ranges = out / f"calib-{spec.name}-{calib_key[:12]}.json"
+                say(f"[3/5] INT8 Q/DQ graph ({opts.calib_method} calibration"
+                    f"{', synthetic scenes: for benchmarking only' if opts.calib_synthetic else ''}"
+                    f"{', reusing stored ranges' if ranges.is_file() else ''})")
+                graph = Path(tmp) / "model.int8.onnx"
+                with file_lock(out / f".{ranges.name}.lock"):
+                    extra["int8"] = quantize_int8(fp32, graph, opts, ranges, show_progress=progress is not None,
+                                                  seed=seed)
+                extra["int8"]["calibration"] = ("synthetic scenes (for benchmarking only)" if opts.calib_synthetic
+                                                else f"{opts.calib_count} crops from {opts.calib_images}")
+            else:
+                say("[3/5] FP32 graph")
+            report = inspect_graph(graph)
+            built = Path(tmp) / "engine.bin"
+            if backend_name == "tensorrt":
+                from . import tensorrt_backend
+
+                say("[4/5] building the TensorRT engine (strongly typed)")
+                extra["tensorrt_build"] = tensorrt_backend.build(
+                    graph, built, input_name=INPUT_NAME, input_shape=(max_batch, *spec.input_shape),
+                    max_batch=max_batch, opt_batch=opt_batch, workspace_mb=trt.workspace_mb, opt_level=trt.opt_level,
+                    timing_cache=out / "tensorrt.timing-cache", version_compatible=trt.version_compatible,
+                    hardware_compatible=trt.hardware_compatible, show_progress=progress is not None)
+                check = None
+            else:
+                say("[4/5] optimising the graph for onnxruntime")
+                _optimise_for_ort(graph, built)
+                check = _ort_runner(built)
+            say("[5/5] checking the engine")
+            if precision == "fp32" and backend_name == "onnxruntime":
+                err = _parity(model, built)
+                if not err <= PARITY_LIMIT:
+                    raise BuildError(f"built engine disagrees with PyTorch: rel. L2 error {err:.2e} > {PARITY_LIMIT}")
+                extra["parity_rel_l2_vs_torch"] = err
+                say(f"      rel. L2 error vs PyTorch: {err:.1e}")
+            elif check is not None:
+                x = accuracy_inputs(spec)
+                heat = check(x)
+                if not np.isfinite(heat.astype(np.float32)).all():
+                    raise BuildError(f"the {precision} engine produces non-finite heatmaps")
+                acc = joint_error(_ort_runner(fp32)(x), heat, spec)
+                extra["accuracy_vs_fp32"] = acc
+                say(f"      decoded joints vs FP32: mean {acc['mean_cells']:.3f} cells ({acc['mean_mm']:.1f} mm), "
+                    f"max {acc['max_cells']:.3f} cells on {acc['samples']} synthetic crops")
+            atomic_write(engine, built.read_bytes())
         meta = {
             "engine_format": 1, "cache_key": key, "engine_file": engine.name,
             "engine_sha256": file_sha256(engine), "variant": spec.name, "spec": spec.to_dict(),
-            "head": spec.head_tag, "precision": precision, "backend": backend_name,
-            "opset": opset, "max_batch": max_batch,
-            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", *spec.input_shape]},
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", *h]},
+            "head": spec.head_tag, "precision": precision, "precision_options": opts.key_fields(calib_hash),
+            "backend": backend_name, "opset": opset, "max_batch": max_batch,
+            "input": {"name": INPUT_NAME, "dtype": report.input_dtype, "shape": ["N", *spec.input_shape]},
+            "output": {"name": OUTPUT_NAME, "dtype": report.output_dtype, "shape": ["N", *spec.heatmap_shape]},
+            "graph_ops": report.ops, "int8_convs": report.quantized_convs,
             "weights": {"sha256": wsha, "source": source, "random": checkpoint is None},
-            "parity_rel_l2_vs_torch": err, "versions": versions,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.time() - started, 2),
+            "versions": versions, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.time() - started, 2), **extra,
         }
         write_json(sidecar_path(engine), meta)
     return BuildResult(engine, False, meta)
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", type=str.upper, choices=list(VARIANTS),
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--variant", type=str.upper, choices=list(VARIANTS),
                    help="model variant (optional with --checkpoint: read from its weights)")
+    g.add_argument("--all", action="store_true", help="build every variant (random weights)")
     p.add_argument("--checkpoint", type=Path, help="weights file; default: deterministic random weights")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto (onnxruntime here)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime")
+    p.add_argument("--precision", choices=PRECISIONS, action="append", default=None,
+                   help="repeatable; default fp32 (also --fp16, --int8)")
+    p.add_argument("--fp16", action="append_const", dest="precision", const="fp16", help="build the FP16 engine")
+    p.add_argument("--int8", action="append_const", dest="precision", const="int8",
+                   help="build the INT8 engine (needs --calib-images or --calib-synthetic)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"default {DEFAULT_MAX_BATCH}")
     p.add_argument("--out", type=Path, default=None, help="engine folder (default $CNPOSE_TRT_ENGINES or ./engines)")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached engine is valid")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    f = p.add_argument_group("FP16")
+    f.add_argument("--keep-fp32", action="append", default=[], metavar="NODE_PREFIX",
+                   help="ONNX node-name prefix kept in float32 (repeatable)")
+    f.add_argument("--fp32-output", action="store_true", help="FP16 engine with float32 heatmaps")
+    i = p.add_argument_group("INT8 calibration")
+    i.add_argument("--calib-images", type=Path, help="folder of calibration images")
+    i.add_argument("--calib-boxes", type=Path,
+                   help="JSON {file name: [x, y, w, h] or [[...], ...]}; default: the whole image")
+    i.add_argument("--calib-count", type=int, default=64, help="crops to calibrate on (default 64)")
+    i.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy")
+    i.add_argument("--calib-synthetic", action="store_true",
+                   help="calibrate on generated scenes: for benchmarking only (recorded in the sidecar)")
+    i.add_argument("--int8-exclude", action="append", default=None, metavar="NODE_PREFIX",
+                   help=f"node-name prefixes kept out of INT8 (repeatable; default {' '.join(DEFAULT_INT8_EXCLUDE)})")
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--opt-batch", type=int, default=None, help="optimisation profile's opt batch (default max/2)")
+    t.add_argument("--workspace-mb", type=int, default=4096)
+    t.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level 0-5")
+    t.add_argument("--version-compatible", action="store_true")
+    t.add_argument("--hardware-compatible", action="store_true", help="Ampere and newer GPUs")
 
 
 def run_build(args: argparse.Namespace) -> int:
-    if args.variant is None and args.checkpoint is None:
-        print("error: give --variant (XS, S, M, L) or --checkpoint", file=sys.stderr)
+    if args.variant is None and args.checkpoint is None and not args.all:
+        print("error: give --variant (XS, S, M, L), --all or --checkpoint", file=sys.stderr)
         return 2
+    if args.all and args.checkpoint is not None:
+        print("error: --all builds every variant with random weights; a checkpoint holds one variant", file=sys.stderr)
+        return 2
+    precisions = list(dict.fromkeys(args.precision or ["fp32"]))
+    variants = list(VARIANTS) if args.all else [args.variant]
+    trt = TrtOptions(opt_batch=args.opt_batch, workspace_mb=args.workspace_mb, opt_level=args.opt_level,
+                     version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+    paths = []
     try:
-        result = build_engine(args.variant, args.checkpoint, backend=args.backend, precision=args.precision,
-                              max_batch=args.max_batch, out_dir=args.out, force=args.force, opset=args.opset,
-                              seed=args.seed, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        for variant in variants:
+            for precision in precisions:
+                result = build_engine(
+                    variant, args.checkpoint, backend=args.backend, precision=precision, max_batch=args.max_batch,
+                    out_dir=args.out, force=args.force, opset=args.opset, seed=args.seed,
+                    progress=lambda m: print(m, file=sys.stderr, flush=True), keep_fp32=args.keep_fp32,
+                    fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
+                    calib_count=args.calib_count, calib_method=args.calib_method,
+                    calib_synthetic=args.calib_synthetic,
+                    int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
+                paths.append(result.path)
     except (CnposeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if result.meta["weights"]["random"]:
+    if args.checkpoint is None:
         print("warning: built with random weights; pass --checkpoint for real poses", file=sys.stderr)
-    print(result.path)
+    for path in paths:
+        print(path)
     return 0
 
 

@@ -120,12 +120,23 @@ class OrtEngine(Engine):
         if list(got) != list(self.spec.heatmap_shape):
             raise EngineError(f"engine {path} outputs (N, {got}), its metadata's variant needs "
                               f"(N, {self.spec.heatmap_shape}); rebuild with --force")
+        ort_types = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+        found = (ort_types.get(inputs[0].type), ort_types.get(outputs[0].type))
+        if found != (self.input_dtype.name, self.output_dtype.name):
+            raise EngineError(f"engine {path} reads/writes {found}, its metadata says "
+                              f"({self.input_dtype.name}, {self.output_dtype.name}); rebuild with --force")
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
 
-_BACKENDS = {"onnxruntime": OrtEngine}
+def _tensorrt_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
+    from .tensorrt_backend import TrtEngine
+
+    return TrtEngine(path, meta, **options)
+
+
+_BACKENDS = {"onnxruntime": OrtEngine, "tensorrt": _tensorrt_engine}
 
 
 def load_engine(path: str | Path, *, verify: bool = True, **options: Any) -> Engine:

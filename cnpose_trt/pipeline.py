@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import decode
+from .decoding import decode
 from .engine import Engine
 from .geometry import as_array
 from .preprocess import check_image, prepare

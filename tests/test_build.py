@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from conftest import make_model, write_official
 
 from cnpose_trt import BuildError, EngineError, load_engine
 from cnpose_trt import build as build_mod
-from cnpose_trt.build import build_engine
+from cnpose_trt.build import TrtOptions, build_engine
 from cnpose_trt.build import main as build_main
 from cnpose_trt.cache import sidecar_path
 
@@ -70,6 +71,7 @@ def test_tensorrt_backend_without_tensorrt(tmp_path, monkeypatch, capsys):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real(n, *a))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
     with pytest.raises(BuildError, match="TensorRT is not installed.*pip install"):
         build_engine("XS", backend="tensorrt", out_dir=tmp_path)
     assert build_main(["--variant", "XS", "--backend", "tensorrt", "--out", str(tmp_path)]) == 2
@@ -79,7 +81,7 @@ def test_tensorrt_backend_without_tensorrt(tmp_path, monkeypatch, capsys):
 def test_cli_prints_engine_path_last(tmp_path, capsys):
     assert build_main(["--variant", "XS", "--out", str(tmp_path), "--max-batch", "2"]) == 0
     first = capsys.readouterr()
-    assert "[2/4] exporting ONNX" in first.err
+    assert "[2/5] exporting ONNX" in first.err
     assert build_main(["--variant", "XS", "--out", str(tmp_path), "--max-batch", "2"]) == 0
     second = capsys.readouterr()
     assert "cached engine is up to date" in second.err
@@ -92,6 +94,11 @@ def test_cli_prints_engine_path_last(tmp_path, capsys):
     ({"variant": None}, "variant is required"),
     ({"variant": "XS", "max_batch": 0}, "max_batch must be an integer"),
     ({"variant": "XS", "precision": "fp8"}, "precision must be one of"),
+    ({"variant": "XS", "precision": "int8"}, "int8 needs calibration images.*never calibrates on noise"),
+    ({"variant": "XS", "precision": "int8", "calib_images": "/nonexistent"}, "calib_images must be a folder"),
+    ({"variant": "XS", "precision": "int8", "calib_synthetic": True, "calib_method": "kl"}, "calib_method must be"),
+    ({"variant": "XS", "precision": "int8", "calib_synthetic": True, "calib_count": 0}, "calib_count must be"),
+    ({"variant": "XS", "max_batch": 4, "trt": TrtOptions(opt_batch=8)}, "opt_batch must be an integer in 1..4"),
     ({"variant": "XS", "backend": "cuda"}, "backend must be one of"),
     ({"variant": "XS", "opset": 11}, "opset must be 17 or newer"),
 ])

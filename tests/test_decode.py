@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnpose_trt.decode import soft_argmax_reference, soft_argmax_torch
+from cnpose_trt.decoding import soft_argmax_reference, soft_argmax_torch
 
 
 def torch_reference(heatmaps, joints, depth_dim):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnpose_trt.decode import DeviceArray, decode, soft_argmax_reference
+from cnpose_trt.decoding import DeviceArray, decode, soft_argmax_reference
 from cnpose_trt.geometry import cells_to_image, flip_back, image_to_camera
 
 _C = pytest.importorskip("cnpose_trt._C", reason="compiled extension not built")
@@ -176,7 +176,7 @@ def test_cuda_request_without_cuda_build():
 
 def test_numpy_fallback_matches_compiled(monkeypatch, rng):
     """Without the extension, decode() keeps the same contract through the NumPy oracle."""
-    import cnpose_trt.decode as dec
+    import cnpose_trt.decoding as dec
 
     n, j, d = 3, 18, 4
     hm = (rng.standard_normal((n, j * d, 8, 8)) * 3).astype(np.float32)

@@ -1,0 +1,149 @@
+"""FP16 and INT8 precision graphs, built and checked with ONNX Runtime on the CPU."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_model
+from onnx import numpy_helper
+
+from cnpose_trt import load_engine
+from cnpose_trt.build import accuracy_inputs, build_engine, joint_error
+from cnpose_trt.build import main as build_main
+from cnpose_trt.cache import sidecar_path
+from cnpose_trt.draw import demo_image, save_image
+from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE, convert_fp16, inspect_graph
+
+
+@pytest.fixture(scope="module")
+def xs_fp32_graph(tmp_path_factory):
+    from cnpose_trt.export import export_onnx
+
+    return export_onnx(make_model("XS"), tmp_path_factory.mktemp("g") / "xs.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16, out_dir=out, max_batch=4)
+
+
+def test_fp16_graph(xs_fp32_graph, tmp_path):
+    dst = tmp_path / "fp16.onnx"
+    info = convert_fp16(xs_fp32_graph, dst)
+    rep = inspect_graph(dst)
+    assert (rep.input_dtype, rep.output_dtype) == ("float32", "float16") and info["output_dtype"] == "float16"
+    model = onnx.load(str(dst))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    dtypes = {numpy_helper.to_array(t).dtype for t in model.graph.initializer if t.name in conv_weights}
+    assert dtypes == {np.dtype(np.float16)}
+    kept = convert_fp16(xs_fp32_graph, tmp_path / "kept.onnx", keep_fp32=["/head/final_layer/"], fp16_output=False)
+    assert kept["kept_fp32_nodes"] == ["/head/final_layer/Conv"] and kept["output_dtype"] == "float32"
+    assert inspect_graph(tmp_path / "kept.onnx").output_dtype == "float32"
+
+
+def test_int8_graph_follows_tensorrt_rules(int8_engine, tmp_path):
+    meta = int8_engine.meta
+    assert meta["precision"] == "int8" and "synthetic" in meta["int8"]["calibration"]
+    assert meta["int8"]["calib_method"] == "entropy"
+    assert set(meta["int8"]["int8_excluded_nodes"]) >= {"/head/final_layer/Conv", "/head/deconv_layers_3/pwconv/Conv"}
+    # Inspect the Q/DQ graph before onnxruntime's own fusions: rebuild it from the stored ranges.
+    from cnpose_trt.export import export_onnx
+    from cnpose_trt.precision import PrecisionOptions, quantize_int8
+
+    src = export_onnx(make_model("XS"), tmp_path / "xs.onnx")
+    ranges = next(int8_engine.path.parent.glob("calib-XS-*.json"))
+    opts = PrecisionOptions(precision="int8", calib_synthetic=True, calib_count=16)
+    info = quantize_int8(src, tmp_path / "q.onnx", opts, ranges)
+    assert info["ranges_reused"]
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = init[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), f"{n.name}: zero point must be int8 0"
+        if n.op_type in ("Relu", "Resize", "Reshape"):
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in n.input), n.name
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    for conv in convs:
+        excluded = any(conv.name.startswith(p) for p in DEFAULT_INT8_EXCLUDE)
+        src_node = producer.get(conv.input[0])
+        assert (src_node is not None and src_node.op_type == "DequantizeLinear") != excluded, conv.name
+        if len(conv.input) > 2:
+            assert conv.input[2] in init and init[conv.input[2]].dtype == np.float32, "bias stays float"
+        if not excluded:
+            wdq = producer[conv.input[1]]
+            scale = init[wdq.input[1]]
+            out_ch = init[wdq.input[0]].shape[0]
+            assert init[wdq.input[0]].dtype == np.int8 and scale.shape == (out_ch,), "per-channel int8 weights"
+
+
+def test_int8_ranges_stored_and_reused(int8_engine, tmp_path, monkeypatch):
+    import cnpose_trt.precision as prec
+
+    out = int8_engine.path.parent
+    assert not int8_engine.meta["int8"]["ranges_reused"]
+    monkeypatch.setattr(prec, "_Reader", lambda *a, **k: pytest.fail("recalibrated"))
+    again = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16, out_dir=out, max_batch=2)
+    assert not again.cached and again.meta["int8"]["ranges_reused"] and again.path != int8_engine.path
+
+
+def test_precision_engines_run_and_stay_close(int8_engine, tmp_path):
+    fp16 = build_engine("XS", precision="fp16", out_dir=tmp_path, max_batch=4)
+    fp32 = build_engine("XS", precision="fp32", out_dir=tmp_path, max_batch=4)
+    assert fp16.meta["output"]["dtype"] == "float16" and int8_engine.meta["output"]["dtype"] == "float32"
+    assert len({fp16.path, fp32.path}) == 2
+    x = accuracy_inputs(fp32.meta and load_engine(fp32.path).spec, 4)
+    ref = load_engine(fp32.path).infer(x)
+    h16 = load_engine(fp16.path).infer(x)
+    assert h16.dtype == np.float16
+    e16 = joint_error(ref, h16, load_engine(fp32.path).spec)
+    e8 = joint_error(ref, load_engine(int8_engine.path).infer(x), load_engine(fp32.path).spec)
+    assert e16["max_cells"] < 0.05, e16  # fp16 rounding only
+    assert e8["mean_cells"] < 1.0, e8  # int8 with random weights: loose, but catches a broken graph
+    assert fp16.meta["accuracy_vs_fp32"]["mean_cells"] < 0.05
+
+
+def test_calibration_from_images_and_boxes(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    img, box = demo_image()
+    for i in range(3):
+        save_image(folder / f"img{i}.png", np.roll(img, 40 * i, axis=1))
+    (tmp_path / "boxes.json").write_text(json.dumps({"img0.png": box, "img1.png": [box, [0, 0, 100, 200]]}))
+    kw = dict(precision="int8", calib_images=folder, calib_boxes=tmp_path / "boxes.json", calib_count=6,
+              calib_method="minmax", out_dir=tmp_path / "e", max_batch=2)
+    first = build_engine("XS", **kw)
+    assert "6 crops from" in first.meta["int8"]["calibration"] and first.meta["int8"]["calib_method"] == "minmax"
+    assert build_engine("XS", **kw).cached
+    save_image(folder / "img2.png", img[::-1].copy())  # new calibration data -> new engine
+    assert build_engine("XS", **kw).path != first.path
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="not a readable JSON file"):
+        build_engine("XS", **{**kw, "calib_boxes": tmp_path / "bad.json"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        build_engine("XS", **{**kw, "calib_images": tmp_path / "empty", "calib_boxes": None})
+
+
+def test_cli_fp16_int8_and_all(tmp_path, capsys, monkeypatch):
+    args = ["--variant", "XS", "--fp16", "--int8", "--calib-synthetic", "--calib-count", "8", "--out", str(tmp_path)]
+    assert build_main(args) == 0
+    captured = capsys.readouterr()
+    paths = captured.out.strip().splitlines()
+    assert [p.rsplit("/", 1)[-1].split("-")[4] for p in paths] == ["fp16", "int8"]
+    assert "synthetic scenes: for benchmarking only" in captured.err and "calibrating [" in captured.err
+    assert json.loads(sidecar_path(paths[1]).read_text())["int8"]["calibration"].startswith("synthetic")
+    assert build_main(["--variant", "XS", "--int8", "--out", str(tmp_path)]) == 2
+    assert "never calibrates on noise silently" in capsys.readouterr().err
+
+    import cnpose_trt.build as b
+
+    calls = []
+    monkeypatch.setattr(b, "build_engine", lambda v, c, **k: calls.append((v, k["precision"])) or
+                        b.BuildResult(tmp_path / f"{v}-{k['precision']}", False, {}))
+    assert build_main(["--all", "--fp16", "--precision", "fp32", "--out", str(tmp_path)]) == 0
+    assert calls == [(v, p) for v in ("XS", "S", "M", "L") for p in ("fp16", "fp32")]
+    assert build_main(["--all", "--checkpoint", "x.pth"]) == 2
