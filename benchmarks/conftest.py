@@ -64,7 +64,7 @@ def _row(bench) -> dict:
 
 def summary_rows(benchmarks) -> list[str]:
     rows = [_row(b) for b in benchmarks if b.stats is not None]
-    lines = [f"{'group':<30}{'backend':<34}{'role':<10}{'p50 ms':>9}{'p99 ms':>9}{'ms/img':>9}{'img/s':>9}"
+    lines = [f"{'group':<36}{'backend':<34}{'role':<10}{'p50 ms':>9}{'p99 ms':>9}{'ms/img':>9}{'img/s':>9}"
              f"{'GB/s':>8}{'speed-up':>9}{'of bw':>7}"]
     for group in sorted({r["group"] for r in rows}):
         members = [r for r in rows if r["group"] == group]
@@ -76,7 +76,7 @@ def summary_rows(benchmarks) -> list[str]:
             share = ""
             if bw and r is not bw and gbs and bw["bytes"]:
                 share = f"{gbs / (bw['bytes'] / bw['p50'] / 1e9):.0%}"
-            lines.append(f"{group:<30}{r['backend'][:33]:<34}{r['role']:<10}{r['p50'] * 1e3:>9.3f}"
+            lines.append(f"{group:<36}{r['backend'][:33]:<34}{r['role']:<10}{r['p50'] * 1e3:>9.3f}"
                          f"{r['p99'] * 1e3:>9.3f}{r['p50'] * 1e3 / r['images']:>9.3f}{r['images'] / r['p50']:>9.1f}"
                          f"{(f'{gbs:.1f}' if gbs else ''):>8}{up:>9}{share:>7}")
     return lines
@@ -92,6 +92,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"machine: {machine_info()}")
     for line in summary_rows(session.benchmarks):
         tr.write_line(line)
+    acc = [b for b in session.benchmarks if "accuracy_vs_fp32" in b.extra_info]
+    if acc:
+        tr.write_line("decoded-joint error against FP32 on the same inputs (cells; mm with a 2000 mm box):")
+        for b in acc:
+            a = b.extra_info["accuracy_vs_fp32"]
+            tr.write_line(f"  {b.group:<38}{b.extra_info['precision']:<6} mean {a['mean_cells']:.4f} cells "
+                          f"({a['mean_mm']:.2f} mm)  max {a['max_cells']:.4f} cells ({a['max_mm']:.2f} mm)  "
+                          f"n={a['samples']}x18")
 
 
 @pytest.fixture(scope="session")

@@ -139,18 +139,27 @@ def _tensorrt_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine
 _BACKENDS = {"onnxruntime": OrtEngine, "tensorrt": _tensorrt_engine}
 
 
-def load_engine(path: str | Path, *, verify: bool = True, **options: Any) -> Engine:
+def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = None,
+                precision: str | None = None, weights_sha256: str | None = None, **options: Any) -> Engine:
     """Load an engine built by `python -m cnpose_trt.build`.
 
     Args:
         path: the engine file or its .json sidecar.
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
+        variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
         options: backend options (onnxruntime: threads).
     Raises:
-        EngineError: missing/garbled sidecar, damaged or replaced engine file, unknown backend.
+        EngineError: missing/garbled sidecar, damaged or replaced engine file, unknown backend,
+            an engine of another variant, precision or weights than expected, or (TensorRT) one
+            built for another GPU or TensorRT version.
     """
     path = Path(path)
     meta = read_sidecar(path)
+    for what, want, have in (("variant", variant, meta.get("variant")), ("precision", precision, meta.get("precision")),
+                             ("weights", weights_sha256, meta.get("weights", {}).get("sha256"))):
+        if want is not None and want != have:
+            raise EngineError(f"engine {path} was built for {what} {have!r}, not {want!r}; build the one you "
+                              "need with python -m cnpose_trt.build")
     engine_file = sidecar_path(path).with_name(str(meta.get("engine_file", "")))
     if not meta.get("engine_file") or not engine_file.is_file():
         raise EngineError(f"engine file {engine_file} named by {sidecar_path(path)} is missing; rebuild with --force")

@@ -99,3 +99,14 @@ def test_package_api_names_survive_submodule_imports():
             "assert callable(cp.decode) and callable(cp.estimate) and callable(cp.load_engine)\n"
             "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'import cnpose_trt is not light'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_load_engine_refuses_unexpected(xs_engine_path):
+    meta = json.loads(sidecar_path(xs_engine_path).read_text())
+    assert load_engine(xs_engine_path, variant="XS", precision="fp32", weights_sha256=meta["weights"]["sha256"])
+    with pytest.raises(EngineError, match="built for variant 'XS', not 'M'"):
+        load_engine(xs_engine_path, variant="M")
+    with pytest.raises(EngineError, match="built for precision 'fp32', not 'int8'"):
+        load_engine(xs_engine_path, precision="int8")
+    with pytest.raises(EngineError, match="built for weights"):
+        load_engine(xs_engine_path, weights_sha256="0" * 64)
