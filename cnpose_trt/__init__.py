@@ -23,7 +23,7 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "export_onnx": "export", "build_engine": "build",
     "load_engine": "engine", "Engine": "engine",
-    "estimate": "pipeline", "PoseResult": "pipeline",
+    "estimate": "pipeline", "PoseResult": "pipeline", "PoseEstimator": "pipeline",
 }
 
 __all__ = ["decode", "Decoded", "DeviceArray", "soft_argmax_reference",

@@ -37,7 +37,7 @@ from .errors import BuildError, CnposeError, EngineError
 from .precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS, PrecisionOptions
 from .spec import VARIANTS, SpecLike, VariantSpec, get_spec
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 DEFAULT_MAX_BATCH = 32
 # Rel. L2 error between an FP32 engine and PyTorch above which the build is refused: FP32
 # graphs agree to ~1e-6, so 1e-3 only trips on a broken export.
@@ -82,6 +82,8 @@ def resolve_backend(backend: str) -> str:
     if backend == "tensorrt":
         tensorrt_backend.import_trt()  # BuildError with the install hint if missing
         return "tensorrt"
+    if backend == "torch":
+        return "torch"
     if backend == "auto" and tensorrt_backend.available():
         return "tensorrt"
     return "onnxruntime"
@@ -212,7 +214,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     Raises:
         ValueError: bad arguments. CheckpointError, BuildError: see their messages.
     """
-    from .export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
+    from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx
     from .precision import calibration_set, inspect_graph
 
     say = progress or (lambda msg: None)
@@ -231,6 +233,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     if variant is not None:
         variant = get_spec(variant)
     backend_name = resolve_backend(backend)
+    if backend_name == "torch" and precision not in ("fp32", "fp16"):
+        raise ValueError(f"the torch backend runs fp32 or fp16 (fp16 on CUDA), not {precision!r}")
     calib_hash = calibration_set(opts, seed)[1] if precision == "int8" else None
     versions = _versions()
 
@@ -247,12 +251,12 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
         key_fields.update(backend_version=tensorrt_backend.import_trt().__version__,
                           device=tensorrt_backend.gpu_identity(), trt=dataclasses.asdict(trt), opt_batch=opt_batch)
     else:
-        key_fields.update(backend_version=versions["onnxruntime"])
+        key_fields.update(backend_version=versions["torch" if backend_name == "torch" else "onnxruntime"])
     key = cache_key(key_fields)
     out = Path(out_dir) if out_dir is not None else default_engine_dir()
     out.mkdir(parents=True, exist_ok=True)
     stem = engine_stem(spec.name, spec.head_tag, precision, backend_name, key)
-    engine = out / (stem + (".engine" if backend_name == "tensorrt" else ".onnx"))
+    engine = out / (stem + {"tensorrt": ".engine", "torch": ".pt"}.get(backend_name, ".onnx"))
     with file_lock(out / f".{stem}.lock"):
         meta = None if force else _cached(engine, key)
         if meta is not None:
@@ -261,6 +265,18 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
         sidecar_path(engine).unlink(missing_ok=True)  # an engine without a sidecar never loads
         started = time.time()
         extra: dict[str, Any] = {}
+        if backend_name == "torch":
+            from .torch_backend import save_engine
+
+            say("[2/2] saving the PyTorch model (served by torch; fp16 runs on CUDA)")
+            with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
+                save_engine(model, Path(tmp) / "model.pt")
+                atomic_write(engine, (Path(tmp) / "model.pt").read_bytes())
+            out_dtype = "float16" if precision == "fp16" else "float32"
+            meta = _sidecar(engine, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
+                            "float32", out_dtype, wsha, source, checkpoint, versions, started, extra)
+            write_json(sidecar_path(engine), meta)
+            return BuildResult(engine, False, meta)
         with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
             fp32 = Path(tmp) / "model.fp32.onnx"
             say(f"[2/5] exporting ONNX (opset {opset}, BatchNorm folded)")
@@ -325,20 +341,31 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                 say(f"      decoded joints vs FP32: mean {acc['mean_cells']:.3f} cells ({acc['mean_mm']:.1f} mm), "
                     f"max {acc['max_cells']:.3f} cells on {acc['samples']} synthetic crops")
             atomic_write(engine, built.read_bytes())
-        meta = {
-            "engine_format": 1, "cache_key": key, "engine_file": engine.name,
-            "engine_sha256": file_sha256(engine), "variant": spec.name, "spec": spec.to_dict(),
-            "head": spec.head_tag, "precision": precision, "precision_options": opts.key_fields(calib_hash),
-            "backend": backend_name, "opset": opset, "max_batch": max_batch,
-            "input": {"name": INPUT_NAME, "dtype": report.input_dtype, "shape": ["N", *spec.input_shape]},
-            "output": {"name": OUTPUT_NAME, "dtype": report.output_dtype, "shape": ["N", *spec.heatmap_shape]},
-            "graph_ops": report.ops, "int8_convs": report.quantized_convs,
-            "weights": {"sha256": wsha, "source": source, "random": checkpoint is None},
-            "versions": versions, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "build_seconds": round(time.time() - started, 2), **extra,
-        }
+        meta = _sidecar(engine, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
+                        report.input_dtype, report.output_dtype, wsha, source, checkpoint, versions, started,
+                        {"graph_ops": report.ops, "int8_convs": report.quantized_convs, **extra})
         write_json(sidecar_path(engine), meta)
     return BuildResult(engine, False, meta)
+
+
+def _sidecar(engine: Path, key: str, spec: VariantSpec, precision: str, opts: PrecisionOptions,
+             calib_hash: str | None, backend: str, opset: int, max_batch: int, in_dtype: str, out_dtype: str,
+             wsha: str, source: str, checkpoint: Any, versions: dict[str, str], started: float,
+             extra: dict[str, Any]) -> dict[str, Any]:
+    """The engine's metadata: what the cache key covers, I/O contract, provenance."""
+    from .export import INPUT_NAME, OUTPUT_NAME
+
+    return {
+        "engine_format": 1, "cache_key": key, "engine_file": engine.name, "engine_sha256": file_sha256(engine),
+        "variant": spec.name, "spec": spec.to_dict(), "head": spec.head_tag, "precision": precision,
+        "precision_options": opts.key_fields(calib_hash), "backend": backend, "opset": opset,
+        "max_batch": max_batch,
+        "input": {"name": INPUT_NAME, "dtype": in_dtype, "shape": ["N", *spec.input_shape]},
+        "output": {"name": OUTPUT_NAME, "dtype": out_dtype, "shape": ["N", *spec.heatmap_shape]},
+        "weights": {"sha256": wsha, "source": source, "random": checkpoint is None},
+        "versions": versions, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.time() - started, 2), **extra,
+    }
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -348,7 +375,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--all", action="store_true", help="build every variant (random weights)")
     p.add_argument("--checkpoint", type=Path, help="weights file; default: deterministic random weights")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime")
+                   help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime; "
+                        "torch serves the model with PyTorch (fp16 on CUDA)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", default=None,
                    help="repeatable; default fp32 (also --fp16, --int8)")
     p.add_argument("--fp16", action="append_const", dest="precision", const="fp16", help="build the FP16 engine")

@@ -136,7 +136,15 @@ def _tensorrt_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine
     return TrtEngine(path, meta, **options)
 
 
-_BACKENDS = {"onnxruntime": OrtEngine, "tensorrt": _tensorrt_engine}
+def _torch_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
+    try:
+        from .torch_backend import TorchEngine
+    except ImportError:
+        raise EngineError(f"{path} is a torch engine: install PyTorch to load it") from None
+    return TorchEngine(path, meta, **options)
+
+
+_BACKENDS = {"onnxruntime": OrtEngine, "tensorrt": _tensorrt_engine, "torch": _torch_engine}
 
 
 def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = None,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -52,9 +56,179 @@ class PoseResult:
         return people
 
 
+@dataclasses.dataclass
+class _Item:
+    """One image's people on their way through the pipeline."""
+
+    index: int
+    boxes: np.ndarray
+    crops: np.ndarray          # (P, 3, S, S), plus the mirrored crops when flipping
+    crop_boxes: np.ndarray
+    root_depth: np.ndarray | None
+    intrinsics: np.ndarray | None
+
+
+def _per_item(name: str, value: Any, p: int, tail: tuple[int, ...]) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape == tail:
+        arr = np.broadcast_to(arr, (p, *tail))
+    return as_array(name, arr, tail, p)
+
+
+def _unpack(entry: Any) -> tuple[Any, Any, Any, Any]:
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"image", "boxes", "root_depth", "intrinsics"}
+        if unknown or "image" not in entry or "boxes" not in entry:
+            raise ValueError(f"an item dict needs 'image' and 'boxes' (optional 'root_depth', 'intrinsics'), "
+                             f"got keys {sorted(entry)}")
+        return entry["image"], entry["boxes"], entry.get("root_depth"), entry.get("intrinsics")
+    if isinstance(entry, (tuple, list)) and 2 <= len(entry) <= 4:
+        image, boxes, *rest = entry
+        rest += [None] * (2 - len(rest))
+        return image, boxes, rest[0], rest[1]
+    raise TypeError("items must be (image, boxes[, root_depth[, intrinsics]]) tuples or dicts, "
+                    f"got {type(entry).__name__}")
+
+
+class PoseEstimator:
+    """3D poses of many people in many images, as fast as the engine allows.
+
+    Work is chunked into batches of up to the engine's max_batch people and pipelined: while
+    batch k runs in the engine, the people of batch k+1 are cropped and normalised on a thread
+    pool and batch k-1 is decoded on another thread. Memory stays bounded: at most `prefetch`
+    batches are prepared ahead and one batch waits for its decode.
+
+    Thread safety: one estimator may be shared by several threads. predict() and
+    predict_iter() hold an internal lock while they run (a predict_iter generator until it is
+    exhausted or closed), so calls from different threads run one after the other, each with
+    the whole engine; results never mix.
+
+    Args:
+        engine_or_variant: an Engine, an engine file (or its .json), or a variant name / spec to
+            build (or reuse from the cache) with build_engine(**build_options).
+        prep_threads: threads that crop and normalise.
+        prefetch: batches prepared ahead of the engine.
+    """
+
+    def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
+                 precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
+                 prep_threads: int = 2, prefetch: int = 2, **build_options: Any) -> None:
+        from pathlib import Path
+
+        from .engine import load_engine
+        from .spec import VariantSpec
+
+        if isinstance(engine_or_variant, Engine):
+            self.engine = engine_or_variant
+        elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
+                isinstance(engine_or_variant, VariantSpec) or not Path(str(engine_or_variant)).suffix):
+            from .build import build_engine
+
+            extra = {} if max_batch is None else {"max_batch": max_batch}
+            built = build_engine(engine_or_variant, checkpoint, backend=backend, precision=precision,
+                                 out_dir=engine_dir, **extra, **build_options)
+            self.engine = load_engine(built.path)
+        else:
+            self.engine = load_engine(engine_or_variant)
+        if prep_threads < 1 or prefetch < 1:
+            raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
+        self.prep_threads, self.prefetch = prep_threads, prefetch
+        self.max_batch = self.engine.max_batch
+        # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
+        self._lock = threading.RLock()
+
+    @property
+    def spec(self) -> Any:
+        return self.engine.spec
+
+    def predict(self, images: Any, boxes: Any, *, root_depth: Any = None, intrinsics: Any = None,
+                flip: bool = False) -> PoseResult | list[PoseResult]:
+        """Poses for one image (H, W, 3) with boxes (P, 4), or for a list of images with a list of
+        (P_i, 4) boxes (root_depth / intrinsics then per image, or one value for all).
+
+        Returns:
+            a PoseResult, or a list of them in the order of the images.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            return next(iter(self.predict_iter([(images, boxes, root_depth, intrinsics)], flip=flip)))
+        images = list(images)
+        if not isinstance(boxes, (list, tuple)) or len(boxes) != len(images):
+            raise ValueError(f"boxes must be a list with one (P, 4) array per image ({len(images)} images)")
+        per = [v if isinstance(v, (list, tuple)) and len(v) == len(images) else [v] * len(images)
+               for v in (root_depth, intrinsics)]
+        return list(self.predict_iter(zip(images, boxes, per[0], per[1], strict=True), flip=flip))
+
+    def predict_iter(self, items: Iterable[Any], *, flip: bool = False) -> Iterator[PoseResult]:
+        """Stream results for (image, boxes[, root_depth[, intrinsics]]) tuples or dicts, in order."""
+        with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
+                ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
+            pending: collections.deque[Future[_Item]] = collections.deque()
+            decoding: collections.deque[Future[list[PoseResult]]] = collections.deque()
+            source = enumerate(items)
+            window = max(1, self.max_batch) * self.prefetch
+            exhausted = False
+
+            def refill() -> None:
+                nonlocal exhausted
+                while not exhausted and len(pending) < window:
+                    nxt = next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                        return
+                    pending.append(prep.submit(self._prepare, nxt[0], nxt[1], flip))
+
+            refill()
+            while pending:
+                batch: list[_Item] = [pending.popleft().result()]
+                people = len(batch[0].boxes)
+                refill()
+                while pending and pending[0].done() and people + len(pending[0].result().boxes) <= self.max_batch:
+                    batch.append(pending.popleft().result())
+                    people += len(batch[-1].boxes)
+                    refill()
+                heatmaps = self.engine.infer(np.concatenate([it.crops for it in batch]))
+                decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
+                while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
+                    yield from decoding.popleft().result()
+            while decoding:
+                yield from decoding.popleft().result()
+
+    def _prepare(self, index: int, entry: Any, flip: bool) -> _Item:
+        image, boxes, root_depth, intrinsics = _unpack(entry)
+        image = check_image(image)
+        if intrinsics is not None and root_depth is None:
+            raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
+        crops, crop_boxes = prepare(image, boxes, self.spec.input_size)
+        p = len(crop_boxes)
+        if flip:
+            crops = np.concatenate([crops, crops[:, :, :, ::-1]])
+        return _Item(index, as_array("boxes", boxes, (4,)), crops, crop_boxes,
+                     _per_item("root_depth", root_depth, p, ()), _per_item("intrinsics", intrinsics, p, (4,)))
+
+    def _decode(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
+        results = []
+        offset = 0
+        spec = self.spec
+        for it in batch:
+            p = len(it.boxes)
+            n = 2 * p if flip else p
+            heat = heatmaps[offset:offset + n]
+            offset += n
+            res = decode(np.ascontiguousarray(heat[:p]), spec.joints, spec.depth_dim, boxes=it.crop_boxes,
+                         root_depth=it.root_depth, intrinsics=it.intrinsics,
+                         flipped=np.ascontiguousarray(heat[p:]) if flip else None)
+            results.append(PoseResult(
+                it.boxes, it.crop_boxes, res.cells.astype(np.float64), res.confidence.astype(np.float64),
+                res.image.astype(np.float64), None if it.intrinsics is None else res.camera.astype(np.float64),
+                it.root_depth is None))
+        return results
+
+
 def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any = None,
              intrinsics: Any = None, flip: bool = False) -> PoseResult:
-    """3D poses of the people in one image.
+    """3D poses of the people in one image (a one-off PoseEstimator(engine).predict).
 
     Args:
         engine: from load_engine.
@@ -67,21 +241,5 @@ def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any =
     Raises:
         ValueError: bad boxes (empty, outside the image), intrinsics without root_depth, shapes.
     """
-    image = check_image(image)
-    spec = engine.spec
-    inputs, crop_boxes = prepare(image, boxes, spec.input_size)
-    p = len(crop_boxes)
-    if intrinsics is not None and root_depth is None:
-        raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-    if flip:
-        inputs = np.concatenate([inputs, inputs[:, :, :, ::-1]])
-    heatmaps = engine.infer(np.ascontiguousarray(inputs))
-    res = decode(heatmaps[:p], spec.joints, spec.depth_dim, boxes=crop_boxes,
-                 root_depth=root_depth, intrinsics=intrinsics,
-                 flipped=heatmaps[p:] if flip else None)
-    cells = res.cells.astype(np.float64)
-    conf = res.confidence.astype(np.float64)
-    img = res.image.astype(np.float64)
-    cam = None if intrinsics is None else res.camera.astype(np.float64)
-    return PoseResult(as_array("boxes", boxes, (4,)), crop_boxes, cells, conf, img, cam, root_depth is None)
-
+    return PoseEstimator(engine).predict(check_image(image), boxes, root_depth=root_depth, intrinsics=intrinsics,
+                                         flip=flip)
