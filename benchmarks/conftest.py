@@ -92,6 +92,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"machine: {machine_info()}")
     for line in summary_rows(session.benchmarks):
         tr.write_line(line)
+    staged = [b for b in session.benchmarks if "stage_shares" in b.extra_info]
+    if staged:
+        tr.write_line("end-to-end stage shares (PoseEstimator timings: prepare on its threads, infer, decode):")
+        for b in staged:
+            sh = b.extra_info["stage_shares"]
+            tr.write_line(f"  {b.group:<36}{b.extra_info['backend'][:40]:<42} prepare {sh['prepare']:.1%}  "
+                          f"infer {sh['infer']:.1%}  decode {sh['decode']:.1%}")
     acc = [b for b in session.benchmarks if "accuracy_vs_fp32" in b.extra_info]
     if acc:
         tr.write_line("decoded-joint error against FP32 on the same inputs (cells; mm with a 2000 mm box):")
@@ -100,6 +107,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"  {b.group:<38}{b.extra_info['precision']:<6} mean {a['mean_cells']:.4f} cells "
                           f"({a['mean_mm']:.2f} mm)  max {a['max_cells']:.4f} cells ({a['max_mm']:.2f} mm)  "
                           f"n={a['samples']}x18")
+
+
+def slowdown(fn):
+    """Wrap a benchmarked callable with an injected delay of $CNPOSE_BENCH_SLOWDOWN_MS ms.
+
+    Only for demonstrating that the regression gate fails (benchmarks/regression_gate.sh).
+    """
+    delay = float(os.environ.get("CNPOSE_BENCH_SLOWDOWN_MS", "0")) / 1000
+    if delay <= 0:
+        return fn
+
+    def slowed(*args, **kwargs):
+        import time
+
+        time.sleep(delay)
+        return fn(*args, **kwargs)
+    return slowed
 
 
 @pytest.fixture(scope="session")

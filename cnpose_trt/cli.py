@@ -145,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="JSON file (default: stdout)")
     p.add_argument("--draw", type=Path, help="PNG of the skeletons over the image")
 
+    bn = sub.add_parser("bench", help="throughput/latency table (engine only and end to end) and a plot")
+    bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"])
+    bn.add_argument("--backend", nargs="+", choices=["onnxruntime", "tensorrt", "torch"], default=["onnxruntime"])
+    bn.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"])
+    bn.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    bn.add_argument("--iterations", type=int, default=10, help="timed runs per measurement (default 10)")
+    bn.add_argument("--warmup", type=int, default=2)
+    bn.add_argument("--checkpoint", type=Path, help="weights (default random: speed does not depend on them)")
+    bn.add_argument("--calib-images", type=Path, help="int8 calibration images (default: generated scenes)")
+    bn.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
+    bn.add_argument("--plot", type=Path, help="PNG of end-to-end throughput against batch size")
+    bn.add_argument("--json", type=Path, help="write the measurements as JSON")
+
     d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
     engine_args(d)
     d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go")
@@ -165,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .build import run_build
 
             return run_build(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            if min(args.batch) < 1 or args.iterations < 1 or args.warmup < 0:
+                raise ValueError("--batch and --iterations must be >= 1, --warmup >= 0")
+            return bench_main(args)
         return {"predict": _predict, "inspect": _inspect, "demo": _demo}[args.command](args)
     except (CnposeError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -54,6 +55,30 @@ class PoseResult:
                            "depth": "root-relative" if self.root_relative else "absolute",
                            "joints": joints})
         return people
+
+
+class Timings:
+    """Seconds spent per stage (prepare runs on several threads: its time is summed over them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds = {"prepare": 0.0, "infer": 0.0, "decode": 0.0}
+            self.images = self.people = 0
+
+    def add(self, stage: str, seconds: float, images: int = 0, people: int = 0) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+            self.images += images
+            self.people += people
+
+    def shares(self) -> dict[str, float]:
+        """Each stage's share of the summed stage time."""
+        total = sum(self.seconds.values()) or 1.0
+        return {k: v / total for k, v in self.seconds.items()}
 
 
 @dataclasses.dataclass
@@ -138,6 +163,7 @@ class PoseEstimator:
         self.max_batch = self.engine.max_batch
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
         self._lock = threading.RLock()
+        self.timings = Timings()
 
     @property
     def spec(self) -> Any:
@@ -188,7 +214,9 @@ class PoseEstimator:
                     batch.append(pending.popleft().result())
                     people += len(batch[-1].boxes)
                     refill()
+                started = time.perf_counter()
                 heatmaps = self.engine.infer(np.concatenate([it.crops for it in batch]))
+                self.timings.add("infer", time.perf_counter() - started)
                 decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
                 while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
                     yield from decoding.popleft().result()
@@ -196,6 +224,12 @@ class PoseEstimator:
                 yield from decoding.popleft().result()
 
     def _prepare(self, index: int, entry: Any, flip: bool) -> _Item:
+        started = time.perf_counter()
+        item = self._prepare_item(index, entry, flip)
+        self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
+        return item
+
+    def _prepare_item(self, index: int, entry: Any, flip: bool) -> _Item:
         image, boxes, root_depth, intrinsics = _unpack(entry)
         image = check_image(image)
         if intrinsics is not None and root_depth is None:
@@ -208,6 +242,12 @@ class PoseEstimator:
                      _per_item("root_depth", root_depth, p, ()), _per_item("intrinsics", intrinsics, p, (4,)))
 
     def _decode(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
+        started = time.perf_counter()
+        results = self._decode_batch(batch, heatmaps, flip)
+        self.timings.add("decode", time.perf_counter() - started)
+        return results
+
+    def _decode_batch(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
         results = []
         offset = 0
         spec = self.spec
