@@ -44,7 +44,8 @@ def _stats(seconds: np.ndarray, batch: int) -> dict[str, float]:
 
 def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int],
               *, iterations: int = 10, warmup: int = 2, engine_dir: Any = None, checkpoint: Any = None,
-              calib_images: Any = None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              calib_images: Any = None, cuda_graphs: bool = False,
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure every combination; unsupported ones are reported as skipped rows with the reason."""
     from .build import build_engine
     from .engine import load_engine
@@ -57,7 +58,8 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     combos = [(v, b, p) for v in variants for b in backends for p in precisions]
     for k, (variant, backend, precision) in enumerate(combos, 1):
         spec = get_spec(variant)
-        base = {"variant": spec.name, "head": spec.head_tag, "backend": backend, "precision": precision}
+        base = {"variant": spec.name, "head": spec.head_tag, "precision": precision,
+                "backend": backend + ("+graphs" if cuda_graphs and backend == "torch" else "")}
         say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: building or loading the engine")
         calib = {}
         if precision == "int8":
@@ -65,7 +67,7 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
         try:
             built = build_engine(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
                                  max_batch=max(batches), **calib)
-            engine = load_engine(built.path)
+            engine = load_engine(built.path, **({"cuda_graphs": True} if cuda_graphs and backend == "torch" else {}))
         except (CnposeError, ValueError) as exc:
             rows.append({**base, "skipped": str(exc).splitlines()[0]})
             say(f"      skipped: {rows[-1]['skipped']}")
@@ -120,6 +122,8 @@ def plot(rows: list[dict[str, Any]], path: Path, machine: str) -> Path:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
     ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in rows if "skipped" not in r})
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch (people)")
     ax.set_ylabel("end-to-end images / s")
     ax.set_title(f"cnpose-trt bench: {machine}", fontsize=9)
@@ -154,7 +158,8 @@ def machine_name() -> str:
 def main(args: Any) -> int:
     rows = run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
                      warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
-                     calib_images=args.calib_images, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                     calib_images=args.calib_images, cuda_graphs=args.cuda_graphs,
+                     progress=lambda m: print(m, file=sys.stderr, flush=True))
     machine = machine_name()
     print(f"machine: {machine}")
     print(format_table(rows))

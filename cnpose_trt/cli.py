@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--checkpoint", type=Path, help="weights (default random: speed does not depend on them)")
     bn.add_argument("--calib-images", type=Path, help="int8 calibration images (default: generated scenes)")
     bn.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
+    bn.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: replay CUDA graphs")
     bn.add_argument("--plot", type=Path, help="PNG of end-to-end throughput against batch size")
     bn.add_argument("--json", type=Path, help="write the measurements as JSON")
 

@@ -102,6 +102,13 @@ def _per_item(name: str, value: Any, p: int, tail: tuple[int, ...]) -> np.ndarra
     return as_array(name, arr, tail, p)
 
 
+def _host(packed: Any) -> np.ndarray:
+    """float64 numpy copy of a decode result (numpy or torch, host or device)."""
+    if hasattr(packed, "detach"):
+        packed = packed.detach().cpu().numpy()
+    return np.asarray(packed, dtype=np.float64)
+
+
 def _unpack(entry: Any) -> tuple[Any, Any, Any, Any]:
     if isinstance(entry, dict):
         unknown = set(entry) - {"image", "boxes", "root_depth", "intrinsics"}
@@ -164,6 +171,8 @@ class PoseEstimator:
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
         self._lock = threading.RLock()
         self.timings = Timings()
+        # On a GPU torch engine, heatmaps stay on the device and the decode runs there.
+        self._on_device = bool(getattr(self.engine, "on_gpu", False))
 
     @property
     def spec(self) -> Any:
@@ -215,7 +224,8 @@ class PoseEstimator:
                     people += len(batch[-1].boxes)
                     refill()
                 started = time.perf_counter()
-                heatmaps = self.engine.infer(np.concatenate([it.crops for it in batch]))
+                crops = np.concatenate([it.crops for it in batch])
+                heatmaps = self.engine.infer_device(crops) if self._on_device else self.engine.infer(crops)
                 self.timings.add("infer", time.perf_counter() - started)
                 decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
                 while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
@@ -256,13 +266,12 @@ class PoseEstimator:
             n = 2 * p if flip else p
             heat = heatmaps[offset:offset + n]
             offset += n
-            res = decode(np.ascontiguousarray(heat[:p]), spec.joints, spec.depth_dim, boxes=it.crop_boxes,
-                         root_depth=it.root_depth, intrinsics=it.intrinsics,
-                         flipped=np.ascontiguousarray(heat[p:]) if flip else None)
+            res = decode(heat[:p], spec.joints, spec.depth_dim, boxes=it.crop_boxes, root_depth=it.root_depth,
+                         intrinsics=it.intrinsics, flipped=heat[p:] if flip else None)
+            packed = _host(res.packed)  # one copy back per image, of (P, J, 10) floats
             results.append(PoseResult(
-                it.boxes, it.crop_boxes, res.cells.astype(np.float64), res.confidence.astype(np.float64),
-                res.image.astype(np.float64), None if it.intrinsics is None else res.camera.astype(np.float64),
-                it.root_depth is None))
+                it.boxes, it.crop_boxes, packed[..., 0:3], packed[..., 3], packed[..., 4:7],
+                None if it.intrinsics is None else packed[..., 7:10], it.root_depth is None))
         return results
 
 

@@ -86,6 +86,19 @@ class TorchEngine(Engine):
         graph.replay()
         return static_out.contiguous().clone()
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def infer_device(self, images: np.ndarray) -> Any:
+        """Like infer(), but the heatmaps stay on the device (for the fused decode there)."""
+        import torch
+
+        images = self.check_input(images)
+        chunks = [self.forward_device(torch.from_numpy(images[i:i + self.max_batch]))
+                  for i in range(0, len(images), self.max_batch)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
     def _run(self, images: np.ndarray) -> np.ndarray:
         import torch
 
