@@ -127,7 +127,8 @@ def _unpack(entry: Any) -> tuple[Any, Any, Any, Any]:
 class PoseEstimator:
     """3D poses of many people in many images, as fast as the engine allows.
 
-    Work is chunked into batches of up to the engine's max_batch people and pipelined: while
+    Work is chunked into batches of the engine's max_batch people (the last one smaller; an
+    image's people are never split, so a batch may hold fewer) and pipelined: while
     batch k runs in the engine, the people of batch k+1 are cropped and normalised on a thread
     pool and batch k-1 is decoded on another thread. Memory stays bounded: at most `prefetch`
     batches are prepared ahead and one batch waits for its decode.
@@ -219,7 +220,9 @@ class PoseEstimator:
                 batch: list[_Item] = [pending.popleft().result()]
                 people = len(batch[0].boxes)
                 refill()
-                while pending and pending[0].done() and people + len(pending[0].result().boxes) <= self.max_batch:
+                # Fill the batch up to max_batch people (waiting for the crops): full, steady batch
+                # shapes suit every engine, GPUs and CUDA graphs most.
+                while pending and people + len(pending[0].result().boxes) <= self.max_batch:
                     batch.append(pending.popleft().result())
                     people += len(batch[-1].boxes)
                     refill()

@@ -78,3 +78,34 @@ def test_backend_never_uses_removed_precision_flags():
     source = Path(backend.__file__).read_text()
     for banned in ("BuilderFlag.FP16", "BuilderFlag.INT8", "IInt8", "int8_calibrator", "EXPLICIT_BATCH"):
         assert banned not in source, banned
+
+
+def test_cuda_python_names_exist():
+    """cuda-python installs and imports without a GPU: check the runtime API the backend uses."""
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    tree = ast.parse(Path(backend.__file__).read_text())
+
+
+    def is_cudart(node):  # `cudart.X` or `_cudart().X`
+        return (isinstance(node, ast.Name) and node.id == "cudart") or (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_cudart")
+
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_cudart(n.value)}
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamCreate", "cudaStreamSynchronize"} <= used
+    missing = sorted(n for n in used if not hasattr(cudart, n))
+    assert not missing, f"cuda.bindings.runtime lacks {missing}"
+    for kind in ("cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"):  # looked up by name in _copy
+        assert hasattr(cudart.cudaMemcpyKind, kind)
+    assert hasattr(cudart.cudaError_t, "cudaSuccess")
+
+
+def test_no_gpu_is_reported_cleanly():
+    pytest.importorskip("cuda.bindings.runtime")
+    if backend.available():
+        pytest.skip("a GPU and TensorRT are present here")
+    from cnpose_trt.errors import EngineError
+
+    try:
+        backend.gpu_identity()
+    except EngineError as exc:
+        assert "failed" in str(exc)
