@@ -8,7 +8,8 @@ default), preprocess-b<N>. Baselines, measured in the same run: PyTorch eager (e
 PyTorch eager plus the upstream soft-argmax and geometry (end to end: the way users of the
 reference code run it). Candidates: the onnxruntime engine in fp32, fp16 and int8 (int8
 calibrated on generated scenes: benchmarking only), the torch engine; on a GPU also torch
-CUDA fp16. Backends or precisions not present here are skipped with the reason.
+CUDA fp16, and TensorRT fp32/fp16/int8 where TensorRT is installed. Backends or precisions not
+present here are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ torch = pytest.importorskip("torch")
 VARIANT_LIST = os.environ.get("CNPOSE_BENCH_VARIANTS", "XS,S,M,L").split(",")
 BATCHES = [int(b) for b in os.environ.get("CNPOSE_BENCH_BATCHES", "1,8,32").split(",")]
 ROUNDS = int(os.environ.get("CNPOSE_BENCH_ROUNDS", "3"))
-CANDIDATES = ["onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "torch-fp32", "torch-cuda-fp16"]
+CANDIDATES = ["onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "torch-fp32", "torch-cuda-fp16",
+              "tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"]
 
 
 @functools.cache
@@ -43,7 +45,10 @@ def scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 @functools.cache
 def engine_for(name: str, backend: str, precision: str, out_dir: str, max_batch: int):
     from cnpose_trt import build_engine, load_engine
+    from cnpose_trt.tensorrt_backend import available as tensorrt_available
 
+    if backend == "tensorrt" and not tensorrt_available():
+        pytest.skip("TensorRT or a CUDA device is not present")
     if backend == "torch-cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device for the torch CUDA path")
