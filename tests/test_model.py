@@ -56,3 +56,14 @@ def test_custom_spec_model():
     model = make_model(spec)
     with torch.no_grad():
         assert tuple(model(torch.zeros(1, 3, 256, 256)).shape) == (1, 1152, 64, 64)
+
+
+@pytest.mark.parametrize("name, gmacs", [("XS", 0.82), ("S", 1.74), ("M", 2.79), ("L", 4.26)])
+def test_multiply_accumulates_per_image(name, gmacs):
+    """The README's MAC column: torch's flop counter, one 256x256 image (2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model(name)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 256, 256))
+    assert abs(counter.get_total_flops() / 2e9 - gmacs) < 0.01
