@@ -138,8 +138,10 @@ def build(onnx_path: Path, engine_path_tmp: Path, *, input_name: str, input_shap
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if show_progress:
-        config.progress_monitor = _progress_monitor(trt)
+    # The monitor must outlive every TensorRT object that uses it: this local lives to the return.
+    monitor = _progress_monitor(trt) if show_progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     with file_lock(timing_cache.with_name(timing_cache.name + ".lock")):
         cached = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(cached)
