@@ -235,7 +235,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     backend_name = resolve_backend(backend)
     if backend_name == "torch" and precision not in ("fp32", "fp16"):
         raise ValueError(f"the torch backend runs fp32 or fp16 (fp16 on CUDA), not {precision!r}")
-    calib_hash = calibration_set(opts, seed)[1] if precision == "int8" else None
+    # Listed (and every image hashed) once: the hash keys the cache, the list feeds calibration.
+    calib_items, calib_hash = calibration_set(opts, seed) if precision == "int8" else (None, None)
     versions = _versions()
 
     say("[1/5] preparing the model")
@@ -303,7 +304,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                 graph = Path(tmp) / "model.int8.onnx"
                 with file_lock(out / f".{ranges.name}.lock"):
                     extra["int8"] = quantize_int8(fp32, graph, opts, ranges, show_progress=progress is not None,
-                                                  seed=seed)
+                                                  seed=seed, items=calib_items)
                 extra["int8"]["calibration"] = ("synthetic scenes (for benchmarking only)" if opts.calib_synthetic
                                                 else f"{opts.calib_count} crops from {opts.calib_images}")
             else:

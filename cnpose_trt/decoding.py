@@ -171,10 +171,10 @@ def _is_cupy(x: Any) -> bool:
     return type(x).__module__.startswith("cupy")
 
 
-def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, root, intr, flipped, perm,
+def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, root, intr, flipped, flip_pairs,
               depth_range_mm: float, out: np.ndarray | None) -> np.ndarray:
     """NumPy path with the compiled kernel's contract (used when _C is not built)."""
-    from .geometry import as_array, cells_to_image, flip_back, image_to_camera
+    from .geometry import as_array, cells_to_image, flip_back, flip_permutation, image_to_camera
 
     global _warned_fallback
     if not _warned_fallback:
@@ -185,10 +185,10 @@ def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, r
         raise ValueError(f"flipped must have the shape of heatmaps {heatmaps.shape}, got {flipped.shape}")
     coords, conf = soft_argmax_reference(heatmaps, j, d)
     if flipped is not None:
+        pairs = FLIP_PAIRS if flip_pairs is None else flip_pairs
         fcoords, fconf = soft_argmax_reference(flipped, j, d)
-        pairs = [(a, b) for a, b in enumerate(perm) if a < b]
         coords = (coords + flip_back(fcoords, w, pairs)) / 2
-        conf = (conf + fconf[:, perm]) / 2
+        conf = (conf + fconf[:, flip_permutation(j, pairs)]) / 2
     res = np.full((n, j, OUT_FIELDS), np.nan, np.float32) if out is None else out
     res[..., 0:3], res[..., 3] = coords, conf
     if boxes is not None:
@@ -294,7 +294,7 @@ def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fli
             raise ValueError("root_depth needs boxes (depth in mm is computed with the image frame)")
         if k is not None and b is None:
             raise ValueError("intrinsics need boxes (camera coordinates start from image pixels)")
-        packed = _fallback(heatmaps, joints, depth_dim, b, r, k, flipped, perm, depth_range_mm, out)
+        packed = _fallback(heatmaps, joints, depth_dim, b, r, k, flipped, flip_pairs, depth_range_mm, out)
     else:
         packed = lib.decode_host(heatmaps, int(joints), depth_dim, flipped=flipped, flip_perm=perm, boxes=b,
                                  root_depth=r, intrinsics=k, out=out, depth_range_mm=float(depth_range_mm),

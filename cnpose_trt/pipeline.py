@@ -57,6 +57,9 @@ class PoseResult:
         return people
 
 
+_END = object()  # end of the item stream (an item itself may be anything, None included)
+
+
 class Timings:
     """Seconds spent per stage (prepare runs on several threads: its time is summed over them)."""
 
@@ -85,7 +88,6 @@ class Timings:
 class _Item:
     """One image's people on their way through the pipeline."""
 
-    index: int
     boxes: np.ndarray
     crops: np.ndarray          # (P, 3, S, S), plus the mirrored crops when flipping
     crop_boxes: np.ndarray
@@ -202,18 +204,18 @@ class PoseEstimator:
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
             pending: collections.deque[Future[_Item]] = collections.deque()
             decoding: collections.deque[Future[list[PoseResult]]] = collections.deque()
-            source = enumerate(items)
+            source = iter(items)
             window = max(1, self.max_batch) * self.prefetch
             exhausted = False
 
             def refill() -> None:
                 nonlocal exhausted
                 while not exhausted and len(pending) < window:
-                    nxt = next(source, None)
-                    if nxt is None:
+                    nxt = next(source, _END)
+                    if nxt is _END:
                         exhausted = True
                         return
-                    pending.append(prep.submit(self._prepare, nxt[0], nxt[1], flip))
+                    pending.append(prep.submit(self._prepare, nxt, flip))
 
             refill()
             while pending:
@@ -236,13 +238,13 @@ class PoseEstimator:
             while decoding:
                 yield from decoding.popleft().result()
 
-    def _prepare(self, index: int, entry: Any, flip: bool) -> _Item:
+    def _prepare(self, entry: Any, flip: bool) -> _Item:
         started = time.perf_counter()
-        item = self._prepare_item(index, entry, flip)
+        item = self._prepare_item(entry, flip)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
-    def _prepare_item(self, index: int, entry: Any, flip: bool) -> _Item:
+    def _prepare_item(self, entry: Any, flip: bool) -> _Item:
         image, boxes, root_depth, intrinsics = _unpack(entry)
         image = check_image(image)
         if intrinsics is not None and root_depth is None:
@@ -251,7 +253,7 @@ class PoseEstimator:
         p = len(crop_boxes)
         if flip:
             crops = np.concatenate([crops, crops[:, :, :, ::-1]])
-        return _Item(index, as_array("boxes", boxes, (4,)), crops, crop_boxes,
+        return _Item(as_array("boxes", boxes, (4,)), crops, crop_boxes,
                      _per_item("root_depth", root_depth, p, ()), _per_item("intrinsics", intrinsics, p, (4,)))
 
     def _decode(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:

@@ -246,8 +246,10 @@ class _Reader:
 # ------------------------------------------------------------------------------------------ INT8
 
 def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Path, *, show_progress: bool = True,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, items: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """Write an INT8 Q/DQ graph of an FP32 graph, calibrating (or reusing ranges_path).
+
+    items: the calibration_set(opts, seed) the caller already listed, if any.
 
     Returns what was done: method, excluded nodes, whether the stored ranges were reused.
     """
@@ -268,7 +270,8 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
         log.warning("this onnxruntime cannot store calibration ranges; every INT8 build recalibrates")
     reader = None
     if not reused:
-        items, _ = calibration_set(opts, seed)
+        if items is None:
+            items, _ = calibration_set(opts, seed)
         batches = calibration_batches(items, opts.calib_count, opts.calib_batch)
         reader = _Reader(input_name, batches, opts.calib_count, show_progress)
     # onnxruntime's calibrators print to stdout; stdout of the build is reserved for engine paths.

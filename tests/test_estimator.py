@@ -85,6 +85,8 @@ def test_bad_items(estimator):
     img, boxes, _, _ = next(_scenes(1))
     with pytest.raises(TypeError, match="items must be"):
         list(estimator.predict_iter([img]))
+    with pytest.raises(TypeError, match="items must be"):  # None is a bad item, not the end of the stream
+        list(estimator.predict_iter([(img, boxes), None]))
     with pytest.raises(ValueError, match="needs 'image' and 'boxes'"):
         list(estimator.predict_iter([{"image": img}]))
     with pytest.raises(ValueError, match="intrinsics need root_depth"):
