@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .cache import (
+    ENGINE_FORMAT,
     atomic_write,
     cache_key,
     default_engine_dir,
@@ -35,7 +36,7 @@ from .cache import (
 )
 from .errors import BuildError, CnposeError, EngineError
 from .precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS, PrecisionOptions
-from .spec import VARIANTS, SpecLike, VariantSpec, get_spec
+from .spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VARIANTS, SpecLike, VariantSpec, get_spec
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 DEFAULT_MAX_BATCH = 32
@@ -128,10 +129,10 @@ def _ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: sess.run(None, {name: x})[0]
 
 
-def _parity(model: Any, engine_file: Path, seed: int = 1) -> float:
+def _parity(model: Any, engine_file: Path) -> float:
     import torch
 
-    x = np.random.default_rng(seed).standard_normal((2, *model.spec.input_shape)).astype(np.float32)
+    x = accuracy_inputs(model.spec, 2)  # real crops: the network's input spans about -2.1 .. 1136
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
     out = _ort_runner(engine_file)(x).astype(np.float64)
@@ -139,7 +140,7 @@ def _parity(model: Any, engine_file: Path, seed: int = 1) -> float:
 
 
 def accuracy_inputs(spec: VariantSpec, count: int = ACCURACY_SAMPLES, seed: int = 123) -> np.ndarray:
-    """Normalised crops of generated scenes, the common input of precision comparisons."""
+    """Normalised crops of generated scenes (upstream's convention), the common input of precision comparisons."""
     from .precision import calibration_batches
 
     rng = np.random.default_rng(seed)
@@ -245,7 +246,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     say(f"      variant {spec.name} ({spec.head_tag}), weights: {source}")
     key_fields: dict[str, Any] = {
         "spec": spec.to_dict(), "precision": precision, "precision_options": opts.key_fields(calib_hash),
-        "weights_sha256": wsha, "backend": backend_name, "opset": opset, "max_batch": max_batch}
+        "weights_sha256": wsha, "backend": backend_name, "opset": opset, "max_batch": max_batch,
+        "input_convention": INPUT_CONVENTION}
     if backend_name == "tensorrt":
         from . import tensorrt_backend
 
@@ -296,7 +298,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                 from .precision import quantize_int8
 
                 calib_key = cache_key({"spec": spec.to_dict(), "weights_sha256": wsha, "opset": opset,
-                                       **opts.key_fields(calib_hash)})
+                                       "input_convention": INPUT_CONVENTION, **opts.key_fields(calib_hash)})
                 ranges = out / f"calib-{spec.name}-{calib_key[:12]}.json"
                 say(f"[3/5] INT8 Q/DQ graph ({opts.calib_method} calibration"
                     f"{', synthetic scenes: for benchmarking only' if opts.calib_synthetic else ''}"
@@ -357,11 +359,13 @@ def _sidecar(engine: Path, key: str, spec: VariantSpec, precision: str, opts: Pr
     from .export import INPUT_NAME, OUTPUT_NAME
 
     return {
-        "engine_format": 1, "cache_key": key, "engine_file": engine.name, "engine_sha256": file_sha256(engine),
+        "engine_format": ENGINE_FORMAT, "cache_key": key, "engine_file": engine.name,
+        "engine_sha256": file_sha256(engine),
         "variant": spec.name, "spec": spec.to_dict(), "head": spec.head_tag, "precision": precision,
         "precision_options": opts.key_fields(calib_hash), "backend": backend, "opset": opset,
         "max_batch": max_batch,
-        "input": {"name": INPUT_NAME, "dtype": in_dtype, "shape": ["N", *spec.input_shape]},
+        "input": {"name": INPUT_NAME, "dtype": in_dtype, "shape": ["N", *spec.input_shape],
+                  "convention": INPUT_CONVENTION, "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
         "output": {"name": OUTPUT_NAME, "dtype": out_dtype, "shape": ["N", *spec.heatmap_shape]},
         "weights": {"sha256": wsha, "source": source, "random": checkpoint is None},
         "versions": versions, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -16,7 +16,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-ENGINE_FORMAT = 1
+# 2: upstream's input convention ((pixel - mean) / std on 0..255 values, upstream's box rule); format 1
+# engines were checked and INT8-calibrated on [0, 1]-scaled inputs and are never reused.
+ENGINE_FORMAT = 2
 SIDECAR_SUFFIX = ".json"
 ENV_ENGINE_DIR = "CNPOSE_TRT_ENGINES"
 

@@ -27,6 +27,10 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         meta = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EngineError(f"engine metadata {side} is unreadable ({exc}); rebuild with --force") from None
+    if isinstance(meta, dict) and meta.get("engine_format") == 1:
+        raise EngineError(f"engine {side} was built by cnpose_trt 0.1 (engine format 1), whose input normalisation "
+                          "was not upstream's (INT8 ranges and build checks used [0, 1]-scaled crops); rebuild it "
+                          "with `python -m cnpose_trt.build ... --force`")
     if not isinstance(meta, dict) or meta.get("engine_format") != ENGINE_FORMAT:
         raise EngineError(f"engine metadata {side} is of an unknown format "
                           f"(engine_format {meta.get('engine_format') if isinstance(meta, dict) else '?'}, "

@@ -13,11 +13,16 @@ from .spec import BBOX_3D_DEPTH_MM, BOX_SCALE, FLIP_PAIRS
 
 
 def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | None = None) -> np.ndarray:
-    """float64 array of shape (n, *shape_tail) with finite values, or a ValueError naming `name`."""
+    """float64 array of shape (n, *shape_tail) with finite values, or a ValueError naming `name`.
+
+    An empty sequence is (0, *shape_tail): zero people is a valid input.
+    """
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if arr.size == 0 and arr.ndim <= 1 and shape_tail and (n is None or n == 0):
+        arr = arr.reshape((0, *shape_tail))
     if arr.ndim == len(shape_tail):
         arr = arr[None]
     want = ("N" if n is None else str(n),) + tuple(map(str, shape_tail))
@@ -29,31 +34,59 @@ def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | Non
 
 
 def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
-    """Person boxes (P, 4) as x, y, w, h -> the square crop boxes the network sees.
+    """Person boxes (P, 4) as x, y, w, h -> the crop boxes the network sees (upstream process_bbox).
 
-    Clip to the image, grow the shorter side to a square, scale by 1.25 around the centre.
-    The result may extend past the image (the crop pads with black).
+    Exactly upstream's rule, in float64: x1 = max(0, x), x2 = min(W - 1, x1 + max(0, w - 1)) (y the
+    same), so the width is inclusive and a box crossing the left or top edge is shifted into the
+    image, not clipped; then the shorter side grows to a square around the centre and both sides
+    are scaled by 1.25. The result may extend past the image (the crop pads with black). Boxes that
+    already went through this rule (e.g. RootNet's) must be passed as crop boxes instead
+    (check_crop_boxes), or they are enlarged twice.
 
     Args:
-        boxes: (P, 4) or (4,) x, y, w, h in pixels.
+        boxes: (P, 4) or (4,) x, y, w, h in pixels; P may be 0.
         image_size: (width, height) of the image.
+    Returns:
+        (P, 4) float64 crop boxes x, y, w, h.
     Raises:
-        ValueError: a box that is empty or lies outside the image, or bad shapes.
+        ValueError: an empty box, one that upstream rejects (it lies right of or below the image),
+            one that collapses to a point, or bad shapes.
     """
     width, height = image_size
     b = as_array("boxes", boxes, (4,))
     x1 = np.maximum(b[:, 0], 0.0)
     y1 = np.maximum(b[:, 1], 0.0)
-    x2 = np.minimum(b[:, 0] + b[:, 2], float(width))
-    y2 = np.minimum(b[:, 1] + b[:, 3], float(height))
+    x2 = np.minimum(width - 1.0, x1 + np.maximum(0.0, b[:, 2] - 1))
+    y2 = np.minimum(height - 1.0, y1 + np.maximum(0.0, b[:, 3] - 1))
+    w, h = x2 - x1, y2 - y1
     for i in range(len(b)):
         if b[i, 2] <= 0 or b[i, 3] <= 0:
             raise ValueError(f"boxes[{i}] is empty: width and height must be > 0, got {b[i].tolist()}")
-        if x2[i] <= x1[i] or y2[i] <= y1[i]:
+        if x2[i] < x1[i] or y2[i] < y1[i]:
             raise ValueError(f"boxes[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
-    side = np.maximum(x2 - x1, y2 - y1) * BOX_SCALE
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        if w[i] <= 0 and h[i] <= 0:
+            raise ValueError(f"boxes[{i}] = {b[i].tolist()} covers at most one pixel of the {width}x{height} image "
+                             "(upstream's inclusive width makes it a point): nothing to crop")
+    side = np.maximum(w, h)  # input aspect 1:1: the shorter side grows to the longer one
+    cx, cy = x1 + w / 2, y1 + h / 2
+    side = side * BOX_SCALE
     return np.stack([cx - side / 2, cy - side / 2, side, side], axis=1)
+
+
+def check_crop_boxes(crop_boxes: object) -> np.ndarray:
+    """Crop boxes (P, 4) x, y, w, h that already went through process_boxes, used as they are.
+
+    Upstream's Human3.6M test feeds RootNet's output boxes this way. Any positive size is allowed
+    (a non-square box is warped with separate x and y scales, as upstream does).
+
+    Raises:
+        ValueError: bad shapes, non-finite values, or a width or height <= 0.
+    """
+    b = as_array("crop_boxes", crop_boxes, (4,))
+    bad = np.flatnonzero((b[:, 2] <= 0) | (b[:, 3] <= 0))
+    if len(bad):
+        raise ValueError(f"crop_boxes[{bad[0]}] = {b[bad[0]].tolist()} is empty: width and height must be > 0")
+    return b
 
 
 def crop_matrices(crop_boxes: np.ndarray, size: int) -> np.ndarray:

@@ -103,7 +103,9 @@ def init_random(model: nn.Module, seed: int = 0, bn_stats: bool = True) -> nn.Mo
     """Deterministic random weights; with bn_stats, non-trivial BatchNorm statistics too.
 
     Convolutions are scaled so that activations stay O(1) through the residual stages, which
-    keeps heatmaps and their soft-argmax in a realistic (not saturated) range.
+    keeps heatmaps and their soft-argmax in a realistic (not saturated) range. The network input
+    spans about -2.1 .. 1136 (upstream's normalisation of 0..255 pixels), so with bn_stats the
+    stem's BatchNorm statistics are fitted to real normalised crops, as a trained network's are.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -121,7 +123,24 @@ def init_random(model: nn.Module, seed: int = 0, bn_stats: bool = True) -> nn.Mo
                 if bn_stats:
                     module.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
                     module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+        if bn_stats and isinstance(model, ConvNeXtPose):
+            _fit_stem_statistics(model)
     return model
+
+
+def _fit_stem_statistics(model: ConvNeXtPose) -> None:
+    """Set the stem BatchNorm's running mean/var to its input's statistics on generated crops."""
+    from .draw import demo_image
+    from .preprocess import prepare
+
+    image, box = demo_image()
+    x, y, w, h = box
+    boxes = [box, (x - w / 4, y + h / 4, w / 2, h / 2), (0, 0, image.shape[1], image.shape[0])]
+    crops, _ = prepare(image, boxes, model.spec.input_size)
+    conv, norm = model.backbone.downsample_layers[0]
+    out = conv(torch.from_numpy(crops)).double()
+    norm.running_mean.copy_(out.mean(dim=(0, 2, 3)))
+    norm.running_var.copy_(out.var(dim=(0, 2, 3)) + norm.eps)
 
 
 def build_model(variant_or_spec: SpecLike, checkpoint: str | Path | dict[str, Any] | None = None,

@@ -96,12 +96,23 @@ class _Item:
 
 
 def _per_item(name: str, value: Any, p: int, tail: tuple[int, ...]) -> np.ndarray | None:
+    """One image's per-person values (p, *tail): one value for all people or one per person."""
     if value is None:
         return None
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
     if arr.shape == tail:
         arr = np.broadcast_to(arr, (p, *tail))
     return as_array(name, arr, tail, p)
+
+
+def _root_depth(value: Any, p: int) -> np.ndarray | None:
+    root = _per_item("root_depth", value, p, ())
+    if root is not None and (root <= 0).any():
+        raise ValueError(f"root_depth must be > 0 mm (the pelvis' depth in front of the camera), got {root.tolist()}")
+    return root
 
 
 def _host(packed: Any) -> np.ndarray:
@@ -111,19 +122,39 @@ def _host(packed: Any) -> np.ndarray:
     return np.asarray(packed, dtype=np.float64)
 
 
-def _unpack(entry: Any) -> tuple[Any, Any, Any, Any]:
+_ITEM_KEYS = ("image", "boxes", "crop_boxes", "root_depth", "intrinsics")
+
+
+def _unpack(entry: Any) -> dict[str, Any]:
+    """An item as a dict with every key of _ITEM_KEYS (missing ones None)."""
     if isinstance(entry, dict):
-        unknown = set(entry) - {"image", "boxes", "root_depth", "intrinsics"}
-        if unknown or "image" not in entry or "boxes" not in entry:
-            raise ValueError(f"an item dict needs 'image' and 'boxes' (optional 'root_depth', 'intrinsics'), "
+        unknown = set(entry) - set(_ITEM_KEYS)
+        if unknown or "image" not in entry or (("boxes" in entry) == ("crop_boxes" in entry)):
+            raise ValueError("an item dict needs 'image' and one of 'boxes' (person boxes) or 'crop_boxes' "
+                             f"(already processed, used as they are); optional 'root_depth', 'intrinsics'; "
                              f"got keys {sorted(entry)}")
-        return entry["image"], entry["boxes"], entry.get("root_depth"), entry.get("intrinsics")
+        return {k: entry.get(k) for k in _ITEM_KEYS}
     if isinstance(entry, (tuple, list)) and 2 <= len(entry) <= 4:
         image, boxes, *rest = entry
         rest += [None] * (2 - len(rest))
-        return image, boxes, rest[0], rest[1]
-    raise TypeError("items must be (image, boxes[, root_depth[, intrinsics]]) tuples or dicts, "
-                    f"got {type(entry).__name__}")
+        return {"image": image, "boxes": boxes, "crop_boxes": None, "root_depth": rest[0], "intrinsics": rest[1]}
+    raise TypeError("items must be (image, boxes[, root_depth[, intrinsics]]) tuples or dicts with 'image' and "
+                    f"'boxes' or 'crop_boxes', got {type(entry).__name__}")
+
+
+def _per_image(name: str, value: Any, n: int, tail: tuple[int, ...]) -> list[Any]:
+    """Split a predict() argument over n images: one value of shape `tail` for all, or n per-image values."""
+    if value is None:
+        return [None] * n
+    try:
+        if np.asarray(value, dtype=np.float64).shape == tail:
+            return [value] * n
+    except (TypeError, ValueError):  # ragged: per-image values of different lengths
+        pass
+    if not hasattr(value, "__len__") or len(value) != n:
+        raise ValueError(f"{name} must be one value of shape {tail} for all images or a sequence with one entry "
+                         f"per image ({n} images), got {np.shape(value) if hasattr(value, '__len__') else value!r}")
+    return list(value)
 
 
 class PoseEstimator:
@@ -181,25 +212,48 @@ class PoseEstimator:
     def spec(self) -> Any:
         return self.engine.spec
 
-    def predict(self, images: Any, boxes: Any, *, root_depth: Any = None, intrinsics: Any = None,
-                flip: bool = False) -> PoseResult | list[PoseResult]:
-        """Poses for one image (H, W, 3) with boxes (P, 4), or for a list of images with a list of
-        (P_i, 4) boxes (root_depth / intrinsics then per image, or one value for all).
+    def predict(self, images: Any, boxes: Any = None, *, crop_boxes: Any = None, root_depth: Any = None,
+                intrinsics: Any = None, flip: bool = False) -> PoseResult | list[PoseResult]:
+        """Poses for one image (H, W, 3), or for a list of images (one result each, in order).
 
+        Args:
+            images: one (H, W, 3) RGB image (uint8, or float in 0..255), or a list of them.
+            boxes: person boxes x, y, w, h: (P, 4) for one image, a list of (P_i, 4) for a list;
+                they go through upstream's box rule (squared, x1.25). P may be 0.
+            crop_boxes: instead of boxes, boxes that already went through that rule (e.g.
+                RootNet's output boxes), used as they are; same shapes as boxes.
+            root_depth: pelvis depth in mm, > 0: scalar or (P,) for one image; for a list, one
+                value for all images or one entry per image.
+            intrinsics: fx, fy, cx, cy: (4,) (or (P, 4) for one image); for a list, one (4,) for
+                all images or one entry per image. Needs root_depth.
+            flip: the flip test (average with the mirrored crop).
         Returns:
             a PoseResult, or a list of them in the order of the images.
         """
+        if (boxes is None) == (crop_boxes is None):
+            raise ValueError("give exactly one of boxes (person boxes; upstream's box rule is applied) or "
+                             "crop_boxes (already processed, used as they are)")
+        key = "boxes" if crop_boxes is None else "crop_boxes"
+        given = boxes if crop_boxes is None else crop_boxes
         if isinstance(images, np.ndarray) and images.ndim == 3:
-            return next(iter(self.predict_iter([(images, boxes, root_depth, intrinsics)], flip=flip)))
+            item = {"image": images, key: given, "root_depth": root_depth, "intrinsics": intrinsics}
+            return next(iter(self.predict_iter([item], flip=flip)))
         images = list(images)
-        if not isinstance(boxes, (list, tuple)) or len(boxes) != len(images):
-            raise ValueError(f"boxes must be a list with one (P, 4) array per image ({len(images)} images)")
-        per = [v if isinstance(v, (list, tuple)) and len(v) == len(images) else [v] * len(images)
-               for v in (root_depth, intrinsics)]
-        return list(self.predict_iter(zip(images, boxes, per[0], per[1], strict=True), flip=flip))
+        if not isinstance(given, (list, tuple)) or len(given) != len(images):
+            raise ValueError(f"{key} must be a list with one (P, 4) array per image ({len(images)} images)")
+        roots = _per_image("root_depth", root_depth, len(images), ())
+        ks = _per_image("intrinsics", intrinsics, len(images), (4,))
+        items = [{"image": im, key: b, "root_depth": r, "intrinsics": k}
+                 for im, b, r, k in zip(images, given, roots, ks, strict=True)]
+        return list(self.predict_iter(items, flip=flip))
 
     def predict_iter(self, items: Iterable[Any], *, flip: bool = False) -> Iterator[PoseResult]:
-        """Stream results for (image, boxes[, root_depth[, intrinsics]]) tuples or dicts, in order."""
+        """Stream results for (image, boxes[, root_depth[, intrinsics]]) tuples or dicts, in order.
+
+        A dict item has 'image' and 'boxes' or 'crop_boxes' (see predict), optional 'root_depth'
+        and 'intrinsics'. An image with no people gives an empty PoseResult. When the source
+        raises, or an item is bad, every result before it is delivered first, then the error.
+        """
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
             pending: collections.deque[Future[_Item]] = collections.deque()
@@ -207,36 +261,65 @@ class PoseEstimator:
             source = iter(items)
             window = max(1, self.max_batch) * self.prefetch
             exhausted = False
+            failure: BaseException | None = None
 
             def refill() -> None:
-                nonlocal exhausted
+                nonlocal exhausted, failure
                 while not exhausted and len(pending) < window:
-                    nxt = next(source, _END)
+                    try:
+                        nxt = next(source, _END)
+                    except Exception as exc:  # delivered after everything before it
+                        failure, exhausted = exc, True
+                        return
                     if nxt is _END:
                         exhausted = True
                         return
                     pending.append(prep.submit(self._prepare, nxt, flip))
 
+            def take() -> _Item | None:
+                """The next prepared item, or None (and failure set) when it failed."""
+                nonlocal exhausted, failure
+                try:
+                    return pending[0].result()
+                except Exception as exc:
+                    failure, exhausted = exc, True
+                    for fut in pending:
+                        fut.cancel()
+                    pending.clear()
+                    return None
+
             refill()
             while pending:
-                batch: list[_Item] = [pending.popleft().result()]
-                people = len(batch[0].boxes)
+                first = take()
+                if first is None:
+                    break
+                pending.popleft()
+                batch: list[_Item] = [first]
+                people = len(first.boxes)
                 refill()
                 # Fill the batch up to max_batch people (waiting for the crops): full, steady batch
                 # shapes suit every engine, GPUs and CUDA graphs most.
-                while pending and people + len(pending[0].result().boxes) <= self.max_batch:
-                    batch.append(pending.popleft().result())
-                    people += len(batch[-1].boxes)
+                while pending:
+                    nxt = take()
+                    if nxt is None or people + len(nxt.boxes) > self.max_batch:
+                        break
+                    pending.popleft()
+                    batch.append(nxt)
+                    people += len(nxt.boxes)
                     refill()
-                started = time.perf_counter()
-                crops = np.concatenate([it.crops for it in batch])
-                heatmaps = self.engine.infer_device(crops) if self._on_device else self.engine.infer(crops)
-                self.timings.add("infer", time.perf_counter() - started)
+                heatmaps = None
+                if people:
+                    started = time.perf_counter()
+                    crops = np.concatenate([it.crops for it in batch])
+                    heatmaps = self.engine.infer_device(crops) if self._on_device else self.engine.infer(crops)
+                    self.timings.add("infer", time.perf_counter() - started)
                 decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
                 while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
                     yield from decoding.popleft().result()
             while decoding:
                 yield from decoding.popleft().result()
+            if failure is not None:
+                raise failure
 
     def _prepare(self, entry: Any, flip: bool) -> _Item:
         started = time.perf_counter()
@@ -245,29 +328,35 @@ class PoseEstimator:
         return item
 
     def _prepare_item(self, entry: Any, flip: bool) -> _Item:
-        image, boxes, root_depth, intrinsics = _unpack(entry)
-        image = check_image(image)
-        if intrinsics is not None and root_depth is None:
+        item = _unpack(entry)
+        image = check_image(item["image"])
+        if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-        crops, crop_boxes = prepare(image, boxes, self.spec.input_size)
+        crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"])
         p = len(crop_boxes)
         if flip:
             crops = np.concatenate([crops, crops[:, :, :, ::-1]])
-        return _Item(as_array("boxes", boxes, (4,)), crops, crop_boxes,
-                     _per_item("root_depth", root_depth, p, ()), _per_item("intrinsics", intrinsics, p, (4,)))
+        boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
+        return _Item(boxes, crops, crop_boxes, _root_depth(item["root_depth"], p),
+                     _per_item("intrinsics", item["intrinsics"], p, (4,)))
 
-    def _decode(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
+    def _decode(self, batch: list[_Item], heatmaps: Any, flip: bool) -> list[PoseResult]:
         started = time.perf_counter()
         results = self._decode_batch(batch, heatmaps, flip)
         self.timings.add("decode", time.perf_counter() - started)
         return results
 
-    def _decode_batch(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
+    def _decode_batch(self, batch: list[_Item], heatmaps: Any, flip: bool) -> list[PoseResult]:
         results = []
         offset = 0
         spec = self.spec
         for it in batch:
             p = len(it.boxes)
+            if p == 0:
+                empty = np.zeros((0, spec.joints, 3))
+                results.append(PoseResult(it.boxes, it.crop_boxes, empty, np.zeros((0, spec.joints)), empty.copy(),
+                                          None if it.intrinsics is None else empty.copy(), it.root_depth is None))
+                continue
             n = 2 * p if flip else p
             heat = heatmaps[offset:offset + n]
             offset += n
@@ -280,20 +369,23 @@ class PoseEstimator:
         return results
 
 
-def estimate(engine: Engine, image: np.ndarray, boxes: Any, *, root_depth: Any = None,
-             intrinsics: Any = None, flip: bool = False) -> PoseResult:
+def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes: Any = None,
+             root_depth: Any = None, intrinsics: Any = None, flip: bool = False) -> PoseResult:
     """3D poses of the people in one image (a one-off PoseEstimator(engine).predict).
 
     Args:
         engine: from load_engine.
         image: (H, W, 3) RGB, uint8 or float 0..255.
-        boxes: (P, 4) or (4,) person boxes x, y, w, h in pixels.
-        root_depth: camera-space depth of each person's pelvis in mm, scalar or (P,); without it
-            depths are root-relative.
+        boxes: (P, 4) or (4,) person boxes x, y, w, h in pixels; upstream's box rule is applied
+            (inclusive width, shifted into the image, squared, x1.25).
+        crop_boxes: instead of boxes, boxes that already went through that rule (e.g. RootNet's
+            output boxes), used as they are.
+        root_depth: camera-space depth of each person's pelvis in mm (> 0), scalar or (P,);
+            without it depths are root-relative.
         intrinsics: fx, fy, cx, cy as (4,) or (P, 4); needs root_depth.
         flip: average with the horizontally flipped crop (flip test).
     Raises:
         ValueError: bad boxes (empty, outside the image), intrinsics without root_depth, shapes.
     """
-    return PoseEstimator(engine).predict(check_image(image), boxes, root_depth=root_depth, intrinsics=intrinsics,
-                                         flip=flip)
+    return PoseEstimator(engine).predict(check_image(image), boxes, crop_boxes=crop_boxes, root_depth=root_depth,
+                                         intrinsics=intrinsics, flip=flip)

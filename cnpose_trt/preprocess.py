@@ -1,4 +1,9 @@
-"""Image -> network input: crop each person box, warp to S x S, normalise, CHW float32."""
+"""Image -> network input: crop each person box, warp to S x S, normalise, CHW float32.
+
+The conventions are upstream's, to the pixel (proven against its output by tests/test_golden.py):
+boxes go through process_bbox (geometry.process_boxes), the crop is cv2.warpAffine (bilinear,
+border 0) of the RGB image, and the network sees (pixel - mean) / std on 0..255 values.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import crop_matrices, process_boxes
+from .geometry import check_crop_boxes, crop_matrices, process_boxes
 from .spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 
-_MEAN = np.asarray(PIXEL_MEAN, np.float32) * 255.0
-_INV_STD = 1.0 / (np.asarray(PIXEL_STD, np.float32) * 255.0)
+# Applied to 0..255 values as they are (spec.PIXEL_MEAN's comment says why); float32 like upstream.
+_MEAN = np.asarray(PIXEL_MEAN, np.float32)
+_STD = np.asarray(PIXEL_STD, np.float32)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB pixel values in 0..255 -> the network's input values, float32.
+
+    (pixel - mean) / std per channel without scaling to [0, 1] first: what the official weights
+    were trained on.
+    """
+    return (np.asarray(pixels, np.float32) - _MEAN) / _STD
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -42,6 +57,14 @@ def check_image(image: object) -> np.ndarray:
         raise TypeError(f"image must be uint8 or float (0..255), got {image.dtype}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"image must not be empty, got shape {image.shape}")
+    if image.dtype.kind == "f":
+        lo, hi = float(np.min(image)), float(np.max(image))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise ValueError(f"image values must be finite and in 0..255, got a {image.dtype} image spanning "
+                             f"{lo} .. {hi}")
+        if 0 < hi <= 1:
+            raise ValueError(f"image values must be in 0..255, got a {image.dtype} image with maximum {hi}: it looks "
+                             "scaled to 0..1 (multiply by 255, or pass uint8)")
     return image
 
 
@@ -61,15 +84,40 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
     for i, m in enumerate(mats):
         crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        crops[i] = crop[:, ::-1] if flip else crop
+        crops[i] = crop[:, ::-1] if flip else crop  # upstream's flip test mirrors the crop tensor
     crops -= _MEAN
-    crops *= _INV_STD
+    crops /= _STD
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
 
 
-def prepare(image: np.ndarray, boxes: object, size: int = INPUT_SIZE, flip: bool = False
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(network input (P, 3, S, S) float32, square crop boxes (P, 4)) for person boxes (P, 4)."""
+def prepare(image: np.ndarray, boxes: object = None, size: int = INPUT_SIZE, flip: bool = False, *,
+            crop_boxes: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """Network input for the people in one image.
+
+    Args:
+        image: (H, W, 3) RGB, uint8 or float in 0..255.
+        boxes: (P, 4) person boxes x, y, w, h; they go through upstream's box rule
+            (geometry.process_boxes: inclusive width, shifted into the image, squared, x1.25).
+        crop_boxes: instead of boxes, (P, 4) boxes that already went through that rule (e.g.
+            RootNet's output boxes), used as they are.
+        flip: mirror each crop horizontally (the flip test's second pass).
+    Returns:
+        (network input (P, 3, S, S) float32, crop boxes (P, 4) float64).
+    """
     image = check_image(image)
-    crop_boxes = process_boxes(boxes, (image.shape[1], image.shape[0]))
-    return crop_people(image, crop_boxes, size, flip), crop_boxes
+    crop = resolve_crop_boxes(boxes, crop_boxes, image.shape)
+    return crop_people(image, crop, size, flip), crop
+
+
+def resolve_crop_boxes(boxes: object, crop_boxes: object, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The (P, 4) crop boxes for exactly one of person boxes (rule applied) or crop boxes (as they are).
+
+    Raises:
+        ValueError: both or neither given, or bad boxes.
+    """
+    if (boxes is None) == (crop_boxes is None):
+        raise ValueError("give exactly one of boxes (person boxes x, y, w, h; upstream's box rule is applied) "
+                         "or crop_boxes (boxes that already went through it, used as they are)")
+    if crop_boxes is not None:
+        return check_crop_boxes(crop_boxes)
+    return process_boxes(boxes, (image_shape[1], image_shape[0]))

@@ -14,13 +14,19 @@ NUM_HEAD_LAYERS = 3
 BACKBONE_STRIDE = 32
 INPUT_SIZE = 256
 
-# ImageNet statistics, applied after scaling RGB to [0, 1].
+# The network input, exactly as upstream feeds it: (pixel - PIXEL_MEAN) / PIXEL_STD per RGB channel on
+# pixel values in 0..255, NOT scaled to [0, 1] first. Upstream's crop is float32 0..255 and torchvision's
+# ToTensor divides by 255 only for uint8 input, so its Normalize applies ImageNet's [0, 1] statistics to
+# 0..255 values; the official weights were trained on that (inputs span about -2.1 .. 1136).
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+# Names this convention in engine metadata and cache keys: engines and INT8 ranges made under another
+# convention are never reused.
+INPUT_CONVENTION = "rgb-0..255-minus-mean-over-std"
 
 # Depth of the 3D box the heatmap's z axis spans (bbox_3d_shape), in mm.
 BBOX_3D_DEPTH_MM = 2000.0
-# The crop is the squared box grown by this factor around its centre.
+# The crop is the squared box grown by this factor around its centre (upstream process_bbox).
 BOX_SCALE = 1.25
 
 JOINT_NAMES: tuple[str, ...] = (

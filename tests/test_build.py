@@ -17,7 +17,10 @@ def test_build_writes_engine_and_sidecar(xs_engine_path):
     meta = json.loads(sidecar_path(xs_engine_path).read_text())
     assert meta["variant"] == "XS" and meta["head"] == "2UP-128ch-D32" and meta["precision"] == "fp32"
     assert meta["backend"] == "onnxruntime" and meta["opset"] >= 17 and meta["max_batch"] == 4
-    assert meta["input"] == {"name": "image", "dtype": "float32", "shape": ["N", 3, 256, 256]}
+    assert meta["input"] == {"name": "image", "dtype": "float32", "shape": ["N", 3, 256, 256],
+                             "convention": "rgb-0..255-minus-mean-over-std", "mean": [0.485, 0.456, 0.406],
+                             "std": [0.229, 0.224, 0.225]}
+    assert meta["engine_format"] == 2
     assert meta["output"] == {"name": "heatmaps", "dtype": "float32", "shape": ["N", 576, 32, 32]}
     assert len(meta["weights"]["sha256"]) == 64 and meta["weights"]["random"] is True
     assert {"torch", "onnx", "onnxruntime", "numpy", "python", "cnpose_trt"} <= set(meta["versions"])

@@ -87,7 +87,7 @@ def test_bad_items(estimator):
         list(estimator.predict_iter([img]))
     with pytest.raises(TypeError, match="items must be"):  # None is a bad item, not the end of the stream
         list(estimator.predict_iter([(img, boxes), None]))
-    with pytest.raises(ValueError, match="needs 'image' and 'boxes'"):
+    with pytest.raises(ValueError, match="needs 'image' and one of 'boxes'"):
         list(estimator.predict_iter([{"image": img}]))
     with pytest.raises(ValueError, match="intrinsics need root_depth"):
         list(estimator.predict_iter([{"image": img, "boxes": boxes, "intrinsics": [1, 1, 0, 0]}]))
@@ -99,3 +99,80 @@ def test_from_variant_and_path(tmp_path, xs_engine_path):
     est = PoseEstimator("XS", engine_dir=tmp_path, max_batch=2, backend="onnxruntime")
     assert est.max_batch == 2 and est.spec.name == "XS"
     assert PoseEstimator(xs_engine_path).engine.path == xs_engine_path
+
+
+def test_zero_people_give_empty_results(estimator):
+    """An empty frame is a result, not an error: a stream of frames must survive it (flip test included)."""
+    items = list(_scenes(3, seed=5))
+    img = items[0][0]
+    empty = estimator.predict(img, np.zeros((0, 4)), root_depth=4000.0, intrinsics=[800, 800, 100, 100])
+    assert len(empty) == 0 and empty.image.shape == (0, 18, 3) and empty.camera.shape == (0, 18, 3)
+    assert len(estimator.predict(img, [])) == 0
+    stream = [items[0], (img, np.zeros((0, 4))), items[1], (img, []), (img, []), items[2]]
+    for flip in (False, True):
+        got = list(estimator.predict_iter(stream, flip=flip))
+        assert [len(r) for r in got] == [len(it[1]) for it in stream]
+        ref = estimator.predict(items[1][0], items[1][1], root_depth=items[1][2], intrinsics=items[1][3], flip=flip)
+        np.testing.assert_allclose(got[2].image, ref.image, rtol=1e-6)
+    only_empty = list(estimator.predict_iter([(img, [])] * 3))
+    assert [len(r) for r in only_empty] == [0, 0, 0]
+
+
+def test_failures_deliver_everything_before_them(estimator):
+    items = list(_scenes(7, seed=6))
+
+    def source(k):
+        yield from items[:k]
+        raise OSError("camera unplugged")
+
+    got = []
+    with pytest.raises(OSError, match="camera unplugged"):
+        for res in estimator.predict_iter(source(5)):
+            got.append(res)
+    assert len(got) == 5
+    for (img, boxes, root, k), res in zip(items, got, strict=False):
+        np.testing.assert_allclose(res.image, estimator.predict(img, boxes, root_depth=root, intrinsics=k).image,
+                                   rtol=1e-6)
+    bad = items[:4] + [(items[4][0], [[10, 10, -5, 20]])] + items[5:]
+    got = []
+    with pytest.raises(ValueError, match="boxes\\[0\\] is empty"):
+        for res in estimator.predict_iter(bad):
+            got.append(res)
+    assert len(got) == 4
+
+
+def test_one_value_for_all_images(estimator):
+    """One K (4,) and one root depth for a list of images; per-image lists still work; 4 images with a
+    4-number K is one K for all (a K is never one number per image)."""
+    items = list(_scenes(4, seed=7))
+    images, boxes = [i[0] for i in items], [i[1] for i in items]
+    k = [900.0, 900.0, 200.0, 150.0]
+    for intr in (k, tuple(k), np.asarray(k)):
+        res = estimator.predict(images, boxes, root_depth=5000.0, intrinsics=intr)
+        for img, b, r in zip(images, boxes, res, strict=True):
+            np.testing.assert_allclose(r.camera, estimator.predict(img, b, root_depth=5000.0, intrinsics=k).camera,
+                                       rtol=1e-6)
+    per = estimator.predict(images, boxes, root_depth=[i[2] for i in items], intrinsics=[k] * 4)
+    assert all(r.camera is not None for r in per)
+    with pytest.raises(ValueError, match="intrinsics must be one value"):
+        estimator.predict(images, boxes, root_depth=5000.0, intrinsics=[k] * 3)
+    with pytest.raises(ValueError, match="root_depth must be > 0"):
+        estimator.predict(images[0], boxes[0], root_depth=0.0)
+    with pytest.raises(ValueError, match="root_depth must be > 0"):
+        estimator.predict(images, boxes, root_depth=[-1.0, 2.0, 3.0, 4.0])
+
+
+def test_crop_boxes_are_used_as_they_are(estimator):
+    img, boxes, root, k = next(_scenes(1, seed=8))
+    ref = estimator.predict(img, boxes, root_depth=root, intrinsics=k, flip=True)
+    again = estimator.predict(img, crop_boxes=ref.crop_boxes, root_depth=root, intrinsics=k, flip=True)
+    np.testing.assert_allclose(again.image, ref.image, rtol=1e-6)
+    np.testing.assert_array_equal(again.crop_boxes, ref.crop_boxes)
+    twice = estimator.predict(img, ref.crop_boxes)  # passed as person boxes, they would be enlarged again
+    assert (twice.crop_boxes[:, 2] > ref.crop_boxes[:, 2]).any()
+    with pytest.raises(ValueError, match="exactly one of boxes"):
+        estimator.predict(img, boxes, crop_boxes=boxes)
+    with pytest.raises(ValueError, match="exactly one of boxes"):
+        estimator.predict(img)
+    with pytest.raises(ValueError, match="crop_boxes\\[0\\] .* is empty"):
+        estimator.predict(img, crop_boxes=[[0, 0, 0, 10]])

@@ -10,22 +10,33 @@ from cnpose_trt.geometry import (
     process_boxes,
 )
 from cnpose_trt.preprocess import check_image, crop_people, load_image, prepare
-from cnpose_trt.spec import FLIP_PAIRS, PIXEL_MEAN, PIXEL_STD
+from cnpose_trt.spec import FLIP_PAIRS
 
 
-def test_process_boxes_square_and_scale():
+def test_process_boxes_upstream_rule():
+    """Hand-computed with upstream's process_bbox: inclusive width, shifted (not clipped), square, x1.25."""
     out = process_boxes([[10, 20, 100, 50], [-50, -50, 100, 100]], (640, 480))
-    np.testing.assert_allclose(out[0], [60 - 62.5, 45 - 62.5, 125, 125])
-    np.testing.assert_allclose(out[1], [25 - 31.25, 25 - 31.25, 62.5, 62.5])  # clipped to (0, 0, 50, 50) first
-    tall = process_boxes([600, 400, 100, 200], (640, 480))  # clipped to (600, 400, 40, 80)
-    np.testing.assert_allclose(tall[0], [620 - 50, 440 - 50, 100, 100])
+    # (10, 20) .. (109, 69): w' = 99, h' = 49; squared to 99 around (59.5, 44.5), x1.25 = 123.75
+    np.testing.assert_allclose(out[0], [59.5 - 61.875, 44.5 - 61.875, 123.75, 123.75])
+    # crossing the top-left corner: shifted to (0, 0) .. (99, 99), not clipped to 50 x 50
+    np.testing.assert_allclose(out[1], [49.5 - 61.875, 49.5 - 61.875, 123.75, 123.75])
+    tall = process_boxes([600, 400, 100, 200], (640, 480))  # (600, 400) .. (639, 479): w' = 39, h' = 79
+    np.testing.assert_allclose(tall[0], [619.5 - 49.375, 439.5 - 49.375, 98.75, 98.75])
+    left = process_boxes([-300, 10, 100, 100], (640, 480))  # entirely left of the image: shifted in, as upstream
+    np.testing.assert_allclose(left[0], [49.5 - 61.875, 59.5 - 61.875, 123.75, 123.75])
+    line = process_boxes([5, 5, 1, 41], (640, 480))  # one pixel wide: w' = 0 grows to h' = 40
+    np.testing.assert_allclose(line[0], [5 - 25, 25 - 25, 50, 50])
+    assert process_boxes(np.zeros((0, 4)), (640, 480)).shape == (0, 4)
+    assert process_boxes([], (640, 480)).shape == (0, 4)
 
 
 @pytest.mark.parametrize("box, message", [
     ([10, 10, 0, 50], "boxes\\[0\\] is empty"),
     ([10, 10, 30, -5], "is empty"),
     ([700, 10, 50, 50], "lies outside the 640x480 image"),
-    ([-100, -100, 50, 50], "lies outside"),
+    ([10, 480, 50, 50], "lies outside"),
+    ([639, 479, 1, 1], "covers at most one pixel"),
+    ([639, 479, 5, 5], "covers at most one pixel"),
     ([1, 2, np.nan, 4], "must be finite"),
     ([1, 2, 3], "boxes must have shape \\(N, 4\\)"),
     ("abc", "must be numeric|boxes must"),
@@ -55,11 +66,12 @@ def test_crop_matches_independent_sampler(rng):
     crops = crop_people(img, boxes, size=64)
     m = crop_matrices(boxes, 64)[0]
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
-    mean, std = np.asarray(PIXEL_MEAN) * 255, np.asarray(PIXEL_STD) * 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # on 0..255 values (upstream)
     for v, u in [(0, 0), (10, 33), (63, 63), (31, 5), (50, 60)]:
         sx, sy, _ = inv @ [u, v, 1]
         want = (_bilinear(img.astype(np.float64), sx, sy) - mean) / std
-        np.testing.assert_allclose(crops[0, :, v, u], want, atol=0.05)  # OpenCV's 5-bit weight grid
+        # OpenCV: 5-bit sample grid and a uint8 result, so within one grey level (1 / std normalised)
+        np.testing.assert_allclose(crops[0, :, v, u], want, atol=1 / 0.224)
     flipped = crop_people(img, boxes, size=64, flip=True)
     np.testing.assert_array_equal(flipped[0], crops[0][:, :, ::-1])
 
@@ -116,8 +128,14 @@ def test_image_checks(tmp_path):
         load_image(tmp_path / "empty.jpg")
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.png")
-    grey = np.empty((50, 40, 3), np.float32)
-    grey[:] = np.asarray(PIXEL_MEAN) * 255
+    grey = np.full((50, 40, 3), 100.0, np.float32)
     x, boxes = prepare(grey, [[10, 10, 20, 30]])
     assert x.shape == (1, 3, 256, 256) and x.dtype == np.float32 and x.flags.c_contiguous
-    np.testing.assert_allclose(x[0, :, 128, 128], 0, atol=1e-5)
+    # upstream: (pixel - mean) / std on 0..255 values, no scaling to [0, 1]
+    np.testing.assert_allclose(x[0, :, 128, 128], [99.515 / 0.229, 99.544 / 0.224, 99.594 / 0.225], rtol=1e-6)
+    for bad, message in [(np.full((8, 8, 3), 0.5, np.float32), "looks scaled to 0..1"),
+                         (np.full((8, 8, 3), 300.0), "in 0..255"), (np.full((8, 8, 3), -1.0), "in 0..255"),
+                         (np.full((8, 8, 3), np.nan, np.float32), "finite")]:
+        with pytest.raises(ValueError, match=message):
+            check_image(bad)
+    check_image(np.zeros((8, 8, 3), np.float32))  # black is fine
