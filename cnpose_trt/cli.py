@@ -51,8 +51,13 @@ def _predict(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     engine = _engine_for(args)
     intr = None if args.focal is None else (*args.focal, *args.principal)
-    result = estimate(engine, image, np.asarray(args.bbox), root_depth=args.root_depth, intrinsics=intr,
-                      flip=args.flip)
+    crop_boxes = getattr(args, "crop_box", None)
+    if (args.bbox is None) == (crop_boxes is None):
+        raise ValueError("give person boxes with --bbox X,Y,W,H (upstream's box rule is applied) or already "
+                         "processed crop boxes with --crop-box X,Y,W,H (used as they are), not both")
+    result = estimate(engine, image, None if args.bbox is None else np.asarray(args.bbox),
+                      crop_boxes=None if crop_boxes is None else np.asarray(crop_boxes),
+                      root_depth=args.root_depth, intrinsics=intr, flip=args.flip)
     doc = {"image": str(args.image), "width": image.shape[1], "height": image.shape[0],
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": args.flip,
@@ -134,8 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="3D poses of the people in an image")
     p.add_argument("image", type=Path)
-    p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append", required=True,
-                   metavar="X,Y,W,H", help="person box in pixels; repeat for several people")
+    p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append",
+                   metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "
+                   "enlarged x1.25 by upstream's box rule")
+    p.add_argument("--crop-box", type=_floats(4, "--crop-box"), action="append", metavar="X,Y,W,H",
+                   help="instead of --bbox: a box that already went through upstream's rule (e.g. RootNet's "
+                   "output), cropped as it is; repeat for several people")
     p.add_argument("--root-depth", type=float, default=None, metavar="MM",
                    help="camera depth of the pelvis in mm (else depths are root-relative)")
     p.add_argument("--focal", type=_floats(2, "--focal"), metavar="FX,FY")
