@@ -22,6 +22,7 @@ import pytest
 from conftest import slowdown
 
 from cnpose_trt import VARIANTS
+from cnpose_trt.build import accuracy_inputs
 
 torch = pytest.importorskip("torch")
 VARIANT_LIST = os.environ.get("CNPOSE_BENCH_VARIANTS", "XS,S,M,L").split(",")
@@ -100,7 +101,7 @@ def test_engine_torch_eager_baseline(benchmark, name, batch):
 
     with pytest.warns(UserWarning):
         model = build_model(name)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, 256, 256)).astype(np.float32))
+    x = torch.from_numpy(accuracy_inputs(VARIANTS[name], batch))
     benchmark.group = _group("engine", name, batch)
     benchmark.extra_info.update(role="baseline", backend="torch eager fp32", images=batch)
 
@@ -117,7 +118,7 @@ def test_engine_torch_eager_baseline(benchmark, name, batch):
 def test_engine(benchmark, name, batch, candidate, bench_engine_dir):
     backend, precision = _split(candidate)
     engine = engine_for(name, backend, precision, str(bench_engine_dir), max(BATCHES))
-    x = np.random.default_rng(0).standard_normal((batch, 3, 256, 256)).astype(np.float32)
+    x = accuracy_inputs(VARIANTS[name], batch)  # real crops in upstream's input convention
     benchmark.group = _group("engine", name, batch)
     benchmark.extra_info.update(role="candidate", backend=f"{backend} {precision}", images=batch)
     benchmark.pedantic(slowdown(engine.infer), args=(x,), rounds=ROUNDS, warmup_rounds=1)
