@@ -445,7 +445,7 @@ class Progress:
     def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total, self.label, self.enabled = total, label, enabled
         self.stream = stream or sys.stderr
-        self.done = self._drawn = 0
+        self.done = 0
         self.started = self._last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
@@ -462,7 +462,6 @@ class Progress:
         bar = "#" * int(frac * 24)
         self.stream.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {rate:.1f} img/s ETA {eta:.0f} s ")
         self.stream.flush()
-        self._drawn += 1
 
     def close(self) -> None:
         if self.enabled:
