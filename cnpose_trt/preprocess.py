@@ -81,13 +81,40 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
         image = image.astype(np.float32)
     mats = crop_matrices(crop_boxes, size)
     crops = np.empty((len(crop_boxes), size, size, 3), np.float32)
+    huge = image.nbytes >= _REGION_BYTES or max(image.shape[:2]) >= _CV2_MAX_SIDE
     for i, m in enumerate(mats):
-        crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
+        src = image
+        if huge:  # OpenCV indexes with 32-bit ints: warp only the region the crop reads
+            src, m = _region(image, crop_boxes[i], m)
+        crop = cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         crops[i] = crop[:, ::-1] if flip else crop  # upstream's flip test mirrors the crop tensor
     crops -= _MEAN
     crops /= _STD
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
+
+
+# OpenCV's warpAffine overflows (crashes) past 2^31 bytes and keeps coordinates in 16-bit ints.
+_CV2_MAX_BYTES = 2**31 - 1
+_CV2_MAX_SIDE = 32767
+_REGION_BYTES = _CV2_MAX_BYTES  # images this large are cropped region by region
+
+
+def _region(image: np.ndarray, box: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a huge image one crop box samples (one pixel of margin for bilinear), and the
+    affine map shifted to it. Pixels outside the image stay black, as with the whole image."""
+    h, w = image.shape[:2]
+    x0, y0 = max(0, int(np.floor(box[0])) - 1), max(0, int(np.floor(box[1])) - 1)
+    x1, y1 = min(w, int(np.ceil(box[0] + box[2])) + 2), min(h, int(np.ceil(box[1] + box[3])) + 2)
+    if x1 <= x0 or y1 <= y0:  # the crop lies outside the image: all black
+        return np.zeros((1, 1, 3), image.dtype), np.array([[0, 0, -10.0], [0, 0, -10.0]])
+    region = image[y0:y1, x0:x1]
+    if region.nbytes >= _CV2_MAX_BYTES or max(region.shape[:2]) >= _CV2_MAX_SIDE:
+        raise ValueError(f"crop box {box.tolist()} covers {x1 - x0}x{y1 - y0} px: OpenCV cannot warp regions of "
+                         f"{_CV2_MAX_SIDE} px or 2 GiB; use smaller boxes or a downscaled image")
+    shifted = m.copy()
+    shifted[:, 2] += m[:, 0] * x0 + m[:, 1] * y0
+    return np.ascontiguousarray(region), shifted
 
 
 def prepare(image: np.ndarray, boxes: object = None, size: int = INPUT_SIZE, flip: bool = False, *,

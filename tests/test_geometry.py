@@ -139,3 +139,24 @@ def test_image_checks(tmp_path):
         with pytest.raises(ValueError, match=message):
             check_image(bad)
     check_image(np.zeros((8, 8, 3), np.float32))  # black is fine
+
+
+def test_huge_images_crop_by_region(rng, monkeypatch):
+    """Over 2^31 bytes OpenCV's warp crashes: only the region a crop reads is warped (issue 10, item 8)."""
+    import cnpose_trt.preprocess as pre
+
+    img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    boxes = [[-50, -30, 120, 200], [100, 80, 150, 100], [350, 250, 80, 80], [5, 5, 390, 290]]
+    whole, crop_boxes = prepare(img, boxes, flip=True)
+    monkeypatch.setattr(pre, "_REGION_BYTES", 1000)
+    regional, _ = prepare(img, boxes, flip=True)
+    # the shifted affine map may round OpenCV's 1/32 px sample grid differently: within one grey level
+    np.testing.assert_allclose(regional, whole, atol=1 / 0.224)
+    assert np.mean(regional == whole) > 0.99
+    outside = pre.crop_people(img, np.array([[1000.0, 1000.0, 50.0, 50.0]]))
+    np.testing.assert_allclose(outside[0, :, 10, 10], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-6)
+    monkeypatch.undo()
+    big = np.zeros((27000, 27000, 3), np.uint8)  # 2.2 GB, mostly never touched (zero pages)
+    big[26000:26500, 100:400] = 200
+    x, _ = prepare(big, [[100, 26000, 300, 500]])
+    np.testing.assert_allclose(x[0, :, 128, 128], [199.515 / 0.229, 199.544 / 0.224, 199.594 / 0.225], rtol=1e-6)
