@@ -80,7 +80,8 @@ def _pair(pred: object, gt: object) -> tuple[np.ndarray, np.ndarray]:
 def root_align(joints: object, root: int = ROOT_JOINT) -> np.ndarray:
     """(N, J, 3) -> the same with the root joint subtracted (root-relative)."""
     j = _poses("joints", joints)
-    return j - j[:, root:root + 1]
+    with np.errstate(invalid="ignore"):  # inf - inf: a non-finite pose stays non-finite
+        return j - j[:, root:root + 1]
 
 
 def rigid_align(pred: object, gt: object, *, scale: bool = False) -> np.ndarray:
