@@ -55,6 +55,7 @@ class TrtOptions:
     opt_level: int = 3
     version_compatible: bool = False
     hardware_compatible: bool = False
+    tf32: bool = False  # let float32 layers use TF32 (off: true float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +322,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                     graph, built, input_name=INPUT_NAME, input_shape=(max_batch, *spec.input_shape),
                     max_batch=max_batch, opt_batch=opt_batch, workspace_mb=trt.workspace_mb, opt_level=trt.opt_level,
                     timing_cache=out / "tensorrt.timing-cache", version_compatible=trt.version_compatible,
-                    hardware_compatible=trt.hardware_compatible, show_progress=progress is not None)
+                    hardware_compatible=trt.hardware_compatible, show_progress=progress is not None,
+                    tf32=trt.tf32, check_inputs=accuracy_inputs(spec))  # run once: non-finite output refused
                 check = None
             else:
                 say("[4/5] optimising the graph for onnxruntime")
@@ -412,6 +414,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level 0-5")
     t.add_argument("--version-compatible", action="store_true")
     t.add_argument("--hardware-compatible", action="store_true", help="Ampere and newer GPUs")
+    t.add_argument("--tf32", action="store_true", help="let float32 layers use TF32 (default: true float32)")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -424,7 +427,8 @@ def run_build(args: argparse.Namespace) -> int:
     precisions = list(dict.fromkeys(args.precision or ["fp32"]))
     variants = list(VARIANTS) if args.all else [args.variant]
     trt = TrtOptions(opt_batch=args.opt_batch, workspace_mb=args.workspace_mb, opt_level=args.opt_level,
-                     version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+                     version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                     tf32=args.tf32)
     paths = []
     try:
         for variant in variants:
