@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BuildError
 from .spec import INPUT_SIZE
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ def convert_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = (), fp16_outpu
     _set_output_dtype(converted, kept, fp16_output)
     onnx.checker.check_model(converted)
     onnx.save(converted, str(dst))
-    return {"kept_fp32_nodes": kept, "output_dtype": "float16" if fp16_output else "float32",
-            "weights_clipped_to_fp16_range": clipped}
+    # What the written graph emits, read back from it (the sidecar records what was built, not what was asked).
+    out_dtype = onnx.helper.tensor_dtype_to_np_dtype(converted.graph.output[0].type.tensor_type.elem_type).name
+    return {"kept_fp32_nodes": kept, "output_dtype": out_dtype, "weights_clipped_to_fp16_range": clipped}
 
 
 def _set_output_dtype(model: Any, kept: Sequence[str], fp16_output: bool) -> None:
@@ -251,7 +253,12 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
 
     items: the calibration_set(opts, seed) the caller already listed, if any.
 
-    Returns what was done: method, excluded nodes, whether the stored ranges were reused.
+    Returns what was done: the calibration method that ran (read back from the ranges onnxruntime
+    stored, else the one the quantizer was called with), excluded nodes, whether the stored ranges
+    were reused.
+
+    Raises:
+        BuildError: the calibration ran with another method than opts.calib_method.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, quantize_static
@@ -276,17 +283,24 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
         reader = _Reader(input_name, batches, opts.calib_count, show_progress)
     # onnxruntime's calibrators print to stdout; stdout of the build is reserved for engine paths.
     with contextlib.redirect_stdout(sys.stderr):
-        _quantize(quantize_static, src, dst, reader, excluded, method, kwargs)
-    return {"calib_method": opts.calib_method, "int8_excluded_nodes": excluded, "ranges_reused": reused,
+        called = _quantize(quantize_static, src, dst, reader, excluded, method, kwargs)
+    ran = _method_that_ran(called, ranges_path if supports_cache else None)
+    if ran != opts.calib_method:
+        if supports_cache and not reused:  # filed under the asked method's name: never reuse these ranges
+            ranges_path.unlink(missing_ok=True)
+        raise BuildError(f"INT8 calibration ran with the {ran} method, but {opts.calib_method} was asked for: "
+                         f"the quantizer did not receive or did not use calib_method (ranges: {ranges_path})")
+    return {"calib_method": ran, "int8_excluded_nodes": excluded, "ranges_reused": reused,
             "ranges_file": ranges_path.name if supports_cache else None}
 
 
 def _quantize(quantize_static: Any, src: Path, dst: Path, reader: Any, excluded: list[str], method: Any,
-              kwargs: dict[str, Any]) -> None:
+              kwargs: dict[str, Any]) -> Any:
+    """Run the quantizer; returns the calibration method it was called with (its default if none was passed)."""
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+    call: dict[str, Any] = dict(
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
         per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         nodes_to_exclude=excluded, calibrate_method=method,
         # Q/DQ only where a Conv reads: no pair on Conv outputs, so none lands around ReLU or
@@ -294,6 +308,31 @@ def _quantize(quantize_static: Any, src: Path, dst: Path, reader: Any, excluded:
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                        "CalibTensorRangeSymmetric": True, "OpTypesToExcludeOutputQuantization": ["Conv"]},
         **kwargs)
+    quantize_static(str(src), str(dst), reader, **call)
+    if "calibrate_method" in call:
+        return call["calibrate_method"]
+    return inspect.signature(quantize_static).parameters["calibrate_method"].default
+
+
+def _method_name(method: Any) -> str:
+    """CalibrationMethod.Entropy (or its stored form 'CalibrationMethod.Entropy') -> 'entropy'."""
+    name = getattr(method, "name", None) or str(method).rsplit(".", 1)[-1]
+    return name.lower()
+
+
+def _method_that_ran(called: Any, ranges_path: Path | None) -> str:
+    """The calibration method behind the Q/DQ graph: the one the stored ranges were computed with.
+
+    onnxruntime records it in the ranges file (and refuses to reuse ranges of another method);
+    without a ranges file, the method the quantizer was called with.
+    """
+    if ranges_path is None or not ranges_path.is_file():
+        return _method_name(called)
+    try:
+        stored = json.loads(ranges_path.read_text())["calibration_method"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"INT8 calibration ranges {ranges_path} are unreadable ({exc}); delete the file") from None
+    return _method_name(stored.get("value") if isinstance(stored, dict) else stored)
 
 
 @dataclass
