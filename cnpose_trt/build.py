@@ -10,13 +10,15 @@ The engine paths are printed last (stdout), one per line; progress goes to stder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import platform
+import shutil
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,19 @@ import numpy as np
 from . import __version__
 from .cache import (
     ENGINE_FORMAT,
-    atomic_write,
+    ENV_ENGINE_DIR,
+    READ_ONLY_ERRNOS,
     cache_key,
+    clean_stale,
+    commit_engine,
     default_engine_dir,
     engine_stem,
     file_lock,
     file_sha256,
+    is_no_space,
+    remove_orphans,
     sidecar_path,
-    write_json,
+    temp_dir,
 )
 from .errors import BuildError, CnposeError, EngineError
 from .precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS, PrecisionOptions
@@ -167,18 +174,90 @@ def joint_error(heat_ref: np.ndarray, heat: np.ndarray, spec: VariantSpec) -> di
             "max_mm": float(mm.max()), "samples": int(len(a))}
 
 
-def _cached(engine: Path, key: str) -> dict[str, Any] | None:
+def _cached(handle: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """(engine file, metadata) of the valid cached engine of this key, else None. Needs no lock."""
     from .engine import read_sidecar
 
-    if not engine.is_file() or not sidecar_path(engine).is_file():
-        return None
     try:
-        meta = read_sidecar(engine)
-    except EngineError:
+        meta = read_sidecar(handle)
+        engine = sidecar_path(handle).with_name(meta["engine_file"])
+        if meta.get("cache_key") != key or file_sha256(engine) != meta["engine_sha256"]:
+            return None
+    except (EngineError, OSError):
         return None
-    if meta.get("cache_key") != key or meta.get("engine_sha256") != file_sha256(engine):
-        return None
-    return meta
+    return engine, meta
+
+
+# Below this much free space, a failed build step is reported as a full disk: ONNX Runtime, for
+# one, reports a write that ran out of space as an invalid protobuf.
+NEARLY_FULL_BYTES = 8 << 20
+
+
+def _storage_error(out: Path, exc: OSError) -> BuildError:
+    """One clear line for a file-system error in the engine cache."""
+    where = exc.filename2 or exc.filename or out  # os.replace: filename2 is the destination
+    if is_no_space(exc):
+        return BuildError(f"no space left on the device holding the engine cache {out}: free some space and build "
+                          "again (the previous engine, if any, is untouched)")
+    if exc.errno in READ_ONLY_ERRNOS:
+        return BuildError(f"the engine cache {out} is read-only ({exc.strerror}: {where}): its valid engines load, but "
+                          f"new ones cannot be built there; build where it is writable, or pick a writable folder "
+                          f"with --out / --engines / ${ENV_ENGINE_DIR}")
+    return BuildError(f"cannot write in the engine cache {out}: {exc.strerror or exc}: {where}")
+
+
+def _engine_folder(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"the engine cache {out} is a file, not a folder (from --out / --engines or "
+                         f"${ENV_ENGINE_DIR})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _storage_error(out, exc) from None
+    return out
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path, stem: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(out / f".{stem}.lock"))
+        except OSError as exc:
+            raise _storage_error(out, exc) from None
+        yield
+
+
+@contextlib.contextmanager
+def _workspace(out: Path, stem: str) -> Iterator[Path]:
+    """A temporary build folder in the cache (removed on exit, or by a later build if this process
+    is killed); a failure for lack of space becomes one clear BuildError."""
+    try:
+        with temp_dir(out, stem) as tmp:
+            try:
+                yield tmp
+            except Exception as exc:
+                # Judged before the folder is removed, while the disk is still as full as it was.
+                if is_no_space(exc):
+                    raise BuildError(f"no space left on the device holding the engine cache {out}: free some "
+                                     "space and build again (the previous engine, if any, is untouched)") from exc
+                free = shutil.disk_usage(out).free
+                if free < NEARLY_FULL_BYTES and not isinstance(exc, ValueError):
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    raise BuildError(f"the disk holding the engine cache {out} is full ({free >> 20} MB free; "
+                                     f"{first}): free some space and build again (the previous engine, if any, "
+                                     "is untouched)") from exc
+                raise
+    except OSError as exc:
+        raise _storage_error(out, exc) from exc
+
+
+def _tidy(out: Path, stem: str, handle: Path) -> None:
+    """Remove what killed builds left behind; never blocks and never fails (read-only caches)."""
+    if not os.access(out, os.W_OK):
+        return
+    clean_stale(out)
+    with contextlib.suppress(OSError), file_lock(out / f".{stem}.lock", blocking=False):
+        remove_orphans(handle)
 
 
 def _positive(name: str, value: Any, limit: int) -> int:
@@ -257,31 +336,38 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     else:
         key_fields.update(backend_version=versions["torch" if backend_name == "torch" else "onnxruntime"])
     key = cache_key(key_fields)
-    out = Path(out_dir) if out_dir is not None else default_engine_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _engine_folder(Path(out_dir) if out_dir is not None else default_engine_dir())
     stem = engine_stem(spec.name, spec.head_tag, precision, backend_name, key)
-    engine = out / (stem + {"tensorrt": ".engine", "torch": ".pt"}.get(backend_name, ".onnx"))
-    with file_lock(out / f".{stem}.lock"):
-        meta = None if force else _cached(engine, key)
-        if meta is not None:
-            say(f"cached engine is up to date, reusing it (--force rebuilds): {engine}")
-            return BuildResult(engine, True, meta)
-        sidecar_path(engine).unlink(missing_ok=True)  # an engine without a sidecar never loads
+    # The handle names the engine; its sidecar names the engine file (see cache.py).
+    handle = out / (stem + {"tensorrt": ".engine", "torch": ".pt"}.get(backend_name, ".onnx"))
+    # Lock-free first: sidecars are replaced atomically and engine files never change, so a valid
+    # cached engine is served without a lock, from a read-only cache too.
+    hit = None if force else _cached(handle, key)
+    if hit is not None:
+        say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
+        _tidy(out, stem, handle)
+        return BuildResult(hit[0], True, hit[1])
+    with _build_lock(out, stem):
+        hit = None if force else _cached(handle, key)  # built by another process while we waited?
+        if hit is not None:
+            say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
+            return BuildResult(hit[0], True, hit[1])
+        clean_stale(out)
+        remove_orphans(handle)
         started = time.time()
         extra: dict[str, Any] = {}
         if backend_name == "torch":
             from .torch_backend import save_engine
 
             say("[2/2] saving the PyTorch model (served by torch; fp16 runs on CUDA)")
-            with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
-                save_engine(model, Path(tmp) / "model.pt")
-                atomic_write(engine, (Path(tmp) / "model.pt").read_bytes())
             out_dtype = "float16" if precision == "fp16" else "float32"
-            meta = _sidecar(engine, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
-                            "float32", out_dtype, wsha, source, checkpoint, versions, started, extra)
-            write_json(sidecar_path(engine), meta)
+            with _workspace(out, stem) as tmp:
+                save_engine(model, tmp / "model.pt")
+                engine, meta = commit_engine(handle, tmp / "model.pt", lambda path, _sha: _sidecar(
+                    path, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
+                    "float32", out_dtype, wsha, source, checkpoint, versions, started, extra))
             return BuildResult(engine, False, meta)
-        with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
+        with _workspace(out, stem) as tmp:
             fp32 = Path(tmp) / "model.fp32.onnx"
             say(f"[2/5] exporting ONNX (opset {opset}, BatchNorm folded)")
             try:
@@ -345,11 +431,10 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                 extra["accuracy_vs_fp32"] = acc
                 say(f"      decoded joints vs FP32: mean {acc['mean_cells']:.3f} cells ({acc['mean_mm']:.1f} mm), "
                     f"max {acc['max_cells']:.3f} cells on {acc['samples']} synthetic crops")
-            atomic_write(engine, built.read_bytes())
-        meta = _sidecar(engine, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
-                        report.input_dtype, report.output_dtype, wsha, source, checkpoint, versions, started,
-                        {"graph_ops": report.ops, "int8_convs": report.quantized_convs, **extra})
-        write_json(sidecar_path(engine), meta)
+            engine, meta = commit_engine(handle, built, lambda path, _sha: _sidecar(
+                path, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch,
+                report.input_dtype, report.output_dtype, wsha, source, checkpoint, versions, started,
+                {"graph_ops": report.ops, "int8_convs": report.quantized_convs, **extra}))
     return BuildResult(engine, False, meta)
 
 
@@ -445,6 +530,9 @@ def run_build(args: argparse.Namespace) -> int:
     except (CnposeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # outside the engine cache (its errors are BuildErrors), e.g. a checkpoint folder
+        print(f"error: {exc.strerror}: {exc.filename}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        return 2
     if args.checkpoint is None:
         print("warning: built with random weights; pass --checkpoint for real poses", file=sys.stderr)
     for path in paths:
@@ -455,7 +543,9 @@ def run_build(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnpose_trt.build", description=__doc__.split("\n")[0])
     add_build_arguments(parser)
-    return run_build(parser.parse_args(argv))
+    from .interrupts import run_command
+
+    return run_command(run_build, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

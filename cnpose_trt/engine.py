@@ -10,23 +10,44 @@ from typing import Any
 
 import numpy as np
 
-from .cache import ENGINE_FORMAT, file_sha256, sidecar_path
-from .errors import EngineError
+from .cache import ENGINE_FORMAT, file_sha256, is_plain_name, sidecar_path
+from .errors import CnposeError, EngineError
 from .spec import VariantSpec
 
 log = logging.getLogger(__name__)
 
+MAX_SIDECAR_BYTES = 1 << 20  # a sidecar holds a few KB; a file far larger is not one
+MAX_ENGINE_BATCH = 1 << 16
+IO_DTYPES = ("float32", "float16")
+_LOAD_ATTEMPTS = 5
+
+
+def _damaged(side: Path, what: str) -> EngineError:
+    return EngineError(f"engine metadata {side} is damaged ({what}); rebuild with --force")
+
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The metadata of an engine, from <engine>.json (path may name either file)."""
+    """The metadata of an engine, from its sidecar (path: the engine handle, an engine file or the .json).
+
+    Raises:
+        EngineError: missing, unreadable, oversized, too deeply nested or malformed metadata.
+    """
     side = sidecar_path(path)
+    if side.is_dir():
+        raise EngineError(f"engine metadata {side} is a folder, not a file; remove it and rebuild")
     if not side.is_file():
         raise EngineError(f"no engine metadata at {side}: build the engine with `python -m cnpose_trt.build`"
                           " (an engine without its sidecar is an unfinished build)")
     try:
-        meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(side, "rb") as f:
+            raw = f.read(MAX_SIDECAR_BYTES + 1)
+        if len(raw) > MAX_SIDECAR_BYTES:
+            raise _damaged(side, f"larger than {MAX_SIDECAR_BYTES} bytes")
+        meta = json.loads(raw)
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise EngineError(f"engine metadata {side} is unreadable ({exc}); rebuild with --force") from None
+    except RecursionError:
+        raise _damaged(side, "JSON nested too deeply") from None
     if isinstance(meta, dict) and meta.get("engine_format") == 1:
         raise EngineError(f"engine {side} was built by cnpose_trt 0.1 (engine format 1), whose input normalisation "
                           "was not upstream's (INT8 ranges and build checks used [0, 1]-scaled crops); rebuild it "
@@ -35,7 +56,31 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise EngineError(f"engine metadata {side} is of an unknown format "
                           f"(engine_format {meta.get('engine_format') if isinstance(meta, dict) else '?'}, "
                           f"this version reads {ENGINE_FORMAT}); rebuild with --force")
+    _check_meta(meta, side)
     return meta
+
+
+def _check_meta(meta: dict[str, Any], side: Path) -> None:
+    """The fields load_engine and Engine rely on, checked for type and range (hostile or damaged files)."""
+    if not is_plain_name(meta.get("engine_file")):
+        raise _damaged(side, f"engine_file must name a file in the sidecar's folder, got {meta.get('engine_file')!r}")
+    sha = meta.get("engine_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise _damaged(side, "engine_sha256 must be 64 hex digits")
+    if not isinstance(meta.get("backend"), str):
+        raise _damaged(side, f"backend must be a name, got {meta.get('backend')!r}")
+    _max_batch(meta.get("max_batch"), side)
+    for key in ("spec", "input", "output"):
+        if not isinstance(meta.get(key), dict):
+            raise _damaged(side, f"{key} must be an object, got {type(meta.get(key)).__name__}")
+    if not isinstance(meta.get("weights", {}), dict):
+        raise _damaged(side, "weights must be an object")
+
+
+def _max_batch(value: Any, where: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ENGINE_BATCH:
+        raise _damaged(where, f"max_batch must be an integer in 1..{MAX_ENGINE_BATCH}, got {value!r}")
+    return value
 
 
 class Engine:
@@ -50,11 +95,16 @@ class Engine:
             self.spec = VariantSpec.from_dict(meta["spec"])
             self.input_name = meta["input"]["name"]
             self.output_name = meta["output"]["name"]
-            self.input_dtype = np.dtype(meta["input"]["dtype"])
-            self.output_dtype = np.dtype(meta["output"]["dtype"])
-            self.max_batch = int(meta["max_batch"])
-        except (KeyError, TypeError, ValueError) as exc:
+            dtypes = (meta["input"]["dtype"], meta["output"]["dtype"])
+            max_batch = meta["max_batch"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EngineError(f"engine metadata of {path} lacks or garbles {exc}; rebuild with --force") from None
+        if not (isinstance(self.input_name, str) and isinstance(self.output_name, str)):
+            raise _damaged(sidecar_path(path), "input and output names must be strings")
+        if not all(isinstance(d, str) and d in IO_DTYPES for d in dtypes):
+            raise _damaged(sidecar_path(path), f"input/output dtypes must be {' or '.join(IO_DTYPES)}, got {dtypes!r}")
+        self.input_dtype, self.output_dtype = np.dtype(dtypes[0]), np.dtype(dtypes[1])
+        self.max_batch = _max_batch(max_batch, sidecar_path(path))
 
     @property
     def precision(self) -> str:
@@ -155,8 +205,14 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
                 precision: str | None = None, weights_sha256: str | None = None, **options: Any) -> Engine:
     """Load an engine built by `python -m cnpose_trt.build`.
 
+    Needs no lock and no write access: engines in a read-only folder load. A rebuild running at
+    the same time is harmless: the sidecar names the engine file, is replaced atomically, and an
+    engine file never changes once written; if the file the sidecar named is deleted by a
+    rebuild before it was loaded, the new sidecar is read and its engine loaded.
+
     Args:
-        path: the engine file or its .json sidecar.
+        path: the engine handle (<stem><ext>), an engine file or the .json sidecar; the sidecar
+            decides which engine file is loaded (Engine.path).
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
         variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
         options: backend options (onnxruntime: threads).
@@ -166,20 +222,48 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
             built for another GPU or TensorRT version.
     """
     path = Path(path)
-    meta = read_sidecar(path)
-    for what, want, have in (("variant", variant, meta.get("variant")), ("precision", precision, meta.get("precision")),
-                             ("weights", weights_sha256, meta.get("weights", {}).get("sha256"))):
+    side = sidecar_path(path)
+    for attempt in range(_LOAD_ATTEMPTS):
+        before = _identity(side)
+        meta = read_sidecar(side)
+        try:
+            return _load(side, meta, verify, (variant, precision, weights_sha256), options)
+        except (CnposeError, OSError):
+            if attempt + 1 == _LOAD_ATTEMPTS or _identity(side) == before:
+                raise
+            log.debug("engine metadata %s was replaced while loading (a rebuild committed); reading it again", side)
+    raise AssertionError("unreachable")
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | None, str | None, str | None],
+          options: dict[str, Any]) -> Engine:
+    weights = meta.get("weights", {})
+    for what, want, have in zip(("variant", "precision", "weights"), expected,
+                                (meta.get("variant"), meta.get("precision"), weights.get("sha256")), strict=True):
         if want is not None and want != have:
-            raise EngineError(f"engine {path} was built for {what} {have!r}, not {want!r}; build the one you "
+            raise EngineError(f"engine {side} was built for {what} {have!r}, not {want!r}; build the one you "
                               "need with python -m cnpose_trt.build")
-    engine_file = sidecar_path(path).with_name(str(meta.get("engine_file", "")))
-    if not meta.get("engine_file") or not engine_file.is_file():
-        raise EngineError(f"engine file {engine_file} named by {sidecar_path(path)} is missing; rebuild with --force")
-    if verify and file_sha256(engine_file) != meta.get("engine_sha256"):
-        raise EngineError(f"engine file {engine_file} does not match its metadata (sha256 differs): the file is "
-                          "damaged or was replaced; rebuild with `python -m cnpose_trt.build ... --force`")
-    backend = meta.get("backend")
-    cls = _BACKENDS.get(str(backend))
+    engine_file = side.with_name(meta["engine_file"])
+    if not engine_file.is_file():
+        raise EngineError(f"engine file {engine_file} named by {side} is missing; rebuild with --force")
+    if verify:
+        try:
+            sha = file_sha256(engine_file)
+        except OSError as exc:
+            raise EngineError(f"engine file {engine_file} is unreadable ({exc.strerror})") from None
+        if sha != meta["engine_sha256"]:
+            raise EngineError(f"engine file {engine_file} does not match its metadata (sha256 differs): the file is "
+                              "damaged or was replaced; rebuild with `python -m cnpose_trt.build ... --force`")
+    backend = meta["backend"]
+    cls = _BACKENDS.get(backend)
     if cls is None:
         raise EngineError(f"engine {engine_file} is for backend {backend!r}; this installation loads "
                           f"{', '.join(_BACKENDS)}")

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_model, write_official
 
-from cnpose_trt import BuildError, EngineError, load_engine
-from cnpose_trt import build as build_mod
+from cnpose_trt import BuildError, load_engine
 from cnpose_trt.build import TrtOptions, build_engine
 from cnpose_trt.build import main as build_main
 from cnpose_trt.cache import sidecar_path
@@ -53,20 +52,33 @@ def test_checkpoint_decides_variant(tmp_path):
         build_engine("L", ckpt, out_dir=tmp_path)
 
 
-def test_interrupted_build_leaves_no_valid_engine(tmp_path, monkeypatch):
-    good = build_engine("XS", out_dir=tmp_path)
+@pytest.mark.parametrize("step", ["install_file", "write_json", "remove_replaced"])
+def test_interrupted_rebuild_keeps_an_engine(tmp_path, monkeypatch, step):
+    """Ctrl-C at each step of the commit: the previous engine (or, once committed, the new one) loads."""
+    from cnpose_trt import cache
+
+    good = build_engine("XS", out_dir=tmp_path, backend="torch")
+    # torch and onnxruntime engines are reproducible (a rebuild writes the same file); TensorRT's
+    # are not: give the previous engine another file name, as a TensorRT rebuild would find it.
+    old = good.path.rename(good.path.with_name(good.path.name.replace(good.meta["engine_sha256"][:8], "0badf00d")))
+    before = dict(good.meta, engine_file=old.name)
+    cache.write_json(sidecar_path(good.path), before)
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "write_json", boom)  # dies after the engine, before the sidecar
+    monkeypatch.setattr(cache, step, boom)
     with pytest.raises(KeyboardInterrupt):
-        build_engine("XS", out_dir=tmp_path, force=True)
-    with pytest.raises(EngineError, match="unfinished build"):
-        load_engine(good.path)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        build_engine("XS", out_dir=tmp_path, backend="torch", force=True)
     monkeypatch.undo()
-    assert not build_engine("XS", out_dir=tmp_path).cached
+    engine = load_engine(good.path)
+    after = json.loads(sidecar_path(good.path).read_text())
+    assert (after == before) == (step != "remove_replaced")  # committed only once the sidecar was replaced
+    assert engine.meta == after and engine.path.name == after["engine_file"]
+    assert old.is_file()  # the old engine file stays until a commit is complete ...
+    build_engine("XS", out_dir=tmp_path, backend="torch")  # ... and the next build removes it once unused
+    assert old.is_file() == (step != "remove_replaced")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_tensorrt_backend_without_tensorrt(tmp_path, monkeypatch, capsys):
