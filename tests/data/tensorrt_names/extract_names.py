@@ -1,4 +1,6 @@
-"""Extract the names a TensorRT Python bindings wheel defines, for tests/test_tensorrt_names.py.
+"""Extract the names a TensorRT Python bindings wheel defines: the weaker, per-string check of
+tests/test_tensorrt_names.py for the newest wheel (11.4), newer than NVIDIA's stored sources. The
+main check uses (class, attribute) pairs from the binding sources (extract_pairs.py).
 
 The tensorrt-cu12/cu13 "bindings" wheels on PyPI are real wheels (about 1.3 MB) whose compiled
 module cannot be imported without the TensorRT libraries, but it carries every class, method,
@@ -11,7 +13,7 @@ The linker may store a name only as the tail of a longer string ("num_errors" in
 "get_num_errors"), so the test accepts a name that ends one of these strings.
 
 Regenerate (the wheels come from PyPI, any platform tag with the same contents will do):
-    pip download --no-deps -d /tmp/trtw "tensorrt-cu12-bindings==10.16.*" "tensorrt-cu13-bindings==11.4.*"
+    pip download --no-deps -d /tmp/trtw "tensorrt-cu13-bindings==11.4.*"
     python tests/data/tensorrt_names/extract_names.py /tmp/trtw/*.whl
 """
 
