@@ -1,0 +1,552 @@
+"""Batch jobs (cnpose_trt.batch): manifests, results equal to PoseEstimator's, error rows, resume after
+SIGKILL (between and during part writes), the folder lock, and the same job on a local Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from cnpose_trt import batch  # noqa: E402
+from cnpose_trt.draw import demo_image, save_image  # noqa: E402
+from cnpose_trt.pipeline import PoseEstimator  # noqa: E402
+from cnpose_trt.preprocess import load_image  # noqa: E402
+
+K = [900.0, 910.0, 320.0, 240.0]
+
+
+def _scene_records(folder: Path, n: int = 6, seed: int = 0) -> list[dict]:
+    """n generated images (PNG and JPEG) with 0..3 people each; some with root depth and
+    intrinsics, some with crop boxes; records in the manifest's JSON form."""
+    rng = np.random.default_rng(seed)
+    base, box = demo_image()
+    records = []
+    for i in range(n):
+        h, w = int(rng.integers(240, 480)), int(rng.integers(320, 640))
+        img = np.ascontiguousarray(np.roll(base, int(rng.integers(-150, 150)), axis=1)[:h, :w])
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        save_image(folder / name, img)
+        people = i % 4
+        boxes = np.column_stack([rng.uniform(0, w * 0.5, people), rng.uniform(0, h * 0.5, people),
+                                 rng.uniform(40, w * 0.5, people), rng.uniform(40, h * 0.5, people)]).tolist()
+        rec: dict = {"image": name}
+        if i == 3:
+            rec["crop_boxes"] = [[b[0], b[1], b[2], b[2]] for b in boxes]
+        else:
+            rec["boxes"] = boxes
+        if i in (1, 3):
+            rec["root_depth"] = [float(v) for v in rng.uniform(3000, 6000, people)]
+            rec["intrinsics"] = K
+        if i == 5:
+            rec["root_depth"] = 4500.0
+        records.append(rec)
+    return records
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _reference(engine, folder: Path, records: list[dict], flip: bool) -> dict[tuple[str, int], dict]:
+    """PoseEstimator.predict on each image on its own: the rows the batch job must produce."""
+    est = PoseEstimator(engine)
+    rows = {}
+    for rec in records:
+        key = "crop_boxes" if "crop_boxes" in rec else "boxes"
+        image = load_image(folder / rec["image"])
+        res = est.predict(image, **{key: np.asarray(rec[key], np.float64).reshape(-1, 4)},
+                          root_depth=rec.get("root_depth"), intrinsics=rec.get("intrinsics"), flip=flip)
+        for p in range(len(res)):
+            rows[(rec["image"], p)] = {"box": res.boxes[p], "crop_box": res.crop_boxes[p], "joints": res.image[p],
+                                       "confidence": res.confidence[p],
+                                       "camera": None if res.camera is None else res.camera[p]}
+    return rows
+
+
+def _rows(out: Path) -> dict[tuple[str, int | None], dict]:
+    table = batch.read_results(out).to_pylist()
+    keyed = {}
+    for row in table:
+        key = (row["image"], row["person"])
+        assert key not in keyed, f"row {key} appears twice"
+        keyed[key] = row
+    return keyed
+
+
+def _assert_rows_equal(got: dict, ref: dict) -> None:
+    assert set(got) == set(ref)
+    for key, r in ref.items():
+        g = got[key]
+        assert g["error"] is None
+        np.testing.assert_array_equal(g["box"], r["box"])
+        np.testing.assert_array_equal(g["crop_box"], r["crop_box"])
+        # The batch stores the decode's float32 output; the reference holds the same values as float64.
+        np.testing.assert_allclose(np.asarray(g["joints"], np.float64), r["joints"], rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(g["confidence"], np.float64), r["confidence"], rtol=1e-6, atol=1e-7)
+        if r["camera"] is None:
+            assert g["camera"] is None
+        else:
+            np.testing.assert_allclose(np.asarray(g["camera"], np.float64), r["camera"], rtol=1e-6, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch_scenes")
+    records = _scene_records(folder)
+    return folder, records, _write_jsonl(folder / "manifest.jsonl", records)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_local_run_equals_pose_estimator(scenes, xs_engine, xs_engine_path, tmp_path, flip):
+    folder, records, manifest = scenes
+    out = tmp_path / "out"
+    summary = batch.run(manifest, out, engine=xs_engine_path, flip=flip, part_images=2, readers=2, progress=False)
+    ref = _reference(xs_engine, folder, records, flip)
+    got = _rows(out)
+    _assert_rows_equal(got, ref)
+    people = sum(len(r.get("boxes", r.get("crop_boxes"))) for r in records)
+    assert summary.this_run_images == summary.images == len(records) and summary.people == people == len(ref)
+    assert summary.errors == 0 and summary.skipped == 0 and summary.parts == 3  # 6 images, 2 per part
+    assert json.loads((out / batch.SUMMARY_FILE).read_text())["people"] == people
+    engine_name = Path(xs_engine.path).name
+    assert {r["engine"] for r in got.values()} == {engine_name}
+    # root_depth and camera columns follow the manifest: absolute depth only where it was given
+    for (image, person), row in got.items():
+        rec = next(r for r in records if r["image"] == image)
+        want = rec.get("root_depth")
+        want = want[person] if isinstance(want, list) else want
+        assert row["root_depth"] == want
+        assert (row["camera"] is not None) == ("intrinsics" in rec)
+    # an image without people is done (listed in its part) but has no rows
+    assert "img0.jpg" not in {k[0] for k in got}
+    listed = [json.loads(pq.read_schema(p).metadata[batch.META_KEY])["images"] for p in sorted(out.glob("part-*"))]
+    assert sorted(sum(listed, [])) == sorted(r["image"] for r in records)
+
+
+def test_rerun_skips_done_images(scenes, xs_engine_path, tmp_path):
+    _, records, manifest = scenes
+    out = tmp_path / "out"
+    batch.run(manifest, out, engine=xs_engine_path, part_images=4, progress=False)
+    before = batch.read_results(out)
+    again = batch.run(manifest, out, engine=xs_engine_path, part_images=4, progress=False)
+    assert again.this_run_images == 0 and again.skipped == len(records) and again.images == len(records)
+    assert batch.read_results(out).equals(before)
+    # another engine or the flip test would mix two jobs' results in one folder: refused
+    with pytest.raises(batch.BatchError, match="another job"):
+        batch.run(manifest, out, engine=xs_engine_path, flip=True, progress=False)
+
+
+def test_error_rows_and_the_job_goes_on(tmp_path, xs_engine, xs_engine_path):
+    base, box = demo_image()
+    save_image(tmp_path / "good.png", base)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # a PNG signature, then noise
+    good = tmp_path / "good.png"
+    (tmp_path / "truncated.jpg").write_bytes(save_image(tmp_path / "t.jpg", base).read_bytes()[:300])
+    records = [
+        {"image": "corrupt.png", "boxes": [list(box)]},
+        {"image": "good.png", "boxes": [list(box), [10, 10, 0, 50], [100, 80, 120, 200], [700, 10, 50, 50]]},
+        {"image": "missing.png", "boxes": [list(box)]},
+        {"image": "truncated.jpg", "boxes": [list(box)]},
+        {"image": "neg.png", "boxes": [list(box), [20, 20, 100, 100]], "root_depth": [-5.0, 4000.0]},
+        {"image": "nan.png", "crop_boxes": [[float("nan"), 0, 100, 100], [0, 0, 100, -3]]},
+    ]
+    for name in ("neg.png", "nan.png"):
+        (tmp_path / name).write_bytes(good.read_bytes())
+    manifest = _write_jsonl(tmp_path / "m.jsonl", records)
+    summary = batch.run(manifest, tmp_path / "out", engine=xs_engine_path, part_images=2, progress=False)
+    rows = _rows(tmp_path / "out")
+    errors = {k: r["error"] for k, r in rows.items() if r["error"] is not None}
+    assert set(errors) == {("corrupt.png", None), ("good.png", 1), ("good.png", 3), ("missing.png", None),
+                           ("truncated.jpg", None), ("neg.png", 0), ("nan.png", 0), ("nan.png", 1)}
+    assert "not an image file OpenCV can decode" in errors[("corrupt.png", None)]
+    assert "image not found" in errors[("missing.png", None)]
+    assert "boxes[1] is empty" in errors[("good.png", 1)]
+    assert "boxes[3]" in errors[("good.png", 3)] and "outside" in errors[("good.png", 3)]
+    assert "root_depth" in errors[("neg.png", 0)]
+    assert "finite" in errors[("nan.png", 0)] and "crop_boxes[1]" in errors[("nan.png", 1)]
+    # an error row keeps the person's box as given; the whole-image ones have none
+    assert rows[("good.png", 1)]["box"] == [10, 10, 0, 50] and rows[("corrupt.png", None)]["box"] is None
+    assert all(rows[k]["joints"] is None and rows[k]["engine"] is None for k in errors)
+    # the good people of the same images are there, equal to PoseEstimator's on those boxes
+    est = PoseEstimator(xs_engine)
+    ref = est.predict(base, np.asarray([box, [100, 80, 120, 200]], np.float64))
+    for n, person in enumerate((0, 2)):
+        np.testing.assert_allclose(np.asarray(rows[("good.png", person)]["joints"], np.float64), ref.image[n],
+                                   rtol=1e-6, atol=1e-4)
+    ref = est.predict(base, np.asarray([[20, 20, 100, 100]], np.float64), root_depth=[4000.0])
+    np.testing.assert_allclose(np.asarray(rows[("neg.png", 1)]["joints"], np.float64), ref.image[0], rtol=1e-6,
+                               atol=1e-3)
+    assert summary.images == 6 and summary.errors == len(errors) and summary.people == 3
+
+
+class _BadItemEstimator:
+    """PoseEstimator that refuses one image the way it refuses bad items (ValueError after the
+    results before it), to check that the stream goes on after it."""
+
+    def __init__(self, estimator, bad_key):
+        self.estimator, self.bad_key = estimator, bad_key
+
+    def predict_iter(self, items, flip=False):
+        def guarded():
+            for item in items:
+                if item["image"].shape == self.bad_key:
+                    raise ValueError("refused by the estimator")
+                yield item
+        return self.estimator.predict_iter(guarded(), flip=flip)
+
+
+def test_estimator_errors_become_error_rows(tmp_path, xs_engine):
+    base, box = demo_image()
+    entries = []
+    for i, size in enumerate([(480, 640), (300, 400), (480, 640), (200, 300)]):
+        save_image(tmp_path / f"{i}.png", np.ascontiguousarray(base[:size[0], :size[1]]))
+        entries.append(batch.Entry(f"{i}.png", str(tmp_path / f"{i}.png"), "test", boxes=np.asarray([[5, 5, 90, 150]],
+                                                                                                    np.float64)))
+    est = _BadItemEstimator(PoseEstimator(xs_engine), (300, 400, 3))
+    out = list(batch.estimate_stream(est, (batch.load_entry(e) for e in entries)))
+    assert [o[0].entry.key for o in out] == ["0.png", "1.png", "2.png", "3.png"]
+    assert out[1][1] is None and out[1][0].error == "refused by the estimator"
+    assert all(o[1] is not None and len(o[1]) == 1 for i, o in enumerate(out) if i != 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _write_all_formats(folder: Path, records: list[dict]) -> dict[str, Path]:
+    paths = {"jsonl": _write_jsonl(folder / "m.jsonl", records)}
+    with open(folder / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(batch.FIELDS))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in r.items()})
+    paths["csv"] = folder / "m.csv"
+    # Parquet: nested lists where they are regular, JSON strings in a column where they are not
+    table = pa.table({
+        "image": [r["image"] for r in records],
+        "boxes": [r.get("boxes") for r in records],
+        "crop_boxes": [r.get("crop_boxes") for r in records],
+        "root_depth": [None if "root_depth" not in r else json.dumps(r["root_depth"]) for r in records],
+        "intrinsics": [r.get("intrinsics") for r in records]})
+    pq.write_table(table, folder / "m.parquet")
+    paths["parquet"] = folder / "m.parquet"
+    return paths
+
+
+def _entries_equal(a: batch.Entry, b: batch.Entry) -> None:
+    assert (a.key, a.path) == (b.key, b.path)
+    for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_manifest_formats_parse_the_same(scenes, tmp_path):
+    folder, records, _ = scenes
+    paths = _write_all_formats(folder, records)
+    parsed = {fmt: list(batch.read_manifest(p)) for fmt, p in paths.items()}
+    assert len(parsed["jsonl"]) == len(records)
+    for rec, entry in zip(records, parsed["jsonl"], strict=True):
+        key = "crop_boxes" if "crop_boxes" in rec else "boxes"
+        np.testing.assert_array_equal(getattr(entry, key), np.asarray(rec[key], np.float64).reshape(-1, 4))
+        assert entry.path == str(folder / rec["image"])
+    for fmt in ("csv", "parquet"):
+        for a, b in zip(parsed["jsonl"], parsed[fmt], strict=True):
+            _entries_equal(a, b)
+    # an entry survives the trip to a Ray worker exactly (NaN included)
+    for e in parsed["jsonl"] + [batch.Entry("a", "b", "c", crop_boxes=np.asarray([[np.nan, 1e-300, 3.3, 1 / 3]]))]:
+        _entries_equal(e, batch.Entry.from_json(e.to_json()))
+    # relative paths against --image-root instead of the manifest's folder
+    other = next(batch.read_manifest(paths["jsonl"], image_root=tmp_path))
+    assert other.path == str(tmp_path / records[0]["image"])
+
+
+def test_coco_detections(tmp_path):
+    base, _ = demo_image()
+    for name in ("000000000139.jpg", "000000000285.jpg", "7.png", "notes.txt"):
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("not an image")
+        else:
+            save_image(tmp_path / name, base)
+    dets = [
+        {"image_id": 139, "category_id": 1, "bbox": [10, 20, 100, 200], "score": 0.9},
+        {"image_id": 139, "category_id": 1, "bbox": [200, 20, 100, 200], "score": 0.3},   # under the threshold
+        {"image_id": 139, "category_id": 18, "bbox": [300, 20, 100, 200], "score": 0.99},  # a dog
+        {"image_id": 139, "category_id": 1, "bbox": [50, 60, 70, 80], "score": 0.5},      # at the threshold: kept
+        {"image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.8},
+    ]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    entries = {e.key: e for e in batch.read_manifest(tmp_path / "dets.json")}
+    assert sorted(entries) == ["000000000139.jpg", "000000000285.jpg", "7.png"]  # 285: no detections, no people
+    np.testing.assert_array_equal(entries["000000000139.jpg"].boxes, [[10, 20, 100, 200], [50, 60, 70, 80]])
+    assert entries["000000000285.jpg"].boxes.shape == (0, 4) and entries["7.png"].people == 1
+    lower = {e.key: e.people for e in batch.read_manifest(tmp_path / "dets.json", score_threshold=0.2)}
+    assert lower["000000000139.jpg"] == 3
+    dogs = {e.key: e.people for e in batch.read_manifest(tmp_path / "dets.json", category_id=18)}
+    assert dogs == {"000000000139.jpg": 1, "000000000285.jpg": 0, "7.png": 0}
+    # the dict form: images and categories from the file ('person' is category 3 here)
+    doc = {"images": [{"id": 1, "file_name": "7.png"}, {"id": 2, "file_name": "000000000285.jpg"}],
+           "categories": [{"id": 1, "name": "bicycle"}, {"id": 3, "name": "person"}],
+           "annotations": [{"image_id": 1, "category_id": 3, "bbox": [5, 5, 50, 60], "score": 0.7},
+                           {"image_id": 1, "category_id": 1, "bbox": [5, 5, 50, 60], "score": 0.9}]}
+    (tmp_path / "coco.json").write_text(json.dumps(doc))
+    got = {e.key: e for e in batch.read_manifest(tmp_path / "coco.json")}
+    assert sorted(got) == ["000000000285.jpg", "7.png"] and got["7.png"].people == 1
+    np.testing.assert_array_equal(got["7.png"].boxes, [[5, 5, 50, 60]])
+    dets.append({"image_id": 999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.8})
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    with pytest.raises(batch.ManifestError, match=r"detection 5, field 'image_id': 999 matches no image"):
+        list(batch.read_manifest(tmp_path / "dets.json"))
+
+
+BAD_JSONL = [
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n{"image": "b.png", "boxes": [[1, 2, 3]]}',
+     r"m\.jsonl, line 2, field 'boxes': entry 0 must be 4 numbers"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n\n{"image": "b.png" "boxes": []}', r"line 3: not valid JSON"),
+    ('{"boxes": [[1, 2, 3, 4]]}', r"line 1, field 'image': must be an image path"),
+    ('{"image": "", "boxes": []}', r"field 'image': must be an image path"),
+    ('{"image": "a.png"}', r"field 'boxes': give exactly one of 'boxes'"),
+    ('{"image": "a.png", "boxes": [], "crop_boxes": []}', r"give exactly one"),
+    ('{"image": "a.png", "box": [1, 2, 3, 4]}', r"field 'box': unknown field; a record has image, boxes"),
+    ('{"image": "a.png", "boxes": "[[1, 2, 3, 4]]"}', r"field 'boxes': must be a list .* got str"),
+    ('{"image": "a.png", "boxes": [[1, 2, true, 4]]}', r"field 'boxes': entry 0 must be 4 numbers"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": [1, 2]}',
+     r"field 'root_depth': needs one number for all people or one per person \(1\), got 2"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": "far"}', r"field 'root_depth': must be a number"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "intrinsics": [1, 1, 1, 1]}',
+     r"field 'intrinsics': needs root_depth"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": 4000, "intrinsics": [[1, 1, 1, 1], [1, 1, 1, 1]]}',
+     r"field 'intrinsics': needs one \[fx, fy, cx, cy\] for all people or one per person \(1\), got 2"),
+    ('[1, 2]', r"line 1: each line must be a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_JSONL)
+def test_bad_jsonl_records_name_file_line_and_field(tmp_path, text, message):
+    (tmp_path / "m.jsonl").write_text(text + "\n")
+    with pytest.raises(batch.ManifestError, match=message):
+        list(batch.read_manifest(tmp_path / "m.jsonl"))
+
+
+def test_bad_csv_and_parquet_records(tmp_path):
+    (tmp_path / "m.csv").write_text('image,boxes\na.png,"[[1,2,3,4]]"\nb.png,"[[1,2,3,4]"\n')
+    with pytest.raises(batch.ManifestError, match=r"m\.csv, line 3, field 'boxes': is not valid JSON"):
+        list(batch.read_manifest(tmp_path / "m.csv"))
+    (tmp_path / "n.csv").write_text("path,boxes\na.png,[]\n")
+    with pytest.raises(batch.ManifestError, match=r"n\.csv, line 1: the header must name an 'image' column"):
+        list(batch.read_manifest(tmp_path / "n.csv"))
+    (tmp_path / "o.csv").write_text('image,boxes\na.png,[[1,2,3,4]]\n')  # an unquoted JSON list: too many cells
+    with pytest.raises(batch.ManifestError, match=r"o\.csv, line 2: more cells than the header"):
+        list(batch.read_manifest(tmp_path / "o.csv"))
+    pq.write_table(pa.table({"image": ["a.png", "b.png"], "boxes": [[[1.0, 2.0, 3.0, 4.0]], [[1.0, 2.0]]]}),
+                   tmp_path / "m.parquet")
+    with pytest.raises(batch.ManifestError, match=r"m\.parquet, row 2, field 'boxes': entry 0 must be 4 numbers"):
+        list(batch.read_manifest(tmp_path / "m.parquet"))
+    (tmp_path / "p.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(batch.ManifestError, match=r"p\.parquet: not a readable Parquet file"):
+        list(batch.read_manifest(tmp_path / "p.parquet"))
+    with pytest.raises(ValueError, match=r"cannot tell the format .* '\.txt'"):
+        batch.read_manifest(tmp_path / "m.txt")
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        batch.read_manifest(tmp_path / "none.jsonl")
+
+
+def test_manifest_problems_stop_the_job_before_any_work(tmp_path, xs_engine_path):
+    base, box = demo_image()
+    save_image(tmp_path / "a.png", base)
+    _write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "boxes": [list(box)]}, {"image": "a.png", "boxes": []}])
+    with pytest.raises(batch.ManifestError, match=r"line 2, field 'image': 'a.png' is listed again \(first at "):
+        batch.run(tmp_path / "m.jsonl", tmp_path / "out", engine=xs_engine_path, progress=False)
+    assert not list((tmp_path / "out").glob("part-*"))
+    with pytest.raises(ValueError, match="readers must be an integer > 0"):
+        batch.run(tmp_path / "m.jsonl", tmp_path / "out", engine=xs_engine_path, readers=0)
+    with pytest.raises(ValueError, match="precision must be fp32 or fp16"):
+        batch.run(tmp_path / "m.jsonl", tmp_path / "out", precision="int8")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(batch.BatchError, match="is a file, not a folder"):
+        batch.run(tmp_path / "m.jsonl", tmp_path / "file", engine=xs_engine_path)
+
+
+def test_output_folder_is_locked(scenes, tmp_path, xs_engine_path):
+    from cnpose_trt.cache import file_lock
+
+    _, _, manifest = scenes
+    (tmp_path / "out").mkdir()
+    with file_lock(tmp_path / "out" / batch.LOCK_FILE), pytest.raises(batch.BatchError,
+                                                                      match="another batch job is writing"):
+        batch.run(manifest, tmp_path / "out", engine=xs_engine_path, progress=False)
+
+
+def test_damaged_part_is_named(scenes, tmp_path, xs_engine_path):
+    _, _, manifest = scenes
+    out = tmp_path / "out"
+    batch.run(manifest, out, engine=xs_engine_path, part_images=3, progress=False)
+    (out / "part-000001.parquet").write_bytes(b"damaged")
+    with pytest.raises(batch.BatchError, match=r"part-000001\.parquet is unreadable"):
+        batch.run(manifest, out, engine=xs_engine_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Killed and resumed
+
+_KILLABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import cnpose_trt.cache as cache
+
+    mode, marker, nth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    real, calls = cache.install_file, [0]
+
+    def install_then_stop(src, dst):
+        # The part commit (rename) is the point to kill around: 'during' stops with the part written
+        # to its temporary name but not renamed, 'after' right after the rename.
+        calls[0] += 1
+        if calls[0] == nth and mode == "during":
+            marker.write_text(str(src))
+            time.sleep(120)
+        result = real(src, dst)
+        if calls[0] == nth and mode == "after":
+            marker.write_text(str(dst))
+            time.sleep(120)
+        return result
+
+    cache.install_file = install_then_stop
+    from cnpose_trt.batch import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+def _run_and_kill(tmp_path, mode, nth, manifest, out, engine_path):
+    marker = tmp_path / f"marker-{mode}"
+    marker.unlink(missing_ok=True)
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(marker), str(nth), str(manifest), "--out",
+                             str(out), "--engine", str(engine_path), "--part-images", "1", "--no-progress",
+                             "--readers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the job ended before the kill point: {proc.communicate()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the job did not reach the kill point in 120 s")
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return Path(marker.read_text())
+
+
+def test_killed_job_resumes_without_loss_or_duplicates(scenes, tmp_path, xs_engine_path):
+    folder, records, manifest = scenes
+    ref_out = tmp_path / "ref"
+    batch.run(manifest, ref_out, engine=xs_engine_path, progress=False)
+    out = tmp_path / "out"
+    # 1: killed while the second part is written, before its rename: one part committed, a temporary left
+    temp = _run_and_kill(tmp_path, "during", 2, manifest, out, xs_engine_path)
+    assert temp.exists() and temp.name.startswith(".part-") and len(list(out.glob("part-*.parquet"))) == 1
+    # 2: resumed, and killed right after its second commit: three parts in all
+    _run_and_kill(tmp_path, "after", 2, manifest, out, xs_engine_path)
+    assert not temp.exists() and len(list(out.glob("part-*.parquet"))) == 3
+    # 3: resumed to the end
+    summary = batch.run(manifest, out, engine=xs_engine_path, progress=False)
+    assert summary.skipped == 3 and summary.this_run_images == len(records) - 3 and summary.images == len(records)
+    assert not list(out.glob(".part-*"))
+    listed = [json.loads(pq.read_schema(p).metadata[batch.META_KEY])["images"] for p in sorted(out.glob("part-*"))]
+    assert sorted(sum(listed, [])) == sorted(r["image"] for r in records)  # every image exactly once
+    got, ref = _rows(out), _rows(ref_out)  # _rows refuses duplicate (image, person) rows
+    assert set(got) == set(ref)
+    for key in ref:
+        assert got[key] == ref[key], key
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_runs_and_reports(scenes, tmp_path, xs_engine_path, capsys):
+    _, records, manifest = scenes
+    parser = argparse.ArgumentParser()
+    batch.add_batch_arguments(parser)
+    args = parser.parse_args([str(manifest), "--out", str(tmp_path / "out"), "--engine", str(xs_engine_path),
+                              "--no-progress", "--part-images", "4"])
+    assert batch.run_batch(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(records)} images" in printed and json.loads(printed[printed.index("{"):])["parts"] == 2
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "boxes": [[1, 2]]}\n')
+    args = parser.parse_args([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2"), "--engine",
+                              str(xs_engine_path)])
+    assert batch.run_batch(args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "bad.jsonl, line 1, field 'boxes'" in err
+
+
+def test_progress_bar_reports_images_per_second():
+    import io
+
+    stream = io.StringIO()
+    bar = batch.Progress(10, enabled=True, stream=stream)
+    bar._last -= 100  # due now (not a terminal: every 30 s)
+    bar.update(4, people=6, errors=1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "4/10 images" in lines[0] and "img/s" in lines[0] and "6 people  1 errors" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_run_equals_local_run(scenes, tmp_path, xs_engine_path, ray_cluster):
+    folder, records, manifest = scenes
+    # error rows too: a corrupt image and an empty box travel the same way
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    base, box = demo_image()
+    save_image(folder / "extra.png", base)
+    more = records + [{"image": "corrupt.jpg", "boxes": [list(box)]},
+                      {"image": "extra.png", "boxes": [list(box), [3, 3, 0, 0]]}]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{**r, "image": str(folder / r["image"])} for r in more])
+    local = batch.run(manifest, tmp_path / "local", engine=xs_engine_path, part_images=3, progress=False)
+    remote = batch.run(manifest, tmp_path / "ray", engine=xs_engine_path, ray=True, ray_actors=2, ray_batch_size=3,
+                       part_images=3, progress=False)
+    assert remote.mode.startswith("ray, 2 actors") and ray_cluster.is_initialized()  # its cluster left running
+    for field in ("images", "people", "errors"):
+        assert getattr(remote, field) == getattr(local, field)
+    assert local.errors == 2 and local.images == len(more)
+    got, ref = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert set(got) == set(ref)
+    for key in ref:
+        assert got[key] == ref[key], key
+    # resumed from the local run's folder: nothing left to do
+    again = batch.run(manifest, tmp_path / "local", engine=xs_engine_path, ray=True, progress=False)
+    assert again.this_run_images == 0 and again.skipped == len(more)
