@@ -15,10 +15,8 @@ about 6 float32 epsilons of the output's peak, bound 64; float64: about 8, bound
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -44,17 +42,14 @@ SMALL_3UP = {"depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64), "head_channels": 
              "input_size": 128, "upsample": (True, True, True), "heatmap": (18 * 16, 32, 32)}
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+@pytest.fixture(scope="module", autouse=True)
+def _torch_one_thread():
     """float64 convolutions take torch's slow generic path, whose threads spin badly on a busy
-    2-core machine (seconds instead of ~0.1 s): run them on one thread."""
+    2-core machine (seconds instead of ~0.1 s): run this module on one thread; it times nothing."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
 class _Weights:
@@ -143,7 +138,7 @@ def case(request, tmp_path_factory):
     size = card.get("input_size", 256)
     x = np.random.default_rng(13).standard_normal((2, 3, size, size)).astype(np.float32)
     weights = _Weights(model.state_dict())
-    with _one_thread():
+    with torch.no_grad():
         ref = reference_forward(torch.from_numpy(x).double(), weights, card["depths"], card["upsample"]).numpy()
     assert weights.used == set(weights.state), f"tensors the card does not use: {set(weights.state) - weights.used}"
     assert ref.shape == (2, *card["heatmap"])
@@ -170,7 +165,7 @@ def test_reference_is_not_degenerate(case):
 
 def test_torch_model_float64_matches_reference(case):
     model, _, x, ref, _ = case
-    with _one_thread():
+    with torch.no_grad():
         got = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
     assert _scaled_error(got, ref) < F64_BOUND
 
