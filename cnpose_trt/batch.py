@@ -1099,10 +1099,8 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
     if loaded_engine is None:
         opts.engine = engine
         backend = opts.backend
-        if use_ray and ray_engine == "auto":
-            from .build import resolve_backend
-
-            ray_engine = "build" if engine is None and resolve_backend(backend) == "tensorrt" else "ship"
+        if use_ray and ray_engine == "auto":  # TensorRT engines are built for one GPU model: on the workers
+            ray_engine = "build" if engine is None and backend == "tensorrt" else "ship"
         if use_ray and ray_engine == "build":
             if engine is not None:
                 raise ValueError("ray_engine='build' builds from the variant options; an engine file is shipped")
@@ -1180,6 +1178,10 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
     pa, _ = _pyarrow()
     from .engine import read_sidecar
 
+    if todo == 0:  # nothing left: no cluster needed
+        writer = PartWriter(out, done.next_index, job, 18, job["engine"], part_images, part_seconds)
+        writer.close()
+        return writer, "ray, nothing to do"
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
@@ -1224,7 +1226,7 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
             writer.close()
             return writer, f"ray, {actors} actors"
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images; restored below
         ds = ray.data.from_arrow(tables).map_batches(
             RayPredictor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
@@ -1239,6 +1241,7 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
                     bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob)))
             ok = True
         finally:
+            ctx.enable_progress_bars = bars
             writer.close(commit=ok)
         return writer, f"ray, {actors} actors x {cpus:g} CPU{f' x {gpus:g} GPU' if gpus else ''}"
     finally:
@@ -1311,7 +1314,7 @@ def run_batch(args: argparse.Namespace) -> int:
                       max_batch=args.max_batch, engine_dir=args.engines, flip=args.flip, format=args.format,
                       image_root=args.image_root, score_threshold=args.score_threshold,
                       category_id=args.category_id, readers=args.readers, part_images=args.part_images,
-                      part_seconds=args.part_seconds, progress=False if args.no_progress else None, ray=args.ray,
+                      part_seconds=args.part_seconds, progress=not args.no_progress, ray=args.ray,
                       ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                       ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
                       ray_engine=args.ray_engine, say=say)
