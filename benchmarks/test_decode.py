@@ -5,7 +5,9 @@ and as a share of the memory bandwidth measured in the same run.
     CNPOSE_BENCH_GPU_BATCH=64 python -m pytest benchmarks/test_decode.py -k cuda --benchmark-only
 
 CPU: batch 8 (CNPOSE_BENCH_CPU_BATCH); the bandwidth reference reads an equally large buffer
-with as many threads as the decode uses. GPU: batch 64 (CNPOSE_BENCH_GPU_BATCH); the
+with as many threads as the decode uses. Besides the kernel picked for the processor, each
+kernel in CNPOSE_BENCH_ISAS (default avx2,avx512) is forced with the ISA switch, so an AVX-512
+machine also measures the AVX2 kernel that AVX2-only processors run. GPU: batch 64 (CNPOSE_BENCH_GPU_BATCH); the
 bandwidth reference is a device-to-device copy of an equally large buffer (read + write).
 """
 
@@ -23,6 +25,8 @@ GPU_BATCH = int(os.environ.get("CNPOSE_BENCH_GPU_BATCH", "64"))
 HEADS = {"2UP-D32": (32, 32), "3UP-D64": (64, 64)}  # heatmap config: (D, H=W); XS/S and M/L
 HEAD_LIST = os.environ.get("CNPOSE_BENCH_HEADS", ",".join(HEADS)).split(",")
 ROUNDS = int(os.environ.get("CNPOSE_BENCH_ROUNDS", "7"))
+# Forced kernels measured besides the auto-picked one (CNPOSE_BENCH_ISAS=avx2,portable to add the portable one).
+ISAS = os.environ.get("CNPOSE_BENCH_ISAS", "avx2,avx512").split(",")
 JOINTS = 18
 
 
@@ -63,6 +67,22 @@ def test_cpu_fused(benchmark, head, dtype):
                                 bytes=hm.nbytes)
     res = benchmark.pedantic(decode, args=(hm, JOINTS), rounds=ROUNDS, warmup_rounds=1)
     assert np.isfinite(res.cells).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("head", HEAD_LIST)
+def test_cpu_fused_isa(benchmark, head, isa):
+    """Each kernel forced with the ISA switch (an AVX-512 machine also measures its AVX2 kernel)."""
+    lib = _C()
+    if isa != "portable" and not getattr(lib, f"cpu_has_{isa}")():
+        pytest.skip(f"this processor lacks {isa}")
+    hm = _heatmaps(head, CPU_BATCH)
+    benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
+    benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{isa}-float32 (forced)", images=CPU_BATCH,
+                                bytes=hm.nbytes, isa=isa)
+    out = benchmark.pedantic(lib.decode_host, args=(hm, JOINTS), kwargs={"isa": isa}, rounds=ROUNDS,
+                             warmup_rounds=1)
+    assert np.isfinite(out[..., :4]).all()
 
 
 @pytest.mark.parametrize("head", HEAD_LIST)

@@ -1,4 +1,5 @@
-"""cnpose_trt._C: the compiled fused soft-argmax decode (csrc/). Use cnpose_trt.decode() normally.
+"""cnpose_trt._C: the compiled kernels of csrc/, the fused soft-argmax decode and the fused
+crop-and-normalise. Use cnpose_trt.decode() and cnpose_trt.cropping.crop_normalize() normally.
 
 Contract (csrc/softargmax.h): heatmaps (N, J*D, H, W), C-contiguous, float32 / float16 /
 bfloat16. For image n and joint j the D*H*W logits form one softmax p; the decode writes a
@@ -10,6 +11,15 @@ float32 (N, J, 10) array per joint:
 One pass over the data (streaming softmax). A joint whose volume holds NaN or +inf, or only
 -inf, decodes to NaN. Every argument is validated before any pointer is touched: ValueError
 for shapes and values, TypeError for types.
+
+Crop contract (csrc/crop.h): person p is cut from images[image_index[p]] (uint8 RGB, HWC) with
+the inverse of affines[p] (image px -> crop px): out[p, c, v, u] = (bilinear sample of channel
+c at M^-1 (u', v), black outside - mean[c]) / std[c], u' = S - 1 - u when flipped; the sample
+convention of cv2.warpAffine(INTER_LINEAR, BORDER_CONSTANT 0), in floating point.
+
+CPU threads: 0 means one per processor; at most 4 per processor and one per work item; a
+thread the system refuses means fewer threads (the calling thread always works), never an
+abort.
 """
 
 from collections.abc import Sequence
@@ -20,6 +30,7 @@ import numpy.typing as npt
 OUT_FIELDS: int
 built_with_cuda: bool
 MAX_FLIP_JOINTS_CUDA: int
+MAX_CROP_SIZE: int
 
 def cpu_has_avx2() -> bool:
     """Whether the AVX2+FMA+F16C kernel runs on this processor."""
@@ -29,6 +40,13 @@ def cpu_has_avx512() -> bool:
 
 def cpu_isa() -> str:
     """The kernel decode_host uses with isa='auto': 'avx512', 'avx2' or 'portable'."""
+
+def hardware_threads() -> int:
+    """Processors the CPU kernels count with threads=0."""
+
+def _set_thread_spawn_limit(n: int) -> None:
+    """Testing only: the CPU kernels may create n more threads, then creation fails as a
+    refusing system's would (-1: no limit)."""
 
 def cuda_device_count() -> int:
     """Visible CUDA devices (0 when built without CUDA or without a driver)."""
@@ -58,6 +76,9 @@ def decode_host(
 ) -> npt.NDArray[np.float32]:
     """Decode host heatmaps into a float32 (N, J, 10) array (`out` if given), GIL released.
 
+    heatmaps (and out) must be in the machine's byte order; out must not overlap any input;
+    depth_range_mm must fit float32.
+
     flipped: heatmaps of the mirrored crops, with flip_perm (J,) the permutation that swaps
     left and right joints; the result averages both (x -> W - 1 - x for the flipped ones).
     boxes (N, 4) x, y, w, h; root_depth (N,) mm; intrinsics (N, 4) fx, fy, cx, cy (need boxes).
@@ -83,5 +104,49 @@ def decode_device(
     """Enqueue the decode of device heatmaps on `stream`: raw device pointers (int), shape
     (N, J*D, H, W), dtype 'float32' | 'float16' | 'bfloat16'; out is a float32 (N, J, 10)
     device buffer; boxes/root_depth/intrinsics are float32 device buffers or 0. No host sync.
-    All buffers must be device memory on one GPU (ValueError otherwise). RuntimeError when
-    built without CUDA."""
+    All buffers must be device memory on one GPU (ValueError otherwise), out must not overlap
+    the inputs. RuntimeError when built without CUDA."""
+
+def crop_host(
+    images: Sequence[npt.NDArray[np.uint8]],
+    image_index: npt.ArrayLike,
+    affines: npt.ArrayLike,
+    *,
+    size: int = 256,
+    flip: bool | npt.ArrayLike = False,
+    mean: npt.ArrayLike,
+    std: npt.ArrayLike,
+    out: npt.NDArray[np.floating] | None = None,
+    dtype: str | None = None,
+    threads: int = 0,
+    isa: str = "auto",
+) -> npt.NDArray[np.floating]:
+    """Crop, warp and normalise people from host images into (P, 3, size, size), GIL released.
+
+    images: list of (H, W, 3) uint8 RGB arrays, byte strides (row, 3, 1) with row >= 3 * W
+    (views of larger images are fine; any size, 64-bit offsets). image_index (P,) integers;
+    affines (P, 2, 3) image px -> crop px (invertible; crop corners within 2^30 px); flip a
+    bool or (P,) bools; mean, std (3,) on 0..255 values; out float32/float16 (P, 3, S, S),
+    C-contiguous, not overlapping the images (else allocated with dtype, default float32).
+    isa: 'auto', 'avx512', 'avx2' or 'portable' (ValueError if the processor lacks it).
+    """
+
+def crop_device(
+    image_ptrs: Sequence[int],
+    image_hw: Sequence[tuple[int, int]],
+    row_strides: Sequence[int],
+    image_index: npt.ArrayLike,
+    affines: npt.ArrayLike,
+    *,
+    size: int = 256,
+    flip: bool | npt.ArrayLike = False,
+    mean: npt.ArrayLike,
+    std: npt.ArrayLike,
+    out: int,
+    out_dtype: str = "float32",
+    stream: int = 0,
+) -> None:
+    """Enqueue the crop of device uint8 RGB images (raw pointers, heights and widths, row
+    strides in bytes) into a float32/float16 (P, 3, size, size) device buffer on `stream`. The
+    people travel in the launch parameters (host image_index, affines, flip): no device
+    allocation, no host sync. RuntimeError when built without CUDA."""

@@ -1,4 +1,5 @@
-"""GPU side of decode(): turn torch / cupy / __cuda_array_interface__ objects into pointers.
+"""GPU side of decode() and crop_normalize(): turn torch / cupy / __cuda_array_interface__
+objects into pointers.
 
 Imported only for device inputs; torch and cupy are imported only if the input is theirs
 (or, for raw pointers without `out`, to allocate the result).
@@ -77,7 +78,7 @@ def from_dlpack(obj: Any) -> Any:
         raise TypeError("DLPack inputs need torch or cupy installed to be read") from None
 
 
-def _default_stream(buf: _Buf) -> int:
+def _default_stream(buf: _Buf | _Image) -> int:
     if buf.lib == "torch":
         import torch
 
@@ -89,8 +90,9 @@ def _default_stream(buf: _Buf) -> int:
     return 0
 
 
-def _alloc_like(buf: _Buf, shape: tuple[int, ...], host: np.ndarray | None, stream: int) -> Any:
-    """A float32 device array in the input's library (on `stream`), empty or holding `host`."""
+def _alloc_like(buf: _Buf | _Image, shape: tuple[int, ...], host: np.ndarray | None, stream: int,
+                dtype: str = "float32", what: str = "a float32 (N, J, 10) device buffer") -> Any:
+    """A device array in the input's library (on `stream`), empty (of `dtype`) or holding `host`."""
     if buf.lib in ("torch", "raw") and (buf.lib == "torch" or _has("torch")):
         import torch
 
@@ -98,19 +100,19 @@ def _alloc_like(buf: _Buf, shape: tuple[int, ...], host: np.ndarray | None, stre
         target = torch.cuda.default_stream(device) if stream == 0 else torch.cuda.ExternalStream(stream, device=device)
         with torch.cuda.stream(target):
             if host is None:
-                return torch.empty(shape, dtype=torch.float32, device=device)
+                return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
             # Pinned staging + non_blocking: the copy is stream-ordered, no host sync.
             return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
     if buf.lib == "cupy" or _has("cupy"):
         import cupy
 
         with cupy.cuda.Stream.null if stream == 0 else cupy.cuda.ExternalStream(stream):
-            return cupy.empty(shape, dtype=cupy.float32) if host is None else cupy.asarray(host)
-    raise ValueError("pass out= (a float32 (N, J, 10) device buffer): neither torch nor cupy is installed to "
-                     "allocate one for a raw device pointer")
+            return cupy.empty(shape, dtype=dtype) if host is None else cupy.asarray(host)
+    raise ValueError(f"pass out= ({what}): neither torch nor cupy is installed to allocate one for a raw device "
+                     "pointer")
 
 
-def _pointer_device(buf: _Buf) -> int:
+def _pointer_device(buf: _Buf | _Image) -> int:
     return int(compiled().cuda_pointer_device(buf.ptr))
 
 
@@ -178,3 +180,73 @@ def decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fl
                       flipped=0 if fl is None else fl.ptr, flip_perm=perm, boxes=b, root_depth=r, intrinsics=k,
                       stream=int(stream), depth_range_mm=float(depth_range_mm))
     return Decoded(out, b != 0, k != 0)
+
+
+# ------------------------------------------------------------------------------------------ crop
+
+class _Image:
+    """What the crop kernel needs of one device image: pointer, (H, W), row stride, owner library."""
+
+    def __init__(self, obj: Any, i: int) -> None:
+        self.obj = obj
+        what = f"images[{i}]"
+        if _is_torch(obj):
+            import torch
+
+            if obj.dtype != torch.uint8:
+                raise TypeError(f"{what} must be uint8 RGB, got {obj.dtype}")
+            if not obj.is_cuda:
+                raise ValueError(f"{what} is on the host ({obj.device}) while images[0] is on the GPU")
+            shape, strides = tuple(obj.shape), tuple(obj.stride())
+            self.ptr, self.lib, self.device = obj.data_ptr(), "torch", obj.device.index
+        else:
+            cai = getattr(obj, "__cuda_array_interface__", None)
+            if cai is None:
+                raise TypeError(f"{what} must be a device array like images[0] (torch, cupy, "
+                                f"__cuda_array_interface__), got {type(obj).__name__}")
+            if cai["typestr"] not in ("|u1", "<u1", ">u1"):
+                raise TypeError(f"{what} must be uint8 RGB, got typestr {cai['typestr']!r}")
+            shape = tuple(int(s) for s in cai["shape"])
+            strides = cai.get("strides")
+            strides = _c_strides(shape, 1) if strides is None else tuple(int(s) for s in strides)
+            self.ptr, self.lib, self.device = int(cai["data"][0]), "cupy" if _is_cupy(obj) else "raw", None
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"{what} must have shape (H, W, 3) RGB, got {shape}")
+        if strides[1:] != (3, 1) or strides[0] < 3 * shape[1]:
+            raise ValueError(f"{what} must have interleaved RGB pixels (byte strides (row, 3, 1), row >= 3 * W), "
+                             f"got {strides}: make it contiguous first (a temporary copy here could be freed "
+                             "before the kernel runs)")
+        self.hw, self.row_stride = (shape[0], shape[1]), strides[0]
+
+
+def crop_device(images: list[Any], index: Any, affines: Any, size: int, flip: Any, dtype: str | None, out: Any,
+                stream: int | None, mean: Any, std: Any) -> Any:
+    """crop_normalize for device images: enqueue the CUDA kernel on `stream`, no host sync."""
+    lib = compiled()
+    if lib is None:
+        raise RuntimeError("cnpose_trt._C is not built: GPU cropping needs the compiled extension "
+                           "(pip install -e . where nvcc is found)")
+    if not lib.built_with_cuda:
+        raise RuntimeError("cnpose_trt._C was built without CUDA: reinstall where nvcc is found (or with "
+                           "CNPOSE_TRT_CUDA=1) to crop on the GPU")
+    ims = [_Image(im, i) for i, im in enumerate(images)]
+    first = ims[0]  # what the stream and allocation helpers read: obj, lib, ptr
+    if stream is None:
+        stream = _default_stream(first)
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
+        raise TypeError(f"stream must be an integer CUDA stream handle (0: default stream), got {stream!r}")
+    p = int(np.shape(index)[0]) if np.ndim(index) == 1 else -1
+    if out is None:
+        name = dtype or "float32"
+        out = _alloc_like(first, (max(p, 0), 3, size, size), None, int(stream), name,
+                          "a float32 or float16 (P, 3, S, S) device buffer")
+    ob = _Buf(out, "out")
+    if ob.dtype not in ("float32", "float16"):
+        raise TypeError(f"out must be float32 or float16, got {ob.dtype}")
+    if dtype is not None and ob.dtype != dtype:
+        raise ValueError(f"dtype='{dtype}' does not match out's dtype {ob.dtype}")
+    if ob.shape != (p, 3, size, size):
+        raise ValueError(f"out must have shape ({p}, 3, {size}, {size}) (P, 3, size, size), got {ob.shape}")
+    lib.crop_device([im.ptr for im in ims], [im.hw for im in ims], [im.row_stride for im in ims], index, affines,
+                    size=size, flip=flip, mean=mean, std=std, out=ob.ptr, out_dtype=ob.dtype, stream=int(stream))
+    return out

@@ -144,11 +144,12 @@ class Decoded:
 class DeviceArray:
     """A raw CUDA device pointer with shape and dtype, e.g. a TensorRT output binding.
 
-    Exposes __cuda_array_interface__ (v3); dtype may be "float32", "float16" or "bfloat16".
+    Exposes __cuda_array_interface__ (v3); dtype may be "float32", "float16" or "bfloat16"
+    (heatmaps, buffers), or "uint8" (images for crop_normalize).
     The memory is not owned: keep it alive until the stream that uses it is done.
     """
 
-    _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
+    _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2", "uint8": "|u1"}
 
     def __init__(self, ptr: int, shape: tuple[int, ...], dtype: str = "float32") -> None:
         if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)) or ptr <= 0:
@@ -207,7 +208,8 @@ def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None
     """Fused single-pass soft-argmax with post-processing, on the CPU or the GPU.
 
     Args:
-        heatmaps: (N, J*D, H, W) float32/float16/bfloat16, C-contiguous: a numpy array (CPU), a
+        heatmaps: (N, J*D, H, W) float32/float16/bfloat16, C-contiguous: a numpy array (CPU; any
+            byte order, big-endian is converted), a
             torch tensor (CPU or CUDA), a cupy array, any __cuda_array_interface__ or DLPack
             object, or a DeviceArray wrapping a raw device pointer (TensorRT output buffers).
         joints, depth_dim: J and D (D defaults to channels / J).
@@ -216,11 +218,14 @@ def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None
         intrinsics: (N, 4) fx, fy, cx, cy -> camera mm (needs boxes).
         flipped: heatmaps of the horizontally flipped crops (same shape): averaged in
             (x -> W - 1 - x, left/right swapped by flip_pairs, default the 18-joint pairs).
-        out: optional float32 (N, J, 10) buffer on the heatmaps' device to write into.
+        out: optional float32 (N, J, 10) buffer on the heatmaps' device to write into (host
+            heatmaps: a numpy array or CPU torch tensor, either library for either input); it
+            must not overlap the inputs. Returned as .packed.
         stream: CUDA stream handle (int) to enqueue on; default: the library's current stream
             (torch, cupy) or the legacy default stream (raw pointers). No host sync inside; on
             the GPU, pass boxes/root_depth/intrinsics as device arrays to keep it fully async.
-        threads: CPU threads (0: all cores).
+        threads: CPU threads (0: all cores); capped at 4 per core and at the work items, and
+            fewer if the system refuses to create threads.
     Returns:
         Decoded: .cells (N, J, 3), .confidence (N, J), .image and .camera (N, J, 3) or None,
         .packed (N, J, 10), in the input's library and on its device. A joint whose volume
@@ -232,6 +237,7 @@ def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None
     if flip_pairs is not None and flipped is None:
         raise ValueError("flip_pairs is only meaningful with flipped heatmaps")
     if isinstance(heatmaps, np.ndarray):
+        heatmaps, flipped = _native_order(heatmaps), _native_order(flipped)
         return _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
                             depth_range_mm, threads)
     if _is_torch(heatmaps) and not heatmaps.is_cuda:
@@ -250,6 +256,26 @@ def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None
                       flip_pairs=flip_pairs, out=out, stream=stream, depth_range_mm=depth_range_mm, threads=threads)
     raise TypeError("heatmaps must be a numpy array, a torch tensor, a cupy array, a __cuda_array_interface__ or "
                     f"DLPack object, or a DeviceArray; got {type(heatmaps).__name__}")
+
+
+def _native_order(a: Any) -> Any:
+    """A numpy array in the machine's byte order: big-endian input is converted (a copy), not misread."""
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def _host_out(out: Any) -> np.ndarray | None:
+    """The numpy view of a host `out` (numpy array or CPU torch tensor)."""
+    if out is None or isinstance(out, np.ndarray):
+        return out
+    if _is_torch(out):
+        if out.is_cuda:
+            raise TypeError("out is a CUDA tensor while heatmaps are on the host: pass a host array (numpy or CPU "
+                            "torch float32 (N, J, 10))")
+        return out.detach().numpy()
+    raise TypeError(f"out must be a float32 numpy array or CPU torch tensor (N, J, 10) for host heatmaps, got "
+                    f"{type(out).__name__}")
 
 
 def _flip_perm(joints: int, flipped: Any, flip_pairs: Sequence[tuple[int, int]] | None) -> list[int] | None:
@@ -288,18 +314,21 @@ def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fli
     if flipped is not None and not isinstance(flipped, np.ndarray):
         raise TypeError(f"flipped must be a numpy array like heatmaps, got {type(flipped).__name__}")
     perm = _flip_perm(int(joints), flipped, flip_pairs)
+    user_out, out = out, _host_out(out)
     lib = compiled()
     if lib is None:
         if r is not None and b is None:
             raise ValueError("root_depth needs boxes (depth in mm is computed with the image frame)")
         if k is not None and b is None:
             raise ValueError("intrinsics need boxes (camera coordinates start from image pixels)")
+        if not 0 < float(depth_range_mm) <= float(np.finfo(np.float32).max):
+            raise ValueError(f"depth_range_mm must be a positive number that fits float32, got {depth_range_mm}")
         packed = _fallback(heatmaps, joints, depth_dim, b, r, k, flipped, flip_pairs, depth_range_mm, out)
     else:
         packed = lib.decode_host(heatmaps, int(joints), depth_dim, flipped=flipped, flip_perm=perm, boxes=b,
                                  root_depth=r, intrinsics=k, out=out, depth_range_mm=float(depth_range_mm),
                                  threads=int(threads))
-    return Decoded(packed, b is not None, k is not None)
+    return Decoded(packed if user_out is None else user_out, b is not None, k is not None)
 
 
 def _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
@@ -313,8 +342,7 @@ def _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics
             raise ValueError("heatmaps must be C-contiguous (call .contiguous())")
         return (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy()
 
-    np_out = None if out is None else out.numpy()
     res = _decode_host(host(heatmaps), joints, depth_dim, boxes, root_depth, intrinsics, host(flipped), flip_pairs,
-                       np_out, depth_range_mm, threads)
+                       out, depth_range_mm, threads)
     packed = out if out is not None else torch.from_numpy(res.packed)
     return Decoded(packed, res.has_image, res.has_camera)

@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 #if defined(__CUDACC__)
 #define CNPOSE_HD __host__ __device__ __forceinline__
 #else
@@ -55,12 +57,11 @@ struct DecodeArgs {
 
 // CPU: threads over (image, joint) pairs; the widest kernel the processor runs (AVX-512,
 // AVX2+FMA+F16C, or portable C++). decode_cpu_isa picks one explicitly (tests, benchmarks); an
-// unsupported choice falls back to the portable kernel.
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
-void decode_cpu(const DecodeArgs& args, int threads);
-void decode_cpu_isa(const DecodeArgs& args, int threads, Isa isa);
-bool cpu_supports(Isa isa);
-Isa best_isa();
+// unsupported choice falls back to the portable kernel. threads: 0 = one per processor; capped
+// by the tasks and cpu_parallel.h's limit; a thread the system refuses means fewer threads, never
+// an abort. Returns the number of threads that ran.
+int64_t decode_cpu(const DecodeArgs& args, int64_t threads);
+int64_t decode_cpu_isa(const DecodeArgs& args, int64_t threads, Isa isa);
 
 // CUDA: at least one thread block per (image, joint), enqueued on `stream`, no host sync.
 // Pointers in args are device pointers except flip_perm (host, copied into the launch).

@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -23,6 +22,7 @@
 #define CNPOSE_X86 1
 #endif
 
+#include "cpu_parallel.h"
 #include "decode_common.h"
 #include "softargmax.h"
 
@@ -92,7 +92,7 @@ struct Accum {
 };
 
 template <DType DT>
-JointMoments reduce_portable(const void* vol, int64_t D, int64_t H, int64_t W) {
+JointMoments reduce_portable(const void* vol, int64_t D, int64_t H, int64_t W, const float*) {
   Accum acc;
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t h = 0; h < H; ++h) {
@@ -155,27 +155,27 @@ struct Avx2 {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  // x = n ln2 + r, |r| <= ln2/2; n by the round-to-nearest of adding 1.5 * 2^23; exp(r) by a
-  // degree-7 polynomial (Cephes' expf coefficients, ~1 ulp); 2^n into the exponent bits.
+  // exp(x) for x = logit - running max <= 0, to ~3e-6 relative (the decode needs ~1e-5; the
+  // float64-oracle tests hold it to that). x = n ln2 + r with n = round(x log2 e), |r| <= ln2/2:
+  // one FMA rounds x log2(e) to an integer by adding 1.5 * 2^23 + 127, whose low mantissa bits
+  // then hold n + 127, so shifting them into the exponent field gives 2^n with no conversion;
+  // one FMA reduces r with a single ln 2 constant (|n| <= 127: error < 3e-7); e^r = 1 + r q(r)
+  // with q of degree 3 fitted for the least maximum relative error on |r| <= ln2/2 (2.9e-6 in
+  // float32), against Cephes' degree 7 before: 11 vector operations instead of 18. exp(0) is
+  // exactly 1 (a single hot voxel decodes to its exact cell). The clamp at -127 ln 2 gives
+  // n = -127 there, whose 2^n has exponent field 0: exactly 0 below the float range.
   CNPOSE_AVX2 static vec exp(vec x) {
-    const vec lo = set1(-87.3f);
-    const vec underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(lo, x);  // NaN x passes through: max returns its second operand
-    const vec magic = set1(12582912.0f);  // 1.5 * 2^23
+    x = _mm256_max_ps(set1(-88.0296919311f), x);  // NaN x passes through: max returns its second operand
+    const vec magic = set1(12583039.0f);            // 1.5 * 2^23 + 127
     const vec t = _mm256_fmadd_ps(x, set1(1.44269504088896341f), magic);
     const vec n = _mm256_sub_ps(t, magic);
-    vec r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    vec p = set1(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, set1(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, set1(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, set1(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, set1(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, set1(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
-    const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
-    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+    const vec r = _mm256_fnmadd_ps(n, set1(0.693147180559945309f), x);
+    vec p = set1(4.152589663863182e-02f);
+    p = _mm256_fmadd_ps(p, r, set1(1.6787317395210266e-01f));
+    p = _mm256_fmadd_ps(p, r, set1(5.000289678573608e-01f));
+    p = _mm256_fmadd_ps(p, r, set1(9.999669790267944e-01f));
+    p = _mm256_fmadd_ps(p, r, set1(1.0f));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
   }
 };
 
@@ -200,19 +200,18 @@ struct Avx512 {
   }
   CNPOSE_AVX512 static float hmax(vec v) { return _mm512_reduce_max_ps(v); }
   CNPOSE_AVX512 static double hsum(vec v) { return _mm512_reduce_add_ps(v); }
-  // In log2 units: x log2(e) = n + f, |f| <= 1/2, 2^f by its degree-6 Taylor polynomial
-  // (error < 2^-22), scalef puts 2^n in. Clamping at -200 makes -inf (and anything below the
-  // float range) exactly 0; NaN passes the clamp (max returns its second operand) and stays NaN.
+  // In log2 units: x log2(e) = n + f, |f| <= 1/2; 2^f = 1 + f q(f), q of degree 3 fitted for the
+  // least maximum relative error (2.9e-6 in float32; exactly 1 at f = 0); scalef puts 2^n in.
+  // Clamping at -200 makes -inf (and anything below the float range) exactly 0; NaN passes the
+  // clamp (max returns its second operand) and stays NaN.
   CNPOSE_AVX512 static vec exp(vec x) {
     const vec xs = _mm512_max_ps(set1(-200.0f), _mm512_mul_ps(x, set1(1.44269504088896341f)));
     const vec n = _mm512_roundscale_ps(xs, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vec f = _mm512_sub_ps(xs, n);
-    vec p = set1(1.5403530393381609e-04f);
-    p = _mm512_fmadd_ps(p, f, set1(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, set1(9.6181291076284772e-03f));
-    p = _mm512_fmadd_ps(p, f, set1(5.5504108664821580e-02f));
-    p = _mm512_fmadd_ps(p, f, set1(2.4022650695910071e-01f));
-    p = _mm512_fmadd_ps(p, f, set1(6.9314718055994531e-01f));
+    vec p = set1(9.582852944731712e-03f);
+    p = _mm512_fmadd_ps(p, f, set1(5.5906426161527634e-02f));
+    p = _mm512_fmadd_ps(p, f, set1(2.4024099111557007e-01f));
+    p = _mm512_fmadd_ps(p, f, set1(6.931241750717163e-01f));
     p = _mm512_fmadd_ps(p, f, set1(1.0f));
     return _mm512_scalef_ps(p, n);
   }
@@ -225,16 +224,14 @@ struct Avx512 {
 constexpr int64_t kChunk = 512;
 
 template <class V, DType DT>
-__attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, int64_t D, int64_t H, int64_t W) {
+__attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, int64_t D, int64_t H, int64_t W,
+                                                                const float* wtab) {
   using vec = typename V::vec;
   constexpr int N = V::N;
   Accum acc;
   const int64_t wv = W - W % N;
   const int64_t rows = D * H;
   const int64_t chunk_rows = std::max<int64_t>(1, kChunk / W);
-  // w of every column, so the x moment is one FMA with a memory operand per vector.
-  std::vector<float> wtab(static_cast<size_t>(wv));
-  for (int64_t w = 0; w < wv; ++w) wtab[static_cast<size_t>(w)] = static_cast<float>(w);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
     const int64_t r1 = std::min(rows, r0 + chunk_rows);
     vec vmax = V::set1(kNegInf);
@@ -253,42 +250,57 @@ __attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, 
     }
     acc.raise_max(cmax);
     const vec vm = V::set1(acc.m);
-    vec es = V::zero(), ex = V::zero(), ey = V::zero(), ez = V::zero();
+    vec es = V::zero(), ex = V::zero(), ex2 = V::zero(), ey = V::zero(), ez = V::zero();
     double ts = 0, tx = 0, ty = 0, tz = 0;  // scalar row tails
+    int64_t hi = r0 % H, di = r0 / H;  // (h, d) of row r, stepped: no division per row
     for (int64_t r = r0; r < r1; ++r) {
-      const float h = static_cast<float>(r % H), d = static_cast<float>(r / H);
-      vec rs = V::zero();
-      for (int64_t w = 0; w < wv; w += N) {
+      const float h = static_cast<float>(hi), d = static_cast<float>(di);
+      if (++hi == H) hi = 0, ++di;
+      // Two vectors per step with their own sums: the FMA chains of consecutive vectors overlap.
+      vec rs = V::zero(), rs2 = V::zero();
+      int64_t w = 0;
+      for (; w + 2 * N <= wv; w += 2 * N) {
+        const vec e = V::exp(V::sub(V::template load<DT>(vol, r * W + w), vm));
+        const vec e2 = V::exp(V::sub(V::template load<DT>(vol, r * W + w + N), vm));
+        rs = V::add(rs, e);
+        rs2 = V::add(rs2, e2);
+        ex = V::fmadd(e, V::template load<DType::kFloat32>(wtab, w), ex);
+        ex2 = V::fmadd(e2, V::template load<DType::kFloat32>(wtab, w + N), ex2);
+      }
+      if (w < wv) {
         const vec e = V::exp(V::sub(V::template load<DT>(vol, r * W + w), vm));
         rs = V::add(rs, e);
-        ex = V::fmadd(e, V::template load<DType::kFloat32>(wtab.data(), w), ex);
+        ex = V::fmadd(e, V::template load<DType::kFloat32>(wtab, w), ex);
       }
+      rs = V::add(rs, rs2);
       es = V::add(es, rs);
       ey = V::fmadd(rs, V::set1(h), ey);
       ez = V::fmadd(rs, V::set1(d), ez);
-      for (int64_t w = wv; w < W; ++w) {
+      for (w = wv; w < W; ++w) {
         const double e = std::exp(static_cast<double>(load_scalar<DT>(vol, r * W + w)) - acc.m);
         ts += e, tx += e * static_cast<double>(w), ty += e * h, tz += e * d;
       }
     }
-    acc.s += V::hsum(es) + ts, acc.sx += V::hsum(ex) + tx, acc.sy += V::hsum(ey) + ty, acc.sz += V::hsum(ez) + tz;
+    acc.s += V::hsum(es) + ts, acc.sx += V::hsum(V::add(ex, ex2)) + tx, acc.sy += V::hsum(ey) + ty,
+        acc.sz += V::hsum(ez) + tz;
   }
   if (std::isnan(acc.s)) acc.bad = true;
   return finish_moments(acc.m, acc.s, acc.sx, acc.sy, acc.sz, acc.bad);
 }
 
 template <DType DT>
-CNPOSE_AVX2 JointMoments reduce_avx2(const void* vol, int64_t D, int64_t H, int64_t W) {
-  return reduce_simd<Avx2, DT>(vol, D, H, W);
+CNPOSE_AVX2 JointMoments reduce_avx2(const void* vol, int64_t D, int64_t H, int64_t W, const float* wtab) {
+  return reduce_simd<Avx2, DT>(vol, D, H, W, wtab);
 }
 
 template <DType DT>
-CNPOSE_AVX512 JointMoments reduce_avx512(const void* vol, int64_t D, int64_t H, int64_t W) {
-  return reduce_simd<Avx512, DT>(vol, D, H, W);
+CNPOSE_AVX512 JointMoments reduce_avx512(const void* vol, int64_t D, int64_t H, int64_t W, const float* wtab) {
+  return reduce_simd<Avx512, DT>(vol, D, H, W, wtab);
 }
 #endif  // CNPOSE_X86
 
-using ReduceFn = JointMoments (*)(const void*, int64_t, int64_t, int64_t);
+// wtab: the column indices 0..W-1 as floats (the x moment is one FMA with a memory operand).
+using ReduceFn = JointMoments (*)(const void*, int64_t, int64_t, int64_t, const float*);
 
 template <DType DT>
 ReduceFn pick(Isa isa) {
@@ -310,53 +322,32 @@ ReduceFn pick_reduce(DType dt, Isa isa) {
 
 }  // namespace
 
-bool cpu_supports(Isa isa) {
-#ifdef CNPOSE_X86
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  return isa == Isa::kPortable || (isa == Isa::kAvx2 && avx2) || (isa == Isa::kAvx512 && avx512);
-#else
-  return isa == Isa::kPortable;
-#endif
-}
-
-Isa best_isa() {
-  return cpu_supports(Isa::kAvx512) ? Isa::kAvx512 : cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
-}
-
-void decode_cpu_isa(const DecodeArgs& a, int threads, Isa isa) {
+int64_t decode_cpu_isa(const DecodeArgs& a, int64_t threads, Isa isa) {
   const ReduceFn reduce = pick_reduce(a.dtype, cpu_supports(isa) ? isa : Isa::kPortable);
   const int64_t tasks = a.n * a.joints;
   const int64_t V = a.volume();
   const int64_t elem = a.dtype == DType::kFloat32 ? 4 : 2;
   const auto* hm = static_cast<const char*>(a.heatmaps);
   const auto* fl = static_cast<const char*>(a.flipped);
+  // Allocated here, not in the workers: nothing a worker does can throw.
+  std::vector<float> wtab(static_cast<size_t>(a.width));
+  for (int64_t w = 0; w < a.width; ++w) wtab[static_cast<size_t>(w)] = static_cast<float>(w);
   std::atomic<int64_t> next{0};
-  auto worker = [&]() {
+  auto worker = [&](int64_t) {
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t n = t / a.joints, j = t % a.joints;
-      JointMoments r = reduce(hm + (n * a.joints + j) * V * elem, a.depth, a.height, a.width);
+      JointMoments r = reduce(hm + (n * a.joints + j) * V * elem, a.depth, a.height, a.width, wtab.data());
       if (fl != nullptr) {
         const int64_t jf = a.flip_perm[j];
-        r = average_flip(r, reduce(fl + (n * a.joints + jf) * V * elem, a.depth, a.height, a.width), a.width);
+        r = average_flip(r, reduce(fl + (n * a.joints + jf) * V * elem, a.depth, a.height, a.width, wtab.data()),
+                         a.width);
       }
       write_joint(a, n, j, r, a.out);
     }
   };
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
-  if (nthreads == 1) {
-    worker();
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(nthreads - 1));
-  for (int64_t i = 1; i < nthreads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
+  return run_parallel(thread_cap(threads, tasks), worker);
 }
 
-void decode_cpu(const DecodeArgs& a, int threads) { decode_cpu_isa(a, threads, best_isa()); }
+int64_t decode_cpu(const DecodeArgs& a, int64_t threads) { return decode_cpu_isa(a, threads, best_isa()); }
 
 }  // namespace cnpose

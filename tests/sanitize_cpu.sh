@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# AddressSanitizer + UndefinedBehaviorSanitizer run of the compiled CPU decode.
+# AddressSanitizer + UndefinedBehaviorSanitizer run of the compiled CPU kernels (decode, crop).
 # Builds cnpose_trt._C (CPU only) with -fsanitize=address,undefined in a scratch copy, then runs
-# the compiled-decode tests (random shapes/dtypes, adversarial values, bad input) under it.
+# the compiled-decode and crop tests (random shapes/dtypes/maps, adversarial values, images over
+# 2^31 bytes, refused threads, bad input) under it. The RLIMIT_AS subprocess test is left out:
+# AddressSanitizer's shadow memory does not live under an address-space limit.
 # Usage: bash tests/sanitize_cpu.sh [python]   (CI runs it; any report fails the run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +25,6 @@ export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" ASAN_OPTIONS=detect_leaks=0:abort_on_er
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # The scratch build must be the one imported, not an installed copy.
 "$PY" -c "import sys, cnpose_trt._C as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; print('sanitized module:', c.__file__)" "$WORK"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_decode_compiled.py -k "not torch_cpu" 2>&1 | tail -3
+"$PY" -m pytest -q -p no:cacheprovider tests/test_decode_compiled.py tests/test_crop.py \
+  -k "not torch_cpu and not torch_heatmaps and not torch_io and not address_space_limit" 2>&1 | tail -3
 echo "sanitize_cpu: no AddressSanitizer/UBSan reports"

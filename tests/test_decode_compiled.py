@@ -191,3 +191,78 @@ def test_numpy_fallback_matches_compiled(monkeypatch, rng):
     assert np.isnan(fallback[1, 0]).all()
     with pytest.raises(ValueError, match="intrinsics need boxes"):
         decode(hm, j, intrinsics=[1, 1, 0, 0])
+
+
+# ------------------------------------------------------------- issue 10: items 9, 11 and 12
+
+def test_refused_threads_mean_fewer_threads(rng):
+    """A thread the system refuses used to abort the process; now the calling thread finishes."""
+    hm = (rng.standard_normal((6, 18 * 4, 8, 8)) * 3).astype(np.float32)
+    want = _C.decode_host(hm, 18, threads=1)
+    try:
+        for limit in (0, 1):
+            _C._set_thread_spawn_limit(limit)
+            for threads in (0, 2, 40000):
+                np.testing.assert_array_equal(_C.decode_host(hm, 18, threads=threads), want)
+            np.testing.assert_array_equal(decode(hm, 18, threads=0).packed, want)
+    finally:
+        _C._set_thread_spawn_limit(-1)
+    np.testing.assert_array_equal(_C.decode_host(hm, 18, threads=40000), want)  # capped, not 40000 threads
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2"])
+def test_big_endian_heatmaps(dtype, rng):
+    hm = (rng.standard_normal((2, 18 * 2, 5, 6)) * 3).astype(np.float32)
+    big = hm.astype(dtype)
+    native = big.astype(big.dtype.newbyteorder("="))
+    want = decode(native, 18).packed
+    np.testing.assert_array_equal(decode(big, 18).packed, want)  # converted, not misread
+    np.testing.assert_array_equal(decode(big, 18, flipped=big).packed, decode(native, 18, flipped=native).packed)
+    with pytest.raises(TypeError, match="heatmaps must be in the machine's byte order"):
+        _C.decode_host(big, 18)
+    with pytest.raises(TypeError, match="out must be in the machine's byte order"):
+        decode(native, 18, out=np.zeros((2, 18, 10), ">f4"))
+
+
+def test_out_aliasing_an_input_is_refused(rng):
+    hm = (rng.standard_normal((1, 18 * 2, 10, 10)) * 3).astype(np.float32)
+    alias = hm.reshape(-1)[: 18 * 10].reshape(1, 18, 10)  # out inside the heatmaps
+    with pytest.raises(ValueError, match="out must not overlap heatmaps"):
+        decode(hm, 18, out=alias)
+    fl = hm.copy()
+    with pytest.raises(ValueError, match="out must not overlap flipped"):
+        decode(hm, 18, flipped=fl, out=fl.reshape(-1)[-180:].reshape(1, 18, 10))
+    boxes = np.zeros((1, 18, 10), np.float32)
+    boxes.reshape(-1)[:4] = [0, 0, 10, 10]
+    with pytest.raises(ValueError, match="out must not overlap boxes"):
+        _C.decode_host(hm, 18, boxes=boxes.reshape(-1)[:4].reshape(1, 4), out=boxes)
+    np.testing.assert_array_equal(hm, hm.copy())  # nothing written
+
+
+def test_depth_range_must_fit_float32(monkeypatch):
+    hm = np.zeros((1, 36, 4, 4), np.float32)
+    for value in (1e39, float(np.finfo(np.float32).max) * 1.0001):
+        with pytest.raises(ValueError, match="depth_range_mm must fit float32"):
+            _C.decode_host(hm, 18, boxes=[[0, 0, 10, 10]], depth_range_mm=value)
+    out = _C.decode_host(hm, 18, boxes=[[0, 0, 10, 10]], depth_range_mm=3e38)
+    assert np.isfinite(out[..., 6]).all()
+    import cnpose_trt.decoding as dec
+
+    monkeypatch.setattr(dec, "compiled", lambda: None)
+    with pytest.raises(ValueError, match="depth_range_mm must be a positive number that fits float32"):
+        decode(hm, 18, boxes=[[0, 0, 10, 10]], depth_range_mm=1e39)
+
+
+def test_torch_heatmaps_with_numpy_out_and_back(rng):
+    torch = pytest.importorskip("torch")
+    hm = (rng.standard_normal((2, 36, 8, 8)) * 3).astype(np.float32)
+    want = _C.decode_host(hm, 18)
+    out = np.empty((2, 18, 10), np.float32)
+    res = decode(torch.from_numpy(hm), 18, out=out)
+    assert res.packed is out
+    np.testing.assert_array_equal(out, want)
+    tout = torch.empty(2, 18, 10)
+    assert decode(hm, 18, out=tout).packed is tout
+    np.testing.assert_array_equal(tout.numpy(), want)
+    with pytest.raises(TypeError, match="out must be a float32 numpy array or CPU torch tensor"):
+        decode(hm, 18, out=[[0.0]])
