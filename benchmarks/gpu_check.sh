@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (run on the lent GPU machine, or any machine with an NVIDIA GPU):
 #   1. build cnpose_trt._C with CUDA (for this GPU's architecture),
-#   2. run the CUDA tests and the compiled-decode tests (and TensorRT tests where TensorRT exists),
-#   3. run the GPU benchmarks and print the summary table.
+#   2. run the CUDA tests and the compiled decode and crop tests (and TensorRT tests where TensorRT exists),
+#   3. run the GPU benchmarks (decode, crop-and-normalise) and print the summary table.
 #   4. measure the end-to-end throughput curve of the torch CUDA fp16 path (eager, CUDA graphs).
 # Logs and JSON results go to $OUT (or ./gpu_check_out), at most 8 files.
 # Usage: bash benchmarks/gpu_check.sh [--quick]   (--quick: build and tests only; SKIP_MEMCHECK=1 skips memcheck)
@@ -27,8 +27,8 @@ CNPOSE_TRT_CUDA=1 CNPOSE_TRT_CUDA_ARCH="$ARCH" $PY setup.py -q build_ext --inpla
 grep "cnpose_trt build" "$OUT/build.log"
 $PY -c "from cnpose_trt import _C; print('built_with_cuda', _C.built_with_cuda, 'devices', _C.cuda_device_count(), 'cpu isa', _C.cpu_isa())"
 
-echo "== tests: CUDA decode, compiled CPU decode, TensorRT (skipped without TensorRT)"
-TESTS="tests/test_decode_cuda.py tests/test_torch_cuda.py tests/test_decode_compiled.py tests/test_decode.py"
+echo "== tests: CUDA decode and crop, compiled CPU decode and crop, TensorRT (skipped without TensorRT)"
+TESTS="tests/test_decode_cuda.py tests/test_crop_cuda.py tests/test_torch_cuda.py tests/test_decode_compiled.py tests/test_decode.py tests/test_crop.py"
 ls tests/test_tensorrt*.py >/dev/null 2>&1 && TESTS="$TESTS $(ls tests/test_tensorrt*.py)"
 $PY -m pytest -q -p no:cacheprovider -rs $TESTS 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -36,16 +36,18 @@ $PY -m pytest -q -p no:cacheprovider -rs $TESTS 2>&1 | tee "$OUT/tests.log" | ta
 if [ "${1:-}" != "--quick" ] && [ -z "${SKIP_MEMCHECK:-}" ] && command -v compute-sanitizer >/dev/null; then
   echo "== compute-sanitizer memcheck (small CUDA cases)"
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider \
-      tests/test_decode_cuda.py -k "misaligned or hot_voxel or raw_pointer or fused_post" > "$OUT/memcheck.log" 2>&1
+      tests/test_decode_cuda.py tests/test_crop_cuda.py \
+      -k "misaligned or hot_voxel or raw_pointer or fused_post or random_maps or bad_device" > "$OUT/memcheck.log" 2>&1
   rc=$?
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
   [ $rc -eq 0 ] || { echo "memcheck rc=$rc"; status=1; }
 fi
 
-echo "== GPU benchmarks (decode at batch ${CNPOSE_BENCH_GPU_BATCH:-64}: fused vs torch reference vs D2D copy)"
-$PY -m pytest -q -p no:cacheprovider benchmarks/test_decode.py -k cuda --benchmark-only \
-    --benchmark-json "$OUT/decode-gpu.json" 2>&1 | tee "$OUT/bench.log" \
-    | sed -n '/cnpose_trt benchmark summary/,/^$/p' | grep -v "^-" | head -20
+echo "== GPU benchmarks (decode at batch ${CNPOSE_BENCH_GPU_BATCH:-64}: fused vs torch reference vs D2D copy;"
+echo "   crop-and-normalise of ${CNPOSE_BENCH_PEOPLE:-16} people: fused CUDA vs cv2 + NumPy + upload)"
+$PY -m pytest -q -p no:cacheprovider benchmarks/test_decode.py benchmarks/test_preprocess.py -k cuda --benchmark-only \
+    --benchmark-json "$OUT/kernels-gpu.json" 2>&1 | tee "$OUT/bench.log" \
+    | sed -n '/cnpose_trt benchmark summary/,/^$/p' | grep -v "^-" | head -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ "${1:-}" != "--quick" ]; then

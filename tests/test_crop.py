@@ -22,65 +22,23 @@ import textwrap
 
 import numpy as np
 import pytest
+from crop_reference import MEAN, STD, box_affine, random_affine, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpose_trt.cropping import crop_normalize
-from cnpose_trt.spec import PIXEL_MEAN, PIXEL_STD
 
 _C = pytest.importorskip("cnpose_trt._C", reason="compiled extension not built")
 cv2 = pytest.importorskip("cv2")
 ISAS = ["portable"] + (["avx2"] if _C.cpu_has_avx2() else []) + (["avx512"] if _C.cpu_has_avx512() else [])
-MEAN = np.asarray(PIXEL_MEAN, np.float64)
-STD = np.asarray(PIXEL_STD, np.float64)
 ATOL32 = 5e-4
 CV2_FLOAT_WARP = tuple(int(v) for v in cv2.__version__.split(".")[:2]) >= (4, 11)
-
-
-def reference(image, m, size, flip=False):
-    """float64 (3, S, S): bilinear sample at M^-1 (u', v), black outside, normalised. Written from
-    the contract, independently of the kernel and of OpenCV."""
-    inv = np.linalg.inv(np.vstack([np.asarray(m, np.float64), [0, 0, 1]]))[:2]
-    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
-    if flip:
-        u = size - 1 - u
-    x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
-    y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = x - x0, y - y0
-    h, w = image.shape[:2]
-    val = np.zeros((size, size, 3))
-    for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
-        for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
-            ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            tap = np.zeros((size, size, 3))
-            tap[ok] = image[yy[ok].astype(np.int64), xx[ok].astype(np.int64)]
-            val += (wy * wx)[..., None] * tap
-    return ((val - MEAN) / STD).transpose(2, 0, 1)
 
 
 def check32(got, ref):
     assert got.dtype == np.float32
     err = np.abs(got.astype(np.float64) - ref)
     assert err.max() <= ATOL32, f"max error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
-
-
-def box_affine(x, y, side_w, side_h, size):
-    """image px -> crop px for a crop box (x, y, w, h), as geometry.crop_matrices builds it."""
-    return np.array([[size / side_w, 0, -size / side_w * x], [0, size / side_h, -size / side_h * y]])
-
-
-def random_affine(rng, h, w, size, general):
-    cx, cy = rng.uniform(-0.5 * w, 1.5 * w), rng.uniform(-0.5 * h, 1.5 * h)
-    side = float(np.exp(rng.uniform(np.log(0.3), np.log(3 * max(h, w) + 1))))
-    m = box_affine(cx - side / 2, cy - side / 2, side, side * rng.uniform(0.5, 2), size)
-    if general:  # rotation and shear about the crop centre
-        a = rng.uniform(-np.pi, np.pi)
-        r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1, rng.uniform(-0.5, 0.5)], [0, 1]])
-        c = (size - 1) / 2
-        m = np.vstack([np.column_stack([r, [c, c] - r @ [c, c]]), [0, 0, 1]]) @ np.vstack([m, [0, 0, 1]])
-        m = m[:2]
-    return m
 
 
 # ------------------------------------------------------------------------------- random inputs
