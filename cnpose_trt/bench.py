@@ -8,7 +8,6 @@ speed does not depend on the weights.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,49 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+MAX_BATCH = 4096  # the largest engine profile build_engine makes
+MEMORY_SHARE = 0.5  # of physical memory that one measurement may plan to use
+
+
+def _physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_args(variants: Sequence[str], batches: Sequence[int], iterations: int, warmup: int) -> None:
+    """Refuse settings that cannot be measured, before anything is built.
+
+    A batch needs its input, its heatmaps and the estimator's copies of both, about
+    3 x (3*S*S + J*D*H*W) x 4 bytes per person; more than half the physical memory is refused.
+
+    Raises:
+        ValueError: naming the option and what is allowed.
+    """
+    from .spec import get_spec
+
+    bad = [b for b in batches if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH]
+    if bad or not batches:
+        raise ValueError(f"--batch must be integers in 1..{MAX_BATCH}, got {bad or list(batches)}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {iterations!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup!r}")
+    memory = _physical_memory()
+    if memory is None:
+        return
+    for variant in variants:
+        spec = get_spec(variant)
+        per_person = 3 * 4 * (int(np.prod(spec.input_shape)) + int(np.prod(spec.heatmap_shape)))
+        need = max(batches) * per_person
+        if need > MEMORY_SHARE * memory:
+            fits = int(MEMORY_SHARE * memory // per_person)
+            raise ValueError(f"--batch {max(batches)} needs about {need / 2**30:.1f} GiB for variant {spec.name}, more "
+                             f"than half of this machine's {memory / 2**30:.1f} GiB; use --batch {fits} or less")
 
 
 def _scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -54,6 +96,7 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     from .spec import get_spec
 
     say = progress or (lambda m: None)
+    check_args(variants, batches, iterations, warmup)
     rows: list[dict[str, Any]] = []
     combos = [(v, b, p) for v in variants for b in backends for p in precisions]
     for k, (variant, backend, precision) in enumerate(combos, 1):
@@ -160,13 +203,18 @@ def main(args: Any) -> int:
                      warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
                      calib_images=args.calib_images, cuda_graphs=args.cuda_graphs,
                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    from .cli import finite_json
+
     machine = machine_name()
     print(f"machine: {machine}")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(finite_json({"machine": machine, "rows": rows}) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(rows, Path(args.plot), machine)
         print(f"wrote {args.plot}", file=sys.stderr)
+    if rows and all("skipped" in r for r in rows):
+        print("error: nothing was measured: every combination was skipped (reasons above)", file=sys.stderr)
+        return 1
     return 0

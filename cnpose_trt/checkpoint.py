@@ -7,6 +7,7 @@ mislabelled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -55,7 +56,72 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, A
     bad = [k for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
     if bad:
         raise CheckpointError(f"{source}: entries that are not named tensors: {bad[:5]}")
-    return _strip_module(state), spec
+    state = _strip_module(state)
+    check_weights(state, source)
+    return state, spec
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def check_weights(state: Mapping[str, Any], source: str = "state_dict") -> None:
+    """Refuse weights that would load silently into a broken network, naming the tensors.
+
+    Every tensor must be floating point (BatchNorm's integer num_batches_tracked excepted):
+    an integer tensor would be cast to float without a word. No value may be NaN or infinite:
+    the network's outputs would be NaN.
+
+    Raises:
+        CheckpointError: the tensors at fault, with their dtype or non-finite count.
+    """
+    wrong_type, non_finite = [], []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if hasattr(value, "is_floating_point"):  # torch: bfloat16 has no numpy dtype
+            floating, dtype = value.is_floating_point(), str(value.dtype).replace("torch.", "")
+        else:
+            dtype = str(np.asarray(value).dtype)
+            floating = np.asarray(value).dtype.kind == "f"
+        if not floating:
+            wrong_type.append(f"{key} ({dtype})")
+            continue
+        if hasattr(value, "isfinite"):
+            bad = int((~value.isfinite()).sum())
+        else:
+            bad = int((~np.isfinite(_as_numpy(value))).sum())
+        if bad:
+            non_finite.append(f"{key} ({bad} of {int(np.prod(_shape(value)))} values)")
+    if wrong_type:
+        raise CheckpointError(f"{source}: weights must be floating point, found {_list(wrong_type)}; a ConvNeXtPose "
+                              "checkpoint holds float tensors (only num_batches_tracked counts are integers)")
+    if non_finite:
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {_list(non_finite)}; the file is "
+                              "damaged or comes from a diverged training run")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _verify_zip(path: Path) -> None:
+    """Read every member of a zip-format checkpoint so that zipfile checks its CRC-32s: torch.load
+    does not, and a flipped bit in a weight would load silently."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format has no checksums; torch.load judges it
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {_first_line(exc)} (the zip's checksums do not "
+                              "match its contents); download or save it again") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], VariantSpec | None]:
@@ -70,13 +136,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], VariantSpec | Non
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a PyTorch checkpoint")
+        _verify_zip(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises many types for damaged files
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)}); "
             "the file is truncated, damaged or not a PyTorch checkpoint") from None
     return unwrap_state_dict(obj, str(path))
 
@@ -121,8 +194,30 @@ def detect_spec(state: Mapping[str, Any], joints: int = 18,
         spec = VariantSpec("custom", tuple(depths), tuple(dims), head_channels, flags, depth_dim, joints)
     except ValueError as exc:
         raise CheckpointError(f"unsupported architecture in checkpoint: {exc}") from None
+    # The tensors read above fix the configuration; every other tensor must then fit it (a 3x3
+    # final conv, say, is no ConvNeXtPose of any variant).
+    expected = _expected_shapes(spec)
+    wrong = [(k, e, _shape(state[k])) for k, e in expected.items() if k in state and _shape(state[k]) != e]
+    if wrong:
+        rows = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in wrong[:3])
+        raise CheckpointError(
+            f"not a ConvNeXtPose state_dict of any supported configuration: the configuration its tensors describe "
+            f"(depths {spec.depths}, dims {spec.dims}, head {spec.head_tag}) contradicts {len(wrong)} tensor shape(s): "
+            f"{rows}")
     name = match_variant(spec)
     return spec if name is None else dataclasses.replace(spec, name=name)
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(spec: VariantSpec) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the network spec describes (built on torch's meta device: no memory, no init cost)."""
+    import torch
+
+    from .model import ConvNeXtPose
+
+    with torch.device("meta"):
+        model = ConvNeXtPose(spec)
+    return {k: _shape(v) for k, v in model.state_dict().items()}
 
 
 def detect_variant(state: Mapping[str, Any], joints: int = 18) -> str | VariantSpec:

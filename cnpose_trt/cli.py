@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,8 +23,63 @@ def _floats(n: int, what: str):
             raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
         if len(vals) != n:
             raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+        if not all(math.isfinite(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
         return vals
     return parse
+
+
+# Options whose value may start with '-': argparse reads `--bbox -50,-50,200,300` as two options.
+_SIGNED_VALUE_OPTIONS = ("--bbox", "--crop-box", "--focal", "--principal", "--root-depth")
+_SIGNED_NUMBERS = re.compile(r"-\.?\d[\d.eE+\-]*(,[+\-]?\.?\d[\d.eE+\-]*)*")
+
+
+def _join_signed_values(argv: Sequence[str]) -> list[str]:
+    """`--bbox -50,-50,200,300` -> `--bbox=-50,-50,200,300`, which argparse reads as intended."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + list(argv[i:])
+        if argv[i] in _SIGNED_VALUE_OPTIONS and i + 1 < len(argv) and _SIGNED_NUMBERS.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def finite_json(doc: Any) -> str:
+    """Indented JSON in which NaN and infinities (not JSON) are written as null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(doc), indent=2, allow_nan=False)
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:  # name the file even where the OS does not (a failed write: disk full, ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _check_output_file(option: str, path: Path | None) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        problem = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise ValueError(f"{option} {path}: {path.parent} {problem}")
 
 
 def _engine_for(args: argparse.Namespace) -> Any:
@@ -42,12 +99,18 @@ def _engine_for(args: argparse.Namespace) -> Any:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .draw import draw_poses, save_image
+    from .draw import check_image_suffix, draw_poses, save_image
+    from .imageio_guard import check_image_file
     from .pipeline import estimate
     from .preprocess import load_image
 
     if (args.focal is None) != (args.principal is None):
         raise ValueError("--focal and --principal go together (camera intrinsics fx,fy and cx,cy)")
+    _check_output_file("--output", args.output)
+    _check_output_file("--draw", args.draw)
+    if args.draw:
+        check_image_suffix(args.draw, "--draw")
+    check_image_file(args.image)
     image = load_image(args.image)
     engine = _engine_for(args)
     intr = None if args.focal is None else (*args.focal, *args.principal)
@@ -62,9 +125,9 @@ def _predict(args: argparse.Namespace) -> int:
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": args.flip,
            "people": result.to_dict()}
-    text = json.dumps(doc, indent=2)
+    text = finite_json(doc)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        _write_text(args.output, text + "\n")
         print(f"wrote {args.output} ({len(result)} people)", file=sys.stderr)
     else:
         print(text)
@@ -102,6 +165,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .draw import demo_image, save_image
 
     out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     image, box = demo_image()
     img_path = save_image(out / "demo.png", image)
@@ -174,10 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `cnpose-trt` command. Errors are one line on stderr: status 2 for bad input or a failed
+    step, 130 on Ctrl-C, 143 on SIGTERM; never a traceback."""
+    from .interrupts import run_command
+
+    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
+
+
+def _main(argv: list[str]) -> int:
     import logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_signed_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if getattr(args, "variant", None) is None and args.command in ("predict", "demo") and \
             getattr(args, "engine", None) is None and getattr(args, "checkpoint", None) is None:
@@ -189,14 +268,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_build(args)
         if args.command == "bench":
+            from .bench import check_args
             from .bench import main as bench_main
 
-            if min(args.batch) < 1 or args.iterations < 1 or args.warmup < 0:
-                raise ValueError("--batch and --iterations must be >= 1, --warmup >= 0")
+            check_args(args.variant, args.batch, args.iterations, args.warmup)
             return bench_main(args)
         return {"predict": _predict, "inspect": _inspect, "demo": _demo}[args.command](args)
-    except (CnposeError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CnposeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
         return 2
 
 

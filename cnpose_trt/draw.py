@@ -40,14 +40,41 @@ def draw_poses(image: np.ndarray, joints_px: np.ndarray, boxes: np.ndarray | Non
     return canvas
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def check_image_suffix(path: str | Path, what: str = "image file") -> str:
+    """The lower-case suffix of an image file name this OpenCV can write.
+
+    Raises:
+        ValueError: another suffix (named, with the ones allowed).
+    """
+    import cv2
+
+    suffix = Path(path).suffix.lower()
+    allowed = [s for s in IMAGE_SUFFIXES if cv2.haveImageWriter("x" + s)]
+    if suffix not in allowed:
+        raise ValueError(f"{what} {str(path)!r} must end in {', '.join(allowed)}, got "
+                         f"{suffix or 'no suffix'!r}")
+    return suffix
+
+
 def save_image(path: str | Path, image_rgb: np.ndarray) -> Path:
+    """Write an (H, W, 3) uint8 RGB image; the format follows the suffix (see IMAGE_SUFFIXES)."""
     import cv2
 
     path = Path(path)
-    ok, data = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image_rgb[:, :, ::-1]))
+    suffix = check_image_suffix(path)
+    try:
+        ok, data = cv2.imencode(suffix, np.ascontiguousarray(image_rgb[:, :, ::-1]))
+    except cv2.error as exc:
+        raise ValueError(f"cannot encode an image as {suffix!r}: {str(exc).strip().splitlines()[-1]}") from None
     if not ok:
-        raise ValueError(f"cannot encode an image as {path.suffix!r}; use .png or .jpg")
-    path.write_bytes(data.tobytes())
+        raise ValueError(f"cannot encode an image as {suffix!r}; use .png or .jpg")
+    try:
+        path.write_bytes(data.tobytes())
+    except OSError as exc:  # name the file even where the OS does not (a failed write: disk full, ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     return path
 
 

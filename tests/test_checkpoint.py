@@ -93,3 +93,109 @@ def test_inspect_cli(tmp_path, capsys):
     assert "3UP-256ch-D64" in out
     assert cli(["inspect", str(tmp_path / "missing.tar")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_empty_and_folder_checkpoints(tmp_path, capsys):
+    """Issue 10, item 4: an empty file was an IndexError."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty \\(0 bytes\\)"):
+        load_checkpoint(tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        load_checkpoint(tmp_path)
+    assert cli(["inspect", str(tmp_path / "empty.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, capsys):
+    """Issue 10, item 10: NaN/inf weights built an engine whose joints were all NaN."""
+    from cnpose_trt.build import build_engine
+
+    model = make_model("XS")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.deconv_layers_2.dwconv.weight"][3, 0, 1, 1] = value
+    state["backbone.stages.2.4.pwconv1.bias"][:7] = value
+    message = (r"non-finite weights \(NaN or inf\) in backbone.stages.2.4.pwconv1.bias \(7 of 640 values\), "
+               r"head.deconv_layers_2.dwconv.weight \(1 of 1152 values\)")
+    with pytest.raises(CheckpointError, match=message):
+        build_model("XS", state)
+    path = tmp_path / "diverged.pth"
+    torch.save({"network": {f"module.{k}": v for k, v in state.items()}}, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        build_engine(checkpoint=path, out_dir=tmp_path / "e", backend="torch")
+    assert not list((tmp_path / "e").glob("*.pt"))
+    assert cli(["inspect", str(path)]) == 2
+    assert "head.deconv_layers_2.dwconv.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_non_float_weights_are_refused(tmp_path, dtype):
+    """Issue 10, item 10: int64 weights were cast to float silently."""
+    state = {k: v.clone() for k, v in make_model("XS").state_dict().items()}
+    weight = state["head.final_layer.weight"]
+    state["head.final_layer.weight"] = (weight * 100).to(dtype)
+    assert state["backbone.norm.num_batches_tracked"].dtype == torch.int64  # integer by nature: allowed
+    with pytest.raises(CheckpointError, match=rf"weights must be floating point, found head.final_layer.weight "
+                                              rf"\({str(dtype).replace('torch.', '')}\)"):
+        build_model("XS", state)
+    state["head.final_layer.weight"] = weight.to(torch.float16)  # floats of any width load
+    build_model("XS", state)
+
+
+def test_flipped_bytes_never_load_silently(tmp_path):
+    """Issue 10, item 10: one flipped byte loaded silently; the zip's CRC-32s catch it. Wherever the
+    byte is, the file is refused or (a byte outside every checksum, e.g. alignment padding) loads
+    exactly the original weights."""
+    import zipfile
+
+    import numpy as np
+
+    path = write_official(tmp_path / "good.tar", make_model("XS", seed=4))
+    original, _ = load_checkpoint(path)
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        big = max(zf.infolist(), key=lambda i: i.file_size)
+    start = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra)
+    rng = np.random.default_rng(0)
+    offsets = [start + big.file_size // 2, *rng.integers(0, len(data), 24)]
+    refused = 0
+    for offset in offsets:
+        flipped = bytearray(data)
+        flipped[offset] ^= 1 << int(rng.integers(8))
+        bad = tmp_path / "flipped.tar"
+        bad.write_bytes(bytes(flipped))
+        try:
+            state, _ = load_checkpoint(bad)
+        except CheckpointError as exc:
+            refused += 1
+            assert "\n" not in str(exc)
+            continue
+        assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state), offset
+    assert refused >= len(offsets) // 2
+    flipped = bytearray(data)
+    flipped[offsets[0]] ^= 0x10
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"is damaged: Bad CRC-32 for file .*download or save it again"):
+        load_checkpoint(bad)
+
+
+def test_inspect_refuses_a_layer_that_contradicts_the_variant(tmp_path, capsys):
+    """Issue 10, item 10: a final conv of 3x3 was reported as 'matches variant XS'."""
+    state = {k: v.clone() for k, v in make_model("XS").state_dict().items()}
+    state["head.final_layer.weight"] = torch.zeros(576, 128, 3, 3)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    message = r"contradicts 1 tensor shape\(s\): head.final_layer.weight: expected \(576, 128, 1, 1\), found " \
+              r"\(576, 128, 3, 3\)"
+    with pytest.raises(CheckpointError, match=message):
+        detect_spec(state)
+    assert cli(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "matches variant" not in captured.out and "head.final_layer.weight" in captured.err
+    state = {k: v.clone() for k, v in make_model("M").state_dict().items()}
+    state["backbone.stages.1.2.dwconv.weight"] = torch.zeros(96, 1, 5, 5)
+    with pytest.raises(CheckpointError, match=r"backbone.stages.1.2.dwconv.weight: expected \(96, 1, 7, 7\)"):
+        detect_variant(state)
