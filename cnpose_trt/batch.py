@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -972,7 +973,7 @@ class RayPredictor:
         pa, _ = _pyarrow()
         entries = [Entry.from_json(t) for t in batch.column("entry").to_pylist()]
         rows = RowBuffer(self.engine.spec.joints, self.engine_id)
-        window = 2 * self.readers
+        window = 2 * self.readers + self.estimator.max_batch
         for loaded, result in estimate_stream(self.estimator, read_ahead(self.pool, entries, window), self.flip):
             rows.add(loaded, result)
         sink = pa.BufferOutputStream()
@@ -1002,15 +1003,16 @@ def _check_positive(name: str, value: Any, kind: type = int) -> None:
 def _prepass(manifest_args: dict[str, Any], done: set[str]) -> tuple[int, int]:
     """Read the whole manifest once before any work: every record checked (a ManifestError stops the
     job before it starts), no image listed twice. Returns (images, images still to do)."""
-    first: dict[str, str] = {}
+    seen: set[str] = set()
     todo = 0
     for entry in read_manifest(**manifest_args):
-        if entry.key in first:
+        if entry.key in seen:
+            first = next(e.where for e in read_manifest(**manifest_args) if e.key == entry.key)
             raise ManifestError(f"{entry.where}, field 'image': {entry.key!r} is listed again (first at "
-                                f"{first[entry.key]}); every image appears once, with all its boxes")
-        first[entry.key] = entry.where
+                                f"{first}); every image appears once, with all its boxes")
+        seen.add(entry.key)
         todo += entry.key not in done
-    return len(first), todo
+    return len(seen), todo
 
 
 def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: str = "XS",
@@ -1156,7 +1158,9 @@ def _run_local(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, 
     ok = False
     try:
         with ThreadPoolExecutor(readers, thread_name_prefix="cnpose-read") as pool:
-            stream = estimate_stream(estimator, read_ahead(pool, entries, 2 * readers), flip)
+            # A batch of images beyond the estimator's own look-ahead, so a slow file delays no batch.
+            window = 2 * readers + estimator.max_batch
+            stream = estimate_stream(estimator, read_ahead(pool, entries, window), flip)
             for loaded, result in stream:
                 bar.update(1, *writer.add(loaded, result))
         ok = True
@@ -1307,6 +1311,14 @@ def run_batch(args: argparse.Namespace) -> int:
     (error rows included: see the summary), 2 for bad input or a failed step."""
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.ray is not None and logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # Ray Data logs every execution plan at INFO (configured when it is imported): our progress line says it.
+        with contextlib.suppress(ImportError):
+            import ray.data  # noqa: F401
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
     try:
         summary = run(args.manifest, args.out, engine=args.engine, variant=args.variant or "XS",
