@@ -26,7 +26,7 @@ def _group(name: str) -> str:
 
 
 def _images(name: str) -> np.ndarray:
-    from cnpose_trt.build import accuracy_inputs
+    from cnpose_trt.verify import accuracy_inputs
 
     return accuracy_inputs(VARIANTS[name], BATCH)  # real crops in upstream's input convention
 

@@ -22,7 +22,7 @@ import pytest
 from conftest import slowdown
 
 from cnpose_trt import VARIANTS
-from cnpose_trt.build import accuracy_inputs
+from cnpose_trt.verify import accuracy_inputs
 
 torch = pytest.importorskip("torch")
 VARIANT_LIST = os.environ.get("CNPOSE_BENCH_VARIANTS", "XS,S,M,L").split(",")

@@ -181,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import add_build_arguments
+    from .build_cli import add_build_arguments
     from .spec import VARIANTS
 
     parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
@@ -264,7 +264,7 @@ def _main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message="no checkpoint given")  # the CLI says it once itself
     try:
         if args.command == "build":
-            from .build import run_build
+            from .build_cli import run_build
 
             return run_build(args)
         if args.command == "bench":

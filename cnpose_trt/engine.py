@@ -1,4 +1,16 @@
-"""Runtime: load a built engine (file + JSON sidecar) and run it. No torch needed."""
+"""Runtime: the Engine protocol every backend implements, and load_engine. No torch needed.
+
+An engine turns (N, 3, S, S) network inputs into (N, J*D, H, W) heatmaps. Every backend offers
+the same calls, checked the same way:
+- infer(images): host in, host out (numpy);
+- infer_decode(images, boxes=, root_depth=, intrinsics=, flip=): the network and the fused
+  decode, the decode reading the engine's own output where it lives; only the (P, J, 10)
+  result comes back to the host. On a GPU engine the heatmaps never leave the device;
+- infer_device(images): heatmaps left on the device (GPU backends only);
+- close() and `with engine:`.
+Backends live one per module (onnxruntime_backend, tensorrt_backend, torch_backend), found
+through the registry in backends.py.
+"""
 
 from __future__ import annotations
 
@@ -84,12 +96,14 @@ def _max_batch(value: Any, where: Path) -> int:
 
 
 class Engine:
-    """A compiled ConvNeXtPose network: (N, 3, S, S) float32 images -> (N, J*D, H, W) heatmaps."""
+    """A compiled ConvNeXtPose network: (N, 3, S, S) float32 images -> (N, J*D, H, W) heatmaps.
 
-    backend = "?"
+    The protocol every backend implements (module docstring); subclasses provide _run, and GPU
+    backends infer_device and _infer_decode.
+    """
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        self.path = path
+        self.path = Path(path)
         self.meta = meta
         try:
             self.spec = VariantSpec.from_dict(meta["spec"])
@@ -106,12 +120,26 @@ class Engine:
         self.input_dtype, self.output_dtype = np.dtype(dtypes[0]), np.dtype(dtypes[1])
         self.max_batch = _max_batch(max_batch, sidecar_path(path))
 
+    # What a backend subclass declares.
+    backend = "?"
+    options: tuple[str, ...] = ()   # keyword options load_engine passes to the constructor
+    device = "cpu"                  # where the engine's output lives: "cpu" or "cuda[:n]"
+
     @property
     def precision(self) -> str:
         return str(self.meta.get("precision", "fp32"))
 
+    @property
+    def on_device(self) -> bool:
+        """True when the engine's output lives on a GPU (infer_decode then never copies heatmaps)."""
+        return self.device != "cpu"
+
+    @property
+    def cache_key(self) -> str:
+        return str(self.meta.get("cache_key", ""))
+
     def check_input(self, images: object) -> np.ndarray:
-        """Validate against the sidecar: (N, 3, S, S) of the engine's input dtype, C-contiguous."""
+        """Validate against the engine: (N, 3, S, S) of its input dtype, N >= 1, C-contiguous."""
         if not isinstance(images, np.ndarray):
             raise TypeError(f"images must be a numpy array (N, 3, {self.spec.input_size}, "
                             f"{self.spec.input_size}), got {type(images).__name__}")
@@ -129,9 +157,9 @@ class Engine:
         """Run the network; batches above max_batch are run in chunks.
 
         Args:
-            images: (N, 3, S, S) float32, normalised.
+            images: (N, 3, S, S) of the engine's input dtype, normalised.
         Returns:
-            heatmaps (N, J*D, H, W) of the engine's output dtype.
+            heatmaps (N, J*D, H, W) of the engine's output dtype, on the host.
         """
         images = self.check_input(images)
         if len(images) <= self.max_batch:
@@ -139,66 +167,121 @@ class Engine:
         return np.concatenate([self._run(images[i:i + self.max_batch])
                                for i in range(0, len(images), self.max_batch)])
 
+    def infer_device(self, images: np.ndarray) -> Any:
+        """Heatmaps left on the device (GPU backends); a CPU engine refuses."""
+        raise EngineError(f"the {self.backend} engine runs on the CPU: its heatmaps are host arrays, use infer()")
+
+    def infer_decode(self, images: np.ndarray, *, boxes: Any = None, root_depth: Any = None,
+                     intrinsics: Any = None, flip: bool = False) -> np.ndarray:
+        """The network, then the fused decode straight from the engine's output (on its device).
+
+        Args:
+            images: (N, 3, S, S) network inputs; with flip, N = 2P: P crops, then their mirrors.
+            boxes: (P, 4) crop boxes; root_depth: (P,) mm; intrinsics: (P, 4) (see decode).
+            flip: the flip test: average each crop's joints with its mirror's.
+        Returns:
+            (P, J, 10) float32 on the host: cells (3), confidence, image px + depth mm (3),
+            camera mm (3); fields not requested are zeros.
+        """
+        images = self.check_input(images)
+        n = len(images)
+        if flip and n % 2:
+            raise ValueError(f"with flip, images must hold P crops then their P mirrors (an even N), got N = {n}")
+        people = n // 2 if flip else n
+        post = _post_arrays(people, boxes, root_depth, intrinsics)
+        step = self.max_batch // 2 if flip else self.max_batch
+        if step < 1:
+            return self._decode_on_host(self.infer(images), post, flip)
+        parts = []
+        for i in range(0, people, step):
+            j = min(people, i + step)
+            chunk = np.concatenate([images[i:j], images[people + i:people + j]]) if flip else images[i:j]
+            parts.append(self._infer_decode(chunk, {k: None if v is None else v[i:j] for k, v in post.items()}, flip))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
+        """One chunk (at most max_batch images); a GPU backend overrides this to stay on its device."""
+        return self._decode_on_host(self._run(images), post, flip)
+
+    def _decode_on_host(self, heatmaps: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
+        from .decoding import decode
+
+        p = len(heatmaps) // 2 if flip else len(heatmaps)
+        res = decode(heatmaps[:p], self.spec.joints, self.spec.depth_dim, flipped=heatmaps[p:] if flip else None,
+                     **post)
+        return np.asarray(res.packed, np.float32)
+
     def _run(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the engine holds (GPU memory, sessions); idempotent."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.spec.name} {self.spec.head_tag}, {self.precision}, "
-                f"max_batch={self.max_batch}, path='{self.path}')")
+                f"max_batch={self.max_batch}, device={self.device}, path='{self.path}')")
 
 
-class OrtEngine(Engine):
-    """ONNX Runtime on the CPU: the embedded default backend."""
+def _post_arrays(people: int, boxes: Any, root_depth: Any, intrinsics: Any) -> dict[str, np.ndarray | None]:
+    """infer_decode's per-person post-processing inputs as float64 arrays, checked once."""
+    from .geometry import as_array
 
-    backend = "onnxruntime"
-
-    def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None) -> None:
-        super().__init__(path, meta)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for bad models
-            raise EngineError(f"onnxruntime cannot load engine {path}: {str(exc)[:300]}; rebuild with --force"
-                              ) from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        names = ([i.name for i in inputs], [o.name for o in outputs])
-        if names != ([self.input_name], [self.output_name]):
-            raise EngineError(f"engine {path} has inputs/outputs {names}, its metadata says "
-                              f"[{self.input_name}] -> [{self.output_name}]; rebuild with --force")
-        got = outputs[0].shape[1:]
-        if list(got) != list(self.spec.heatmap_shape):
-            raise EngineError(f"engine {path} outputs (N, {got}), its metadata's variant needs "
-                              f"(N, {self.spec.heatmap_shape}); rebuild with --force")
-        ort_types = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-        found = (ort_types.get(inputs[0].type), ort_types.get(outputs[0].type))
-        if found != (self.input_dtype.name, self.output_dtype.name):
-            raise EngineError(f"engine {path} reads/writes {found}, its metadata says "
-                              f"({self.input_dtype.name}, {self.output_dtype.name}); rebuild with --force")
-
-    def _run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: images})[0]
+    out: dict[str, np.ndarray | None] = {"boxes": None, "root_depth": None, "intrinsics": None}
+    given = (("boxes", boxes, (4,)), ("root_depth", root_depth, ()), ("intrinsics", intrinsics, (4,)))
+    for name, value, tail in given:
+        if value is not None:
+            arr = np.asarray(value, np.float64)
+            if arr.shape == tail:
+                arr = np.broadcast_to(arr, (people, *tail))
+            out[name] = as_array(name, arr, tail, people)
+    if (out["root_depth"] is not None or out["intrinsics"] is not None) and out["boxes"] is None:
+        raise ValueError("root_depth and intrinsics need boxes (depth and camera coordinates start from image "
+                         "pixels)")
+    return out
 
 
-def _tensorrt_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
-    from .tensorrt_backend import TrtEngine
+def check_engine_io(found: dict[str, Any], path: Any, *, input_name: str, output_name: str,
+                    input_shape: tuple[int, ...], output_shape: tuple[int, ...], max_batch: int,
+                    input_dtype: str, output_dtype: str) -> None:
+    """Compare what an engine says about itself with its sidecar, before any buffer exists; every
+    backend calls this with what its runtime reports.
 
-    return TrtEngine(path, meta, **options)
+    found: {"inputs": [names], "outputs": [names], "input": {...}, "output": {...}} where
+    input/output hold "shape" (-1 or None for the dynamic batch) and "dtype" (numpy name); optional
+    "linear"/"on_device" (bools), and for engines with optimization profiles "profiles" (count) and
+    input "profile" ((min, opt, max) shapes of profile 0). input_shape/output_shape are per image.
+    Raises EngineError naming the first disagreement (a stale or foreign sidecar).
+    """
+    def refuse(what: str) -> EngineError:
+        return EngineError(f"engine {path} does not match its metadata: {what}; rebuild with --force")
 
-
-def _torch_engine(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
-    try:
-        from .torch_backend import TorchEngine
-    except ImportError:
-        raise EngineError(f"{path} is a torch engine: install PyTorch to load it") from None
-    return TorchEngine(path, meta, **options)
-
-
-_BACKENDS = {"onnxruntime": OrtEngine, "tensorrt": _tensorrt_engine, "torch": _torch_engine}
+    if found["inputs"] != [input_name] or found["outputs"] != [output_name]:
+        raise refuse(f"it has inputs {found['inputs']} and outputs {found['outputs']}, the metadata says "
+                     f"[{input_name}] -> [{output_name}]")
+    for role, name, per_image, dtype in (("input", input_name, input_shape, input_dtype),
+                                         ("output", output_name, output_shape, output_dtype)):
+        io = found[role]
+        shape = tuple(-1 if d is None or isinstance(d, str) else int(d) for d in io["shape"])
+        want = (-1, *per_image)
+        if shape != want:
+            raise refuse(f"{role} {name} has shape {shape}, the metadata says {want} (-1: any batch)")
+        if io["dtype"] != dtype:
+            raise refuse(f"{role} {name} is {io['dtype']}, the metadata says {dtype}")
+        if not io.get("linear", True) or not io.get("on_device", True):
+            raise refuse(f"{role} {name} is not a linear device tensor")
+    if "profiles" in found:
+        if found["profiles"] < 1:
+            raise refuse("it has no optimization profile")
+        lo, _, hi = (tuple(s) for s in found["input"]["profile"])
+        if lo != (1, *input_shape) or hi != (max_batch, *input_shape):
+            raise refuse(f"its optimization profile covers {lo} .. {hi}, the metadata says batch 1 .. {max_batch} "
+                         f"of {input_shape}")
 
 
 def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = None,
@@ -215,7 +298,8 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
             decides which engine file is loaded (Engine.path).
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
         variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
-        options: backend options (onnxruntime: threads).
+        options: backend options: onnxruntime threads; torch device, cuda_graphs, threads;
+            tensorrt max_contexts. Others are refused naming the allowed ones.
     Raises:
         EngineError: missing/garbled sidecar, damaged or replaced engine file, unknown backend,
             an engine of another variant, precision or weights than expected, or (TensorRT) one
@@ -262,10 +346,9 @@ def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | 
         if sha != meta["engine_sha256"]:
             raise EngineError(f"engine file {engine_file} does not match its metadata (sha256 differs): the file is "
                               "damaged or was replaced; rebuild with `python -m cnpose_trt.build ... --force`")
-    backend = meta["backend"]
-    cls = _BACKENDS.get(backend)
-    if cls is None:
-        raise EngineError(f"engine {engine_file} is for backend {backend!r}; this installation loads "
-                          f"{', '.join(_BACKENDS)}")
-    log.debug("loading %s engine %s (pid %d)", backend, engine_file, os.getpid())
-    return cls(engine_file, meta, **options)
+    from . import backends
+
+    module = backends.get(meta["backend"], what=f"engine {engine_file}")
+    backends.check_options(module, options)
+    log.debug("loading %s engine %s (pid %d)", module.NAME, engine_file, os.getpid())
+    return module.load(engine_file, meta, **options)

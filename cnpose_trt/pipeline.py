@@ -89,7 +89,8 @@ class _Item:
     """One image's people on their way through the pipeline."""
 
     boxes: np.ndarray
-    crops: np.ndarray          # (P, 3, S, S), plus the mirrored crops when flipping
+    crops: np.ndarray          # (P, 3, S, S)
+    mirrored: np.ndarray | None  # (P, 3, S, S) the mirrored crops when flipping
     crop_boxes: np.ndarray
     root_depth: np.ndarray | None
     intrinsics: np.ndarray | None
@@ -205,8 +206,9 @@ class PoseEstimator:
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
         self._lock = threading.RLock()
         self.timings = Timings()
-        # On a GPU torch engine, heatmaps stay on the device and the decode runs there.
-        self._on_device = bool(getattr(self.engine, "on_gpu", False))
+        # An engine on a GPU decodes where its output lives (Engine.infer_decode): the heatmaps
+        # never come to the host. A CPU engine's heatmaps are decoded on the decode thread.
+        self._on_device = bool(self.engine.on_device)
 
     @property
     def spec(self) -> Any:
@@ -260,6 +262,8 @@ class PoseEstimator:
             decoding: collections.deque[Future[list[PoseResult]]] = collections.deque()
             source = iter(items)
             window = max(1, self.max_batch) * self.prefetch
+            # People per engine call: with the flip test each person is two crops.
+            capacity = max(1, self.max_batch // 2) if flip else self.max_batch
             exhausted = False
             failure: BaseException | None = None
 
@@ -297,23 +301,27 @@ class PoseEstimator:
                 batch: list[_Item] = [first]
                 people = len(first.boxes)
                 refill()
-                # Fill the batch up to max_batch people (waiting for the crops): full, steady batch
+                # Fill the batch up to capacity (waiting for the crops): full, steady batch
                 # shapes suit every engine, GPUs and CUDA graphs most.
                 while pending:
                     nxt = take()
-                    if nxt is None or people + len(nxt.boxes) > self.max_batch:
+                    if nxt is None or people + len(nxt.boxes) > capacity:
                         break
                     pending.popleft()
                     batch.append(nxt)
                     people += len(nxt.boxes)
                     refill()
-                heatmaps = None
-                if people:
+                if not people:
+                    done: Future[list[PoseResult]] = Future()
+                    done.set_result(self._results(batch, None))
+                    decoding.append(done)
+                elif self._on_device:
+                    decoding.append(self._run_on_device(batch, flip))
+                else:
                     started = time.perf_counter()
-                    crops = np.concatenate([it.crops for it in batch])
-                    heatmaps = self.engine.infer_device(crops) if self._on_device else self.engine.infer(crops)
+                    heatmaps = self.engine.infer(_crops(batch, flip))
                     self.timings.add("infer", time.perf_counter() - started)
-                decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
+                    decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
                 while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
                     yield from decoding.popleft().result()
             while decoding:
@@ -334,39 +342,59 @@ class PoseEstimator:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
         crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"])
         p = len(crop_boxes)
-        if flip:
-            crops = np.concatenate([crops, crops[:, :, :, ::-1]])
+        mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
-        return _Item(boxes, crops, crop_boxes, _root_depth(item["root_depth"], p),
+        return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
                      _per_item("intrinsics", item["intrinsics"], p, (4,)))
 
-    def _decode(self, batch: list[_Item], heatmaps: Any, flip: bool) -> list[PoseResult]:
+    def _run_on_device(self, batch: list[_Item], flip: bool) -> Future[list[PoseResult]]:
+        """Engine and fused decode on the engine's device; only (P, J, 10) floats come back."""
         started = time.perf_counter()
-        results = self._decode_batch(batch, heatmaps, flip)
+        packed = self.engine.infer_decode(_crops(batch, flip), flip=flip, **_post(batch))
+        self.timings.add("infer", time.perf_counter() - started)
+        done: Future[list[PoseResult]] = Future()
+        done.set_result(self._results(batch, packed))
+        return done
+
+    def _decode(self, batch: list[_Item], heatmaps: np.ndarray, flip: bool) -> list[PoseResult]:
+        started = time.perf_counter()
+        p = sum(len(it.boxes) for it in batch)
+        res = decode(heatmaps[:p], self.spec.joints, self.spec.depth_dim, flipped=heatmaps[p:] if flip else None,
+                     **_post(batch))
+        results = self._results(batch, _host(res.packed))
         self.timings.add("decode", time.perf_counter() - started)
         return results
 
-    def _decode_batch(self, batch: list[_Item], heatmaps: Any, flip: bool) -> list[PoseResult]:
-        results = []
-        offset = 0
-        spec = self.spec
+    def _results(self, batch: list[_Item], packed: np.ndarray | None) -> list[PoseResult]:
+        """Split a batch's (P, J, 10) decode result into one PoseResult per image."""
+        results, offset, j = [], 0, self.spec.joints
         for it in batch:
             p = len(it.boxes)
-            if p == 0:
-                empty = np.zeros((0, spec.joints, 3))
-                results.append(PoseResult(it.boxes, it.crop_boxes, empty, np.zeros((0, spec.joints)), empty.copy(),
-                                          None if it.intrinsics is None else empty.copy(), it.root_depth is None))
-                continue
-            n = 2 * p if flip else p
-            heat = heatmaps[offset:offset + n]
-            offset += n
-            res = decode(heat[:p], spec.joints, spec.depth_dim, boxes=it.crop_boxes, root_depth=it.root_depth,
-                         intrinsics=it.intrinsics, flipped=heat[p:] if flip else None)
-            packed = _host(res.packed)  # one copy back per image, of (P, J, 10) floats
+            part = np.zeros((0, j, 10)) if p == 0 else np.asarray(packed[offset:offset + p], np.float64)
+            offset += p
             results.append(PoseResult(
-                it.boxes, it.crop_boxes, packed[..., 0:3], packed[..., 3], packed[..., 4:7],
-                None if it.intrinsics is None else packed[..., 7:10], it.root_depth is None))
+                it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
+                None if it.intrinsics is None else part[..., 7:10], it.root_depth is None))
         return results
+
+
+def _crops(batch: list[_Item], flip: bool) -> np.ndarray:
+    """The engine's input for a batch: every person's crop, then (flip test) every mirrored crop."""
+    parts = [it.crops for it in batch] + ([it.mirrored for it in batch] if flip else [])
+    return np.concatenate(parts)
+
+
+def _post(batch: list[_Item]) -> dict[str, np.ndarray | None]:
+    """A batch's decode post-processing inputs. Images without a root depth get 0 (root-relative
+    depth) and without intrinsics a placeholder camera whose output _results drops."""
+    boxes = np.concatenate([it.crop_boxes for it in batch])
+    root = k = None
+    if any(it.root_depth is not None for it in batch):
+        root = np.concatenate([np.zeros(len(it.boxes)) if it.root_depth is None else it.root_depth for it in batch])
+    if any(it.intrinsics is not None for it in batch):
+        k = np.concatenate([np.tile([1.0, 1.0, 0.0, 0.0], (len(it.boxes), 1)) if it.intrinsics is None
+                            else it.intrinsics for it in batch])
+    return {"boxes": boxes, "root_depth": root, "intrinsics": k}
 
 
 def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes: Any = None,

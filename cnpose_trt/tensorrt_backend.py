@@ -52,12 +52,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, check_engine_io
 from .errors import BuildError, CnposeError, EngineError
+
+if TYPE_CHECKING:
+    from .build import BuildJob
 
 log = logging.getLogger(__name__)
 trt_log = logging.getLogger(__name__ + ".trt")  # TensorRT's own messages
@@ -67,6 +70,11 @@ INSTALL_HINT = ("TensorRT is not installed. On a machine with an NVIDIA GPU and 
                 "(CUDA 13, R580+ drivers); each pairs TensorRT with the cuda-python of the same CUDA major")
 CUDA_PYTHON_HINT = ("cuda-python (cuda.bindings.runtime, 12.6.1 or newer) is not installed: "
                     "pip install 'cnpose_trt[tensorrt-cu12]' or 'cnpose_trt[tensorrt-cu13]'")
+
+NAME = "tensorrt"
+ENGINE_SUFFIX = ".engine"
+PRECISIONS = ("fp32", "fp16", "int8")
+NEEDS_GRAPH = True
 
 # Options TrtEngine takes (load_engine(path, **options)); options of the other backends, to say so.
 DEFAULT_MAX_CONTEXTS = 2
@@ -304,39 +312,8 @@ def check_plan_compatible(built: dict[str, Any], runtime_version: str, here: dic
                           "(or build with --hardware-compatible on an Ampere or newer GPU)")
 
 
-def check_io(found: dict[str, Any], path: Any, *, input_name: str, output_name: str,
-             input_shape: tuple[int, ...], output_shape: tuple[int, ...], max_batch: int,
-             input_dtype: str, output_dtype: str) -> None:
-    """Compare what a deserialized engine says about itself with its sidecar, before any buffer exists.
-
-    found: {"inputs": [names], "outputs": [names], "profiles": int, "input": {...}, "output": {...}}
-    where input/output hold "shape" (with -1 for the dynamic batch), "dtype" (numpy name),
-    "linear" and "on_device" (bools), and input also "profile" ((min, opt, max) shapes of
-    profile 0). input_shape/output_shape are per image: (3, S, S) and (J*D, H, W).
-    Raises EngineError naming the first disagreement (a stale or foreign sidecar).
-    """
-    def refuse(what: str) -> EngineError:
-        return EngineError(f"engine {path} does not match its metadata: {what}; rebuild with --force")
-
-    if found["inputs"] != [input_name] or found["outputs"] != [output_name]:
-        raise refuse(f"it has inputs {found['inputs']} and outputs {found['outputs']}, the metadata says "
-                     f"[{input_name}] -> [{output_name}]")
-    for role, name, per_image, dtype in (("input", input_name, input_shape, input_dtype),
-                                         ("output", output_name, output_shape, output_dtype)):
-        io = found[role]
-        want = (-1, *per_image)
-        if tuple(io["shape"]) != want:
-            raise refuse(f"{role} {name} has shape {tuple(io['shape'])}, the metadata says {want} (-1: any batch)")
-        if io["dtype"] != dtype:
-            raise refuse(f"{role} {name} is {io['dtype']}, the metadata says {dtype}")
-        if not io["linear"] or not io["on_device"]:
-            raise refuse(f"{role} {name} is not a linear device tensor")
-    if found["profiles"] < 1:
-        raise refuse("it has no optimization profile")
-    lo, _, hi = (tuple(s) for s in found["input"]["profile"])
-    if lo != (1, *input_shape) or hi != (max_batch, *input_shape):
-        raise refuse(f"its optimization profile covers {lo} .. {hi}, the metadata says batch 1 .. {max_batch} of "
-                     f"{input_shape}")
+# The I/O check every backend shares (engine.py); TensorRT fills in profiles, format and location.
+check_io = check_engine_io
 
 
 def check_finite(heatmaps: np.ndarray) -> dict[str, Any]:
@@ -786,6 +763,54 @@ class _Session:
         self.pool.close()
 
 
+def version() -> str:
+    return str(import_trt().__version__)
+
+
+def key_fields(job: BuildJob) -> dict[str, Any]:
+    """TensorRT's part of the cache key: its version, the GPU, the builder options."""
+    import dataclasses
+
+    return {"backend_version": version(), "device": gpu_identity(), "trt": dataclasses.asdict(job.trt),
+            "opt_batch": job.opt_batch}
+
+
+def compile(job: BuildJob, built: Path) -> dict[str, Any]:
+    """Build the strongly typed engine from the precision graph; it is then run once on real crops
+    and refused if its output is not finite (the record says so under build_check)."""
+    from .export import INPUT_NAME
+    from .verify import accuracy_inputs
+
+    job.say("[4/5] building the TensorRT engine (strongly typed)")
+    opts = job.trt  # TrtOptions (named so the TensorRT name check does not read it as the module)
+    record = build(job.graph, built, input_name=INPUT_NAME, input_shape=(job.max_batch, *job.spec.input_shape),
+                   max_batch=job.max_batch, opt_batch=job.opt_batch, workspace_mb=opts.workspace_mb,
+                   opt_level=opts.opt_level, timing_cache=job.out / "tensorrt.timing-cache",
+                   version_compatible=opts.version_compatible, hardware_compatible=opts.hardware_compatible,
+                   show_progress=job.show_progress, tf32=opts.tf32, check_inputs=accuracy_inputs(job.spec))
+    job.say("[5/5] checked: the engine ran once on real crops, finite output")
+    return {"tensorrt_build": record}
+
+
+def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
+    return TrtEngine(path, meta, **options)
+
+
+class _OwnedDeviceArray:
+    """A device array that owns its memory (infer_device's result); __cuda_array_interface__ v3."""
+
+    def __init__(self, buffer: _DeviceBuffer, shape: tuple[int, ...], dtype: str) -> None:
+        from .decoding import DeviceArray
+
+        self._buffer = buffer
+        self._view = DeviceArray(buffer.ptr, shape, dtype)
+        self.shape, self.dtype, self.ptr = self._view.shape, dtype, buffer.ptr
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return self._view.__cuda_array_interface__
+
+
 class TrtEngine(Engine):
     """A deserialized TensorRT engine, safe to share between threads: calls take one of at most
     `max_contexts` execution contexts (each with its stream and buffers) and wait for a free one.
@@ -793,8 +818,9 @@ class TrtEngine(Engine):
     Use `with load_engine(path) as engine:` or call close() to free GPU memory deterministically.
     """
 
-    backend = "tensorrt"
+    backend = NAME
     options = LOAD_OPTIONS
+    device = "cuda"
 
     def __init__(self, path: Path, meta: dict[str, Any], **options: Any) -> None:
         max_contexts = _load_options(options)
@@ -830,41 +856,48 @@ class TrtEngine(Engine):
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self._session.run(images)
 
-    def infer_decode(self, images: np.ndarray, boxes: np.ndarray | None = None, root_depth: np.ndarray | None = None,
-                     intrinsics: np.ndarray | None = None) -> np.ndarray:
-        """Engine, then the fused decode on the same stream straight from the output buffer;
-        only the (N, J, 10) result comes back. N <= max_batch."""
+    def infer_device(self, images: np.ndarray) -> Any:
+        """Heatmaps left on the GPU: a DeviceArray over device memory owned by the returned object
+        (freed when it is garbage collected), filled on the engine's stream and synchronised."""
+        images = self.check_input(images)
+        per_image = int(np.prod(self.spec.heatmap_shape)) * self.output_dtype.itemsize
+        owned = _DeviceBuffer(len(images) * per_image)
+        for i in range(0, len(images), self.max_batch):
+            chunk = images[i:i + self.max_batch]
+            with self._session.pool.use() as slot:
+                self._session.enqueue(slot, chunk)
+                slot.copy(owned.ptr + i * per_image, slot.d_out.ptr, len(chunk) * per_image,
+                          "cudaMemcpyDeviceToDevice")
+                slot.synchronize()
+        return _OwnedDeviceArray(owned, (len(images), *self.spec.heatmap_shape), self.output_dtype.name)
+
+    def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
+        """Engine, then the fused decode on the same stream straight from the output buffer (the
+        flip test's mirrored half included); only the (P, J, 10) result comes back."""
         from .decoding import OUT_FIELDS, DeviceArray, decode
 
-        images = self.check_input(images)
-        if len(images) > self.max_batch:
-            raise ValueError(f"infer_decode takes at most max_batch = {self.max_batch} images, got {len(images)}")
         session, j = self._session, self.spec.joints
         n = len(images)
-        # Validated before any copy is enqueued.
-        rows = []
-        for name, value, first, width in (("boxes", boxes, 0, 4), ("root_depth", root_depth, 4, 1),
-                                          ("intrinsics", intrinsics, 5, 4)):
-            if value is not None:
-                shape = (n, width) if width > 1 else (n,)
-                try:
-                    arr = np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float32), shape))
-                except ValueError:
-                    raise ValueError(f"{name} must broadcast to {shape}, got shape {np.shape(value)}") from None
-                rows.append((name, arr, first, shape))
+        p = n // 2 if flip else n
+        per_image = int(np.prod(self.spec.heatmap_shape)) * self.output_dtype.itemsize
+        rows = [(name, np.ascontiguousarray(arr, np.float32), first)
+                for name, first in (("boxes", 0), ("root_depth", 4), ("intrinsics", 5))
+                if (arr := post.get(name)) is not None]
         with session.pool.use() as slot:
             h_dec, d_dec, h_post, d_post = slot.decode(self.max_batch, j, OUT_FIELDS)
-            n = session.enqueue(slot, images)
-            post: dict[str, Any] = {}
-            for name, arr, first, shape in rows:
+            session.enqueue(slot, images)
+            args: dict[str, Any] = {}
+            for name, arr, first in rows:
                 offset = first * self.max_batch  # in floats: each row holds max_batch floats
                 h_post.array.reshape(-1)[offset:offset + arr.size] = arr.reshape(-1)
                 slot.copy(d_post.ptr + 4 * offset, h_post.ptr + 4 * offset, arr.nbytes, "cudaMemcpyHostToDevice")
-                post[name] = DeviceArray(d_post.ptr + 4 * offset, shape, "float32")
-            heat = DeviceArray(slot.d_out.ptr, (n, *self.spec.heatmap_shape), self.output_dtype.name)
-            decode(heat, j, self.spec.depth_dim, out=DeviceArray(d_dec.ptr, (n, j, OUT_FIELDS)),
-                   stream=slot.stream_handle, **post)
-            result = h_dec.array[:n]
+                args[name] = DeviceArray(d_post.ptr + 4 * offset, arr.shape, "float32")
+            shape = (p, *self.spec.heatmap_shape)
+            heat = DeviceArray(slot.d_out.ptr, shape, self.output_dtype.name)
+            mirrored = DeviceArray(slot.d_out.ptr + p * per_image, shape, self.output_dtype.name) if flip else None
+            decode(heat, j, self.spec.depth_dim, flipped=mirrored, out=DeviceArray(d_dec.ptr, (p, j, OUT_FIELDS)),
+                   stream=slot.stream_handle, **args)
+            result = h_dec.array[:p]
             slot.copy(h_dec.ptr, d_dec.ptr, result.nbytes, "cudaMemcpyDeviceToHost")
             slot.synchronize()
             return result.copy()

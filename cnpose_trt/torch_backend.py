@@ -2,29 +2,71 @@
 
 The baseline on the CPU and the GPU path for users without TensorRT. On CUDA it runs in fp16
 (precision "fp16") or fp32, channels-last, and optionally replays CUDA graphs captured per batch
-size. The engine file is this package's checkpoint format (spec + state_dict); the fused decode
-runs on the same device (cnpose_trt.decode takes torch tensors).
+size. The engine file is this package's checkpoint format (spec + state_dict). On CUDA the
+heatmaps stay on the device: infer_decode runs the fused CUDA decode on them on the current
+stream and copies back only the (P, J, 10) result.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, check_engine_io
 from .errors import EngineError
 
+if TYPE_CHECKING:
+    from .build import BuildJob
+
+NAME = "torch"
+ENGINE_SUFFIX = ".pt"
+LOAD_OPTIONS = ("device", "cuda_graphs", "threads")
 PRECISIONS = ("fp32", "fp16")
+NEEDS_GRAPH = False
+
+
+def available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def key_fields(job: BuildJob) -> dict[str, Any]:
+    return {"backend_version": version()}
+
+
+def compile(job: BuildJob, built: Path) -> dict[str, Any]:
+    """Write the torch 'engine': this package's checkpoint format (spec + state_dict)."""
+    from .checkpoint import save_checkpoint
+
+    job.say("[2/2] saving the PyTorch model (served by torch; fp16 runs on CUDA)")
+    save_checkpoint(job.model, built)
+    return {}
+
+
+def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
+    if not available():
+        raise EngineError(f"{path} is a torch engine: install PyTorch to load it")
+    return TorchEngine(path, meta, **options)
 
 
 class TorchEngine(Engine):
     """ConvNeXtPose in PyTorch. Thread-safe: calls are serialized by a lock (one model, and
     CUDA graphs with static buffers, are shared)."""
 
-    backend = "torch"
+    backend = NAME
+    options = LOAD_OPTIONS
 
     def __init__(self, path: Path, meta: dict[str, Any], device: str | None = None, cuda_graphs: bool = False,
                  threads: int | None = None) -> None:
@@ -34,11 +76,19 @@ class TorchEngine(Engine):
         from .checkpoint import load_checkpoint
         from .model import ConvNeXtPose
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.precision == "fp16" and self.device.type != "cuda":
+        try:
+            self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})"
+                             ) from None
+        if self.torch_device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"device {device!r} asked for, but PyTorch sees no CUDA device")
+        if self.precision == "fp16" and self.torch_device.type != "cuda":
             raise EngineError(f"{path} is an fp16 torch engine: it runs on a CUDA device, none is available "
                               "(use an fp32 engine on the CPU)")
-        if cuda_graphs and self.device.type != "cuda":
+        if cuda_graphs and self.torch_device.type != "cuda":
             raise EngineError("cuda_graphs needs a CUDA device")
         if threads:
             torch.set_num_threads(threads)
@@ -46,19 +96,29 @@ class TorchEngine(Engine):
         model = ConvNeXtPose(self.spec)
         model.load_state_dict(state)
         self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        self.model = model.eval().to(self.device, dtype=self.dtype, memory_format=fmt)
+        fmt = torch.channels_last if self.torch_device.type == "cuda" else torch.contiguous_format
+        self.model = model.eval().to(self.torch_device, dtype=self.dtype, memory_format=fmt)
         self.memory_format = fmt
+        self.device = str(self.torch_device)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
+        out_dtype = "float16" if self.dtype == torch.float16 else "float32"
+        # The module's own I/O, checked like every backend's (a stale sidecar is refused).
+        found = {"inputs": [self.input_name], "outputs": [self.output_name],
+                 "input": {"shape": (-1, *self.spec.input_shape), "dtype": "float32"},
+                 "output": {"shape": (-1, *self.spec.heatmap_shape), "dtype": out_dtype}}
+        check_engine_io(found, path, input_name=self.input_name, output_name=self.output_name,
+                        input_shape=self.spec.input_shape, output_shape=self.spec.heatmap_shape,
+                        max_batch=self.max_batch, input_dtype=self.input_dtype.name,
+                        output_dtype=self.output_dtype.name)
 
     def forward_device(self, images: Any) -> Any:
-        """(N, 3, S, S) torch tensor on self.device -> heatmaps on the device (no host copy)."""
+        """(N, 3, S, S) torch tensor -> heatmaps on self.device (no host copy)."""
         import torch
 
         with self._lock, torch.inference_mode():
-            x = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(
+            x = images.to(self.torch_device, dtype=self.dtype, non_blocking=True).contiguous(
                 memory_format=self.memory_format)
             if not self.cuda_graphs:
                 return self.model(x).contiguous()
@@ -86,18 +146,28 @@ class TorchEngine(Engine):
         graph.replay()
         return static_out.contiguous().clone()
 
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
-
     def infer_device(self, images: np.ndarray) -> Any:
-        """Like infer(), but the heatmaps stay on the device (for the fused decode there)."""
+        """Like infer(), but the heatmaps stay on the device (a torch tensor)."""
         import torch
 
+        if not self.on_device:
+            return super().infer_device(images)
         images = self.check_input(images)
         chunks = [self.forward_device(torch.from_numpy(images[i:i + self.max_batch]))
                   for i in range(0, len(images), self.max_batch)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
+        import torch
+
+        from .decoding import decode
+
+        if not self.on_device:
+            return super()._infer_decode(images, post, flip)
+        heat = self.forward_device(torch.from_numpy(images))
+        p = len(heat) // 2 if flip else len(heat)
+        res = decode(heat[:p], self.spec.joints, self.spec.depth_dim, flipped=heat[p:] if flip else None, **post)
+        return res.packed.float().cpu().numpy()  # only (P, J, 10) floats cross to the host
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -105,9 +175,5 @@ class TorchEngine(Engine):
         out = self.forward_device(torch.from_numpy(images))
         return out.float().cpu().numpy() if self.output_dtype == np.float32 else out.cpu().numpy()
 
-
-def save_engine(model: Any, path: Path) -> None:
-    """Write the torch 'engine': this package's checkpoint format (spec + state_dict)."""
-    from .checkpoint import save_checkpoint
-
-    save_checkpoint(model, path)
+    def close(self) -> None:
+        self._graphs.clear()

@@ -25,10 +25,10 @@ from cnpose_trt.cache import clean_stale, sidecar_path, temp_dir
 WRITER = r"""
 import os, signal, sys, uuid
 import onnx
-from cnpose_trt import build, cache, export
+from cnpose_trt import build, cache, export, onnxruntime_backend
 
 out, kill_at, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real_optimise = build._optimise_for_ort
+real_optimise = onnxruntime_backend.optimise
 
 def optimise(src, dst):
     real_optimise(src, dst)
@@ -36,7 +36,7 @@ def optimise(src, dst):
     model.doc_string = uuid.uuid4().hex
     onnx.save(model, str(dst))
 
-build._optimise_for_ort = optimise
+onnxruntime_backend.optimise = optimise
 if kill_at != "none":
     module = export if kill_at == "export_onnx" else cache
     real = getattr(module, kill_at)

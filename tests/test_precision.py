@@ -9,11 +9,12 @@ from conftest import make_model
 from onnx import numpy_helper
 
 from cnpose_trt import load_engine
-from cnpose_trt.build import accuracy_inputs, build_engine, joint_error
+from cnpose_trt.build import build_engine
 from cnpose_trt.build import main as build_main
 from cnpose_trt.cache import sidecar_path
 from cnpose_trt.draw import demo_image, save_image
 from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE, convert_fp16, inspect_graph
+from cnpose_trt.verify import accuracy_inputs, joint_error
 
 
 @pytest.fixture(scope="module")

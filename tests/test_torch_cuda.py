@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from cnpose_trt import build_engine, load_engine
-from cnpose_trt.build import accuracy_inputs, joint_error
 from cnpose_trt.draw import demo_image
 from cnpose_trt.pipeline import PoseEstimator
+from cnpose_trt.verify import accuracy_inputs, joint_error
 
 pytestmark = pytest.mark.cuda
 torch = pytest.importorskip("torch")

@@ -1,0 +1,84 @@
+"""The backend registry: each backend is one module that owns its availability, version,
+compile step and engine loading; adding a backend means one module and one line here.
+
+A backend module defines NAME, ENGINE_SUFFIX, LOAD_OPTIONS, PRECISIONS, NEEDS_GRAPH (whether it
+compiles the ONNX precision graph or the PyTorch model), available(), version(),
+key_fields(job) (its part of the engine cache key), compile(job, built_file) -> sidecar extras,
+and load(path, meta, **options) -> Engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+from .errors import BuildError, EngineError
+
+log = logging.getLogger(__name__)
+
+_MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend", "torch": "torch_backend"}
+NAMES = tuple(_MODULES)
+# "auto" picks the first available of these: TensorRT where it and a GPU are present.
+AUTO_ORDER = ("tensorrt", "onnxruntime")
+
+
+def get(name: str, what: str = "") -> ModuleType:
+    """The backend module called name.
+
+    Raises:
+        EngineError: an unknown name, or a backend whose dependencies are missing.
+    """
+    module = _MODULES.get(name) if isinstance(name, str) else None
+    if module is None:
+        raise EngineError(f"{what + ' is for ' if what else ''}backend {name!r}; this installation loads "
+                          f"{', '.join(NAMES)}")
+    try:
+        return importlib.import_module(f".{module}", __package__)
+    except ImportError as exc:  # torch_backend needs torch
+        raise EngineError(f"{what + ': ' if what else ''}the {name} backend needs {exc.name or exc}, which is "
+                          "not installed") from None
+
+
+def resolve(requested: str) -> str:
+    """A concrete backend name for "auto" or a name; a named backend must be available.
+
+    Raises:
+        ValueError: an unknown name. BuildError: the named backend is not usable here.
+    """
+    if requested != "auto" and requested not in _MODULES:
+        raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}, got {requested!r}")
+    if requested != "auto":
+        module = get(requested)
+        if requested == "tensorrt":
+            module.import_trt()  # BuildError with the install hint if missing
+        elif not module.available():
+            raise BuildError(f"the {requested} backend is not available here")
+        return requested
+    for name in AUTO_ORDER:
+        try:
+            if get(name).available():
+                return name
+        except EngineError:
+            continue
+    raise BuildError("no backend is available: install onnxruntime")
+
+
+def check_options(module: ModuleType, options: dict[str, Any]) -> None:
+    """Refuse load options the backend does not take, naming the ones it does."""
+    unknown = sorted(set(options) - set(module.LOAD_OPTIONS))
+    if unknown:
+        owners = {opt: [n for n in NAMES if n != module.NAME and opt in _load_options(n)] for opt in unknown}
+        notes = [f"{opt} is an option of {' and '.join(who)}" for opt, who in owners.items() if who]
+        allowed = module.LOAD_OPTIONS
+        raise ValueError(f"the {module.NAME} backend takes the option{'s' if len(allowed) > 1 else ''} "
+                         f"{', '.join(allowed) or '(none)'}, got {', '.join(unknown)}"
+                         + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _load_options(name: str) -> tuple[str, ...]:
+    try:
+        return tuple(get(name).LOAD_OPTIONS)
+    except EngineError:
+        return ()

@@ -1,0 +1,104 @@
+"""The Engine protocol: every backend the same calls, and PoseEstimator on the device path for any
+engine that says its output lives on a device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnpose_trt import backends
+from cnpose_trt.decoding import decode
+from cnpose_trt.engine import Engine, load_engine
+from cnpose_trt.errors import EngineError
+from cnpose_trt.pipeline import PoseEstimator
+from cnpose_trt.verify import accuracy_inputs
+
+
+def test_infer_decode_equals_infer_then_decode(xs_engine):
+    x = accuracy_inputs(xs_engine.spec, 5)  # max_batch is 4: two chunks
+    boxes = np.column_stack([np.arange(5) * 10.0, np.arange(5) * 5.0, np.full(5, 200.0), np.full(5, 200.0)])
+    root, k = np.linspace(3000, 5000, 5), np.tile([1500.0, 1500.0, 320.0, 240.0], (5, 1))
+    got = xs_engine.infer_decode(x, boxes=boxes, root_depth=root, intrinsics=k)
+    want = decode(xs_engine.infer(x), 18, 32, boxes=boxes, root_depth=root, intrinsics=k).packed
+    assert got.shape == (5, 18, 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+    mirrored = np.ascontiguousarray(x[:, :, :, ::-1])
+    flip = xs_engine.infer_decode(np.concatenate([x, mirrored]), boxes=boxes, flip=True)
+    heat = xs_engine.infer(np.concatenate([x, mirrored]))
+    np.testing.assert_allclose(flip, decode(heat[:5], 18, 32, boxes=boxes, flipped=heat[5:]).packed, atol=1e-4)
+    assert not np.allclose(flip[..., :3], got[..., :3])
+
+
+def test_protocol_refusals(xs_engine, xs_engine_path):
+    x = accuracy_inputs(xs_engine.spec, 3)
+    with pytest.raises(ValueError, match="even N"):
+        xs_engine.infer_decode(x, flip=True)
+    with pytest.raises(ValueError, match="need boxes"):
+        xs_engine.infer_decode(x, root_depth=4000.0)
+    with pytest.raises(ValueError, match="boxes must have shape \\(3, 4\\)"):
+        xs_engine.infer_decode(x, boxes=np.zeros((2, 4)))
+    with pytest.raises(EngineError, match="runs on the CPU"):
+        xs_engine.infer_device(x)
+    assert not xs_engine.on_device and xs_engine.device == "cpu"
+    with pytest.raises(ValueError, match="takes the option threads, got max_contexts \\(max_contexts is an option "
+                                         "of tensorrt\\)"):
+        load_engine(xs_engine_path, max_contexts=2)
+    with load_engine(xs_engine_path, threads=1) as engine:
+        assert engine.infer(x).shape == (3, 576, 32, 32)
+    with pytest.raises(EngineError, match="closed"):
+        engine.infer(x)
+
+
+def test_registry():
+    assert backends.NAMES == ("onnxruntime", "tensorrt", "torch")
+    for name in backends.NAMES:
+        module = backends.get(name)
+        assert module.NAME == name and module.ENGINE_SUFFIX.startswith(".")
+        for attr in ("available", "version", "key_fields", "compile", "load", "LOAD_OPTIONS", "PRECISIONS",
+                     "NEEDS_GRAPH"):
+            assert hasattr(module, attr), (name, attr)
+    assert backends.resolve("onnxruntime") == "onnxruntime"
+    with pytest.raises(ValueError, match="backend must be one of auto, onnxruntime, tensorrt, torch"):
+        backends.resolve("openvino")
+    with pytest.raises(EngineError, match="this installation loads onnxruntime, tensorrt, torch"):
+        backends.get("openvino")
+
+
+class _OnDevice(Engine):
+    """An engine that says its output lives on a device; heatmaps must never reach the host.
+
+    It computes with a real ONNX Runtime engine (so results can be compared); what it proves is
+    the PoseEstimator's side of the protocol, not any GPU."""
+
+    device = "cuda:0"
+
+    def __init__(self, real: Engine) -> None:
+        super().__init__(real.path, real.meta)
+        self.real, self.calls = real, []
+
+    def infer(self, images):
+        raise AssertionError("PoseEstimator copied heatmaps to the host from an on-device engine")
+
+    def _infer_decode(self, images, post, flip):
+        self.calls.append((len(images), flip))
+        return self.real._infer_decode(images, post, flip)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_pose_estimator_uses_the_device_path(xs_engine, flip):
+    from cnpose_trt.draw import demo_image
+
+    img, box = demo_image()
+    x, y, w, h = box
+    items = [(img, [box, (x + 20, y, w * 0.8, h)], 4000.0, [1500, 1500, 320, 240]), (img, []),
+             (img, [(x, y + 10, w, h * 0.9)]), (img, [box] * 3, [3000.0, 4000.0, 5000.0])]
+    device = _OnDevice(xs_engine)
+    got = list(PoseEstimator(device).predict_iter(items, flip=flip))
+    want = list(PoseEstimator(xs_engine).predict_iter(items, flip=flip))
+    assert device.calls and all(n <= xs_engine.max_batch for n, _ in device.calls)
+    assert all(f == flip for _, f in device.calls)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+        assert (a.camera is None) == (b.camera is None) and a.root_relative == b.root_relative
+        if a.camera is not None:
+            np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
