@@ -325,8 +325,8 @@ def commit_engine(handle: str | Path, built: str | Path,
     install_file(built, engine)
     meta = dict(describe(engine, sha))
     write_json(sidecar_path(handle), meta)  # the commit point
-    if previous is not None and previous != engine:
-        remove_replaced(previous)
+    if previous is not None and previous != engine and previous in engine_files(handle):
+        remove_replaced(previous)  # (only this handle's own files: a sidecar may have been edited by hand)
     return engine, meta
 
 

@@ -81,6 +81,18 @@ def test_interrupted_rebuild_keeps_an_engine(tmp_path, monkeypatch, step):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_rebuild_deletes_only_its_own_engine_files(tmp_path):
+    from cnpose_trt import cache
+
+    good = build_engine("XS", out_dir=tmp_path, backend="torch")
+    foreign = tmp_path / "precious.bin"
+    foreign.write_bytes(good.path.read_bytes())
+    cache.write_json(sidecar_path(good.path), dict(good.meta, engine_file=foreign.name))  # edited by hand
+    assert load_engine(good.path).path == foreign
+    rebuilt = build_engine("XS", out_dir=tmp_path, backend="torch", force=True)
+    assert foreign.is_file() and load_engine(good.path).path == rebuilt.path == good.path
+
+
 def test_tensorrt_backend_without_tensorrt(tmp_path, monkeypatch, capsys):
     import importlib.util
 
