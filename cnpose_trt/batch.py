@@ -1019,7 +1019,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         checkpoint: str | Path | None = None, precision: str = "fp32", backend: str = "auto", max_batch: int = 32,
         engine_dir: str | Path | None = None, flip: bool = False, format: str = "auto",
         image_root: str | Path | None = None, score_threshold: float = 0.5, category_id: int | None = None,
-        readers: int = 4, part_images: int = 1024, part_seconds: float = 60.0, progress: bool | None = None,
+        readers: int | None = None, part_images: int = 1024, part_seconds: float = 60.0, progress: bool | None = None,
         ray: str | bool | None = None, ray_actors: int | None = None, ray_cpus_per_actor: float = 1,
         ray_gpus_per_actor: float | None = None, ray_batch_size: int = 64, ray_engine: str = "auto",
         say: Callable[[str], None] | None = None) -> Summary:
@@ -1033,7 +1033,8 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         engine: an engine file, or a loaded Engine (local runs); else variant, checkpoint,
             precision, backend, max_batch, engine_dir as build_engine takes them.
         flip: the flip test.
-        readers: threads reading and decoding images ahead of the engine.
+        readers: threads reading and decoding images ahead of the engine (default: local runs half
+            the CPU cores, at most 8; Ray actors their CPUs, at least 4 on a GPU).
         part_images, part_seconds: a part is committed every part_images images or part_seconds
             seconds, whichever comes first (a killed job redoes at most that much).
         progress: progress bar on stderr (default: when stderr is a terminal).
@@ -1055,7 +1056,8 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         cannot be used. EngineError/BuildError: the engine. ValueError: bad arguments.
     """
     _pyarrow()
-    _check_positive("readers", readers)
+    if readers is not None:
+        _check_positive("readers", readers)
     _check_positive("part_images", part_images)
     _check_positive("part_seconds", part_seconds, float)
     _check_positive("ray_batch_size", ray_batch_size)
@@ -1087,7 +1089,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
 
 
 def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: EngineOptions, flip: bool,
-                readers: int, part_images: int, part_seconds: float, progress: bool | None, ray: Any,
+                readers: int | None, part_images: int, part_seconds: float, progress: bool | None, ray: Any,
                 ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, ray_batch: int, ray_engine: str,
                 say: Callable[[str], None]) -> Summary:
     from .engine import Engine, load_engine, read_sidecar
@@ -1135,7 +1137,11 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         if loaded_engine is None:
             assert engine_path is not None
             loaded_engine = load_engine(engine_path)
-        writer = _run_local(out, entries, done, job, loaded_engine, flip, readers, part_images, part_seconds, bar)
+        # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
+        # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
+        local_readers = readers or max(1, min(8, (os.cpu_count() or 2) // 2))
+        writer = _run_local(out, entries, done, job, loaded_engine, flip, local_readers, part_images, part_seconds,
+                            bar)
         mode = "local"
     seconds = time.perf_counter() - started
     bar.close()
@@ -1171,7 +1177,7 @@ def _run_local(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, 
 
 
 def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, Any], opts: EngineOptions,
-             engine_path: Path | None, flip: bool, readers: int, part_images: int, part_seconds: float,
+             engine_path: Path | None, flip: bool, readers: int | None, part_images: int, part_seconds: float,
              bar: Progress, address: str, actors: int | None, cpus: float, gpus: float | None, batch_size: int,
              ray_engine: str, todo: int) -> tuple[PartWriter, str]:
     try:
@@ -1234,7 +1240,8 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         ds = ray.data.from_arrow(tables).map_batches(
             RayPredictor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
-            fn_constructor_kwargs={"engine": engine_spec, "flip": flip, "readers": readers, "threads": threads,
+            fn_constructor_kwargs={"engine": engine_spec, "flip": flip,
+                                   "readers": readers or (max(4, threads) if gpus else threads), "threads": threads,
                                    "device": device})
         del tables
         ok = False
@@ -1285,7 +1292,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"default {DEFAULT_MAX_BATCH}")
     e.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
-    p.add_argument("--readers", type=int, default=4, help="threads reading and decoding images ahead (default 4)")
+    p.add_argument("--readers", type=int, default=None,
+                   help="threads reading and decoding images ahead (default: half the CPU cores, at most 8; "
+                        "Ray: the actor's CPUs, at least 4 with a GPU)")
     p.add_argument("--part-images", type=int, default=1024, help="images per Parquet part (default 1024)")
     p.add_argument("--part-seconds", type=float, default=60.0,
                    help="commit a part at least this often (default 60 s): the most a killed job redoes")
