@@ -67,15 +67,16 @@ def test_cpu_cv2_numpy(benchmark):
     assert out.shape == (PEOPLE, 3, SIZE, SIZE)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cpu_fused(benchmark, dtype):
+@pytest.mark.parametrize("dtype, round_pixels", [("float32", False), ("float16", False), ("float32", True)])
+def test_cpu_fused(benchmark, dtype, round_pixels):
     lib = _C()
     image, _, mats = _scene()
     out = np.empty((PEOPLE, 3, SIZE, SIZE), dtype)
     benchmark.group = GROUP_CPU
-    benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{lib.cpu_isa()}-{dtype}", images=PEOPLE)
-    benchmark.pedantic(crop_normalize, args=(image, None, mats, SIZE), kwargs={"out": out}, rounds=ROUNDS,
-                       warmup_rounds=1)
+    benchmark.extra_info.update(role="candidate", images=PEOPLE,
+                                backend=f"fused-cpu-{lib.cpu_isa()}-{dtype}{'-round' if round_pixels else ''}")
+    benchmark.pedantic(crop_normalize, args=(image, None, mats, SIZE),
+                       kwargs={"out": out, "round_pixels": round_pixels}, rounds=ROUNDS, warmup_rounds=1)
     assert np.isfinite(out).all()
 
 

@@ -118,6 +118,7 @@ def crop_host(
     std: npt.ArrayLike,
     out: npt.NDArray[np.floating] | None = None,
     dtype: str | None = None,
+    round_pixels: bool = False,
     threads: int = 0,
     isa: str = "auto",
 ) -> npt.NDArray[np.floating]:
@@ -128,6 +129,8 @@ def crop_host(
     affines (P, 2, 3) image px -> crop px (invertible; crop corners within 2^30 px); flip a
     bool or (P,) bools; mean, std (3,) on 0..255 values; out float32/float16 (P, 3, S, S),
     C-contiguous, not overlapping the images (else allocated with dtype, default float32).
+    round_pixels: round each sample to an integer grey level (half to even) before normalising,
+    as cv2.warpAffine's uint8 result is.
     isa: 'auto', 'avx512', 'avx2' or 'portable' (ValueError if the processor lacks it).
     """
 
@@ -144,6 +147,7 @@ def crop_device(
     std: npt.ArrayLike,
     out: int,
     out_dtype: str = "float32",
+    round_pixels: bool = False,
     stream: int = 0,
 ) -> None:
     """Enqueue the crop of device uint8 RGB images (raw pointers, heights and widths, row

@@ -220,7 +220,7 @@ class _Image:
 
 
 def crop_device(images: list[Any], index: Any, affines: Any, size: int, flip: Any, dtype: str | None, out: Any,
-                stream: int | None, mean: Any, std: Any) -> Any:
+                stream: int | None, mean: Any, std: Any, round_pixels: bool = False) -> Any:
     """crop_normalize for device images: enqueue the CUDA kernel on `stream`, no host sync."""
     lib = compiled()
     if lib is None:
@@ -248,5 +248,6 @@ def crop_device(images: list[Any], index: Any, affines: Any, size: int, flip: An
     if ob.shape != (p, 3, size, size):
         raise ValueError(f"out must have shape ({p}, 3, {size}, {size}) (P, 3, size, size), got {ob.shape}")
     lib.crop_device([im.ptr for im in ims], [im.hw for im in ims], [im.row_stride for im in ims], index, affines,
-                    size=size, flip=flip, mean=mean, std=std, out=ob.ptr, out_dtype=ob.dtype, stream=int(stream))
+                    size=size, flip=flip, mean=mean, std=std, out=ob.ptr, out_dtype=ob.dtype, round_pixels=round_pixels,
+                    stream=int(stream))
     return out

@@ -13,7 +13,11 @@ with pixel centres at integer coordinates and taps outside the image black (0): 
 convention of cv2.warpAffine(image, M, (S, S), INTER_LINEAR, BORDER_CONSTANT 0), computed in
 floating point. cv2 rounds its uint8 result to integers, so the two differ by at most half a
 grey level (OpenCV >= 4.11), plus up to 1/64 px of position times the local gradient where
-OpenCV snaps the position to 1/32 px (up to 4.10): tests/test_crop.py bounds both. mean and std
+OpenCV snaps the position to 1/32 px (up to 4.10): tests/test_crop.py bounds both. With
+round_pixels=True the kernel rounds the sample to an integer grey level as cv2's uint8 result
+is, and reproduces cv2 + NumPy crops except at values within float32 noise of k + 1/2 (about
+2 in 100,000): what upstream's own crops are, so joints match upstream's golden ones (the
+unrounded crops move them by up to 0.44 px on the random-weight golden network). mean and std
 apply to 0..255 pixel values (spec.PIXEL_MEAN / PIXEL_STD, not scaled to [0, 1]).
 
 Without the compiled extension the same call runs a cv2 + NumPy path (slower, with a warning).
@@ -33,8 +37,10 @@ log = logging.getLogger(__name__)
 
 _OUT_DTYPES = ("float32", "float16")
 _warned_fallback = False
-# cv2.warpAffine indexes with 32-bit integers: larger sources go through the NumPy warp.
+# cv2.warpAffine indexes with 32-bit integers and keeps coordinates in 16-bit ones: larger sources
+# go through the NumPy warp.
 _CV2_MAX_BYTES = 2**31 - 1
+_CV2_MAX_SIDE = 32767
 
 
 def _compiled():
@@ -86,7 +92,8 @@ def _on_device(x: Any) -> bool:
 
 def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPUT_SIZE, flip: Any = False,
                    dtype: Any = None, out: Any = None, threads: int | None = None, stream: int | None = None, *,
-                   mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD, isa: str = "auto") -> Any:
+                   round_pixels: bool = False, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD,
+                   isa: str = "auto") -> Any:
     """Crop, warp and normalise P people into the network input (P, 3, size, size), one pass.
 
     Args:
@@ -107,6 +114,8 @@ def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPU
             host images, device array for device images); must not overlap them.
         threads: CPU threads (None or 0: all cores).
         stream: CUDA stream handle (int); default: the images' library's current stream.
+        round_pixels: round each sample to an integer grey level before normalising, as the
+            uint8 result of cv2.warpAffine is (crops equal to cv2 + NumPy's but for rare ties).
         mean, std: per-channel normalisation on 0..255 values (default spec.PIXEL_MEAN/STD).
         isa: CPU kernel, 'auto', 'avx512', 'avx2' or 'portable' (tests and benchmarks).
     Returns:
@@ -129,6 +138,8 @@ def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPU
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
         raise TypeError(f"threads must be an integer >= 0 or None, got {threads!r}")
     flip_arg = _flip_arg(flip)
+    if not isinstance(round_pixels, (bool, np.bool_)):
+        raise TypeError(f"round_pixels must be a bool, got {round_pixels!r}")
     index = _host(image_index)
     aff = _host(affines)
     if np.size(index) == 0 and np.size(aff) == 0:  # no people: an empty (0, 3, S, S) result
@@ -136,10 +147,11 @@ def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPU
     if imgs and _on_device(imgs[0]):
         from ._device import crop_device
 
-        return crop_device(imgs, index, aff, int(size), flip_arg, name, out, stream, mean, std)
+        return crop_device(imgs, index, aff, int(size), flip_arg, name, out, stream, mean, std, bool(round_pixels))
     if any(_on_device(im) for im in imgs):
         raise ValueError("images must all be on the host or all on the GPU")
-    return _crop_host(imgs, index, aff, int(size), flip_arg, name, out, int(threads), mean, std, isa)
+    return _crop_host(imgs, index, aff, int(size), flip_arg, name, out, int(threads), mean, std, isa,
+                      bool(round_pixels))
 
 
 def _flip_arg(flip: Any) -> Any:
@@ -173,7 +185,7 @@ def _host_image(im: Any, i: int) -> np.ndarray:
 
 
 def _crop_host(imgs: list[Any], index: Any, affines: Any, size: int, flip: Any, dtype: str | None, out: Any,
-               threads: int, mean: Sequence[float], std: Sequence[float], isa: str) -> Any:
+               threads: int, mean: Sequence[float], std: Sequence[float], isa: str, round_pixels: bool) -> Any:
     host = [_host_image(im, i) for i, im in enumerate(imgs)]
     torch_io = bool(imgs) and _is_torch(imgs[0])
     np_out = out
@@ -185,10 +197,11 @@ def _crop_host(imgs: list[Any], index: Any, affines: Any, size: int, flip: Any, 
         raise TypeError(f"out must be a numpy array or a CPU torch tensor like the images, got {type(out).__name__}")
     lib = _compiled()
     if lib is None or any(im.dtype != np.uint8 for im in host):
-        res = _crop_fallback(host, index, affines, size, flip, dtype, np_out, mean, std, warn=lib is None)
+        res = _crop_fallback(host, index, affines, size, flip, dtype, np_out, mean, std, round_pixels,
+                             warn=lib is None)
     else:
         res = lib.crop_host(host, index, affines, size=size, flip=flip, mean=mean, std=std, out=np_out, dtype=dtype,
-                            threads=threads, isa=isa)
+                            round_pixels=round_pixels, threads=threads, isa=isa)
     if out is not None:
         return out
     if torch_io:
@@ -285,7 +298,7 @@ def _warp_one(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     sub = image[y_lo:y_hi, x_lo:x_hi]
     shifted = m.copy()
     shifted[:, 2] += m[:, :2] @ np.array([x_lo, y_lo], np.float64)
-    if sub.shape[0] * sub.strides[0] > _CV2_MAX_BYTES:
+    if sub.shape[0] * sub.strides[0] > _CV2_MAX_BYTES or max(sub.shape[:2]) > _CV2_MAX_SIDE:
         inv_sub = inv.copy()
         inv_sub[:, 2] -= (x_lo, y_lo)
         return _warp_numpy(sub, inv_sub, size).astype(np.float32)
@@ -297,8 +310,10 @@ def _warp_one(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
 
 
 def _crop_fallback(images: list[np.ndarray], index: Any, affines: Any, size: int, flip: Any, dtype: str | None,
-                   out: np.ndarray | None, mean: Sequence[float], std: Sequence[float], warn: bool) -> np.ndarray:
-    """The crop_normalize contract with cv2.warpAffine (uint8 results rounded to integers)."""
+                   out: np.ndarray | None, mean: Sequence[float], std: Sequence[float], round_pixels: bool,
+                   warn: bool) -> np.ndarray:
+    """The crop_normalize contract with cv2.warpAffine (uint8 results are rounded to integers:
+    round_pixels holds for them either way)."""
     global _warned_fallback
     if warn and not _warned_fallback:
         log.warning("cnpose_trt._C is not built: cropping with cv2 + NumPy (slow)")
@@ -309,6 +324,8 @@ def _crop_fallback(images: list[np.ndarray], index: Any, affines: Any, size: int
     res = np.empty((len(idx), 3, size, size), name) if out is None else out
     for p, (k, m) in enumerate(zip(idx, aff, strict=True)):
         crop = _warp_one(images[k], m, size)
+        if round_pixels:
+            crop = np.rint(crop)
         if flips[p]:
             crop = crop[:, ::-1]
         res[p] = ((crop - mean_a) * inv_std).transpose(2, 0, 1)

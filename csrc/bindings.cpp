@@ -510,7 +510,7 @@ cnpose::CropOut parse_crop_dtype(const std::string& name, const char* what) {
 
 py::array crop_host(const py::object& images_obj, const py::object& index_obj, const py::object& affines_obj,
                     int64_t size, const py::object& flip_obj, const py::object& mean_obj, const py::object& std_obj,
-                    const py::object& out_obj, std::optional<std::string> dtype, int64_t threads,
+                    const py::object& out_obj, std::optional<std::string> dtype, bool round_pixels, int64_t threads,
                     const std::string& isa) {
   if (!py::isinstance<py::list>(images_obj) && !py::isinstance<py::tuple>(images_obj))
     throw py::type_error("images must be a list of (H, W, 3) uint8 numpy arrays");
@@ -542,6 +542,7 @@ py::array crop_host(const py::object& images_obj, const py::object& index_obj, c
   cnpose::CropArgs a;
   const std::vector<cnpose::CropPerson> persons = crop_persons(images, index_obj, affines_obj, flip_obj, size);
   a.people = static_cast<int64_t>(persons.size()), a.size = size, a.persons = persons.data();
+  a.round_pixels = round_pixels;
   set_normalisation(a, mean_obj, std_obj);
   const std::vector<int64_t> out_shape{a.people, 3, size, size};
   checked_mul(checked_mul(checked_mul(a.people, 3, "out"), size * size, "out"), 4, "out");
@@ -585,7 +586,7 @@ py::array crop_host(const py::object& images_obj, const py::object& index_obj, c
 void crop_device(const std::vector<uintptr_t>& image_ptrs, const std::vector<std::pair<int64_t, int64_t>>& image_hw,
                  const std::vector<int64_t>& row_strides, const py::object& index_obj, const py::object& affines_obj,
                  int64_t size, const py::object& flip_obj, const py::object& mean_obj, const py::object& std_obj,
-                 uintptr_t out, const std::string& out_dtype, uintptr_t stream) {
+                 uintptr_t out, const std::string& out_dtype, bool round_pixels, uintptr_t stream) {
   if (image_hw.size() != image_ptrs.size() || row_strides.size() != image_ptrs.size())
     throw py::value_error(cat("image_ptrs (", image_ptrs.size(), "), image_hw (", image_hw.size(), ") and row_strides (",
                               row_strides.size(), ") must have one entry per image"));
@@ -599,6 +600,7 @@ void crop_device(const std::vector<uintptr_t>& image_ptrs, const std::vector<std
   cnpose::CropArgs a;
   const std::vector<cnpose::CropPerson> persons = crop_persons(images, index_obj, affines_obj, flip_obj, size);
   a.people = static_cast<int64_t>(persons.size()), a.size = size, a.persons = persons.data();
+  a.round_pixels = round_pixels;
   set_normalisation(a, mean_obj, std_obj);
   a.out_dtype = parse_crop_dtype(out_dtype, "out dtype");
   require_cuda();
@@ -674,11 +676,13 @@ PYBIND11_MODULE(_C, m) {
         "Enqueue the decode of device heatmaps (raw pointers) on `stream`; no host sync.");
   m.def("crop_host", &crop_host, py::arg("images"), py::arg("image_index"), py::arg("affines"), py::kw_only(),
         py::arg("size") = 256, py::arg("flip") = false, py::arg("mean"), py::arg("std"), py::arg("out") = py::none(),
-        py::arg("dtype") = py::none(), py::arg("threads") = 0, py::arg("isa") = "auto",
+        py::arg("dtype") = py::none(), py::arg("round_pixels") = false, py::arg("threads") = 0,
+        py::arg("isa") = "auto",
         "Crop, warp and normalise people from host uint8 RGB images into a (P, 3, size, size) array (see crop.h).");
   m.def("crop_device", &crop_device, py::arg("image_ptrs"), py::arg("image_hw"), py::arg("row_strides"),
         py::arg("image_index"), py::arg("affines"), py::kw_only(), py::arg("size") = 256, py::arg("flip") = false,
-        py::arg("mean"), py::arg("std"), py::arg("out"), py::arg("out_dtype") = "float32", py::arg("stream") = 0,
+        py::arg("mean"), py::arg("std"), py::arg("out"), py::arg("out_dtype") = "float32",
+        py::arg("round_pixels") = false, py::arg("stream") = 0,
         "Enqueue the crop of device uint8 RGB images (raw pointers) into a device buffer on `stream`; no host sync.");
   m.def("hardware_threads", &cnpose::hardware_threads, "Processors the CPU kernels count with threads=0.");
   m.def("_set_thread_spawn_limit", [](int64_t n) { cnpose::thread_spawn_budget().store(n < 0 ? -1 : n); },

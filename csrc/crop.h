@@ -9,10 +9,12 @@
 //   (x, y) = A (u', v)                                        (pixel centres at integers)
 //   value_c = bilinear sample of channel c at (x, y), the four taps floor(x)+{0,1} x
 //             floor(y)+{0,1} weighted (1-fx, fx) x (1-fy, fy); taps outside the image are 0
-//   out[p, c, v, u] = (value_c - mean[c]) * inv_std[c]       (value on 0..255, no rounding)
+//   out[p, c, v, u] = (value_c - mean[c]) * inv_std[c]       (value on 0..255)
 // which is cv2.warpAffine(image, M, (S, S), INTER_LINEAR, BORDER_CONSTANT 0) computed in
-// floating point (OpenCV rounds its uint8 result to integers, and up to 4.10 it also snaps
-// the sample position to 1/32 px; the tests bound both differences).
+// floating point. OpenCV rounds its uint8 result to integers (and up to 4.10 also snaps the
+// sample position to 1/32 px; the tests bound both differences). With round_pixels, value_c
+// is rounded to the nearest integer (half to even) first, as OpenCV's uint8 result is: crops
+// then equal those of cv2 + NumPy except where a value lies within float32 noise of k + 1/2.
 // The CPU kernels compute sample positions in double; the CUDA kernel in float32 relative to
 // the image position of the crop centre (|error| < 2^-24 of the crop's footprint in px).
 #pragma once
@@ -39,6 +41,7 @@ struct CropArgs {
   float mean[3] = {0, 0, 0};
   float inv_std[3] = {1, 1, 1};
   CropOut out_dtype = CropOut::kFloat32;
+  bool round_pixels = false;
   void* out = nullptr;  // (P, 3, S, S)
 };
 

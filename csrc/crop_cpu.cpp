@@ -88,6 +88,8 @@ struct RowJob {
   const float* wl;      // (S,) weight of pixel base
   const float* wr;      // (S,) weight of pixel base + 1
   float a[3], b[3], bias[3];  // per channel: w_row0 * inv_std, w_row1 * inv_std, -mean * inv_std
+  float wt, wb;               // the row weights; inv_std: for round_pixels
+  float inv_std[3];
   void* out[3];               // the row in each channel plane
 };
 
@@ -100,7 +102,10 @@ inline void store_scalar(void* row, int64_t u, float v) {
   }
 }
 
-template <CropOut OT>
+// R (round_pixels): the interpolated value is rounded to an integer grey level (half to even,
+// as cv2's uint8 result) before it is normalised; else interpolation and normalisation fold
+// into two FMAs.
+template <CropOut OT, bool R>
 inline void row_scalar(const RowJob& j, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const uint8_t* p0 = j.row0 + j.off[u];
@@ -109,7 +114,12 @@ inline void row_scalar(const RowJob& j, int64_t u0, int64_t u1) {
     for (int c = 0; c < 3; ++c) {
       const float h0 = wl * static_cast<float>(p0[c]) + wr * static_cast<float>(p0[3 + c]);
       const float h1 = wl * static_cast<float>(p1[c]) + wr * static_cast<float>(p1[3 + c]);
-      store_scalar<OT>(j.out[c], u, h0 * j.a[c] + (h1 * j.b[c] + j.bias[c]));
+      if constexpr (R) {
+        const float v = std::nearbyint(h0 * j.wt + h1 * j.wb);
+        store_scalar<OT>(j.out[c], u, v * j.inv_std[c] + j.bias[c]);
+      } else {
+        store_scalar<OT>(j.out[c], u, h0 * j.a[c] + (h1 * j.b[c] + j.bias[c]));
+      }
     }
   }
 }
@@ -130,7 +140,7 @@ constexpr uint64_t byte_pick_hi(int k) {
          (uint64_t{static_cast<uint8_t>(k + 12)} | z << 8 | z << 16 | z << 24) << 32;
 }
 
-template <CropOut OT>
+template <CropOut OT, bool R>
 CNPOSE_AVX2 void row_avx2(const RowJob& j, int64_t S) {
   constexpr int N = 8;
   __m256i pick[4];
@@ -155,8 +165,15 @@ CNPOSE_AVX2 void row_avx2(const RowJob& j, int64_t S) {
       const __m256 q1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(g1b, pick[c + 1]));
       const __m256 h0 = _mm256_fmadd_ps(wr, q0, _mm256_mul_ps(wl, l0));
       const __m256 h1 = _mm256_fmadd_ps(wr, q1, _mm256_mul_ps(wl, l1));
-      const __m256 o = _mm256_fmadd_ps(h0, _mm256_set1_ps(j.a[c]),
-                                       _mm256_fmadd_ps(h1, _mm256_set1_ps(j.b[c]), _mm256_set1_ps(j.bias[c])));
+      __m256 o;
+      if constexpr (R) {
+        const __m256 v = _mm256_fmadd_ps(h0, _mm256_set1_ps(j.wt), _mm256_mul_ps(h1, _mm256_set1_ps(j.wb)));
+        o = _mm256_fmadd_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                            _mm256_set1_ps(j.inv_std[c]), _mm256_set1_ps(j.bias[c]));
+      } else {
+        o = _mm256_fmadd_ps(h0, _mm256_set1_ps(j.a[c]),
+                            _mm256_fmadd_ps(h1, _mm256_set1_ps(j.b[c]), _mm256_set1_ps(j.bias[c])));
+      }
       if constexpr (OT == CropOut::kFloat32) {
         float* dst = static_cast<float*>(j.out[c]) + u;
         if (valid == N) {
@@ -181,7 +198,7 @@ CNPOSE_AVX2 void row_avx2(const RowJob& j, int64_t S) {
   }
 }
 
-template <CropOut OT>
+template <CropOut OT, bool R>
 CNPOSE_AVX512 void row_avx512(const RowJob& j, int64_t S) {
   constexpr int N = 16;
   __m512i pick[4];
@@ -203,8 +220,15 @@ CNPOSE_AVX512 void row_avx512(const RowJob& j, int64_t S) {
       const __m512 q1 = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(g1b, pick[c + 1]));
       const __m512 h0 = _mm512_fmadd_ps(wr, q0, _mm512_mul_ps(wl, l0));
       const __m512 h1 = _mm512_fmadd_ps(wr, q1, _mm512_mul_ps(wl, l1));
-      const __m512 o = _mm512_fmadd_ps(h0, _mm512_set1_ps(j.a[c]),
-                                       _mm512_fmadd_ps(h1, _mm512_set1_ps(j.b[c]), _mm512_set1_ps(j.bias[c])));
+      __m512 o;
+      if constexpr (R) {
+        const __m512 v = _mm512_fmadd_ps(h0, _mm512_set1_ps(j.wt), _mm512_mul_ps(h1, _mm512_set1_ps(j.wb)));
+        o = _mm512_fmadd_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                            _mm512_set1_ps(j.inv_std[c]), _mm512_set1_ps(j.bias[c]));
+      } else {
+        o = _mm512_fmadd_ps(h0, _mm512_set1_ps(j.a[c]),
+                            _mm512_fmadd_ps(h1, _mm512_set1_ps(j.b[c]), _mm512_set1_ps(j.bias[c])));
+      }
       if constexpr (OT == CropOut::kFloat32) {
         _mm512_mask_storeu_ps(static_cast<float*>(j.out[c]) + u, keep, o);
       } else {
@@ -218,19 +242,19 @@ CNPOSE_AVX512 void row_avx512(const RowJob& j, int64_t S) {
 
 using RowFn = void (*)(const RowJob&, int64_t);
 
-template <CropOut OT>
+template <CropOut OT, bool R>
 void row_portable(const RowJob& j, int64_t S) {
-  row_scalar<OT>(j, 0, S);
+  row_scalar<OT, R>(j, 0, S);
 }
 
-template <CropOut OT>
+template <CropOut OT, bool R>
 RowFn pick_row(Isa isa) {
 #ifdef CNPOSE_X86
-  if (isa == Isa::kAvx512) return &row_avx512<OT>;
-  if (isa == Isa::kAvx2) return &row_avx2<OT>;
+  if (isa == Isa::kAvx512) return &row_avx512<OT, R>;
+  if (isa == Isa::kAvx2) return &row_avx2<OT, R>;
 #endif
   (void)isa;
-  return &row_portable<OT>;
+  return &row_portable<OT, R>;
 }
 
 template <CropOut OT>
@@ -261,7 +285,7 @@ void build_columns(const CropPerson& q, int64_t S, int32_t* off, float* wl, floa
 }
 
 // Rows [v0, v1) of any map, one pixel at a time (rotation, shear, 1-pixel images).
-template <CropOut OT>
+template <CropOut OT, bool R>
 void rows_general(const CropArgs& a, const CropPerson& q, void* const planes[3], int64_t v0, int64_t v1) {
   const int64_t S = a.size;
   const int64_t elem = OT == CropOut::kFloat32 ? 4 : 2;
@@ -284,15 +308,16 @@ void rows_general(const CropArgs& a, const CropPerson& q, void* const planes[3],
       }
       for (int c = 0; c < 3; ++c) {
         void* row_out = static_cast<char*>(planes[c]) + v * S * elem;
-        store_scalar<OT>(row_out, u, (val[c] - a.mean[c]) * a.inv_std[c]);
+        const float value = R ? std::nearbyint(val[c]) : val[c];
+        store_scalar<OT>(row_out, u, (value - a.mean[c]) * a.inv_std[c]);
       }
     }
   }
 }
 
-template <CropOut OT>
+template <CropOut OT, bool R>
 int64_t crop_typed(const CropArgs& a, int64_t threads, Isa isa) {
-  const RowFn row = pick_row<OT>(isa);
+  const RowFn row = pick_row<OT, R>(isa);
   const int64_t S = a.size, P = a.people;
   const int64_t elem = OT == CropOut::kFloat32 ? 4 : 2;
   // Whole crops per task when people outnumber threads 4 to 1, else row blocks of >= 8 rows.
@@ -318,13 +343,13 @@ int64_t crop_typed(const CropArgs& a, int64_t threads, Isa isa) {
       void* planes[3];
       for (int c = 0; c < 3; ++c) planes[c] = static_cast<char*>(a.out) + (p * 3 + c) * S * S * elem;
       if (!table_driven(q)) {
-        rows_general<OT>(a, q, planes, v0, v1);
+        rows_general<OT, R>(a, q, planes, v0, v1);
         continue;
       }
       if (table_of != p) build_columns(q, S, off, wl, wr), table_of = p;
       RowJob j;
       j.off = off, j.wl = wl, j.wr = wr;
-      for (int c = 0; c < 3; ++c) j.bias[c] = -a.mean[c] * a.inv_std[c];
+      for (int c = 0; c < 3; ++c) j.bias[c] = -a.mean[c] * a.inv_std[c], j.inv_std[c] = a.inv_std[c];
       for (int64_t v = v0; v < v1; ++v) {
         const AxisTaps ty = axis_taps(q.inv[4] * static_cast<double>(v) + q.inv[5], q.height);
         for (int c = 0; c < 3; ++c) j.out[c] = static_cast<char*>(planes[c]) + v * S * elem;
@@ -335,6 +360,7 @@ int64_t crop_typed(const CropArgs& a, int64_t threads, Isa isa) {
         j.row0 = q.image + ty.base * q.row_stride;
         j.row1 = j.row0 + q.row_stride;
         for (int c = 0; c < 3; ++c) j.a[c] = ty.w0 * a.inv_std[c], j.b[c] = ty.w1 * a.inv_std[c];
+        j.wt = ty.w0, j.wb = ty.w1;
         row(j, S);
       }
     }
@@ -347,8 +373,11 @@ int64_t crop_typed(const CropArgs& a, int64_t threads, Isa isa) {
 int64_t crop_cpu_isa(const CropArgs& a, int64_t threads, Isa isa) {
   if (a.people == 0) return 0;
   if (!cpu_supports(isa)) isa = Isa::kPortable;
-  return a.out_dtype == CropOut::kFloat32 ? crop_typed<CropOut::kFloat32>(a, threads, isa)
-                                          : crop_typed<CropOut::kFloat16>(a, threads, isa);
+  if (a.round_pixels)
+    return a.out_dtype == CropOut::kFloat32 ? crop_typed<CropOut::kFloat32, true>(a, threads, isa)
+                                            : crop_typed<CropOut::kFloat16, true>(a, threads, isa);
+  return a.out_dtype == CropOut::kFloat32 ? crop_typed<CropOut::kFloat32, false>(a, threads, isa)
+                                          : crop_typed<CropOut::kFloat16, false>(a, threads, isa);
 }
 
 }  // namespace cnpose

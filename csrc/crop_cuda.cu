@@ -43,6 +43,7 @@ struct Common {
   void* out;
   long long first;  // index in out of the launch's first person
   int size;
+  int round_pixels;
   float mean[3], inv_std[3];
 };
 
@@ -94,6 +95,7 @@ __global__ void __launch_bounds__(kBlockX) crop_kernel(Batch b, Common k) {
   }
   const long long plane = static_cast<long long>(S) * S;
   OutT* out = static_cast<OutT*>(k.out) + (k.first + blockIdx.z) * 3 * plane + static_cast<long long>(v) * S + u;
+  if (k.round_pixels) acc0 = rintf(acc0), acc1 = rintf(acc1), acc2 = rintf(acc2);
   store(out, (acc0 - k.mean[0]) * k.inv_std[0]);
   store(out + plane, (acc1 - k.mean[1]) * k.inv_std[1]);
   store(out + 2 * plane, (acc2 - k.mean[2]) * k.inv_std[2]);
@@ -132,6 +134,7 @@ void crop_cuda(const CropArgs& a, void* stream_handle) {
   Common k{};
   k.out = a.out;
   k.size = static_cast<int>(a.size);
+  k.round_pixels = a.round_pixels ? 1 : 0;
   for (int c = 0; c < 3; ++c) k.mean[c] = a.mean[c], k.inv_std[c] = a.inv_std[c];
   try {
     for (int64_t first = 0; first < a.people; first += kCropPeoplePerLaunch) {

@@ -9,9 +9,14 @@ MEAN = np.asarray(PIXEL_MEAN, np.float64)
 STD = np.asarray(PIXEL_STD, np.float64)
 
 
-def reference(image, m, size, flip=False):
-    """float64 (3, S, S): bilinear sample at M^-1 (u', v), black outside, normalised. Written from
-    the contract, independently of the kernel and of OpenCV."""
+def reference(image, m, size, flip=False, round_pixels=False):
+    """float64 (3, S, S) network input; round_pixels rounds the grey values first (half to even)."""
+    val = reference_values(image, m, size, flip)
+    return ((np.rint(val) if round_pixels else val) - MEAN[:, None, None]) / STD[:, None, None]
+
+
+def reference_values(image, m, size, flip=False):
+    """float64 (3, S, S) grey values: bilinear sample at M^-1 (u', v), black outside."""
     inv = np.linalg.inv(np.vstack([np.asarray(m, np.float64), [0, 0, 1]]))[:2]
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     if flip:
@@ -28,7 +33,7 @@ def reference(image, m, size, flip=False):
             tap = np.zeros((size, size, 3))
             tap[ok] = image[yy[ok].astype(np.int64), xx[ok].astype(np.int64)]
             val += (wy * wx)[..., None] * tap
-    return ((val - MEAN) / STD).transpose(2, 0, 1)
+    return val.transpose(2, 0, 1)
 
 
 def box_affine(x, y, side_w, side_h, size):

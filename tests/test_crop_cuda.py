@@ -56,6 +56,18 @@ def test_random_maps_several_images(dtype):
             check(out[q], ref, tol)
 
 
+def test_round_pixels_matches_the_cpu_kernel():
+    """Rounded to integer grey levels: equal to the CPU kernel but where a value lies within the
+    kernels' position noise of k + 1/2 (rare; one grey level then)."""
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    mats = np.stack([random_affine(rng, 300, 400, 128, rng.random() < 0.3) for _ in range(8)])
+    gpu = crop_normalize(torch.from_numpy(img).cuda(), None, mats, 128, round_pixels=True).cpu().numpy()
+    cpu = crop_normalize(img, None, mats, 128, round_pixels=True)
+    diff = np.abs(gpu.astype(np.float64) - cpu)
+    assert (diff > 1e-3).mean() <= 1e-3 and diff.max() <= 1 / STD.min() + 1e-3
+
+
 def test_photo_sized_image_edges_and_many_people():
     """100 people (more than one launch carries) from a 4000x3000 image, against the CPU kernel."""
     rng = np.random.default_rng(4)
