@@ -1,6 +1,9 @@
 """Builds the compiled extension cnpose_trt._C from csrc/ (metadata lives in pyproject.toml).
 
-The CPU decode is always built. The CUDA decode is built when nvcc is found, or forced:
+Sources: every csrc/*.cpp (the CPU kernels, decode and crop-and-normalise, with their AVX-512 /
+AVX2 / portable versions picked at run time, and the pybind11 bindings) and, with CUDA, every
+csrc/*.cu. The CPU kernels are always built. The CUDA kernels are built when nvcc is found, or
+forced:
     CNPOSE_TRT_CUDA=1   build with CUDA, fail if nvcc is missing
     CNPOSE_TRT_CUDA=0   build without CUDA
     CNPOSE_TRT_CUDA_ARCH="80;90"   GPU architectures (default 75;80;90, plus PTX for the newest)
@@ -70,11 +73,24 @@ def gencode_flags(arch_list: str) -> list[str]:
 class BuildExt(build_ext):
     def build_extensions(self) -> None:
         use_cuda, why, found = cuda_wanted()
+        stamp = self._mode_stamp(use_cuda)
         for ext in self.extensions:
+            # Rebuild when a header or CUDA source changes, or the CUDA mode does (an in-place
+            # build would otherwise keep a module of the other mode: the .cpp files look unchanged).
+            ext.depends += [str(stamp), *map(str, sorted(CSRC.glob("*.h"))), *map(str, sorted(CSRC.glob("*.cu")))]
             if use_cuda:
                 self._add_cuda(ext, *found)
         say(f"building cnpose_trt._C {'WITH' if use_cuda else 'WITHOUT'} CUDA ({why})")
         super().build_extensions()
+
+    def _mode_stamp(self, use_cuda: bool) -> Path:
+        """A file whose content names the build mode, rewritten (newer) only when the mode changes."""
+        stamp = Path(self.build_temp) / "cnpose_trt_build_mode.txt"
+        mode = f"cuda={use_cuda} arch={os.environ.get('CNPOSE_TRT_CUDA_ARCH', DEFAULT_ARCH) if use_cuda else '-'}\n"
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file() or stamp.read_text() != mode:
+            stamp.write_text(mode)
+        return stamp
 
     def _add_cuda(self, ext: Pybind11Extension, nvcc: str, home: Path) -> None:
         import pybind11

@@ -43,7 +43,8 @@ def machine_info() -> dict:
     try:
         from cnpose_trt import _C
 
-        info["cnpose_trt._C"] = f"avx2={_C.cpu_has_avx2()} cuda={_C.built_with_cuda}"
+        info["cnpose_trt._C"] = (f"isa={_C.cpu_isa()} avx2={_C.cpu_has_avx2()} avx512={_C.cpu_has_avx512()} "
+                                 f"cuda={_C.built_with_cuda}")
     except ImportError:
         info["cnpose_trt._C"] = "not built"
     return info
