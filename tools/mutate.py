@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/mutate.py                       # every mutant
     .venv/bin/python tools/mutate.py --module spec,model   # only those modules (csrc = the C++ decode)
-    .venv/bin/python tools/mutate.py --id model-residual-dropped --id spec-mean-bgr
+    .venv/bin/python tools/mutate.py --id model-residual-dropped --id spec-mean-bgr   (adds to --module)
     .venv/bin/python tools/mutate.py --list                # applicability only, runs nothing
     .venv/bin/python tools/mutate.py --output benchmarks/results/mutation-2026-11-27.txt
 
@@ -169,6 +169,17 @@ def baseline(python: str, scratch: Path, env: dict[str, str], tests: list[str], 
     return failing, out
 
 
+def collect(python: str, scratch: Path, env: dict[str, str], tests: list[str], timeout: float) -> set[str]:
+    """Every test id in the files the given ids name (ids of missing files are left out)."""
+    files = sorted({t.split("::")[0] for t in tests if (scratch / t.split("::")[0]).is_file()})
+    if not files:
+        return set()
+    rc, out = run(pytest_cmd(python, files, "--collect-only"), scratch, env, timeout)
+    if rc not in (0, 5):
+        raise SystemExit(f"collecting the tests failed (exit {rc}):\n{out[-3000:]}")
+    return {ln.strip() for ln in out.splitlines() if "::" in ln and not ln.startswith(("ERROR", "FAILED"))}
+
+
 def _covers(node: str, failing: set[str]) -> list[str]:
     """The failing test ids that a mutant's node id (a file, a test, or one parametrised case) selects."""
     return [f for f in failing if f == node or f.startswith(node + "::") or f.startswith(node + "[")]
@@ -275,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = ids - {m.id for m in mutants}
     if unknown:
         p.error(f"unknown mutant ids: {', '.join(sorted(unknown))}")
-    selected = [m for m in mutants if (not modules or m.module in modules) and (not ids or m.id in ids)]
+    # --module and --id add up: the mutants of those modules and those ids.
+    selected = [m for m in mutants if (not modules and not ids) or m.module in modules or m.id in ids]
     if not selected:
         p.error("no mutant selected")
     python = args.python or str(ROOT / ".venv" / "bin" / "python")
@@ -311,9 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 make_scratch(ROOT, scratch)  # the checkout's extension back
         pristine = {so.name: so.read_bytes() for so in (scratch / "cnpose_trt").glob(EXTENSION_GLOB)}
         check_import(python, scratch, env)
+        known = collect(python, scratch, env, sorted({t for m in runnable for t in m.tests}), args.timeout)
+        for m in list(runnable):
+            missing = [t for t in m.tests if not _covers(t, known)]
+            if missing:
+                outcomes[m.id] = Outcome(m, "not-applicable", "test ids not found (refresh the mutant): "
+                                         + ", ".join(missing))
+                runnable.remove(m)
         tests = sorted({t for m in runnable for t in m.tests})
         print(f"baseline: {len(tests)} test ids on the unmutated copy ...", flush=True)
-        failing, out = baseline(python, scratch, env, tests, args.timeout * 3)
+        failing, out = baseline(python, scratch, env, tests, args.timeout * 3) if tests else (set(), "")
         if failing:
             print("baseline failures (their mutants are not scored):\n  " + "\n  ".join(sorted(failing)), flush=True)
         for i, m in enumerate(runnable, 1):
