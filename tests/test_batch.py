@@ -150,6 +150,14 @@ def test_rerun_skips_done_images(scenes, xs_engine_path, tmp_path):
         batch.run(manifest, out, engine=xs_engine_path, flip=True, progress=False)
 
 
+def test_parts_are_committed_by_time_too(scenes, xs_engine_path, tmp_path):
+    _, records, manifest = scenes
+    out = tmp_path / "out"
+    assert batch.read_results(tmp_path).num_rows == 0  # no parts yet: an empty table of the output schema
+    summary = batch.run(manifest, out, engine=xs_engine_path, part_images=1000, part_seconds=1e-6, progress=False)
+    assert summary.parts == len(records) == len(list(out.glob("part-*.parquet")))
+
+
 def test_error_rows_and_the_job_goes_on(tmp_path, xs_engine, xs_engine_path):
     base, box = demo_image()
     save_image(tmp_path / "good.png", base)
