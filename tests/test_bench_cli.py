@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from cnpose_trt.cli import main as cli
 
 
@@ -16,7 +18,7 @@ def test_bench_cli_table_json_plot(tmp_path, capsys):
                                                                          ("onnxruntime", "int8", 2)}
     skipped = [r for r in rows if "skipped" in r]
     assert [(r["backend"], r["precision"]) for r in skipped] == [("torch", "int8")]
-    assert "torch backend runs fp32 or fp16" in skipped[0]["skipped"]
+    assert "the torch backend builds fp32, fp16, not 'int8'" in skipped[0]["skipped"]
     for r in done:
         assert r["engine"]["img_s"] > 0 and r["e2e"]["p99_ms"] >= r["e2e"]["p50_ms"] > 0
         assert 0 < r["decode_share"] < 1
@@ -24,6 +26,31 @@ def test_bench_cli_table_json_plot(tmp_path, capsys):
     assert "[4/4]" in out.err
 
 
-def test_bench_cli_bad_args(capsys):
-    assert cli(["bench", "--batch", "0"]) == 2
-    assert "--batch and --iterations must be >= 1" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], r"--batch must be integers in 1\.\.4096, got \[0\]"),
+    (["--batch", "1", "100000"], r"--batch must be integers in 1\.\.4096, got \[100000\]"),
+    (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--variant", "M", "--batch", "4096"], r"--batch 4096 needs about 225\.0 GiB for variant M, more than half of this "
+                                            r"machine's 16\.0 GiB; use --batch 145 or less"),
+])
+def test_bench_cli_bad_args(tmp_path, capsys, monkeypatch, args, message):
+    """Issue 10, item 13: `bench --batch 100000` printed "skipped" and exited 0."""
+    import re
+
+    from cnpose_trt import bench
+
+    monkeypatch.setattr(bench, "_physical_memory", lambda: 16 << 30)  # the same verdict on every machine
+    assert cli(["bench", *args, "--engines", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch("error: " + message + "\n", err), err
+    assert not list(tmp_path.iterdir())  # refused before building anything
+
+
+def test_bench_cli_fails_when_nothing_was_measured(tmp_path, capsys):
+    code = cli(["bench", "--backend", "torch", "--precision", "int8", "--batch", "1", "--iterations", "1",
+                "--engines", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 1 and "skipped: the torch backend builds fp32, fp16, not 'int8'" in out.out
+    assert out.err.strip().splitlines()[-1] == "error: nothing was measured: every combination was skipped " \
+                                               "(reasons above)"

@@ -74,7 +74,8 @@ def test_sidecar_problems(xs_engine_path, tmp_path):
     side.write_text(json.dumps({**meta, "spec": wrong, "output": dict(meta["output"], shape=["N", 1152, 64, 64])}))
     load_engine(path)  # S has the same output shape as XS: the sidecar is trusted there
     side.write_text(json.dumps({**meta, "spec": dict(meta["spec"], head_upsample=[True] * 3, depth_dim=64)}))
-    with pytest.raises(EngineError, match="outputs .* needs"):
+    with pytest.raises(EngineError, match=r"output heatmaps has shape \(-1, 576, 32, 32\), "
+                                          r"the metadata says \(-1, 1152, 64, 64\)"):
         load_engine(path)
     side.unlink()
     with pytest.raises(EngineError, match="unfinished build"):
@@ -110,3 +111,42 @@ def test_load_engine_refuses_unexpected(xs_engine_path):
         load_engine(xs_engine_path, precision="int8")
     with pytest.raises(EngineError, match="built for weights"):
         load_engine(xs_engine_path, weights_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: "[" * 100_000 + "]" * 100_000, "is damaged \\(JSON nested too deeply\\)"),
+    (lambda m: '{"a":' * 100_000 + "1" + "}" * 100_000, "is damaged \\(JSON nested too deeply\\)"),
+    (lambda m: " " * (2 << 20) + json.dumps(m), "is damaged \\(larger than 1048576 bytes\\)"),
+    (lambda m: {**m, "max_batch": 0}, r"is damaged \(max_batch must be an integer in 1\.\.65536, got 0\)"),
+    (lambda m: {**m, "max_batch": -3}, "max_batch must be an integer"),
+    (lambda m: {**m, "max_batch": True}, "max_batch must be an integer"),
+    (lambda m: {**m, "max_batch": "4"}, "max_batch must be an integer"),
+    (lambda m: {**m, "max_batch": 10**12}, "max_batch must be an integer"),
+    (lambda m: {**m, "engine_file": "../../etc/passwd"}, "engine_file must name a file in the sidecar's folder"),
+    (lambda m: {**m, "engine_file": 7}, "engine_file must name a file"),
+    (lambda m: {**m, "engine_sha256": "zz"}, "engine_sha256 must be 64 hex digits"),
+    (lambda m: {**m, "backend": ["onnxruntime"]}, "backend must be a name"),
+    (lambda m: {**m, "spec": [1, 2]}, "spec must be an object"),
+    (lambda m: {**m, "weights": "x"}, "weights must be an object"),
+    (lambda m: {**m, "input": dict(m["input"], dtype="int64")}, "input/output dtypes must be float32 or float16"),
+    (lambda m: {**m, "input": dict(m["input"], name=None)}, "input and output names must be strings"),
+    (lambda m: {**m, "spec": dict(m["spec"], depth_dim=0)}, "lacks or garbles depth_dim must be a positive"),
+])
+def test_hostile_sidecars_are_damaged_metadata(xs_engine_path, tmp_path, edit, message):
+    """Issue 10, item 14: every malformed sidecar is one EngineError that says rebuild."""
+    path = _copy(xs_engine_path, tmp_path)
+    side = sidecar_path(path)
+    new = edit(json.loads(side.read_text()))
+    side.write_text(new if isinstance(new, str) else json.dumps(new))
+    with pytest.raises(EngineError, match=message) as info:
+        load_engine(path)
+    assert "rebuild" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_engine_refuses_damaged_metadata_given_directly(xs_engine_path):
+    from cnpose_trt.engine import read_sidecar
+    from cnpose_trt.onnxruntime_backend import OrtEngine
+
+    meta = read_sidecar(xs_engine_path)
+    with pytest.raises(EngineError, match="max_batch must be an integer in 1..65536, got 0"):
+        OrtEngine(xs_engine_path, {**meta, "max_batch": 0})
