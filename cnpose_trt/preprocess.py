@@ -33,18 +33,23 @@ def load_image(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not an image OpenCV can decode.
+        ValueError: the file is not an image OpenCV can decode, or its header claims more pixels
+            than imageio_guard.MAX_IMAGE_PIXELS (an image bomb is refused before decoding).
     """
     import cv2
+
+    from .imageio_guard import check_image_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    check_image_file(path)
     data = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is None:
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+: decodes to RGB, no extra copy
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) if data.size else None
+    if image is None:
         raise ValueError(f"image {path} is not an image file OpenCV can decode (png, jpg, bmp, ...)")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return image if rgb_flag is not None else np.ascontiguousarray(image[:, :, ::-1])
 
 
 def check_image(image: object) -> np.ndarray:
