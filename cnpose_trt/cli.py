@@ -1,4 +1,4 @@
-"""`cnpose-trt`: build, inspect, predict, demo."""
+"""`cnpose-trt`: build, inspect, predict, demo, bench, eval, batch."""
 
 from __future__ import annotations
 
@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
     engine_args(d)
     d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go")
+
+    from .batch import add_batch_arguments
+    from .evaluate import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="MPJPE / PA-MPJPE of engines side by side on synthetic people "
+                                                   "or Human3.6M"))
+    add_batch_arguments(sub.add_parser("batch", help="3D poses for every person of a manifest of images, to "
+                                                     "Parquet; resumable; locally or on a Ray cluster (--ray)"))
     return parser
 
 
@@ -273,6 +281,14 @@ def _main(argv: list[str]) -> int:
 
             check_args(args.variant, args.batch, args.iterations, args.warmup)
             return bench_main(args)
+        if args.command == "eval":
+            from .evaluate import run_eval
+
+            return run_eval(args)
+        if args.command == "batch":
+            from .batch import run_batch
+
+            return run_batch(args)
         return {"predict": _predict, "inspect": _inspect, "demo": _demo}[args.command](args)
     except (CnposeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

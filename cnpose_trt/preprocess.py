@@ -46,7 +46,10 @@ def load_image(path: str | Path) -> np.ndarray:
     check_image_file(path)
     data = np.fromfile(path, dtype=np.uint8)
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+: decodes to RGB, no extra copy
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) if data.size else None
+    except cv2.error as exc:  # OpenCV's own limits and damaged headers
+        raise ValueError(f"image {path} cannot be decoded: {str(exc).strip().splitlines()[-1][:200]}") from None
     if image is None:
         raise ValueError(f"image {path} is not an image file OpenCV can decode (png, jpg, bmp, ...)")
     return image if rgb_flag is not None else np.ascontiguousarray(image[:, :, ::-1])
