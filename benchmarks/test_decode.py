@@ -5,7 +5,10 @@ and as a share of the memory bandwidth measured in the same run.
     CNPOSE_BENCH_GPU_BATCH=64 python -m pytest benchmarks/test_decode.py -k cuda --benchmark-only
 
 CPU: batch 8 (CNPOSE_BENCH_CPU_BATCH); the bandwidth reference reads an equally large buffer
-with as many threads as the decode uses. Besides the kernel picked for the processor, each
+with as many threads as the decode uses. CNPOSE_BENCH_THREADS=N runs every contender on N
+threads (default: all cores); with N=1 everything runs on the calling thread, so
+`--benchmark-timer time.thread_time` measures CPU time, which a shared machine's other
+processes do not inflate the way they inflate wall time. Besides the kernel picked for the processor, each
 kernel in CNPOSE_BENCH_ISAS (default avx2,avx512) is forced with the ISA switch, so an AVX-512
 machine also measures the AVX2 kernel that AVX2-only processors run. GPU: batch 64 (CNPOSE_BENCH_GPU_BATCH); the
 bandwidth reference is a device-to-device copy of an equally large buffer (read + write).
@@ -21,6 +24,7 @@ import pytest
 from cnpose_trt.decoding import decode, soft_argmax_torch
 
 CPU_BATCH = int(os.environ.get("CNPOSE_BENCH_CPU_BATCH", "8"))
+THREADS = int(os.environ.get("CNPOSE_BENCH_THREADS", "0"))  # 0: all cores
 GPU_BATCH = int(os.environ.get("CNPOSE_BENCH_GPU_BATCH", "64"))
 HEADS = {"2UP-D32": (32, 32), "3UP-D64": (64, 64)}  # heatmap config: (D, H=W); XS/S and M/L
 HEAD_LIST = os.environ.get("CNPOSE_BENCH_HEADS", ",".join(HEADS)).split(",")
@@ -48,6 +52,8 @@ def _C():
 @pytest.mark.parametrize("head", HEAD_LIST)
 def test_cpu_torch_reference(benchmark, head):
     torch = pytest.importorskip("torch")
+    if THREADS:
+        torch.set_num_threads(THREADS)
     hm = torch.from_numpy(_heatmaps(head, CPU_BATCH))
     benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
     benchmark.extra_info.update(role="baseline", backend=f"torch-ref-fp32 ({torch.get_num_threads()} thr)",
@@ -65,7 +71,7 @@ def test_cpu_fused(benchmark, head, dtype):
     isa = lib.cpu_isa()
     benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{isa}-{dtype}", images=CPU_BATCH,
                                 bytes=hm.nbytes)
-    res = benchmark.pedantic(decode, args=(hm, JOINTS), rounds=ROUNDS, warmup_rounds=1)
+    res = benchmark.pedantic(decode, args=(hm, JOINTS), kwargs={"threads": THREADS}, rounds=ROUNDS, warmup_rounds=1)
     assert np.isfinite(res.cells).all()
 
 
@@ -80,8 +86,8 @@ def test_cpu_fused_isa(benchmark, head, isa):
     benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
     benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{isa}-float32 (forced)", images=CPU_BATCH,
                                 bytes=hm.nbytes, isa=isa)
-    out = benchmark.pedantic(lib.decode_host, args=(hm, JOINTS), kwargs={"isa": isa}, rounds=ROUNDS,
-                             warmup_rounds=1)
+    out = benchmark.pedantic(lib.decode_host, args=(hm, JOINTS), kwargs={"isa": isa, "threads": THREADS},
+                             rounds=ROUNDS, warmup_rounds=1)
     assert np.isfinite(out[..., :4]).all()
 
 
@@ -90,9 +96,9 @@ def test_cpu_read_bandwidth(benchmark, head):
     lib = _C()
     buf = _heatmaps(head, CPU_BATCH)
     benchmark.group = f"decode-cpu-{head}-b{CPU_BATCH}"
-    benchmark.extra_info.update(role="bandwidth", backend=f"memory read ({os.cpu_count()} thr)", images=CPU_BATCH,
-                                bytes=buf.nbytes)
-    benchmark.pedantic(lib.memory_read_probe, args=(buf,), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.extra_info.update(role="bandwidth", backend=f"memory read ({THREADS or os.cpu_count()} thr)",
+                                images=CPU_BATCH, bytes=buf.nbytes)
+    benchmark.pedantic(lib.memory_read_probe, args=(buf, THREADS), rounds=ROUNDS, warmup_rounds=1)
 
 
 # ----------------------------------------------------------------------------------------- GPU

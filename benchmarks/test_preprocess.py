@@ -12,7 +12,9 @@ besides the auto-picked one, all threads for every contender (cv2 uses its own p
 fused kernel threads=0). GPU: the fused CUDA kernel with the image already on the device and
 with its upload included, against the cv2 + NumPy host path followed by the upload of its
 result (what a GPU pipeline without the kernel does); 20 calls per timed round.
-The summary's img/s column is people/s here.
+The summary's img/s column is people/s here. CNPOSE_BENCH_THREADS=N runs every CPU contender on N
+threads (cv2.setNumThreads(N) for the baseline; default: all cores); with N=1 everything runs on the
+calling thread and `--benchmark-timer time.thread_time` measures CPU time (robust on a shared machine).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PEOPLE = int(os.environ.get("CNPOSE_BENCH_PEOPLE", "16"))
 ROUNDS = int(os.environ.get("CNPOSE_BENCH_ROUNDS", "7"))
 SIZE = 256
 INNER = 20
+THREADS = int(os.environ.get("CNPOSE_BENCH_THREADS", "0"))  # 0: all cores
 ISAS = ["portable", "avx2", "avx512"]
 
 
@@ -59,6 +62,8 @@ def test_cpu_cv2_numpy(benchmark):
 
     from cnpose_trt.preprocess import crop_people
 
+    if THREADS:
+        cv2.setNumThreads(THREADS)
     image, boxes, _ = _scene()
     benchmark.group = GROUP_CPU
     benchmark.extra_info.update(role="baseline", backend=f"cv2.warpAffine + NumPy ({cv2.getNumThreads()} thr)",
@@ -76,7 +81,8 @@ def test_cpu_fused(benchmark, dtype, round_pixels):
     benchmark.extra_info.update(role="candidate", images=PEOPLE,
                                 backend=f"fused-cpu-{lib.cpu_isa()}-{dtype}{'-round' if round_pixels else ''}")
     benchmark.pedantic(crop_normalize, args=(image, None, mats, SIZE),
-                       kwargs={"out": out, "round_pixels": round_pixels}, rounds=ROUNDS, warmup_rounds=1)
+                       kwargs={"out": out, "round_pixels": round_pixels, "threads": THREADS}, rounds=ROUNDS,
+                       warmup_rounds=1)
     assert np.isfinite(out).all()
 
 
@@ -91,8 +97,8 @@ def test_cpu_fused_isa(benchmark, isa):
     benchmark.group = GROUP_CPU
     benchmark.extra_info.update(role="candidate", backend=f"fused-cpu-{isa}-float32 (forced)", images=PEOPLE,
                                 isa=isa)
-    benchmark.pedantic(crop_normalize, args=(image, None, mats, SIZE), kwargs={"out": out, "isa": isa},
-                       rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(crop_normalize, args=(image, None, mats, SIZE),
+                       kwargs={"out": out, "isa": isa, "threads": THREADS}, rounds=ROUNDS, warmup_rounds=1)
     assert np.isfinite(out).all()
 
 
