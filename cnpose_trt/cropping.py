@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .decoding import _is_cupy, _is_torch, compiled
 from .spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,7 @@ _CV2_MAX_SIDE = 32767
 
 
 def _compiled():
-    from .decoding import compiled
-
     return compiled()
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -167,7 +162,7 @@ def _host(x: Any) -> Any:
     """A host array-like (torch / cupy arrays are copied to the host)."""
     if _is_torch(x):
         return x.detach().cpu().numpy()
-    if type(x).__module__.startswith("cupy"):
+    if _is_cupy(x):
         return x.get()
     return x
 
