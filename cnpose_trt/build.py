@@ -116,8 +116,9 @@ def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed
         source = f"random (seed {seed}); outputs are meaningless"
     else:
         state, stored = load_checkpoint(checkpoint)
-        detected = detect_spec(state, head_upsample=stored.head_upsample if stored else None)
-        model = build_model(detected if variant is None else variant, state)
+        if variant is None:  # the tensors decide; a given variant is checked against them by build_model
+            variant = detect_spec(state, head_upsample=stored.head_upsample if stored else None)
+        model = build_model(variant, state)
         source = str(checkpoint)
     return model, source, weights_sha256(model.state_dict())
 
