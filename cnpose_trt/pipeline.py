@@ -177,14 +177,18 @@ class PoseEstimator:
             build (or reuse from the cache) with build_engine(**build_options).
         prep_threads: threads that crop and normalise.
         prefetch: batches prepared ahead of the engine.
+        crop_method: "auto" (the compiled fused crop-and-normalise kernel where built, else
+            OpenCV), "fused" or "opencv" (upstream's exact crops; see preprocess.crop_people).
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
-                 prep_threads: int = 2, prefetch: int = 2, **build_options: Any) -> None:
+                 prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto",
+                 **build_options: Any) -> None:
         from pathlib import Path
 
         from .engine import load_engine
+        from .preprocess import CROP_METHODS
         from .spec import VariantSpec
 
         if isinstance(engine_or_variant, Engine):
@@ -201,6 +205,9 @@ class PoseEstimator:
             self.engine = load_engine(engine_or_variant)
         if prep_threads < 1 or prefetch < 1:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
+        if crop_method not in CROP_METHODS:
+            raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
+        self.crop_method = crop_method
         self.prep_threads, self.prefetch = prep_threads, prefetch
         self.max_batch = self.engine.max_batch
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
@@ -340,7 +347,9 @@ class PoseEstimator:
         image = check_image(item["image"])
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-        crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"])
+        # One thread per image: the prep pool already crops prep_threads images at once.
+        crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"],
+                                    method=self.crop_method, threads=1)
         p = len(crop_boxes)
         mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
@@ -398,7 +407,8 @@ def _post(batch: list[_Item]) -> dict[str, np.ndarray | None]:
 
 
 def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes: Any = None,
-             root_depth: Any = None, intrinsics: Any = None, flip: bool = False) -> PoseResult:
+             root_depth: Any = None, intrinsics: Any = None, flip: bool = False,
+             crop_method: str = "auto") -> PoseResult:
     """3D poses of the people in one image (a one-off PoseEstimator(engine).predict).
 
     Args:
@@ -412,8 +422,9 @@ def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes
             without it depths are root-relative.
         intrinsics: fx, fy, cx, cy as (4,) or (P, 4); needs root_depth.
         flip: average with the horizontally flipped crop (flip test).
+        crop_method: "auto", "fused" or "opencv" (see PoseEstimator).
     Raises:
         ValueError: bad boxes (empty, outside the image), intrinsics without root_depth, shapes.
     """
-    return PoseEstimator(engine).predict(check_image(image), boxes, crop_boxes=crop_boxes, root_depth=root_depth,
-                                         intrinsics=intrinsics, flip=flip)
+    return PoseEstimator(engine, crop_method=crop_method).predict(
+        check_image(image), boxes, crop_boxes=crop_boxes, root_depth=root_depth, intrinsics=intrinsics, flip=flip)

@@ -76,15 +76,34 @@ def check_image(image: object) -> np.ndarray:
     return image
 
 
+CROP_METHODS = ("auto", "opencv", "fused")
+
+
 def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZE,
-                flip: bool = False) -> np.ndarray:
-    """Square crop boxes (P, 4) -> normalised network input (P, 3, size, size) float32.
+                flip: bool = False, method: str = "opencv", threads: int | None = None) -> np.ndarray:
+    """Crop boxes (P, 4) -> normalised network input (P, 3, size, size) float32.
 
     With flip, each crop is mirrored horizontally (the flip test's second pass).
+
+    Args:
+        method: "opencv" (cv2.warpAffine + NumPy: upstream's exact crops), "fused" (the compiled
+            crop-and-normalise kernel, one pass, rounding samples to grey levels as cv2 does:
+            equal to OpenCV's crops but for rare rounding ties), or "auto" (fused for uint8
+            images where the extension is built, else opencv).
+        threads: the fused kernel's threads (None: all cores).
     """
     import cv2
 
     image = check_image(image)
+    if method not in CROP_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CROP_METHODS)}, got {method!r}")
+    if method != "opencv" and image.dtype == np.uint8 and len(crop_boxes) and _fused_available():
+        from .cropping import crop_normalize
+
+        return crop_normalize(image, None, crop_matrices(crop_boxes, size), size, flip=flip, threads=threads,
+                              round_pixels=True)
+    if method == "fused" and not _fused_available():
+        raise ValueError("method 'fused' needs the compiled extension (cnpose_trt._C); use 'opencv' or 'auto'")
     if image.dtype != np.uint8 and image.dtype != np.float32:
         image = image.astype(np.float32)
     mats = crop_matrices(crop_boxes, size)
@@ -100,6 +119,14 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
     crops -= _MEAN
     crops /= _STD
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
+
+
+def _fused_available() -> bool:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # OpenCV's warpAffine overflows (crashes) past 2^31 bytes and keeps coordinates in 16-bit ints.
@@ -126,7 +153,8 @@ def _region(image: np.ndarray, box: np.ndarray, m: np.ndarray) -> tuple[np.ndarr
 
 
 def prepare(image: np.ndarray, boxes: object = None, size: int = INPUT_SIZE, flip: bool = False, *,
-            crop_boxes: object = None) -> tuple[np.ndarray, np.ndarray]:
+            crop_boxes: object = None, method: str = "opencv", threads: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Network input for the people in one image.
 
     Args:
@@ -136,12 +164,13 @@ def prepare(image: np.ndarray, boxes: object = None, size: int = INPUT_SIZE, fli
         crop_boxes: instead of boxes, (P, 4) boxes that already went through that rule (e.g.
             RootNet's output boxes), used as they are.
         flip: mirror each crop horizontally (the flip test's second pass).
+        method, threads: see crop_people ("opencv", upstream's exact crops, by default).
     Returns:
         (network input (P, 3, S, S) float32, crop boxes (P, 4) float64).
     """
     image = check_image(image)
     crop = resolve_crop_boxes(boxes, crop_boxes, image.shape)
-    return crop_people(image, crop, size, flip), crop
+    return crop_people(image, crop, size, flip, method, threads), crop
 
 
 def resolve_crop_boxes(boxes: object, crop_boxes: object, image_shape: tuple[int, ...]) -> np.ndarray:

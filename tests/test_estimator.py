@@ -176,3 +176,13 @@ def test_crop_boxes_are_used_as_they_are(estimator):
         estimator.predict(img)
     with pytest.raises(ValueError, match="crop_boxes\\[0\\] .* is empty"):
         estimator.predict(img, crop_boxes=[[0, 0, 0, 10]])
+
+
+def test_crop_methods(xs_engine):
+    img, boxes, root, k = next(_scenes(1, seed=9))
+    with pytest.raises(ValueError, match="crop_method must be one of auto, opencv, fused"):
+        PoseEstimator(xs_engine, crop_method="pillow")
+    ref = PoseEstimator(xs_engine, crop_method="opencv").predict(img, boxes, flip=True)
+    auto = PoseEstimator(xs_engine).predict(img, boxes, flip=True)
+    # the fused kernel equals OpenCV's crops but for rare one-grey-level ties (tests/test_golden.py)
+    np.testing.assert_allclose(auto.image[..., :2], ref.image[..., :2], atol=0.5)

@@ -183,7 +183,7 @@ def test_pipeline_flip_test_runs_the_mirrored_crops(xs_engine, monkeypatch, rng)
     boxes = [[40, 30, 120, 180], [170, 50, 100, 150]]
     res = PoseEstimator(xs_engine).predict(image, boxes, flip=True)
     (crops, heat), = seen
-    plain, _ = prepare(image, boxes)
+    plain, _ = prepare(image, boxes, method="auto")  # the crops the pipeline makes (fused where built)
     assert crops.shape[0] == 4
     np.testing.assert_array_equal(crops[:2], plain)
     np.testing.assert_array_equal(crops[2:], plain[:, :, :, ::-1])
