@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import OUT_FIELDS, Decoded, DeviceArray, _flip_perm, _is_cupy, _is_torch, _per_image, compiled
+from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled
+from .arrays import flip_perm as _flip_perm
+from .arrays import is_cupy as _is_cupy
+from .arrays import is_torch as _is_torch
+from .arrays import per_image as _per_image
 
 _CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
 

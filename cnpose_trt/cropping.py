@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import _is_cupy, _is_torch, compiled
+from .arrays import compiled
+from .arrays import is_cupy as _is_cupy
+from .arrays import is_torch as _is_torch
 from .spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)

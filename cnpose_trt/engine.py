@@ -230,16 +230,11 @@ class Engine:
 
 def _post_arrays(people: int, boxes: Any, root_depth: Any, intrinsics: Any) -> dict[str, np.ndarray | None]:
     """infer_decode's per-person post-processing inputs as float64 arrays, checked once."""
-    from .geometry import as_array
+    from .geometry import per_person
 
-    out: dict[str, np.ndarray | None] = {"boxes": None, "root_depth": None, "intrinsics": None}
-    given = (("boxes", boxes, (4,)), ("root_depth", root_depth, ()), ("intrinsics", intrinsics, (4,)))
-    for name, value, tail in given:
-        if value is not None:
-            arr = np.asarray(value, np.float64)
-            if arr.shape == tail:
-                arr = np.broadcast_to(arr, (people, *tail))
-            out[name] = as_array(name, arr, tail, people)
+    out: dict[str, np.ndarray | None] = {"boxes": per_person("boxes", boxes, people, (4,)),
+                                         "root_depth": per_person("root_depth", root_depth, people, ()),
+                                         "intrinsics": per_person("intrinsics", intrinsics, people, (4,))}
     if (out["root_depth"] is not None or out["intrinsics"] is not None) and out["boxes"] is None:
         raise ValueError("root_depth and intrinsics need boxes (depth and camera coordinates start from image "
                          "pixels)")

@@ -33,6 +33,20 @@ def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | Non
     return arr
 
 
+def per_person(name: str, value: object, p: int, tail: tuple[int, ...]) -> np.ndarray | None:
+    """float64 (p, *tail) per-person values from one value for all (shape tail) or one per person;
+    None stays None. Raises as as_array does, naming `name`."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if arr.shape == tail:
+        arr = np.broadcast_to(arr, (p, *tail))
+    return as_array(name, arr, tail, p)
+
+
 def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
     """Person boxes (P, 4) as x, y, w, h -> the crop boxes the network sees (upstream process_bbox).
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .decoding import decode
 from .engine import Engine
-from .geometry import as_array
+from .geometry import as_array, per_person
 from .preprocess import check_image, prepare
 from .spec import JOINT_NAMES
 
@@ -96,21 +96,8 @@ class _Item:
     intrinsics: np.ndarray | None
 
 
-def _per_item(name: str, value: Any, p: int, tail: tuple[int, ...]) -> np.ndarray | None:
-    """One image's per-person values (p, *tail): one value for all people or one per person."""
-    if value is None:
-        return None
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
-    if arr.shape == tail:
-        arr = np.broadcast_to(arr, (p, *tail))
-    return as_array(name, arr, tail, p)
-
-
 def _root_depth(value: Any, p: int) -> np.ndarray | None:
-    root = _per_item("root_depth", value, p, ())
+    root = per_person("root_depth", value, p, ())
     if root is not None and (root <= 0).any():
         raise ValueError(f"root_depth must be > 0 mm (the pelvis' depth in front of the camera), got {root.tolist()}")
     return root
@@ -354,7 +341,7 @@ class PoseEstimator:
         mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
-                     _per_item("intrinsics", item["intrinsics"], p, (4,)))
+                     per_person("intrinsics", item["intrinsics"], p, (4,)))
 
     def _run_on_device(self, batch: list[_Item], flip: bool) -> Future[list[PoseResult]]:
         """Engine and fused decode on the engine's device; only (P, J, 10) floats come back."""

@@ -14,7 +14,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 from onnx import numpy_helper
 

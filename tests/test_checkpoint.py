@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model, write_official
 
 from cnpose_trt import VARIANTS, CheckpointError, custom_spec, detect_variant

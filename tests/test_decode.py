@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 
 from cnpose_trt.decoding import soft_argmax_reference, soft_argmax_torch
 

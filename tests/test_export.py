@@ -4,7 +4,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 
 from cnpose_trt import VARIANTS

@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 
 from cnpose_trt import VARIANTS, custom_spec

@@ -20,8 +20,9 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
+F = torch.nn.functional
 
 from cnpose_trt import load_engine, save_checkpoint
 from cnpose_trt.build import build_engine
