@@ -17,6 +17,33 @@ def need_torch():
     return pytest.importorskip("torch", reason="building models and engines needs PyTorch (the export extra)")
 
 
+_EXPORT_MODULES = ("torch", "onnx", "onnxconverter_common")
+
+
+def _skip_without_export(exc: ImportError) -> None:
+    """A test that reaches the export extra (building an engine) is skipped where it is not installed."""
+    if (getattr(exc, "name", None) or "").split(".")[0] in _EXPORT_MODULES:
+        pytest.skip(f"needs {exc.name} (the export extra), which is not installed")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    try:
+        return (yield)
+    except ImportError as exc:
+        _skip_without_export(exc)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except ImportError as exc:
+        _skip_without_export(exc)
+        raise
+
+
 def make_model(variant, seed=0):
     need_torch()
     from cnpose_trt.model import build_model
