@@ -161,21 +161,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# The XS model shipped with the package: trained on synthetic people only (tools/train_xs.py; its
+# record is the .json beside it). The demo's default weights; not an official checkpoint.
+SHIPPED_XS = Path(__file__).parent / "data" / "convnextpose_xs_synthetic.pth.tar"
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .draw import demo_image, save_image
+    import numpy as np
+
+    from .draw import save_image
+    from .evaluate import mpjpe, pixel_errors
+    from .synthetic import synthesize
 
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out-dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    image, box = demo_image()
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.engine is None and args.variant in (None, "XS") and SHIPPED_XS.is_file():
+        checkpoint = SHIPPED_XS
+        print(f"weights: the XS model shipped with cnpose_trt ({SHIPPED_XS.name}), trained on synthetic people "
+              "only: a demonstration, not an official checkpoint (pass --checkpoint for real weights)",
+              file=sys.stderr)
+    scene = synthesize(args.seed, width=640, height=480)
+    image, box = scene.image, [float(v) for v in scene.boxes[0]]
+    fx, fy, cx, cy = (float(v) for v in scene.intrinsics)
     img_path = save_image(out / "demo.png", image)
-    print(f"generated demo image {img_path} with a person box {box}", file=sys.stderr)
-    ns = argparse.Namespace(image=img_path, bbox=[box], root_depth=4000.0, focal=(1500.0, 1500.0),
-                            principal=(image.shape[1] / 2, image.shape[0] / 2), engine=None,
-                            variant=args.variant, checkpoint=args.checkpoint, engines=args.engines,
-                            flip=True, output=out / "demo.json", draw=out / "demo_pose.png")
+    print(f"generated a synthetic person {img_path} (seed {args.seed}) with box {[round(v, 1) for v in box]}, "
+          f"root depth {scene.root_depth[0]:.0f} mm", file=sys.stderr)
+    ns = argparse.Namespace(image=img_path, bbox=[box], crop_box=None, root_depth=float(scene.root_depth[0]),
+                            focal=(fx, fy), principal=(cx, cy), engine=args.engine, variant=args.variant,
+                            checkpoint=checkpoint, engines=args.engines, flip=True, output=out / "demo.json",
+                            draw=out / "demo_pose.png")
     _predict(ns)
+    people = json.loads(ns.output.read_text())["people"]
+    cam = np.array([[people[0]["joints"][name]["camera_mm"] for name in people[0]["joints"]]])
+    img = np.array([[[j["x_px"], j["y_px"]] for j in people[0]["joints"].values()]])
+    print(f"against the scene's ground truth: MPJPE {mpjpe(cam, scene.joints_cam):.1f} mm (root-aligned), "
+          f"2D error {float(np.mean(pixel_errors(img, scene.joints_img[..., :2]))):.1f} px", file=sys.stderr)
     print(f"demo done: {ns.output}, {ns.draw}")
     return 0
 
@@ -236,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
     engine_args(d)
     d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go")
+    d.add_argument("--seed", type=int, default=7, help="the synthetic person's seed (default 7)")
 
     from .batch import add_batch_arguments
     from .evaluate import add_eval_arguments

@@ -32,3 +32,23 @@ def test_batch_command(tmp_path, xs_engine_path):
     assert cli(["batch", str(manifest), "--out", str(out), "--engine", str(xs_engine_path)]) == 0
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["images"] == 1 and summary["people"] == 1 and summary["errors"] == 0
+
+
+def test_demo_uses_the_shipped_model(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from cnpose_trt.checkpoint import detect_variant, load_checkpoint
+    from cnpose_trt.cli import SHIPPED_XS
+    from cnpose_trt.model import build_model
+
+    if not SHIPPED_XS.is_file():
+        pytest.skip("no shipped XS model in this checkout")
+    state, _ = load_checkpoint(SHIPPED_XS)  # the official-format loader, as for official files
+    assert detect_variant(state) == "XS"
+    model = build_model("XS", SHIPPED_XS)  # half-precision storage, float32 once loaded
+    assert all(str(v.dtype) == "torch.float32" for v in model.state_dict().values() if v.is_floating_point())
+    assert cli(["demo", "--out-dir", str(tmp_path / "out"), "--engines", str(tmp_path / "e")]) == 0
+    err = capsys.readouterr().err
+    assert "trained on synthetic people only" in err and "against the scene's ground truth: MPJPE" in err
+    doc = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert doc["weights"].endswith(SHIPPED_XS.name) and len(doc["people"]) == 1
+    assert (tmp_path / "out" / "demo_pose.png").stat().st_size > 1000
