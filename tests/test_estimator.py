@@ -186,3 +186,17 @@ def test_crop_methods(xs_engine):
     auto = PoseEstimator(xs_engine).predict(img, boxes, flip=True)
     # the fused kernel equals OpenCV's crops but for rare one-grey-level ties (tests/test_golden.py)
     np.testing.assert_allclose(auto.image[..., :2], ref.image[..., :2], atol=0.5)
+
+
+def test_mixed_batches_keep_each_images_frame(estimator):
+    """Images with and without root depth / intrinsics in one engine batch: each result is in its own
+    frame (root-relative depth where no root was given, no camera without intrinsics)."""
+    items = list(_scenes(4, seed=10))
+    stream = [items[0], (items[1][0], items[1][1]), (items[2][0], items[2][1], items[2][2]), items[3]]
+    got = list(estimator.predict_iter(stream))
+    for item, res in zip(stream, got, strict=True):
+        alone = estimator.predict(*item[:2], root_depth=item[2] if len(item) > 2 else None,
+                                  intrinsics=item[3] if len(item) > 3 else None)
+        np.testing.assert_allclose(res.image, alone.image, rtol=1e-6, atol=1e-3)
+        assert res.root_relative == (len(item) < 3) and (res.camera is None) == (len(item) < 4)
+    assert np.abs(got[1].image[..., 2]).max() < 1000  # root-relative: within the 2 m box around the root
