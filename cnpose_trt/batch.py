@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CnposeError
+from .progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -802,42 +803,27 @@ class PartWriter:
 # Progress and summary
 
 
-class Progress:
-    """A one-line progress bar with images/s on stderr (a line every 30 s when it is not a terminal)."""
+class Progress(Bar):
+    """The batch job's bar: images, with people and errors counted beside the rate."""
 
     def __init__(self, total: int, enabled: bool = True, stream: Any = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.total, self.enabled = total, enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = self._last = time.monotonic()
-        self.images = self.people = self.errors = 0
+        super().__init__(total, unit="images", counters=("people", "errors"), enabled=enabled, stream=stream,
+                         interval=0.5)
 
-    def update(self, images: int = 1, people: int = 0, errors: int = 0) -> None:
-        self.images += images
-        self.people += people
-        self.errors += errors
-        now = time.monotonic()
-        if self.enabled and now - self._last >= (0.5 if self.tty else 30.0):
-            self._last = now
-            self._show(final=False)
+    @property
+    def images(self) -> int:
+        return self.done
 
-    def rate(self) -> float:
-        return self.images / max(time.monotonic() - self.started, 1e-9)
+    @property
+    def people(self) -> int:
+        return self.counts["people"]
 
-    def _show(self, final: bool) -> None:
-        rate = self.rate()
-        frac = self.images / self.total if self.total else 1.0
-        bar = "#" * int(frac * 24)
-        eta = (self.total - self.images) / rate if rate > 0 else float("inf")
-        eta_text = "" if final or not math.isfinite(eta) else f"  eta {int(eta) // 60}:{int(eta) % 60:02d}"
-        line = (f"[{bar:<24}] {self.images}/{self.total} images  {rate:.1f} img/s  {self.people} people  "
-                f"{self.errors} errors{eta_text}")
-        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
-        self.stream.flush()
+    @property
+    def errors(self) -> int:
+        return self.counts["errors"]
 
-    def close(self) -> None:
-        if self.enabled and (self.images or self.tty):
-            self._show(final=True)
+    def update(self, images: int = 1, people: int = 0, errors: int = 0) -> None:  # type: ignore[override]
+        super().update(images, people=people, errors=errors)
 
 
 @dataclasses.dataclass

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .progress import say
+
 MAX_BATCH = 4096  # the largest engine profile build_engine makes
 MEMORY_SHARE = 0.5  # of physical memory that one measurement may plan to use
 
@@ -202,7 +204,7 @@ def main(args: Any) -> int:
     rows = run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
                      warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
                      calib_images=args.calib_images, cuda_graphs=args.cuda_graphs,
-                     progress=lambda m: print(m, file=sys.stderr, flush=True))
+                     progress=say)
     from .cli import finite_json
 
     machine = machine_name()

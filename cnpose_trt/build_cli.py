@@ -14,6 +14,7 @@ from . import build
 from .build import BACKENDS, DEFAULT_MAX_BATCH, TrtOptions
 from .errors import CnposeError
 from .precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS
+from .progress import say
 from .spec import VARIANTS
 
 
@@ -78,7 +79,7 @@ def run_build(args: argparse.Namespace) -> int:
                 result = build.build_engine(
                     variant, args.checkpoint, backend=args.backend, precision=precision, max_batch=args.max_batch,
                     out_dir=args.out, force=args.force, opset=args.opset, seed=args.seed,
-                    progress=lambda m: print(m, file=sys.stderr, flush=True), keep_fp32=args.keep_fp32,
+                    progress=say, keep_fp32=args.keep_fp32,
                     fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
                     calib_count=args.calib_count, calib_method=args.calib_method,
                     calib_synthetic=args.calib_synthetic,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnposeError
+from .progress import say
 
 
 def _floats(n: int, what: str):
@@ -89,7 +90,7 @@ def _engine_for(args: argparse.Namespace) -> Any:
     if args.engine is not None:
         return load_engine(args.engine)
     result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
-                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+                          progress=say)
     if result.meta["weights"]["random"]:
         print("warning: the engine uses random weights: the poses are meaningless; "
               "pass --checkpoint for real ones", file=sys.stderr)

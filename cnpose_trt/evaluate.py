@@ -35,6 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .progress import Bar, say
 from .spec import JOINT_NAMES, NUM_JOINTS, ROOT_JOINT
 
 log = logging.getLogger(__name__)
@@ -440,35 +441,9 @@ def _jsonable(v: Any) -> Any:
 # Running engines
 
 
-class Progress:
-    """A one-line progress bar on a stream (stderr), redrawn at most every 0.2 s."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.started = self._last = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and now - self._last > 0.2:
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        rate = self.done / max(now - self.started, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        bar = "#" * int(frac * 24)
-        self.stream.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {rate:.1f} img/s ETA {eta:.0f} s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
+def Progress(total: int, label: str, enabled: bool = True, stream: TextIO | None = None) -> Bar:  # noqa: N802
+    """The evaluation's bar (images per engine)."""
+    return Bar(total, label, unit="images", enabled=enabled, stream=stream)
 
 
 def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = True,
@@ -688,7 +663,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from .build import build_engine
 
         built = build_engine(args.variant, args.checkpoint, backend="onnxruntime", out_dir=args.engines,
-                             progress=lambda m: print(m, file=sys.stderr, flush=True))
+                             progress=say)
         engines.append(load_engine(built.path, **options))
         if labels is not None:
             labels.append(f"{args.variant} fp32 (built)")

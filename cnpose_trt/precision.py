@@ -22,7 +22,7 @@ import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BuildError
+from .progress import Bar
 from .spec import INPUT_SIZE
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,6 @@ def _set_output_dtype(model: Any, kept: Sequence[str], fp16_output: bool) -> Non
 
 # ---------------------------------------------------------------------------- calibration data
 
-def _progress(label: str) -> Callable[[int, int], None]:
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r      {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
-
-
 def _synthetic_scene(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A generated scene with one stick figure at a random place, size and colour."""
     import cv2
@@ -233,7 +223,7 @@ class _Reader:
 
     def __init__(self, input_name: str, batches: Iterator[np.ndarray], total: int, show: bool) -> None:
         self.input_name, self.batches, self.total, self.done = input_name, batches, total, 0
-        self.show = _progress("calibrating") if show else None
+        self.show = Bar(total, "      calibrating", unit="crops", interval=0.0) if show else None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
@@ -241,7 +231,9 @@ class _Reader:
             return None
         self.done += len(batch)
         if self.show:
-            self.show(self.done, self.total)
+            self.show.update(len(batch))
+            if self.done >= self.total:
+                self.show.close()
         return {self.input_name: batch}
 
 

@@ -1,0 +1,62 @@
+"""Progress on stderr, one shape for every long job: build steps (say) and bars (Bar) for
+calibration, evaluation and batch jobs."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+
+def say(message: str) -> None:
+    """A build step or note on stderr (stdout stays for results, e.g. engine paths)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class Bar:
+    """A one-line progress bar with a rate and an ETA: redrawn in place on a terminal (at most every
+    `interval` s), else a line every `log_interval` s; extra counters (people, errors) after the rate.
+
+    Args:
+        total: units to do. label: text before the bar. unit: what is counted ("images").
+        counters: names of extra counts shown after the rate, e.g. ("people", "errors").
+    """
+
+    def __init__(self, total: int, label: str = "", *, unit: str = "images", counters: tuple[str, ...] = (),
+                 enabled: bool = True, stream: Any = None, interval: float = 0.2, log_interval: float = 30.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
+        self.counts = dict.fromkeys(counters, 0)
+        self.done = 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if self.tty else log_interval
+        self.started = self._last = time.monotonic()
+
+    def update(self, n: int = 1, **counts: int) -> None:
+        self.done += n
+        for name, value in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        now = time.monotonic()
+        if self.enabled and now - self._last >= self.interval:
+            self._last = now
+            self._show(final=False)
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def _show(self, final: bool) -> None:
+        rate = self.rate()
+        frac = min(1.0, self.done / self.total) if self.total else 1.0
+        eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        eta_text = "" if final or not math.isfinite(eta) else f"  eta {int(eta) // 60}:{int(eta) % 60:02d}"
+        extra = "".join(f"  {v} {k}" for k, v in self.counts.items())
+        short = {"images": "img"}.get(self.unit, self.unit)
+        line = (f"{self.label + ' ' if self.label else ''}[{'#' * int(frac * 24):<24}] {self.done}/{self.total} "
+                f"{self.unit}  {rate:.1f} {short}/s{extra}{eta_text}")
+        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and (self.done or self.tty):
+            self._show(final=True)
