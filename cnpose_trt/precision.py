@@ -138,18 +138,19 @@ def _set_output_dtype(model: Any, kept: Sequence[str], fp16_output: bool) -> Non
 
 # ---------------------------------------------------------------------------- calibration data
 
+# Seeds of synthetic calibration scenes live in their own namespace: training uses (0, i) and the
+# held-out evaluation set (1, i) (tools/train_xs.py, evaluate.synthetic_set).
+CALIB_SEED_NAMESPACE = 3
+
+
 def _synthetic_scene(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """A generated scene with one stick figure at a random place, size and colour."""
-    import cv2
+    """A synthetic person (cnpose_trt.synthetic) at a random place, size and pose, and its box."""
+    from .synthetic import synthesize
 
-    from .draw import demo_image
-
-    img, box = demo_image(int(rng.integers(320, 800)), int(rng.integers(320, 800)))
-    img = np.clip(img.astype(np.int16) + rng.integers(-40, 40, 3, dtype=np.int16), 0, 255).astype(np.uint8)
-    angle = float(rng.uniform(-20, 20))
-    m = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2), angle, 1.0)
-    img = cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), borderMode=cv2.BORDER_REFLECT)
-    return img, tuple(float(v) for v in box)
+    width, height = int(rng.integers(320, 800)), int(rng.integers(320, 800))
+    scene = synthesize((CALIB_SEED_NAMESPACE, int(rng.integers(2**31))), width=width, height=height,
+                       occluder_prob=0.3)
+    return scene.image, tuple(float(v) for v in scene.boxes[0])
 
 
 def calibration_set(opts: PrecisionOptions, seed: int = 0) -> tuple[list[tuple[Any, Any]], str]:
