@@ -24,6 +24,20 @@ NAMES = tuple(_MODULES)
 AUTO_ORDER = ("tensorrt", "onnxruntime")
 
 
+def importable(library: str) -> bool:
+    """True when the library a backend runs on can be imported (a backend's available())."""
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        return False
+    return True
+
+
+def library_version(library: str) -> str:
+    """The library's __version__ (a backend's version(), part of the engine cache key)."""
+    return str(importlib.import_module(library).__version__)
+
+
 def get(name: str, what: str = "") -> ModuleType:
     """The backend module called name.
 

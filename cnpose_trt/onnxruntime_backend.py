@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backends import importable, library_version
 from .engine import Engine, check_engine_io
 from .errors import BuildError, EngineError
 
@@ -29,17 +30,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("onnxruntime")
 
 
 def version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)
+    return library_version("onnxruntime")
 
 
 def key_fields(job: BuildJob) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backends import importable, library_version
 from .engine import Engine, check_engine_io
 from .errors import EngineError
 
@@ -29,17 +30,11 @@ NEEDS_GRAPH = False
 
 
 def available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("torch")
 
 
 def version() -> str:
-    import torch
-
-    return str(torch.__version__)
+    return library_version("torch")
 
 
 def key_fields(job: BuildJob) -> dict[str, Any]:
