@@ -126,15 +126,21 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out, stream,
-                  depth_range_mm) -> Decoded:
+def _cuda_module(doing: str, verb: str) -> Any:
+    """The compiled module, which must be built with CUDA for GPU work."""
     lib = compiled()
     if lib is None:
-        raise RuntimeError("cnpose_trt._C is not built: GPU decoding needs the compiled extension "
+        raise RuntimeError(f"cnpose_trt._C is not built: GPU {doing} needs the compiled extension "
                            "(pip install -e . where nvcc is found)")
     if not lib.built_with_cuda:
         raise RuntimeError("cnpose_trt._C was built without CUDA: reinstall where nvcc is found (or with "
-                           "CNPOSE_TRT_CUDA=1) to decode on the GPU")
+                           f"CNPOSE_TRT_CUDA=1) to {verb} on the GPU")
+    return lib
+
+
+def decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out, stream,
+                  depth_range_mm) -> Decoded:
+    lib = _cuda_module("decoding", "decode")
     hm = _Buf(heatmaps, "heatmaps")
     if len(hm.shape) != 4:
         raise ValueError(f"heatmaps must have 4 dimensions (N, J*D, H, W), got {len(hm.shape)}")
@@ -226,13 +232,7 @@ class _Image:
 def crop_device(images: list[Any], index: Any, affines: Any, size: int, flip: Any, dtype: str | None, out: Any,
                 stream: int | None, mean: Any, std: Any, round_pixels: bool = False) -> Any:
     """crop_normalize for device images: enqueue the CUDA kernel on `stream`, no host sync."""
-    lib = compiled()
-    if lib is None:
-        raise RuntimeError("cnpose_trt._C is not built: GPU cropping needs the compiled extension "
-                           "(pip install -e . where nvcc is found)")
-    if not lib.built_with_cuda:
-        raise RuntimeError("cnpose_trt._C was built without CUDA: reinstall where nvcc is found (or with "
-                           "CNPOSE_TRT_CUDA=1) to crop on the GPU")
+    lib = _cuda_module("cropping", "crop")
     ims = [_Image(im, i) for i, im in enumerate(images)]
     first = ims[0]  # what the stream and allocation helpers read: obj, lib, ptr
     if stream is None:
