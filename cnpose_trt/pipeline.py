@@ -148,11 +148,12 @@ def _per_image(name: str, value: Any, n: int, tail: tuple[int, ...]) -> list[Any
 class PoseEstimator:
     """3D poses of many people in many images, as fast as the engine allows.
 
-    Work is chunked into batches of the engine's max_batch people (the last one smaller; an
-    image's people are never split, so a batch may hold fewer) and pipelined: while
-    batch k runs in the engine, the people of batch k+1 are cropped and normalised on a thread
-    pool and batch k-1 is decoded on another thread. Memory stays bounded: at most `prefetch`
-    batches are prepared ahead and one batch waits for its decode.
+    Work is chunked into batches of the engine's max_batch crops (the flip test makes two crops per
+    person; the last batch is smaller; an image's people are never split, so a batch may hold
+    fewer) and pipelined: while batch k runs in the engine, the people of batch k+1 are cropped
+    and normalised on a thread pool and batch k-1 is decoded on another thread (on a GPU engine
+    the decode runs on the device, right after the network: Engine.infer_decode). Memory stays
+    bounded: at most `prefetch` batches are prepared ahead and one batch waits for its decode.
 
     Thread safety: one estimator may be shared by several threads. predict() and
     predict_iter() hold an internal lock while they run (a predict_iter generator until it is
@@ -178,6 +179,10 @@ class PoseEstimator:
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
 
+        if prep_threads < 1 or prefetch < 1:
+            raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
+        if crop_method not in CROP_METHODS:
+            raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
         if isinstance(engine_or_variant, Engine):
             self.engine = engine_or_variant
         elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
@@ -190,10 +195,6 @@ class PoseEstimator:
             self.engine = load_engine(built.path)
         else:
             self.engine = load_engine(engine_or_variant)
-        if prep_threads < 1 or prefetch < 1:
-            raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
-        if crop_method not in CROP_METHODS:
-            raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
         self.crop_method = crop_method
         self.prep_threads, self.prefetch = prep_threads, prefetch
         self.max_batch = self.engine.max_batch
