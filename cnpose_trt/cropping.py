@@ -214,13 +214,10 @@ def _crop_host(imgs: list[Any], index: Any, affines: Any, size: int, flip: Any, 
 
 def _check_fallback_args(images: list[np.ndarray], index: Any, affines: Any, size: int, flip: Any, dtype: str | None,
                          out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    from .preprocess import check_image
+
     for i, im in enumerate(images):
-        if im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"images[{i}] must have shape (H, W, 3) RGB, got {im.shape}")
-        if im.dtype != np.uint8 and im.dtype.kind != "f":
-            raise TypeError(f"images[{i}] must be uint8 RGB (or float 0..255), got {im.dtype}")
-        if min(im.shape[:2]) < 1:
-            raise ValueError(f"images[{i}] must not be empty, got {im.shape[0]}x{im.shape[1]}")
+        check_image(im, f"images[{i}]")
     idx = np.asarray(index)
     if idx.dtype.kind not in "iu":
         raise TypeError("image_index must be an integer array of shape (P,)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import compiled
 from .geometry import check_crop_boxes, crop_matrices, process_boxes
 from .spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 
@@ -55,23 +56,23 @@ def load_image(path: str | Path) -> np.ndarray:
     return image if rgb_flag is not None else np.ascontiguousarray(image[:, :, ::-1])
 
 
-def check_image(image: object) -> np.ndarray:
-    """(H, W, 3) uint8 or float RGB with values in 0..255."""
+def check_image(image: object, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 or float RGB with values in 0..255; errors name the argument `name`."""
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array (H, W, 3) RGB, got {type(image).__name__}")
+        raise TypeError(f"{name} must be a numpy array (H, W, 3) RGB, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must have shape (H, W, 3) RGB, got {image.shape}")
+        raise ValueError(f"{name} must have shape (H, W, 3) RGB, got {image.shape}")
     if image.dtype != np.uint8 and image.dtype.kind != "f":
-        raise TypeError(f"image must be uint8 or float (0..255), got {image.dtype}")
+        raise TypeError(f"{name} must be uint8 or float (0..255), got {image.dtype}")
     if min(image.shape[:2]) < 1:
-        raise ValueError(f"image must not be empty, got shape {image.shape}")
+        raise ValueError(f"{name} must not be empty, got shape {image.shape}")
     if image.dtype.kind == "f":
         lo, hi = float(np.min(image)), float(np.max(image))
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-            raise ValueError(f"image values must be finite and in 0..255, got a {image.dtype} image spanning "
+            raise ValueError(f"{name} values must be finite and in 0..255, got a {image.dtype} image spanning "
                              f"{lo} .. {hi}")
         if 0 < hi <= 1:
-            raise ValueError(f"image values must be in 0..255, got a {image.dtype} image with maximum {hi}: it looks "
+            raise ValueError(f"{name} values must be in 0..255, got a {image.dtype} image with maximum {hi}: it looks "
                              "scaled to 0..1 (multiply by 255, or pass uint8)")
     return image
 
@@ -97,12 +98,12 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
     image = check_image(image)
     if method not in CROP_METHODS:
         raise ValueError(f"method must be one of {', '.join(CROP_METHODS)}, got {method!r}")
-    if method != "opencv" and image.dtype == np.uint8 and len(crop_boxes) and _fused_available():
+    if method != "opencv" and image.dtype == np.uint8 and len(crop_boxes) and compiled() is not None:
         from .cropping import crop_normalize
 
         return crop_normalize(image, None, crop_matrices(crop_boxes, size), size, flip=flip, threads=threads,
                               round_pixels=True)
-    if method == "fused" and not _fused_available():
+    if method == "fused" and compiled() is None:
         raise ValueError("method 'fused' needs the compiled extension (cnpose_trt._C); use 'opencv' or 'auto'")
     if image.dtype != np.uint8 and image.dtype != np.float32:
         image = image.astype(np.float32)
@@ -119,14 +120,6 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
     crops -= _MEAN
     crops /= _STD
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
-
-
-def _fused_available() -> bool:
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # OpenCV's warpAffine overflows (crashes) past 2^31 bytes and keeps coordinates in 16-bit ints.

@@ -76,11 +76,10 @@ ENGINE_SUFFIX = ".engine"
 PRECISIONS = ("fp32", "fp16", "int8")
 NEEDS_GRAPH = True
 
-# Options TrtEngine takes (load_engine(path, **options)); options of the other backends, to say so.
+# Options TrtEngine takes (load_engine(path, **options)); backends.check_options refuses the rest.
 DEFAULT_MAX_CONTEXTS = 2
 MAX_CONTEXTS_LIMIT = 64
 LOAD_OPTIONS = ("max_contexts",)
-OTHER_BACKENDS_OPTIONS = {"threads": "onnxruntime and torch", "device": "torch", "cuda_graphs": "torch"}
 HARDWARE_COMPATIBLE_MIN_CC = (8, 0)  # AMPERE_PLUS
 NULLPTR = "factory function returned nullptr"  # pybind11's TypeError when a TensorRT factory fails
 
@@ -905,11 +904,9 @@ class TrtEngine(Engine):
 
 def _load_options(options: dict[str, Any]) -> int:
     """max_contexts from load_engine's options; anything else is refused naming what is allowed."""
-    unknown = sorted(set(options) - set(LOAD_OPTIONS))
-    if unknown:
-        notes = [f"{k} is an option of {OTHER_BACKENDS_OPTIONS[k]}" for k in unknown if k in OTHER_BACKENDS_OPTIONS]
-        raise ValueError(f"the tensorrt backend takes the option {', '.join(LOAD_OPTIONS)}, got "
-                         f"{', '.join(unknown)}" + (f" ({'; '.join(notes)})" if notes else ""))
+    from . import backends
+
+    backends.check_options(sys.modules[__name__], options)
     value = options.get("max_contexts", DEFAULT_MAX_CONTEXTS)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONTEXTS_LIMIT:
         raise ValueError(f"max_contexts must be an integer in 1..{MAX_CONTEXTS_LIMIT}, got {value!r}")
