@@ -7,6 +7,10 @@ the same calls, checked the same way:
   decode, the decode reading the engine's own output where it lives; only the (P, J, 10)
   result comes back to the host. On a GPU engine the heatmaps never leave the device;
 - infer_device(images): heatmaps left on the device (GPU backends only);
+- enqueue_device(fill, n, flip=, boxes=, ...): the device-resident path (GPU backends only):
+  `fill` writes the n network inputs straight into the engine's input buffer on the engine's
+  stream (the pipeline's GPU crop kernel), the network and the fused decode follow on that
+  stream, and a handle's result() gives the (P, J, 10) floats; nothing else crosses to the host;
 - close() and `with engine:`.
 Backends live one per module (onnxruntime_backend, tensorrt_backend, torch_backend), found
 through the registry in backends.py.
@@ -198,6 +202,37 @@ class Engine:
             chunk = np.concatenate([images[i:j], images[people + i:people + j]]) if flip else images[i:j]
             parts.append(self._infer_decode(chunk, {k: None if v is None else v[i:j] for k, v in post.items()}, flip))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def enqueue_device(self, fill: Any, n: int, *, flip: bool = False, boxes: Any = None, root_depth: Any = None,
+                       intrinsics: Any = None) -> Any:
+        """The device-resident path: inputs written on the device, the network, the fused decode.
+
+        Args:
+            fill: called as fill(inputs, stream) once, before the network is enqueued: inputs is
+                the engine's own (n, 3, S, S) input buffer on its device (a torch tensor or an
+                object with __cuda_array_interface__, of the engine's input dtype), stream the
+                integer CUDA stream the network will run on. fill enqueues its writes on that
+                stream (e.g. cropping.crop_normalize(..., out=inputs, stream=stream)).
+            n: inputs per call, 1..max_batch (with flip, 2P: P crops then their P mirrors).
+            flip, boxes, root_depth, intrinsics: as infer_decode.
+        Returns:
+            a handle whose result() waits for the work and returns (P, J, 10) float32 on the host
+            (see infer_decode). Handles may be collected in any order.
+        Raises:
+            EngineError: a CPU engine (use infer_decode).
+        """
+        raise EngineError(f"the {self.backend} engine runs on the CPU: it has no device input buffer, "
+                          "use infer_decode()")
+
+    def _device_call(self, n: int, flip: bool, boxes: Any, root_depth: Any, intrinsics: Any
+                     ) -> tuple[int, dict[str, np.ndarray | None]]:
+        """enqueue_device's arguments checked: (people, post-processing inputs)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be an integer in 1..{self.max_batch} (the engine's max_batch), got {n!r}")
+        if flip and n % 2:
+            raise ValueError(f"with flip, n must be even (P crops, then their P mirrors), got n = {n}")
+        people = n // 2 if flip else int(n)
+        return people, _post_arrays(people, boxes, root_depth, intrinsics)
 
     def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
         """One chunk (at most max_batch images); a GPU backend overrides this to stay on its device."""

@@ -8,14 +8,15 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .decoding import decode
 from .engine import Engine
-from .geometry import as_array, per_person
-from .preprocess import check_image, prepare
+from .geometry import as_array, crop_matrices, per_person
+from .preprocess import check_image, load_image, prepare, resolve_crop_boxes
 from .spec import JOINT_NAMES
 
 
@@ -89,11 +90,14 @@ class _Item:
     """One image's people on their way through the pipeline."""
 
     boxes: np.ndarray
-    crops: np.ndarray          # (P, 3, S, S)
-    mirrored: np.ndarray | None  # (P, 3, S, S) the mirrored crops when flipping
+    crops: Any                 # (P, 3, S, S) host crops, or device crops (float images on the GPU path)
+    mirrored: Any              # (P, 3, S, S) the mirrored crops when flipping (host path), else None
     crop_boxes: np.ndarray
     root_depth: np.ndarray | None
     intrinsics: np.ndarray | None
+    image_dev: Any = None      # GPU path: the uint8 image on the device, cut by the crop kernel
+    ready: Any = None          # GPU path: event marking the upload's (or device crops') arrival
+    affines: np.ndarray | None = None  # GPU path: (P, 2, 3) crop maps of image_dev
 
 
 def _root_depth(value: Any, p: int) -> np.ndarray | None:
@@ -173,8 +177,6 @@ class PoseEstimator:
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto",
                  **build_options: Any) -> None:
-        from pathlib import Path
-
         from .engine import load_engine
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
@@ -204,6 +206,23 @@ class PoseEstimator:
         # An engine on a GPU decodes where its output lives (Engine.infer_decode): the heatmaps
         # never come to the host. A CPU engine's heatmaps are decoded on the decode thread.
         self._on_device = bool(self.engine.on_device)
+        # Device-resident path (gpu_stage): uint8 images uploaded once, cut on the GPU straight
+        # into the engine's input buffer. Where it cannot run, crops are made on the host.
+        self._uploader: Any = None
+        self.device_crops_unavailable: str | None = "crop_method 'opencv' crops on the host"
+        if self._on_device and crop_method != "opencv":
+            from . import gpu_stage
+
+            self.device_crops_unavailable = gpu_stage.usable(self.engine)
+            if self.device_crops_unavailable is None:
+                self._uploader = gpu_stage.Uploader(self.engine.device)
+        elif not self._on_device:
+            self.device_crops_unavailable = "the engine runs on the CPU"
+
+    @property
+    def device_crops(self) -> bool:
+        """True when images are uploaded as uint8 and cropped on the GPU into the engine's input."""
+        return self._uploader is not None
 
     @property
     def spec(self) -> Any:
@@ -254,7 +273,7 @@ class PoseEstimator:
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
             pending: collections.deque[Future[_Item]] = collections.deque()
-            decoding: collections.deque[Future[list[PoseResult]]] = collections.deque()
+            decoding: collections.deque[Any] = collections.deque()  # Futures / _Later: .result()
             source = iter(items)
             window = max(1, self.max_batch) * self.prefetch
             # People per engine call: with the flip test each person is two crops.
@@ -310,6 +329,8 @@ class PoseEstimator:
                     done: Future[list[PoseResult]] = Future()
                     done.set_result(self._results(batch, None))
                     decoding.append(done)
+                elif self._uploader is not None:
+                    decoding.append(self._run_gpu(batch, flip, people))
                 elif self._on_device:
                     decoding.append(self._run_on_device(batch, flip))
                 else:
@@ -332,17 +353,82 @@ class PoseEstimator:
 
     def _prepare_item(self, entry: Any, flip: bool) -> _Item:
         item = _unpack(entry)
-        image = check_image(item["image"])
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-        # One thread per image: the prep pool already crops prep_threads images at once.
-        crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"],
-                                    method=self.crop_method, threads=1)
+        image, image_dev, ready = item["image"], None, None
+        if isinstance(image, (str, Path)):  # a file: JPEGs decode on the GPU on the device path
+            if self._uploader is not None:
+                image_dev, ready = self._uploader.load(image)
+                image = None
+            else:
+                image = load_image(image)
+        elif self._uploader is not None:
+            image = check_image(image)
+            if image.dtype == np.uint8:
+                image_dev, ready = self._uploader.upload(image)
+        else:
+            image = check_image(image)
+        if image_dev is not None:
+            shape = tuple(image_dev.shape)
+            crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], shape)
+            crops = mirrored = None
+            affines = crop_matrices(crop_boxes, self.spec.input_size)
+        else:
+            # One thread per image: the prep pool already crops prep_threads images at once.
+            crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"],
+                                        method=self.crop_method, threads=1)
+            mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
+            affines = None
+            if self._uploader is not None and len(crops):  # float image: host crops, uploaded once
+                both = crops if mirrored is None else np.concatenate([crops, mirrored])
+                staged, ready = self._uploader.upload_crops(both)
+                crops, mirrored = staged[:len(crop_boxes)], staged[len(crop_boxes):] if flip else None
         p = len(crop_boxes)
-        mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
-                     per_person("intrinsics", item["intrinsics"], p, (4,)))
+                     per_person("intrinsics", item["intrinsics"], p, (4,)), image_dev, ready, affines)
+
+    def _run_gpu(self, batch: list[_Item], flip: bool, people: int) -> _Later:
+        """Crops cut on the GPU into the engine's input, network, fused decode: enqueued, not waited
+        for. An image with more people than one call takes is spread over several calls."""
+        from .gpu_stage import make_fill
+
+        started = time.perf_counter()
+        persons: list[tuple[_Item, int]] = [(it, i) for it in batch for i in range(len(it.boxes))]
+        post = _post(batch)
+        step = max(1, self.max_batch // 2) if flip else self.max_batch
+        handles = []
+        for first in range(0, people, step):
+            chunk = persons[first:first + step]
+            q = len(chunk)
+            uploads: list[tuple[Any, Any]] = []
+            slot: dict[int, int] = {}  # id(item) -> its upload's number in this call
+            kernel: list[tuple[int, np.ndarray, bool]] = []  # (upload, affine, mirrored) in row order
+            crop_rows: list[tuple[int, Any, Any]] = []
+            for mirrored in (False, True) if flip else (False,):
+                for r, (it, i) in enumerate(chunk):
+                    if it.image_dev is not None:
+                        if id(it) not in slot:
+                            slot[id(it)] = len(uploads)
+                            uploads.append((it.image_dev, it.ready))
+                        kernel.append((slot[id(it)], it.affines[i], mirrored))
+                    else:  # a float image's host-made crops, uploaded in the prep thread
+                        crops = it.mirrored if mirrored else it.crops
+                        crop_rows.append((q * mirrored + r, crops[i:i + 1], it.ready))
+            index = np.array([k for k, _, _ in kernel], np.int64)
+            affines = np.array([m for _, m, _ in kernel], np.float64).reshape(-1, 2, 3)
+            flips = np.array([f for _, _, f in kernel], bool)
+            fill = make_fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader.device)
+            part = {k: None if v is None else v[first:first + q] for k, v in post.items()}
+            handles.append(self.engine.enqueue_device(fill, 2 * q if flip else q, flip=flip, **part))
+        self.timings.add("infer", time.perf_counter() - started)
+        return _Later(lambda: self._results(batch, np.concatenate([self._wait(h) for h in handles])))
+
+    def _wait(self, handle: Any) -> np.ndarray:
+        started = time.perf_counter()
+        packed = handle.result()
+        self.timings.add("infer", time.perf_counter() - started)
+        return packed
 
     def _run_on_device(self, batch: list[_Item], flip: bool) -> Future[list[PoseResult]]:
         """Engine and fused decode on the engine's device; only (P, J, 10) floats come back."""
@@ -373,6 +459,16 @@ class PoseEstimator:
                 it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
                 None if it.intrinsics is None else part[..., 7:10], it.root_depth is None))
         return results
+
+
+class _Later:
+    """A batch's results, computed when asked for (after the GPU work behind them is enqueued)."""
+
+    def __init__(self, compute: Any) -> None:
+        self._compute = compute
+
+    def result(self) -> list[PoseResult]:
+        return self._compute()
 
 
 def _crops(batch: list[_Item], flip: bool) -> np.ndarray:

@@ -734,16 +734,27 @@ class _Session:
         self.max_batch = max_batch
         self.pool = _SlotPool(lambda: _Slot(self), max_contexts)
 
-    def enqueue(self, slot: _Slot, images: np.ndarray) -> int:
-        """Copy images in and run the engine on the slot's stream; returns the batch size."""
-        n = len(images)
+    def enqueue(self, slot: _Slot, images: np.ndarray | None = None, *, n: int | None = None,
+                fill: Callable[[Any, int], Any] | None = None) -> int:
+        """Load the input and run the engine on the slot's stream; returns the batch size.
+
+        The input is `images` (host, copied in through the slot's pinned buffer) or, with `fill`,
+        written on the device: fill(input binding as a DeviceArray (n, 3, S, S), stream handle).
+        """
+        n = len(images) if images is not None else int(n or 0)
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"a TensorRT call takes 1..{self.max_batch} images, got {n}")
         context = slot.context
-        if not context.set_input_shape(self.input_name, tuple(images.shape)):
-            raise EngineError(f"TensorRT rejected input shape {images.shape} (profile: batch 1..{self.max_batch})")
-        slot.h_in.array[:n] = images
-        slot.copy(slot.d_in.ptr, slot.h_in.ptr, images.nbytes, "cudaMemcpyHostToDevice")
+        shape = (n, *self.input_shape)
+        if not context.set_input_shape(self.input_name, shape):
+            raise EngineError(f"TensorRT rejected input shape {shape} (profile: batch 1..{self.max_batch})")
+        if fill is not None:
+            from .decoding import DeviceArray
+
+            fill(DeviceArray(slot.d_in.ptr, shape, self.input_dtype.name), slot.stream_handle)
+        else:
+            slot.h_in.array[:n] = images
+            slot.copy(slot.d_in.ptr, slot.h_in.ptr, images.nbytes, "cudaMemcpyHostToDevice")
         # From here on the stream reads h_in: a failure must synchronise before the slot is reused (_SlotPool).
         if not context.execute_async_v3(slot.stream_handle):
             raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
@@ -873,10 +884,21 @@ class TrtEngine(Engine):
     def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
         """Engine, then the fused decode on the same stream straight from the output buffer (the
         flip test's mirrored half included); only the (P, J, 10) result comes back."""
+        return self._decode_call(len(images), post, flip, images=images)
+
+    def enqueue_device(self, fill: Any, n: int, *, flip: bool = False, boxes: Any = None, root_depth: Any = None,
+                       intrinsics: Any = None) -> Any:
+        """Engine.enqueue_device: fill writes the input binding on the slot's stream, then the engine
+        and the fused decode run as in infer_decode. The call waits for its result before it returns
+        the slot (overlap across calls comes from max_contexts slots used by several threads)."""
+        _, post = self._device_call(n, flip, boxes, root_depth, intrinsics)
+        return _Done(self._decode_call(int(n), post, flip, fill=fill))
+
+    def _decode_call(self, n: int, post: dict[str, np.ndarray | None], flip: bool, *,
+                     images: np.ndarray | None = None, fill: Any = None) -> np.ndarray:
         from .decoding import OUT_FIELDS, DeviceArray, decode
 
         session, j = self._session, self.spec.joints
-        n = len(images)
         p = n // 2 if flip else n
         per_image = int(np.prod(self.spec.heatmap_shape)) * self.output_dtype.itemsize
         rows = [(name, np.ascontiguousarray(arr, np.float32), first)
@@ -884,7 +906,7 @@ class TrtEngine(Engine):
                 if (arr := post.get(name)) is not None]
         with session.pool.use() as slot:
             h_dec, d_dec, h_post, d_post = slot.decode(self.max_batch, j, OUT_FIELDS)
-            session.enqueue(slot, images)
+            session.enqueue(slot, images, n=n, fill=fill)
             args: dict[str, Any] = {}
             for name, arr, first in rows:
                 offset = first * self.max_batch  # in floats: each row holds max_batch floats
@@ -900,6 +922,16 @@ class TrtEngine(Engine):
             slot.copy(h_dec.ptr, d_dec.ptr, result.nbytes, "cudaMemcpyDeviceToHost")
             slot.synchronize()
             return result.copy()
+
+
+class _Done:
+    """A finished enqueue_device call's handle."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def result(self) -> np.ndarray:
+        return self._value
 
 
 def _load_options(options: dict[str, Any]) -> int:

@@ -97,6 +97,8 @@ class TorchEngine(Engine):
         self.device = str(self.torch_device)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._static_graph: tuple[Any, Any] | None = None  # device path: (graph, output) at max_batch rows
+        self._input: Any = None
         self._lock = threading.Lock()
         out_dtype = "float16" if self.dtype == torch.float16 else "float32"
         # The module's own I/O, checked like every backend's (a stale sidecar is refused).
@@ -141,6 +143,80 @@ class TorchEngine(Engine):
         graph.replay()
         return static_out.contiguous().clone()
 
+    def forward_static(self, n: int) -> Any:
+        """The network on rows 0..n of the device input buffer (input_buffer), on the current
+        stream: a C-contiguous (n, J*D, H, W) heatmap tensor on the device, no host copy. With CUDA
+        graphs the graph of the steady shape (max_batch rows) is replayed, captured on first use.
+        enqueue_device and the device-only benchmark use it."""
+        import torch
+
+        with torch.inference_mode():
+            static = self.input_buffer()
+            if not self.cuda_graphs:
+                return self._net(static[:n])
+            if self._static_graph is None:
+                self._static_graph = self._capture(static)
+            graph, out = self._static_graph
+            graph.replay()
+            return out[:n]
+
+    def input_buffer(self) -> Any:
+        """The engine's own device input buffer: (max_batch, 3, S, S) of the model's dtype, NCHW,
+        C-contiguous, made on first use. enqueue_device's fill writes its rows 0..n; with CUDA
+        graphs the network always runs on all max_batch rows (one steady shape, one capture)."""
+        import torch
+
+        if self._input is None:
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                self._input = torch.zeros((self.max_batch, *self.spec.input_shape), dtype=self.dtype,
+                                          device=self.torch_device)
+        return self._input
+
+    def _net(self, x: Any) -> Any:
+        return self.model(x.contiguous(memory_format=self.memory_format)).contiguous()
+
+    def _capture(self, static: Any) -> tuple[Any, Any]:
+        import torch
+
+        side = torch.cuda.Stream(self.torch_device)
+        side.wait_stream(torch.cuda.current_stream(self.torch_device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
+                self._net(static)
+        torch.cuda.current_stream(self.torch_device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._net(static)
+        return graph, out
+
+    def enqueue_device(self, fill: Any, n: int, *, flip: bool = False, boxes: Any = None, root_depth: Any = None,
+                       intrinsics: Any = None) -> Any:
+        """Engine.enqueue_device on the current CUDA stream: fill writes the input buffer, the
+        network (CUDA graph replay with cuda_graphs) and the fused decode follow, and the (P, J, 10)
+        result is copied to pinned host memory behind an event; the host does not wait here."""
+        import torch
+
+        from .decoding import OUT_FIELDS, decode
+
+        if not self.on_device:
+            return super().enqueue_device(fill, n, flip=flip, boxes=boxes, root_depth=root_depth,
+                                          intrinsics=intrinsics)
+        p, post = self._device_call(n, flip, boxes, root_depth, intrinsics)
+        j = self.spec.joints
+        with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device):
+            stream = torch.cuda.current_stream(self.torch_device)
+            handle = int(stream.cuda_stream)
+            fill(self.input_buffer()[:n], handle)
+            heat = self.forward_static(n)
+            out = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, device=self.torch_device)
+            decode(heat[:p], j, self.spec.depth_dim, flipped=heat[p:n] if flip else None, out=out, stream=handle,
+                   **post)
+            host = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return _Pending(done, host)
+
     def infer_device(self, images: np.ndarray) -> Any:
         """Like infer(), but the heatmaps stay on the device (a torch tensor)."""
         import torch
@@ -172,3 +248,15 @@ class TorchEngine(Engine):
 
     def close(self) -> None:
         self._graphs.clear()
+        self._static_graph = self._input = None
+
+
+class _Pending:
+    """enqueue_device's handle: the (P, J, 10) result in pinned host memory once `done` fires."""
+
+    def __init__(self, done: Any, host: Any) -> None:
+        self._done, self._host = done, host
+
+    def result(self) -> np.ndarray:
+        self._done.synchronize()
+        return self._host.numpy().copy()

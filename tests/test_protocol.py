@@ -102,3 +102,94 @@ def test_pose_estimator_uses_the_device_path(xs_engine, flip):
         assert (a.camera is None) == (b.camera is None) and a.root_relative == b.root_relative
         if a.camera is not None:
             np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
+
+
+class _HostStaging:
+    """Stand-in for gpu_stage.Uploader that keeps images on the host (labelled: no GPU runs here)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def upload(self, image):
+        return np.ascontiguousarray(image), None
+
+    upload_crops = upload
+
+    def load(self, path):
+        from cnpose_trt.preprocess import load_image
+
+        return load_image(path), None
+
+
+class _FillsInput(Engine):
+    """Stand-in GPU engine on the CPU: enqueue_device hands fill a host input buffer, then runs the
+    real engine on it. Proves the pipeline's row layout with the CPU crop kernel, not the GPU."""
+
+    def __init__(self, inner):
+        self.__dict__.update(inner.__dict__)
+        self.inner, self.calls = inner, []
+        self.device = "cuda:0 (stand-in)"
+
+    def enqueue_device(self, fill, n, *, flip=False, boxes=None, root_depth=None, intrinsics=None):
+        self._device_call(n, flip, boxes, root_depth, intrinsics)
+        buf = np.full((n, *self.spec.input_shape), np.nan, np.float32)  # poison: every row must be written
+        fill(buf, 0)
+        assert np.isfinite(buf).all()
+        self.calls.append(n)
+        done = self.inner.infer_decode(buf, flip=flip, boxes=boxes, root_depth=root_depth, intrinsics=intrinsics)
+        return type("Done", (), {"result": lambda _self: done})()
+
+
+def _host_fill(uploads, index, affines, flips, crop_rows, size, device):
+    from cnpose_trt import gpu_stage
+    from cnpose_trt.cropping import crop_normalize
+
+    def fill(inputs, stream):
+        for first, crops, _ in crop_rows:
+            inputs[first:first + len(crops)] = crops
+        images = [t for t, _ in uploads]
+        rows = gpu_stage._kernel_rows(len(inputs), crop_rows)
+        if len(index) and rows is None:
+            crop_normalize(images, index, affines, size, flip=flips, out=inputs[:len(index)], round_pixels=True)
+        elif len(index):
+            gpu_stage._crop_runs(images, index, affines, flips, size, inputs, rows, stream)
+
+    return fill
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_device_crop_path_row_layout(xs_engine, monkeypatch, flip):
+    """PoseEstimator's device path (uploads, kernel rows, host-cropped float images between them,
+    the flip test's mirrored half) gives the host path's results; the kernel runs on the host."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt import gpu_stage
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
+    img, box = demo_image()
+    x, y, w, h = box
+    items = [(img, [box, (x + 20, y, w * 0.8, h)], 4000.0, [1500, 1500, 320, 240]), (img, []),
+             (img.astype(np.float32), [(x, y + 10, w, h * 0.9)]), (img, [box] * 3, [3000.0, 4000.0, 5000.0]),
+             (img.astype(np.float32), [box, box]), (img, [(x - 5, y, w, h)])]
+    engine = _FillsInput(xs_engine)
+    est = PoseEstimator(engine)
+    assert est.device_crops
+    got = list(est.predict_iter(items, flip=flip))
+    want = list(PoseEstimator(xs_engine).predict_iter(items, flip=flip))
+    assert engine.calls and max(engine.calls) <= xs_engine.max_batch
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+        assert (a.camera is None) == (b.camera is None)
+
+
+def test_cpu_engines_have_no_device_input(xs_engine):
+    from cnpose_trt import gpu_stage
+
+    with pytest.raises(EngineError, match="runs on the CPU"):
+        xs_engine.enqueue_device(lambda inputs, stream: None, 1)
+    assert gpu_stage.usable(xs_engine) == "the engine runs on the CPU"
+    est = PoseEstimator(xs_engine)
+    assert not est.device_crops and est.device_crops_unavailable == "the engine runs on the CPU"
+    assert gpu_stage.usable(_OnDevice(xs_engine)).endswith("has no device input path")

@@ -42,3 +42,116 @@ def test_torch_cuda_fp16_matches_cpu_fp32(tmp_path, variant, monkeypatch):
     for a, b in zip(on_gpu, on_cpu, strict=True):
         assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 5.0  # px, fp16 vs fp32
         assert a.camera is not None and np.isfinite(a.camera).all()
+
+
+# ------------------------------------------------------------------ the device-resident pipeline
+
+@pytest.fixture(scope="module")
+def gpu_engines(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engines")
+    fp16 = build_engine("XS", backend="torch", precision="fp16", out_dir=tmp, max_batch=8).path
+    fp32 = build_engine("XS", backend="torch", precision="fp32", out_dir=tmp, max_batch=8).path
+    return {"graphs": load_engine(fp16, device="cuda", cuda_graphs=True),
+            "eager32": load_engine(fp32, device="cuda"),
+            "cpu32": load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp, max_batch=8).path)}
+
+
+def _scenes(count, seed=0):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        h, w = int(rng.integers(200, 900)), int(rng.integers(200, 1200))
+        img = cv2.resize(rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8), (w, h))
+        people = int(rng.integers(0, 4))
+        boxes = np.array([[rng.uniform(-50, w - 20), rng.uniform(-50, h - 20), rng.uniform(20, w),
+                           rng.uniform(20, h)] for _ in range(people)]).reshape(-1, 4)
+        items.append({"image": img, "boxes": boxes, "root_depth": 3000.0 + 100 * i,
+                      "intrinsics": [1500, 1500, w / 2, h / 2]})
+    return items
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("name", ["graphs", "eager32"])
+def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip):
+    """GPU crops into the engine's input give the joints host crops give on the same engine."""
+    import cnpose_trt.pipeline as pipeline
+
+    eng = gpu_engines[name]
+    items = _scenes(13, seed=1 if flip else 2)
+    host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items, flip=flip))
+    est = PoseEstimator(eng)
+    assert est.device_crops, est.device_crops_unavailable
+
+    def no_host_crops(*a, **k):
+        raise AssertionError("a uint8 image was cropped on the host on the device path")
+
+    monkeypatch.setattr(pipeline, "prepare", no_host_crops)
+    dev = list(est.predict_iter(items, flip=flip))
+    assert [len(r) for r in dev] == [len(r) for r in host]
+    for a, b in zip(dev, host, strict=True):
+        np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
+        if len(a):
+            # Same engine, same rounded crops (but for float32 ties): identical up to rare ties.
+            assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.05
+            assert np.abs(a.camera - b.camera).max() < 1.0
+
+
+def test_device_crops_match_cpu_engine(gpu_engines):
+    items = _scenes(9, seed=3)
+    dev = list(PoseEstimator(gpu_engines["eager32"]).predict_iter(items, flip=True))
+    cpu = list(PoseEstimator(gpu_engines["cpu32"]).predict_iter(items, flip=True))
+    for a, b in zip(dev, cpu, strict=True):
+        if len(a):
+            assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.05  # fp32 GPU vs fp32 CPU
+
+
+def test_device_path_writes_the_engines_input_buffer(gpu_engines):
+    eng = gpu_engines["graphs"]
+    seen = []
+
+    def fill(inputs, stream):
+        seen.append((inputs.data_ptr(), tuple(inputs.shape), stream))
+        inputs.normal_()
+
+    packed = eng.enqueue_device(fill, 6, flip=True, boxes=np.tile([0, 0, 256, 256], (3, 1))).result()
+    assert packed.shape == (3, 18, 10) and np.isfinite(packed).all()
+    assert seen == [(eng.input_buffer().data_ptr(), (6, 3, 256, 256), torch.cuda.current_stream().cuda_stream)]
+    with pytest.raises(ValueError, match="n must be an integer in 1..8"):
+        eng.enqueue_device(fill, 9)
+    with pytest.raises(ValueError, match="with flip, n must be even"):
+        eng.enqueue_device(fill, 3, flip=True)
+
+
+def test_device_path_mixed_float_and_uint8_images(gpu_engines):
+    """Float images are cropped on the host and copied into their rows between GPU-cut ones."""
+    items = _scenes(6, seed=4)
+    for it in items[1::2]:
+        it["image"] = it["image"].astype(np.float32)
+    eng = gpu_engines["eager32"]
+    for flip in (False, True):
+        dev = list(PoseEstimator(eng).predict_iter(items, flip=flip))
+        host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items, flip=flip))
+        for a, b in zip(dev, host, strict=True):
+            if len(a):
+                assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.05
+
+
+def test_device_path_reads_jpeg_files(gpu_engines, tmp_path):
+    import cv2
+
+    items = [it for it in _scenes(8, seed=5) if len(it["boxes"])]
+    files = []
+    for i, it in enumerate(items):
+        path = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(path), cv2.cvtColor(it["image"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        files.append({**it, "image": str(path)})
+    eng = gpu_engines["eager32"]
+    dev = list(PoseEstimator(eng).predict_iter(files))
+    host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(files))  # OpenCV decode
+    for a, b in zip(dev, host, strict=True):
+        # nvJPEG and libjpeg may differ by a grey level in places: joints agree closely.
+        assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 1.0
+    with pytest.raises(FileNotFoundError):
+        list(PoseEstimator(eng).predict_iter([(str(tmp_path / "missing.jpg"), [[0, 0, 10, 10]])]))

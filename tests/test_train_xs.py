@@ -90,3 +90,12 @@ def test_shipped_state_is_half_precision_except_batchnorm_and_loads_as_float32(t
     loaded = build_model("XS", path)
     w = loaded.state_dict()["head.final_layer.weight"]
     assert w.dtype == torch.float32 and torch.equal(w, state["module.head.final_layer.weight"].float())
+
+
+def test_learning_rate_follows_a_time_budget(train):
+    lr = train.learning_rate
+    # Time further along than steps: the cosine follows the time; at the budget it reaches min_lr.
+    assert lr(100, 10_000, 10, 1e-3, 1e-6, elapsed=50.0, budget=100.0) == pytest.approx(lr(5005, 10_000, 10, 1e-3, 1e-6),
+                                                                                     rel=1e-3)
+    assert lr(100, 10_000, 10, 1e-3, 1e-6, elapsed=100.0, budget=100.0) == pytest.approx(1e-6)
+    assert lr(100, 10_000, 10, 1e-3, 1e-6, elapsed=1.0, budget=None) == lr(100, 10_000, 10, 1e-3, 1e-6)

@@ -92,7 +92,7 @@ class SyntheticPeople(torch.utils.data.Dataset):
         w, h = w * k, h * k
         x0, y0 = max(0.0, cx - w / 2), max(0.0, cy - h / 2)
         x1, y1 = min(float(self.size), cx + w / 2), min(float(self.size), cy + h / 2)
-        crops, crop_boxes = prepare(scene.image, np.array([[x0, y0, x1 - x0, y1 - y0]]), SPEC.input_size)
+        crops, crop_boxes = prepare(scene.image, np.array([[x0, y0, x1 - x0, y1 - y0]]), SPEC.input_size, threads=1)
         t, vis = targets(scene.joints_img[0], float(scene.root_depth[0]), crop_boxes[0])
         return crops[0], t, vis
 
@@ -151,11 +151,16 @@ def init_for_training(model: nn.Module, seed: int) -> None:
                 m.reset_running_stats()
 
 
-def learning_rate(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up, then half-cycle cosine to min_lr (upstream's set_lr_v2, per step instead of per epoch)."""
+def learning_rate(step: int, total: int, warmup: int, lr: float, min_lr: float, elapsed: float | None = None,
+                  budget: float | None = None) -> float:
+    """Linear warm-up, then half-cycle cosine to min_lr (upstream's set_lr_v2, per step instead of per epoch).
+
+    With a time budget (seconds) the cosine follows whichever is further along: steps or time."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
+    if budget:
+        progress = max(progress, (elapsed or 0.0) / budget)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -236,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jitter", type=float, default=0.04, help="person-box jitter, fraction of its size (default 0.04)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"training data seed (default {TRAIN_SEED})")
     p.add_argument("--init-seed", type=int, default=0, help="weight initialisation seed")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="stop after this many seconds of this run (wall); the cosine schedule follows the time "
+                        "(for a lent GPU of fixed minutes)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=200, help="steps between resumable checkpoints")
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out MPJPE checks (0: at the end)")
@@ -312,10 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             SyntheticPeople(args.seed, args.size, args.occluders, args.jitter), batch_size=args.batch,
             sampler=IndexRange(step * args.batch, args.steps * args.batch), num_workers=args.workers,
             worker_init_fn=_worker_init if args.workers else None, drop_last=True,
-            pin_memory=device.type == "cuda", persistent_workers=False)
+            pin_memory=device.type == "cuda", persistent_workers=False,
+            # spawn, not fork: a child forked after the parent's OpenMP pool ran can deadlock in it
+            multiprocessing_context="spawn" if args.workers else None)
         window_t, window_n, window_loss = time.perf_counter(), 0, 0.0
+        run_started = time.perf_counter()
         for crops, target, vis in loader:
-            lr = learning_rate(step, args.steps, warmup, args.lr, args.min_lr)
+            elapsed = time.perf_counter() - run_started
+            if args.time_budget and elapsed >= args.time_budget:
+                say(f"time budget of {args.time_budget:.0f} s reached at step {step}")
+                break
+            lr = learning_rate(step, args.steps, warmup, args.lr, args.min_lr, elapsed, args.time_budget)
             for group in opt.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
@@ -368,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
               "storage": "float32" if args.fp32_final else "float16 convolutions, float32 BatchNorm",
               "bytes": final.stat().st_size, "steps": step, "images": images, "batch": args.batch,
               "train_seconds": round(train_seconds, 1), "machine": machine(), "device": str(device), "config": config,
-              "total_steps": args.steps, "warmup": warmup, "loss_last": history[-1] if history else None,
+              "total_steps": args.steps, "time_budget_s": args.time_budget, "warmup": warmup,
+              "loss_last": history[-1] if history else None,
               "heldout": {**m, "seed": 1, "flip_test": False, "note": "PyTorch model as loaded from the file"},
               "loss_history": [h for h in history if "loss" in h][-200:]}
     final.with_suffix("").with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,0 +1,174 @@
+"""The device-resident side of PoseEstimator: images go to the GPU once, as uint8.
+
+Each image is copied into pinned (page-locked) host memory and uploaded on one upload stream
+with a non-blocking copy; an event marks its arrival. JPEG files are decoded on the GPU where
+torchvision offers it (torchvision.io.decode_jpeg(device="cuda")), else by OpenCV on the host
+and uploaded. At the engine, `fill` makes the engine's stream wait for those events and runs the
+fused CUDA crop-and-normalise kernel (cropping.crop_normalize) straight into the engine's input
+buffer, so batch k+1's uploads (made by the prep threads while batch k runs) overlap the
+network. torch is needed for the pinned staging and the streams; TensorRT engines use it too.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .arrays import compiled
+from .backends import importable
+from .engine import Engine
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def usable(engine: Engine) -> str | None:
+    """None when the device path can serve `engine`, else why not (one line)."""
+    if not engine.on_device:
+        return "the engine runs on the CPU"
+    if type(engine).enqueue_device is Engine.enqueue_device:
+        return f"the {engine.backend} engine has no device input path"
+    lib = compiled()
+    if lib is None or not lib.built_with_cuda:
+        return "cnpose_trt._C is not built with CUDA (the GPU crop kernel)"
+    if not importable("torch"):
+        return "PyTorch is not installed (pinned staging and streams)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "PyTorch sees no CUDA device"
+    return None
+
+
+def _gpu_jpeg() -> Any:
+    """torchvision.io.decode_jpeg when it decodes on the GPU here, else None."""
+    if not importable("torchvision"):
+        return None
+    try:
+        from torchvision.io import decode_jpeg
+    except Exception:  # a torchvision that does not match torch fails at import
+        return None
+    return decode_jpeg
+
+
+class Uploader:
+    """Uploads uint8 images (and decodes JPEG files) onto one device, on its own stream."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self._decode_jpeg = _gpu_jpeg()
+        self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
+        self.gpu_jpeg_failures = 0
+
+    def upload(self, image: np.ndarray) -> tuple[Any, Any]:
+        """(H, W, 3) uint8 host image -> (device tensor, event marking its arrival)."""
+        torch = self.torch
+        staged = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
+        with torch.cuda.stream(self.stream):
+            dev = staged.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return dev, ready
+
+    def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
+        """Host-made (P, 3, S, S) float32 crops (float images) -> device tensor, event."""
+        return self.upload(crops)
+
+    def load(self, path: str | Path) -> tuple[Any, Any]:
+        """An image file -> (H, W, 3) uint8 RGB device tensor, event. JPEGs decode on the GPU where
+        torchvision can; anything else (or a JPEG nvJPEG refuses) through preprocess.load_image."""
+        from .imageio_guard import check_image_file
+        from .preprocess import load_image
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        check_image_file(path)  # image bombs are refused from the header, before any decoder
+        data = np.fromfile(path, dtype=np.uint8)
+        if self._decode_jpeg is not None and data[:3].tobytes() == _JPEG_MAGIC:
+            got = self._gpu_decode(data)
+            if got is not None:
+                return got
+        return self.upload(load_image(path))
+
+    def _gpu_decode(self, data: np.ndarray) -> tuple[Any, Any] | None:
+        torch = self.torch
+        from torchvision.io import ImageReadMode
+
+        try:
+            with self._jpeg_lock, torch.cuda.stream(self.stream):
+                chw = self._decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=self.device)
+                dev = chw.permute(1, 2, 0).contiguous()
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        except RuntimeError:  # e.g. progressive or CMYK JPEGs nvJPEG does not take: OpenCV decodes them
+            self.gpu_jpeg_failures += 1
+            return None
+        return dev, ready
+
+
+def make_fill(uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
+              crop_rows: list[tuple[int, Any, Any]], size: int, device: Any) -> Any:
+    """enqueue_device's fill for one batch.
+
+    uploads: (device uint8 image, event) per image cut by the kernel; index, affines, flips: the
+    kernel's people (rows 0..len(index) of the input in that order, the rows of crop_rows left out);
+    crop_rows: (first row, device crops, event) of host-made crops copied in as they are.
+    """
+
+    def fill(inputs: Any, stream: int) -> None:
+        import torch
+
+        from .cropping import crop_normalize
+
+        target = torch.cuda.ExternalStream(stream, device=device)
+        for tensor, ready in [*uploads, *((t, e) for _, t, e in crop_rows)]:
+            target.wait_event(ready)
+            tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
+        dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=device)
+        if crop_rows:
+            with torch.cuda.stream(target):
+                for first, crops, _ in crop_rows:
+                    dest[first:first + len(crops)].copy_(crops, non_blocking=True)
+        if len(index):
+            rows = _kernel_rows(len(dest), crop_rows)
+            images = [t for t, _ in uploads]
+            if rows is None:
+                crop_normalize(images, index, affines, size, flip=flips, out=dest[:len(index)], stream=stream,
+                               round_pixels=True)
+            else:  # people in runs between host-cropped rows
+                _crop_runs(images, index, affines, flips, size, dest, rows, stream)
+
+    return fill
+
+
+def _kernel_rows(total: int, crop_rows: list[tuple[int, Any, Any]]) -> np.ndarray | None:
+    """The input rows the kernel writes, ascending; None when they are simply the first ones."""
+    if not crop_rows:
+        return None
+    taken = np.zeros(total, bool)
+    for first, crops, _ in crop_rows:
+        taken[first:first + len(crops)] = True
+    return np.flatnonzero(~taken)
+
+
+def _crop_runs(images: list[Any], index: np.ndarray, affines: np.ndarray, flips: np.ndarray, size: int,
+               dest: Any, rows: Any, stream: int) -> None:
+    from .cropping import crop_normalize
+
+    rows = np.asarray(rows)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    start = 0
+    for run in np.split(rows, breaks):
+        stop = start + len(run)
+        crop_normalize(images, index[start:stop], affines[start:stop], size, flip=flips[start:stop],
+                       out=dest[int(run[0]):int(run[-1]) + 1], stream=stream, round_pixels=True)
+        start = stop
