@@ -221,7 +221,10 @@ class Engine:
         Raises:
             EngineError: a CPU engine (use infer_decode).
         """
-        raise EngineError(f"the {self.backend} engine runs on the CPU: it has no device input buffer, "
+        if not self.on_device:
+            raise EngineError(f"the {self.backend} engine runs on the CPU: it has no device input buffer, "
+                              "use infer_decode()")
+        raise EngineError(f"the {self.backend} engine on {self.device} offers no device input buffer: "
                           "use infer_decode()")
 
     def _device_call(self, n: int, flip: bool, boxes: Any, root_depth: Any, intrinsics: Any

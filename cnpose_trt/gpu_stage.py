@@ -53,10 +53,25 @@ def _gpu_jpeg() -> Any:
     return decode_jpeg
 
 
-class Uploader:
-    """Uploads uint8 images (and decodes JPEG files) onto one device, on its own stream."""
+def gpu_decodable(data: np.ndarray | bytes) -> bool:
+    """True for a JPEG the GPU decoder may take: one without an EXIF rotation, which OpenCV (the
+    host path) applies and nvJPEG does not (a rotated phone photo would come out sideways)."""
+    from .imageio_guard import jpeg_orientation
 
-    def __init__(self, device: str) -> None:
+    head = bytes(data[:3])
+    return head == _JPEG_MAGIC and jpeg_orientation(bytes(data[:1 << 16])) in (None, 1)
+
+
+class Uploader:
+    """Uploads uint8 images (and decodes JPEG files) onto one device, on its own stream.
+
+    gpu_jpeg: decode JPEG files on the GPU where torchvision can. nvJPEG's IDCT and chroma
+    upsampling differ from libjpeg's (a mean of 2.47 grey levels measured on an H200 on
+    colour-rich 4:2:0 files), so poses can differ slightly from the host path's; False decodes
+    with OpenCV, as the host path does.
+    """
+
+    def __init__(self, device: str, gpu_jpeg: bool = True) -> None:
         import torch
 
         self.torch = torch
@@ -64,9 +79,10 @@ class Uploader:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
-        self._decode_jpeg = _gpu_jpeg()
+        self._decode_jpeg = _gpu_jpeg() if gpu_jpeg else None
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
         self.gpu_jpeg_failures = 0
+        self.gpu_jpeg_decoded = 0
 
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
         """(H, W, 3) uint8 host image -> (device tensor, event marking its arrival)."""
@@ -93,7 +109,7 @@ class Uploader:
             raise FileNotFoundError(f"image not found: {path}")
         check_image_file(path)  # image bombs are refused from the header, before any decoder
         data = np.fromfile(path, dtype=np.uint8)
-        if self._decode_jpeg is not None and data[:3].tobytes() == _JPEG_MAGIC:
+        if self._decode_jpeg is not None and gpu_decodable(data):
             got = self._gpu_decode(data)
             if got is not None:
                 return got
@@ -103,15 +119,21 @@ class Uploader:
         torch = self.torch
         from torchvision.io import ImageReadMode
 
-        try:
-            with self._jpeg_lock, torch.cuda.stream(self.stream):
-                chw = self._decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=self.device)
-                dev = chw.permute(1, 2, 0).contiguous()
-                ready = torch.cuda.Event()
-                ready.record(self.stream)
-        except RuntimeError:  # e.g. progressive or CMYK JPEGs nvJPEG does not take: OpenCV decodes them
-            self.gpu_jpeg_failures += 1
-            return None
+        with self._jpeg_lock:
+            if self._decode_jpeg is None:  # switched off by earlier failures
+                return None
+            try:
+                with torch.cuda.stream(self.stream):
+                    chw = self._decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=self.device)
+                    dev = chw.permute(1, 2, 0).contiguous()
+                    ready = torch.cuda.Event()
+                    ready.record(self.stream)
+            except RuntimeError:  # e.g. JPEGs nvJPEG does not take (CMYK, ...): OpenCV decodes them
+                self.gpu_jpeg_failures += 1
+                if self.gpu_jpeg_failures >= 3 and not self.gpu_jpeg_decoded:
+                    self._decode_jpeg = None  # a torchvision without a working GPU decoder: stop trying
+                return None
+            self.gpu_jpeg_decoded += 1
         return dev, ready
 
 
@@ -120,54 +142,52 @@ def make_fill(uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.nda
     """enqueue_device's fill for one batch.
 
     uploads: (device uint8 image, event) per image cut by the kernel; index, affines, flips: the
-    kernel's people (rows 0..len(index) of the input in that order, the rows of crop_rows left out);
-    crop_rows: (first row, device crops, event) of host-made crops copied in as they are.
+    kernel's people (the input rows not in crop_rows, ascending); crop_rows: (first row, device
+    crops, event) of host-made crops copied in as they are. The engine's stream first waits for
+    every upload, and keeps each uploaded tensor alive until its own work is done.
     """
 
     def fill(inputs: Any, stream: int) -> None:
         import torch
-
-        from .cropping import crop_normalize
 
         target = torch.cuda.ExternalStream(stream, device=device)
         for tensor, ready in [*uploads, *((t, e) for _, t, e in crop_rows)]:
             target.wait_event(ready)
             tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
         dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=device)
-        if crop_rows:
-            with torch.cuda.stream(target):
-                for first, crops, _ in crop_rows:
-                    dest[first:first + len(crops)].copy_(crops, non_blocking=True)
-        if len(index):
-            rows = _kernel_rows(len(dest), crop_rows)
-            images = [t for t, _ in uploads]
-            if rows is None:
-                crop_normalize(images, index, affines, size, flip=flips, out=dest[:len(index)], stream=stream,
-                               round_pixels=True)
-            else:  # people in runs between host-cropped rows
-                _crop_runs(images, index, affines, flips, size, dest, rows, stream)
+        with torch.cuda.stream(target):
+            write_rows(dest, [t for t, _ in uploads], index, affines, flips, crop_rows, size, stream)
 
     return fill
 
 
-def _kernel_rows(total: int, crop_rows: list[tuple[int, Any, Any]]) -> np.ndarray | None:
-    """The input rows the kernel writes, ascending; None when they are simply the first ones."""
-    if not crop_rows:
-        return None
-    taken = np.zeros(total, bool)
-    for first, crops, _ in crop_rows:
-        taken[first:first + len(crops)] = True
-    return np.flatnonzero(~taken)
-
-
-def _crop_runs(images: list[Any], index: np.ndarray, affines: np.ndarray, flips: np.ndarray, size: int,
-               dest: Any, rows: Any, stream: int) -> None:
+def write_rows(dest: Any, images: list[Any], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
+               crop_rows: list[tuple[int, Any, Any]], size: int, stream: int) -> None:
+    """Write a batch's input rows: host-made crops copied into their rows, every other row cut by
+    the fused crop kernel (in runs of consecutive rows). Works on device arrays (the kernel on
+    `stream`) and on host arrays alike (the CPU kernel; tests)."""
     from .cropping import crop_normalize
 
-    rows = np.asarray(rows)
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for first, crops, _ in crop_rows:
+        rows = dest[first:first + len(crops)]
+        if hasattr(rows, "copy_"):
+            rows.copy_(crops, non_blocking=True)
+        else:
+            rows[...] = crops
+    if not len(index):
+        return
+    if not crop_rows:
+        crop_normalize(images, index, affines, size, flip=flips, out=dest[:len(index)], stream=stream,
+                       round_pixels=True)
+        return
+    taken = np.zeros(len(dest), bool)
+    for first, crops, _ in crop_rows:
+        taken[first:first + len(crops)] = True
+    free = np.flatnonzero(~taken)
+    if len(free) != len(index):
+        raise ValueError(f"the kernel's people ({len(index)}) must fill the rows left by host crops ({len(free)})")
     start = 0
-    for run in np.split(rows, breaks):
+    for run in np.split(free, np.flatnonzero(np.diff(free) != 1) + 1):
         stop = start + len(run)
         crop_normalize(images, index[start:stop], affines[start:stop], size, flip=flips[start:stop],
                        out=dest[int(run[0]):int(run[-1]) + 1], stream=stream, round_pixels=True)

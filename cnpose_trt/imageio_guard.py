@@ -128,3 +128,52 @@ def check_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> No
     if size is not None and size[0] * size[1] > max_pixels:
         raise ValueError(f"image {path} claims {size[0]} x {size[1]} pixels, more than the {max_pixels:,} this "
                          "program decodes (a damaged file or an image bomb); resize it first")
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation (1..8) of a JPEG held in `data`, or None when it has none.
+
+    OpenCV applies it when decoding (a phone photo taken upright comes out upright); a decoder
+    that does not must not be given such a file. Reads the APP1 'Exif' segment's IFD0 only.
+    """
+    view = memoryview(data)
+    pos = 2
+    while pos + 4 <= len(view):
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no EXIF before the pixels
+            return None
+        (length,) = struct.unpack(">H", view[pos + 2:pos + 4])
+        if length < 2:
+            return None
+        body = bytes(view[pos + 4:pos + 2 + length])
+        if marker == 0xE1 and body[:6] == b"Exif\x00\x00":
+            return _tiff_orientation(body[6:])
+        pos += 2 + length
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    end = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack(end + "H", tiff[ifd:ifd + 2])
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+        if len(entry) < 12:
+            return None
+        tag, kind = struct.unpack(end + "HH", entry[:4])
+        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
+            (value,) = struct.unpack(end + "H", entry[8:10])
+            return int(value)
+    return None

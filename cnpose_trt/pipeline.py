@@ -171,11 +171,17 @@ class PoseEstimator:
         prefetch: batches prepared ahead of the engine.
         crop_method: "auto" (the compiled fused crop-and-normalise kernel where built, else
             OpenCV), "fused" or "opencv" (upstream's exact crops; see preprocess.crop_people).
+            On a GPU engine "auto" and "fused" crop on the GPU (device_crops; see gpu_stage):
+            uint8 images go to the device once and are cut into the engine's input buffer.
+            Up to prefetch x max_batch images are then held on the GPU at a time.
+        gpu_jpeg: on the GPU path, decode JPEG files given as image paths on the GPU (nvJPEG
+            through torchvision); False decodes them with OpenCV as the host path does (nvJPEG's
+            pixels differ from libjpeg's by a few grey levels).
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
-                 prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto",
+                 prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
                  **build_options: Any) -> None:
         from .engine import load_engine
         from .preprocess import CROP_METHODS
@@ -215,7 +221,7 @@ class PoseEstimator:
 
             self.device_crops_unavailable = gpu_stage.usable(self.engine)
             if self.device_crops_unavailable is None:
-                self._uploader = gpu_stage.Uploader(self.engine.device)
+                self._uploader = gpu_stage.Uploader(self.engine.device, gpu_jpeg=bool(gpu_jpeg))
         elif not self._on_device:
             self.device_crops_unavailable = "the engine runs on the CPU"
 
@@ -280,6 +286,8 @@ class PoseEstimator:
             capacity = max(1, self.max_batch // 2) if flip else self.max_batch
             exhausted = False
             failure: BaseException | None = None
+            # The GPU path needs room for a crop and its mirror in one engine call.
+            gpu = self._uploader is not None and not (flip and self.max_batch < 2)
 
             def refill() -> None:
                 nonlocal exhausted, failure
@@ -292,7 +300,7 @@ class PoseEstimator:
                     if nxt is _END:
                         exhausted = True
                         return
-                    pending.append(prep.submit(self._prepare, nxt, flip))
+                    pending.append(prep.submit(self._prepare, nxt, flip, gpu))
 
             def take() -> _Item | None:
                 """The next prepared item, or None (and failure set) when it failed."""
@@ -329,7 +337,7 @@ class PoseEstimator:
                     done: Future[list[PoseResult]] = Future()
                     done.set_result(self._results(batch, None))
                     decoding.append(done)
-                elif self._uploader is not None:
+                elif gpu:
                     decoding.append(self._run_gpu(batch, flip, people))
                 elif self._on_device:
                     decoding.append(self._run_on_device(batch, flip))
@@ -345,29 +353,29 @@ class PoseEstimator:
             if failure is not None:
                 raise failure
 
-    def _prepare(self, entry: Any, flip: bool) -> _Item:
+    def _prepare(self, entry: Any, flip: bool, gpu: bool = False) -> _Item:
         started = time.perf_counter()
-        item = self._prepare_item(entry, flip)
+        item = self._prepare_item(entry, flip, gpu)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
-    def _prepare_item(self, entry: Any, flip: bool) -> _Item:
+    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False) -> _Item:
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
         image, image_dev, ready = item["image"], None, None
         if isinstance(image, (str, Path)):  # a file: JPEGs decode on the GPU on the device path
-            if self._uploader is not None:
+            if gpu:
                 image_dev, ready = self._uploader.load(image)
                 image = None
             else:
                 image = load_image(image)
-        elif self._uploader is not None:
-            image = check_image(image)
-            if image.dtype == np.uint8:
-                image_dev, ready = self._uploader.upload(image)
         else:
             image = check_image(image)
+            # uint8 images go to the GPU (unless nobody is in them); float ones are cropped here
+            if gpu and image.dtype == np.uint8 and len(resolve_crop_boxes(item["boxes"], item["crop_boxes"],
+                                                                          image.shape)):
+                image_dev, ready = self._uploader.upload(image)
         if image_dev is not None:
             shape = tuple(image_dev.shape)
             crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], shape)
@@ -379,7 +387,7 @@ class PoseEstimator:
                                         method=self.crop_method, threads=1)
             mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
             affines = None
-            if self._uploader is not None and len(crops):  # float image: host crops, uploaded once
+            if gpu and len(crops):  # float image: host crops, uploaded once
                 both = crops if mirrored is None else np.concatenate([crops, mirrored])
                 staged, ready = self._uploader.upload_crops(both)
                 crops, mirrored = staged[:len(crop_boxes)], staged[len(crop_boxes):] if flip else None

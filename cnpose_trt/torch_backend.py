@@ -101,7 +101,8 @@ class TorchEngine(Engine):
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         self._static_graph: tuple[Any, Any] | None = None  # device path: (graph, output) at max_batch rows
         self._input: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # enqueue_device holds it around forward_static, which takes it too
+        self._last_call: Any = None  # event after the latest enqueue_device call's use of the shared buffers
         out_dtype = "float16" if self.dtype == torch.float16 else "float32"
         # The module's own I/O, checked like every backend's (a stale sidecar is refused).
         found = {"inputs": [self.input_name], "outputs": [self.output_name],
@@ -152,7 +153,7 @@ class TorchEngine(Engine):
         enqueue_device and the device-only benchmark use it."""
         import torch
 
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             static = self.input_buffer()
             if not self.cuda_graphs:
                 return self._net(static[:n])
@@ -168,7 +169,9 @@ class TorchEngine(Engine):
         graphs the network always runs on all max_batch rows (one steady shape, one capture)."""
         import torch
 
-        if self._input is None:
+        with self._lock:
+            if self._input is not None:
+                return self._input
             with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
                 self._input = torch.zeros((self.max_batch, *self.spec.input_shape), dtype=torch.float32,
                                           device=self.torch_device)
@@ -210,6 +213,8 @@ class TorchEngine(Engine):
         with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device):
             stream = torch.cuda.current_stream(self.torch_device)
             handle = int(stream.cuda_stream)
+            if self._last_call is not None:  # a caller on another stream: its use of the buffers comes first
+                stream.wait_event(self._last_call)
             fill(self.input_buffer()[:n], handle)
             heat = self.forward_static(n)
             out = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, device=self.torch_device)
@@ -219,6 +224,7 @@ class TorchEngine(Engine):
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+            self._last_call = done
         return _Pending(done, host)
 
     def infer_device(self, images: np.ndarray) -> Any:

@@ -3,6 +3,7 @@ engine that says its output lives on a device."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -107,7 +108,7 @@ def test_pose_estimator_uses_the_device_path(xs_engine, flip):
 class _HostStaging:
     """Stand-in for gpu_stage.Uploader that keeps images on the host (labelled: no GPU runs here)."""
 
-    def __init__(self, device):
+    def __init__(self, device, gpu_jpeg=True):
         self.device = device
 
     def upload(self, image):
@@ -130,6 +131,9 @@ class _FillsInput(Engine):
         self.inner, self.calls = inner, []
         self.device = "cuda:0 (stand-in)"
 
+    def _run(self, images):  # the host-crop path (infer_decode)
+        return self.inner.infer(images)
+
     def enqueue_device(self, fill, n, *, flip=False, boxes=None, root_depth=None, intrinsics=None):
         self._device_call(n, flip, boxes, root_depth, intrinsics)
         buf = np.full((n, *self.spec.input_shape), np.nan, np.float32)  # poison: every row must be written
@@ -141,24 +145,17 @@ class _FillsInput(Engine):
 
 
 def _host_fill(uploads, index, affines, flips, crop_rows, size, device):
+    """make_fill's stand-in without CUDA: the same gpu_stage.write_rows on host arrays."""
     from cnpose_trt import gpu_stage
-    from cnpose_trt.cropping import crop_normalize
 
     def fill(inputs, stream):
-        for first, crops, _ in crop_rows:
-            inputs[first:first + len(crops)] = crops
-        images = [t for t, _ in uploads]
-        rows = gpu_stage._kernel_rows(len(inputs), crop_rows)
-        if len(index) and rows is None:
-            crop_normalize(images, index, affines, size, flip=flips, out=inputs[:len(index)], round_pixels=True)
-        elif len(index):
-            gpu_stage._crop_runs(images, index, affines, flips, size, inputs, rows, stream)
+        gpu_stage.write_rows(inputs, [t for t, _ in uploads], index, affines, flips, crop_rows, size, stream)
 
     return fill
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_device_crop_path_row_layout(xs_engine, monkeypatch, flip):
+def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
     """PoseEstimator's device path (uploads, kernel rows, host-cropped float images between them,
     the flip test's mirrored half) gives the host path's results; the kernel runs on the host."""
     pytest.importorskip("cnpose_trt._C")
@@ -170,18 +167,78 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, flip):
     monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
     img, box = demo_image()
     x, y, w, h = box
+    path = tmp_path / "person.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     items = [(img, [box, (x + 20, y, w * 0.8, h)], 4000.0, [1500, 1500, 320, 240]), (img, []),
              (img.astype(np.float32), [(x, y + 10, w, h * 0.9)]), (img, [box] * 3, [3000.0, 4000.0, 5000.0]),
-             (img.astype(np.float32), [box, box]), (img, [(x - 5, y, w, h)])]
+             (img.astype(np.float32), [box, box]), (str(path), [(x - 5, y, w, h)], 3500.0, [1400, 1400, 300, 250])]
     engine = _FillsInput(xs_engine)
     est = PoseEstimator(engine)
     assert est.device_crops
     got = list(est.predict_iter(items, flip=flip))
     want = list(PoseEstimator(xs_engine).predict_iter(items, flip=flip))
     assert engine.calls and max(engine.calls) <= xs_engine.max_batch
+    want[-1] = PoseEstimator(xs_engine).predict(img, [(x - 5, y, w, h)], root_depth=3500.0,
+                                                intrinsics=[1400, 1400, 300, 250], flip=flip)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
         assert (a.camera is None) == (b.camera is None)
+        if a.camera is not None:
+            np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
+
+
+def test_device_path_with_room_for_one_crop_falls_back_to_host_crops_for_the_flip_test(tmp_path, monkeypatch):
+    from cnpose_trt import build_engine, gpu_stage
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
+    one = load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp_path, max_batch=1).path)
+    img, box = demo_image()
+    engine = _FillsInput(one)
+    est = PoseEstimator(engine)
+    flipped = est.predict(img, [box], flip=True)  # host crops and infer_decode: no call of n = 2
+    plain = est.predict(img, [box])
+    assert engine.calls == [1]
+    want = PoseEstimator(one).predict(img, [box], flip=True)
+    np.testing.assert_allclose(flipped.image, want.image, rtol=1e-5, atol=1e-3)
+    assert plain.image.shape == (1, 18, 3)
+
+
+def test_write_rows_refuses_a_layout_that_does_not_fill_the_rows():
+    from cnpose_trt import gpu_stage
+
+    dest = np.zeros((3, 3, 8, 8), np.float32)
+    img = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="must fill the rows"):
+        gpu_stage.write_rows(dest, [img], np.zeros(1, np.int64), np.tile(np.eye(2, 3), (1, 1, 1)),
+                             np.zeros(1, bool), [(0, np.zeros((1, 3, 8, 8), np.float32), None)], 8, 0)
+
+
+def test_rotated_jpegs_are_not_given_to_the_gpu_decoder():
+    import struct
+
+    from cnpose_trt import gpu_stage
+    from cnpose_trt.imageio_guard import jpeg_orientation
+
+    ok, buf = cv2.imencode(".jpg", np.zeros((40, 100, 3), np.uint8))
+    plain = buf.tobytes()
+
+    def tagged(orientation, order):
+        end = "<" if order == b"II" else ">"
+        tiff = (order + struct.pack(end + "HI", 42, 8) + struct.pack(end + "H", 1)
+                + struct.pack(end + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(end + "I", 0))
+        payload = b"Exif\x00\x00" + tiff
+        return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + plain[2:]
+
+    assert jpeg_orientation(plain) is None and gpu_stage.gpu_decodable(plain)
+    for order in (b"II", b"MM"):
+        assert jpeg_orientation(tagged(6, order)) == 6 and not gpu_stage.gpu_decodable(tagged(6, order))
+        assert gpu_stage.gpu_decodable(tagged(1, order))
+    assert not gpu_stage.gpu_decodable(b"\x89PNG\r\n")
 
 
 def test_cpu_engines_have_no_device_input(xs_engine):
