@@ -48,7 +48,7 @@ for run in 1 2; do
   echo "== end to end vs engine only, run $run (torch fp16 + CUDA graphs)"
   timeout "$(limit 120)" $PY benchmarks/gpu_e2e.py --json "$OUT/gpu-e2e-run$run.json" >> "$OUT/e2e.log" 2>&1 \
     || { status=1; tail -25 "$OUT/e2e.log"; }
-  tail -8 "$OUT/e2e.log"
+  tail -9 "$OUT/e2e.log"
   echo "   ($(( $(date +%s) - T0 )) s)"
 done
 

@@ -7,7 +7,9 @@ Per variant and batch (torch CUDA fp16 + CUDA graphs, max_batch = batch):
   upload, GPU crop into the engine's input, network, fused decode, (P, 18, 10) back;
 - end to end, host crops (cv2 + NumPy, the path before issue 11), for reference;
 - JPEG: decoding 640x480 files on the GPU (torchvision / nvJPEG) vs OpenCV, and the device
-  path fed with file paths.
+  path fed with file paths;
+- uploads alone: the Uploader's pin_memory staging vs a preallocated pinned ring vs pageable
+  copies, one and several threads (the end-to-end limit measured on an H200 is this staging).
 Throughput counts images from the first to the last delivered result; p50/p99 are the times
 between consecutive batches delivered. Usage: python benchmarks/gpu_e2e.py [--json F] [--quick]
 """
@@ -109,6 +111,47 @@ def jpeg_decode(paths: list[Path], device: str) -> dict:
             "gpu_decoder": up._decode_jpeg is not None}
 
 
+def staging(items: list, device: str, threads: int) -> dict:
+    """Uploads alone, images/s (the end-to-end limit on the H200 was the per-image staging):
+    the pipeline's Uploader (pin_memory per image, then a non-blocking copy), a preallocated
+    pinned ring with one non-blocking copy per image, and plain pageable .to(device)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from cnpose_trt.gpu_stage import Uploader
+
+    images = [img for img, _ in items]
+    nbytes = images[0].nbytes
+    rounds = 4
+    up = Uploader(device)
+    ring = torch.empty((len(images), nbytes), dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty((len(images), nbytes), dtype=torch.uint8, device=device)
+    ring_np = ring.numpy()
+    stream = torch.cuda.Stream()
+
+    def pinned_ring(i: int) -> None:
+        np.copyto(ring_np[i], images[i].reshape(-1))  # releases the GIL
+        with torch.cuda.stream(stream):
+            dev[i].copy_(ring[i], non_blocking=True)
+
+    ways = {"uploader (pin_memory per image)": lambda i: up.upload(images[i]),
+            "preallocated pinned ring": pinned_ring,
+            "pageable .to(device)": lambda i: torch.from_numpy(images[i]).to(device)}
+    out = {}
+    for name, fn in ways.items():
+        for t in (1, threads):
+            with ThreadPoolExecutor(t) as pool:
+                list(pool.map(fn, range(len(images))))  # warm-up
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(rounds):
+                    list(pool.map(fn, range(len(images))))
+                torch.cuda.synchronize()
+            out[f"{name}, {t} thread(s)"] = rounds * len(images) / (time.perf_counter() - start)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=None)
@@ -159,6 +202,7 @@ def main() -> int:
             cv2.imwrite(str(p), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
             paths.append(p)
         record["jpeg"] = jpeg_decode(paths, "cuda")
+        record["staging_img_s"] = staging(items, "cuda", args.prep_threads)
         v, b = args.variants[-1], args.batches[-1]
         eng = load_engine(build_engine(v, backend="torch", precision="fp16", max_batch=b, out_dir=tmp).path,
                           device="cuda", cuda_graphs=True)
@@ -177,6 +221,8 @@ def main() -> int:
     print(f"JPEG 640x480: GPU decode {j['gpu_img_s']:.0f} img/s (nvJPEG via torchvision: {j['gpu_decoder']}, "
           f"fallbacks {j['gpu_fallbacks']}), OpenCV {j['opencv_img_s']:.0f} img/s (one thread); "
           f"e2e from files {j['e2e_files']['variant']} b{j['e2e_files']['batch']}: {j['e2e_files']['img_s']:.0f} img/s")
+    print("uploads alone (640x480 uint8), img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                              record["staging_img_s"].items()))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
     return 0
