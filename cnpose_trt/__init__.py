@@ -24,6 +24,7 @@ _LAZY = {
     "export_onnx": "export", "build_engine": "build",
     "load_engine": "engine", "Engine": "engine",
     "estimate": "pipeline", "PoseResult": "pipeline", "PoseEstimator": "pipeline",
+    "crop_normalize": "cropping",
 }
 
 __all__ = ["decode", "Decoded", "DeviceArray", "soft_argmax_reference",
