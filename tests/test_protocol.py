@@ -250,3 +250,20 @@ def test_cpu_engines_have_no_device_input(xs_engine):
     est = PoseEstimator(xs_engine)
     assert not est.device_crops and est.device_crops_unavailable == "the engine runs on the CPU"
     assert gpu_stage.usable(_OnDevice(xs_engine)).endswith("has no device input path")
+
+
+def test_jpeg_orientation_survives_damaged_headers():
+    from cnpose_trt.imageio_guard import jpeg_orientation
+
+    rng = np.random.default_rng(0)
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    good = buf.tobytes()
+    exif = b"\xff\xe1\x00\x22Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00"
+    for _ in range(2000):
+        data = bytearray(good[:2] + exif + good[2:])
+        for _ in range(int(rng.integers(1, 6))):  # flip bytes in the header area, or cut the file short
+            data[int(rng.integers(2, 80))] = int(rng.integers(0, 256))
+        data = bytes(data[:int(rng.integers(2, len(data) + 1))])
+        value = jpeg_orientation(data)
+        assert value is None or isinstance(value, int)
+    assert jpeg_orientation(good[:2] + exif + good[2:]) == 6
