@@ -101,6 +101,11 @@ def resolve_backend(backend: str) -> str:
     return backends.resolve(backend)
 
 
+def weights_fingerprint(checkpoint: str | Path) -> str:
+    """The sha256 an engine's sidecar records for weights built from `checkpoint` (weights.sha256)."""
+    return _prepare_model(None, checkpoint, 0)[2]
+
+
 def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed: int
                    ) -> tuple[Any, str, str]:
     """(model, weights description, weights sha256); the checkpoint's shapes decide the variant."""

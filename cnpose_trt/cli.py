@@ -167,6 +167,25 @@ def _inspect(args: argparse.Namespace) -> int:
 SHIPPED_XS = Path(__file__).parent / "data" / "convnextpose_xs_synthetic.pth.tar"
 
 
+def _shipped_weights(checkpoint: Path | None, engine: Path | None) -> bool:
+    """True when the demo runs the shipped synthetic model: the file itself, or an engine built from it."""
+    if not SHIPPED_XS.is_file():
+        return False
+    if checkpoint is not None:
+        from .cache import file_sha256
+
+        return Path(checkpoint).is_file() and file_sha256(checkpoint) == file_sha256(SHIPPED_XS)
+    if engine is not None:
+        try:
+            from .build import weights_fingerprint
+            from .engine import read_sidecar
+
+            return read_sidecar(engine)["weights"]["sha256"] == weights_fingerprint(SHIPPED_XS)
+        except Exception:  # no torch to read the shipped file, or no readable sidecar: not known to be it
+            return False
+    return False
+
+
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -179,16 +198,17 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out-dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint
-    flip = True  # upstream's flip test
     if checkpoint is None and args.engine is None and args.variant in (None, "XS") and SHIPPED_XS.is_file():
         checkpoint = SHIPPED_XS
-        # The synthetic people have left limbs cool-coloured and right limbs warm: a mirrored crop
-        # is not a mirrored person to this model, so upstream's flip test would average in a wrong
-        # left/right guess (measured: MPJPE 88 mm without, 189 mm with it; data/README.md).
-        flip = False
         print(f"weights: the XS model shipped with cnpose_trt ({SHIPPED_XS.name}), trained on synthetic people "
-              "only: a demonstration, not an official checkpoint (pass --checkpoint for real weights); "
-              "flip test off for it (its training people are coloured left/right)", file=sys.stderr)
+              "only: a demonstration, not an official checkpoint (pass --checkpoint for real weights)",
+              file=sys.stderr)
+    # The shipped model's synthetic people have left limbs cool-coloured and right limbs warm: a
+    # mirrored crop is not a mirrored person to it, so upstream's flip test would average in a
+    # wrong left/right guess (measured: MPJPE 88 mm without, 190 mm with it; data/README.md).
+    flip = not _shipped_weights(checkpoint, args.engine)
+    if not flip:
+        print("flip test off: the shipped model's training people are coloured left/right", file=sys.stderr)
     scene = synthesize(args.seed, width=640, height=480)
     image, box = scene.image, [float(v) for v in scene.boxes[0]]
     fx, fy, cx, cy = (float(v) for v in scene.intrinsics)

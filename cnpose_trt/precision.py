@@ -83,6 +83,18 @@ class PrecisionOptions:
 
 # ------------------------------------------------------------------------------------------ FP16
 
+def _matching(option: str, model: Any, prefixes: Sequence[str]) -> list[str]:
+    """Names of the graph's nodes that start with one of `prefixes`; a prefix matching none is an
+    error (a misspelt prefix, or exporter names that changed, would silently select nothing)."""
+    names = [n.name for n in model.graph.node]
+    unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    if unmatched:
+        convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+        raise BuildError(f"{option} prefixes {unmatched} match no node of the graph; its Conv nodes are named "
+                         f"like {convs[:2] + convs[-1:]}")
+    return [name for name in names if any(name.startswith(p) for p in prefixes)]
+
+
 def convert_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = (), fp16_output: bool = True) -> dict[str, Any]:
     """Write an FP16 copy of an FP32 graph; returns what was kept in float32.
 
@@ -95,7 +107,7 @@ def convert_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = (), fp16_outpu
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
-    kept = [n.name for n in model.graph.node if any(n.name.startswith(p) for p in keep_fp32)]
+    kept = _matching("keep_fp32", model, keep_fp32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=kept or None)
@@ -251,14 +263,15 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
     were reused.
 
     Raises:
-        BuildError: the calibration ran with another method than opts.calib_method.
+        BuildError: the calibration ran with another method than opts.calib_method, or an
+            int8_exclude prefix matches no node.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, quantize_static
 
     model = onnx.load(str(src))
     input_name = model.graph.input[0].name
-    excluded = [n.name for n in model.graph.node if any(n.name.startswith(p) for p in opts.int8_exclude)]
+    excluded = _matching("int8_exclude", model, opts.int8_exclude)
     method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
               "percentile": CalibrationMethod.Percentile}[opts.calib_method]
     kwargs: dict[str, Any] = {}

@@ -4,6 +4,7 @@ test_evaluate.py and test_batch.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,24 @@ def test_demo_uses_the_shipped_model(tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert doc["weights"].endswith(SHIPPED_XS.name) and len(doc["people"]) == 1
     assert (tmp_path / "out" / "demo_pose.png").stat().st_size > 1000
+
+
+def test_demo_knows_the_shipped_model_by_its_weights(tmp_path):
+    """The flip test is off for the shipped synthetic model however it is named: the file, a copy,
+    or an engine built from it; on for anything else."""
+    import shutil
+
+    pytest.importorskip("torch")
+    from cnpose_trt import build_engine
+    from cnpose_trt.cli import SHIPPED_XS, _shipped_weights
+
+    copy = tmp_path / "renamed.pth.tar"
+    shutil.copy(SHIPPED_XS, copy)
+    assert _shipped_weights(SHIPPED_XS, None) and _shipped_weights(copy, None)
+    assert not _shipped_weights(None, None)
+    other = next((Path(__file__).parent / "data" / "golden").glob("*.pth*"))
+    assert not _shipped_weights(other, None)
+    built = build_engine(checkpoint=SHIPPED_XS, out_dir=tmp_path, max_batch=2, progress=lambda _l: None)
+    assert _shipped_weights(None, built.path)
+    random = build_engine("XS", out_dir=tmp_path, max_batch=2, progress=lambda _l: None)
+    assert not _shipped_weights(None, random.path)

@@ -148,3 +148,14 @@ def test_cli_fp16_int8_and_all(tmp_path, capsys, monkeypatch):
     assert build_main(["--all", "--fp16", "--precision", "fp32", "--out", str(tmp_path)]) == 0
     assert calls == [(v, p) for v in ("XS", "S", "M", "L") for p in ("fp16", "fp32")]
     assert build_main(["--all", "--checkpoint", "x.pth"]) == 2
+
+
+def test_prefixes_that_match_no_node_are_refused(xs_fp32_graph, tmp_path):
+    from cnpose_trt.errors import BuildError
+    from cnpose_trt.precision import PrecisionOptions, quantize_int8
+
+    with pytest.raises(BuildError, match=r"keep_fp32 prefixes \['/head/final/'\] match no node"):
+        convert_fp16(xs_fp32_graph, tmp_path / "x.onnx", keep_fp32=["/head/final_layer/", "/head/final/"])
+    opts = PrecisionOptions(precision="int8", calib_synthetic=True, int8_exclude=("/backbone/stage.0/",))
+    with pytest.raises(BuildError, match="int8_exclude prefixes .* Conv nodes are named like"):
+        quantize_int8(xs_fp32_graph, tmp_path / "q.onnx", opts, tmp_path / "ranges")

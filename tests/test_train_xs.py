@@ -15,8 +15,11 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_xs.py"
 
 @pytest.fixture(scope="module")
 def train():
+    import sys
+
     spec = importlib.util.spec_from_file_location("train_xs", TOOL)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["train_xs"] = module  # its classes pickle by module name (data workers)
     spec.loader.exec_module(module)
     return module
 
@@ -99,3 +102,22 @@ def test_learning_rate_follows_a_time_budget(train):
                                                                                      rel=1e-3)
     assert lr(100, 10_000, 10, 1e-3, 1e-6, elapsed=100.0, budget=100.0) == pytest.approx(1e-6)
     assert lr(100, 10_000, 10, 1e-3, 1e-6, elapsed=1.0, budget=None) == lr(100, 10_000, 10, 1e-3, 1e-6)
+
+
+def test_time_budget_stops_and_spans_resumed_runs(train, tmp_path):
+    import json
+
+    args = ["--out", str(tmp_path), "--steps", "1000", "--batch", "2", "--time-budget", "3", "--warmup", "1",
+            "--log-every", "1", "--save-every", "1", "--eval-count", "2", "--threads", "2"]
+    assert train.main(args) == 0
+    record = json.loads((tmp_path / "convnextpose_xs_synthetic.json").read_text())
+    steps = record["steps"]
+    assert 1 <= steps < 1000 and record["time_budget_s"] == 3.0
+    ck = torch.load(tmp_path / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ck["budget_seconds_used"] >= 3.0
+    # Run again: the budget was spent, so nothing more is trained (the schedule does not restart).
+    assert train.main(args) == 0
+    assert json.loads((tmp_path / "convnextpose_xs_synthetic.json").read_text())["steps"] == steps
+    assert "spent by earlier runs" in (tmp_path / "train_log.txt").read_text()
+    with pytest.raises(SystemExit, match="--time-budget must be > 0"):
+        train.parse_args(["--time-budget", "0"])

@@ -1,11 +1,12 @@
 """Which layers does INT8 cost? Per-group sensitivity of a trained checkpoint, measured in mm.
 
-For each group of convolutions (the stem, each stage, each downsampling layer, each head layer)
-two INT8 engines are built from the same calibration (synthetic people): one with only that
-group kept out of INT8 ("exclude one"), and one where that group alone is quantised ("only
-one"). Each is evaluated with `cnpose_trt.evaluate` on held-out synthetic people (flip test)
-beside FP32 and the plain INT8 build, and the table says how many mm of the INT8 loss each group
-carries. The evidence picks precision.DEFAULT_INT8_EXCLUDE.
+For each group of convolutions (each downsampling layer, the stem being downsample_layers.0, each
+stage, the backbone's closing norm, each head layer) two INT8 engines are built from the same
+calibration (synthetic people): one with only that group kept out of INT8 ("exclude one"), and
+one where that group alone is quantised ("only one"). Each is evaluated with `cnpose_trt.evaluate`
+on held-out synthetic people (no flip test unless --flip) beside FP32, all-INT8 and the default
+exclusion (precision.DEFAULT_INT8_EXCLUDE), and the table says how many mm of the INT8 loss each
+group carries. A prefix that matches no node stops the build (precision._matching).
 
     .venv/bin/python tools/int8_sensitivity.py --checkpoint cnpose_trt/data/convnextpose_xs_synthetic.pth.tar \
         --count 300 --json benchmarks/results/int8-sensitivity-xs.json
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnpose_trt import build_engine, load_engine  # noqa: E402
 from cnpose_trt.evaluate import evaluate, machine_info, synthetic_set  # noqa: E402
+from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE  # noqa: E402
 from cnpose_trt.spec import get_spec  # noqa: E402
 
 
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-method", default="entropy")
     ap.add_argument("--calib-count", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("engines/sensitivity"), help="engine folder")
-    ap.add_argument("--mode", choices=("exclude", "only", "both"), default="both")
+    ap.add_argument("--mode", choices=("exclude", "only", "both", "none"), default="both",
+                    help="which per-group rows (none: fp32, all-INT8 and the default exclusion only)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--flip", action="store_true",
                     help="flip test (off by default: the shipped synthetic model's people are coloured left/right, "
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     common = {"backend": "onnxruntime", "out_dir": args.out, "max_batch": 16, "progress": lambda _line: None}
     int8 = {**common, "precision": "int8", "calib_synthetic": True, "calib_count": args.calib_count,
             "calib_method": args.calib_method}
-    builds: list[tuple[str, dict]] = [("fp32", {**common}), ("int8 (nothing kept float)", {**int8, "int8_exclude": ()})]
+    builds: list[tuple[str, dict]] = [("fp32", {**common}), ("int8 (nothing kept float)", {**int8, "int8_exclude": ()}),
+                                      ("int8, default exclusion", {**int8, "int8_exclude": DEFAULT_INT8_EXCLUDE})]
     if args.mode in ("exclude", "both"):
         builds += [(f"int8, float: {g}", {**int8, "int8_exclude": (g,)}) for g in names]
     if args.mode in ("only", "both"):

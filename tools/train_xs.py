@@ -260,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     if args.workers < 0 or args.eval_every < 0:
         raise SystemExit("--workers and --eval-every must be >= 0")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     return args
 
 
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     step, images, train_seconds, history = 0, 0, 0.0, []
+    budget_used = 0.0  # wall seconds of the time budget spent by earlier runs of this folder
     if last.is_file() and not args.fresh:
         ck = torch.load(last, map_location="cpu", weights_only=True)
         if ck.get("config") != config:
@@ -294,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(ck["optimizer"])
         step, images, train_seconds = int(ck["step"]), int(ck["images"]), float(ck["train_seconds"])
         history = json.loads(ck.get("history", "[]"))
+        budget_used = float(ck.get("budget_seconds_used", 0.0))
         print(f"resumed from {last} at step {step} ({images} images, {train_seconds:.0f} s)", flush=True)
         if ck.get("total_steps") != args.steps:
             print(f"note: --steps {args.steps} differs from the run's {ck.get('total_steps')}: the cosine schedule "
@@ -308,12 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         log.write(line + "\n")
         log.flush()
 
+    run_started = 0.0
+
     def checkpoint() -> None:
         save_atomic({"epoch": step, "network": official_state(model, half=False), "optimizer": opt.state_dict(),
                      "step": step, "images": images, "train_seconds": train_seconds, "total_steps": args.steps,
+                     "budget_seconds_used": budget_used + (time.perf_counter() - run_started if run_started else 0.0),
                      "config": config, "history": json.dumps(history)}, last)
 
-    if not args.finalize and step < args.steps:
+    if args.time_budget and budget_used >= args.time_budget and not args.finalize:
+        say(f"the time budget of {args.time_budget:.0f} s was spent by earlier runs ({budget_used:.0f} s): "
+            "writing the shipped file")
+    elif not args.finalize and step < args.steps:
         say(f"# train_xs: {step} -> {args.steps} steps, batch {args.batch}, device {device}, "
             f"{torch.get_num_threads()} torch threads, {args.workers} data workers; {json.dumps(machine())}")
         loader = torch.utils.data.DataLoader(
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         window_t, window_n, window_loss = time.perf_counter(), 0, 0.0
         run_started = time.perf_counter()
         for crops, target, vis in loader:
-            elapsed = time.perf_counter() - run_started
+            elapsed = budget_used + time.perf_counter() - run_started  # the budget spans resumed runs
             if args.time_budget and elapsed >= args.time_budget:
                 say(f"time budget of {args.time_budget:.0f} s reached at step {step}")
                 break
