@@ -267,3 +267,19 @@ def test_jpeg_orientation_survives_damaged_headers():
         value = jpeg_orientation(data)
         assert value is None or isinstance(value, int)
     assert jpeg_orientation(good[:2] + exif + good[2:]) == 6
+
+
+def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monkeypatch):
+    from cnpose_trt import gpu_stage
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
+    img, box = demo_image()
+    items = [(img, [box])] * 5 + [(img, [box], -1.0)] + [(img, [box])] * 3
+    got = []
+    with pytest.raises(ValueError, match="root_depth must be > 0"):
+        for result in PoseEstimator(_FillsInput(xs_engine)).predict_iter(items):
+            got.append(result)
+    assert len(got) == 5 and all(len(r) == 1 for r in got)
