@@ -5,6 +5,7 @@ Per variant and batch (torch CUDA fp16 + CUDA graphs, max_batch = batch):
   timed with CUDA events, no host copies (TorchEngine.forward_static);
 - end to end, device crops: PoseEstimator over 640x480 uint8 images, one person each: pinned
   upload, GPU crop into the engine's input, network, fused decode, (P, 18, 10) back;
+- the same with staging="ring" (one preallocated pinned ring instead of pin_memory per image);
 - end to end, host crops (cv2 + NumPy, the path before issue 11), for reference;
 - JPEG: decoding 640x480 files on the GPU (torchvision / nvJPEG) vs OpenCV, and the device
   path fed with file paths;
@@ -183,16 +184,20 @@ def main() -> int:
                 gpu = PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3)
                 assert gpu.device_crops, gpu.device_crops_unavailable
                 e2e = end_to_end(gpu, items, b, args.reps)
+                ring = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3, staging="ring"),
+                                  items, b, args.reps)
                 host = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3,
                                                 crop_method="opencv"), items, b, max(4, args.reps // 3))
                 res = {"variant": variant, "batch": b, "engine_only": only, "e2e_device_crops": e2e,
+                       "e2e_device_crops_ring_staging": ring,
                        "e2e_host_crops": host, "ratio": e2e["img_s"] / only["img_s"],
                        "p99_over_p50": e2e["p99_ms"] / e2e["p50_ms"]}
                 record["results"].append(res)
                 rows.append(res)
                 eng.close()
                 print(f"  {variant} b{b}: engine {only['img_s']:.0f} img/s, e2e {e2e['img_s']:.0f} img/s "
-                      f"({res['ratio']:.0%}), p99/p50 {res['p99_over_p50']:.2f}, host crops {host['img_s']:.0f}",
+                      f"({res['ratio']:.0%}), p99/p50 {res['p99_over_p50']:.2f}, ring staging {ring['img_s']:.0f}, "
+                      f"host crops {host['img_s']:.0f}",
                       flush=True)
         jpg_dir = Path(tmp) / "jpeg"
         jpg_dir.mkdir()
@@ -211,12 +216,12 @@ def main() -> int:
             PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3), files, b, args.reps)}
     print(f"\n{record['gpu']}, torch {record['torch']}, {record['date']}, prep threads {args.prep_threads}")
     print(f"{'variant':8}{'batch':>6}{'engine img/s':>14}{'e2e img/s':>11}{'e2e/engine':>11}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'p99/p50':>8}{'host-crop img/s':>16}")
+          f"{'p99 ms':>8}{'p99/p50':>8}{'ring img/s':>11}{'host-crop img/s':>16}")
     for r in rows:
         e = r["e2e_device_crops"]
         print(f"{r['variant']:8}{r['batch']:>6}{r['engine_only']['img_s']:>14.0f}{e['img_s']:>11.0f}"
               f"{r['ratio']:>11.1%}{e['p50_ms']:>8.2f}{e['p99_ms']:>8.2f}{r['p99_over_p50']:>8.2f}"
-              f"{r['e2e_host_crops']['img_s']:>16.0f}")
+              f"{r['e2e_device_crops_ring_staging']['img_s']:>11.0f}{r['e2e_host_crops']['img_s']:>16.0f}")
     j = record["jpeg"]
     print(f"JPEG 640x480: GPU decode {j['gpu_img_s']:.0f} img/s (nvJPEG via torchvision: {j['gpu_decoder']}, "
           f"fallbacks {j['gpu_fallbacks']}), OpenCV {j['opencv_img_s']:.0f} img/s (one thread); "

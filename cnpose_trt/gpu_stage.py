@@ -11,6 +11,7 @@ network. torch is needed for the pinned staging and the streams; TensorRT engine
 
 from __future__ import annotations
 
+import collections
 import threading
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,61 @@ def gpu_decodable(data: np.ndarray | bytes) -> bool:
     return head == _JPEG_MAGIC and jpeg_orientation(bytes(data[:1 << 16])) in (None, 1)
 
 
+class _Region:
+    """Bytes [start, end) of a PinnedRing, busy until the copy out of them has finished."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self._attached = threading.Event()
+        self._done: Any = None
+
+    def attach(self, done: Any) -> None:
+        """done: an event (synchronize()) recorded after the copy out of the region; None when the
+        upload failed before any copy was enqueued."""
+        self._done = done
+        self._attached.set()
+
+    def wait(self) -> None:
+        self._attached.wait()
+        if self._done is not None:
+            self._done.synchronize()
+
+
+class PinnedRing:
+    """Page-locked staging allocated once, used as a ring: each upload takes the next `nbytes`,
+    and a region is reused only after the copy out of it has finished (its event). Regions are
+    handed out in order, so the ones in the way of a new region are always the oldest.
+
+    buffer: a 1-D uint8 numpy view of pinned memory (any 1-D uint8 array in tests).
+    """
+
+    ALIGN = 256
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        if buffer.ndim != 1 or buffer.dtype != np.uint8:
+            raise ValueError(f"buffer must be 1-D uint8, got {buffer.dtype} {buffer.shape}")
+        self.buffer, self.size = buffer, len(buffer)
+        self._head = 0
+        self._live: collections.deque[_Region] = collections.deque()
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> _Region | None:
+        """A region of nbytes (waiting for old copies when the ring is full), or None when nbytes
+        exceeds the whole ring (the caller stages that upload another way)."""
+        nbytes = -(-nbytes // self.ALIGN) * self.ALIGN  # regions start on 256-byte boundaries
+        if not 0 < nbytes <= self.size:
+            return None
+        with self._lock:
+            start = self._head if self._head + nbytes <= self.size else 0
+            end = start + nbytes
+            while any(r.start < end and start < r.end for r in self._live):
+                self._live.popleft().wait()  # oldest first: copies finish in the order they were made
+            region = _Region(start, end)
+            self._live.append(region)
+            self._head = end
+            return region
+
+
 class Uploader:
     """Uploads uint8 images (and decodes JPEG files) onto one device, on its own stream.
 
@@ -69,9 +125,17 @@ class Uploader:
     upsampling differ from libjpeg's (a mean of 2.47 grey levels measured on an H200 on
     colour-rich 4:2:0 files), so poses can differ slightly from the host path's; False decodes
     with OpenCV, as the host path does.
+    staging: "pin_memory" (torch's caching pinned allocator per image; measured on an H200: the
+    end-to-end limit) or "ring" (one PinnedRing of ring_bytes allocated once; not yet measured
+    on a GPU, benchmarks/gpu_e2e.py compares them).
     """
 
-    def __init__(self, device: str, gpu_jpeg: bool = True) -> None:
+    STAGINGS = ("pin_memory", "ring")
+
+    def __init__(self, device: str, gpu_jpeg: bool = True, staging: str = "pin_memory",
+                 ring_bytes: int = 128 << 20) -> None:
+        if staging not in self.STAGINGS:
+            raise ValueError(f"staging must be one of {', '.join(self.STAGINGS)}, got {staging!r}")
         import torch
 
         self.torch = torch
@@ -83,15 +147,33 @@ class Uploader:
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
         self.gpu_jpeg_failures = 0
         self.gpu_jpeg_decoded = 0
+        self._ring: PinnedRing | None = None
+        if staging == "ring":
+            self._ring_tensor = torch.empty(int(ring_bytes), dtype=torch.uint8, pin_memory=True)
+            self._ring = PinnedRing(self._ring_tensor.numpy())
 
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
         """(H, W, 3) uint8 host image -> (device tensor, event marking its arrival)."""
         torch = self.torch
-        staged = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
-        with torch.cuda.stream(self.stream):
-            dev = staged.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
+        region = self._ring.take(image.nbytes) if self._ring is not None and image.dtype == np.uint8 else None
+        if region is None:
+            staged = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
+            with torch.cuda.stream(self.stream):
+                dev = staged.to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+            return dev, ready
+        ready = None
+        try:
+            stop = region.start + image.nbytes
+            np.copyto(self._ring.buffer[region.start:stop].reshape(image.shape), image)
+            with torch.cuda.stream(self.stream):
+                dev = torch.empty(image.shape, dtype=torch.uint8, device=self.device)
+                dev.copy_(self._ring_tensor[region.start:stop].view(image.shape), non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        finally:
+            region.attach(ready)  # None when nothing was enqueued: the region is free at once
         return dev, ready
 
     def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:

@@ -177,12 +177,14 @@ class PoseEstimator:
         gpu_jpeg: on the GPU path, decode JPEG files given as image paths on the GPU (nvJPEG
             through torchvision); False decodes them with OpenCV as the host path does (nvJPEG's
             pixels differ from libjpeg's by a few grey levels).
+        staging: on the GPU path, how uint8 images reach pinned memory: "pin_memory" (measured)
+            or "ring" (one preallocated pinned ring; gpu_stage.Uploader, not yet measured).
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
-                 **build_options: Any) -> None:
+                 staging: str = "pin_memory", **build_options: Any) -> None:
         from .engine import load_engine
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
@@ -191,6 +193,8 @@ class PoseEstimator:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
         if crop_method not in CROP_METHODS:
             raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
+        if staging not in ("pin_memory", "ring"):
+            raise ValueError(f"staging must be 'pin_memory' or 'ring', got {staging!r}")
         if isinstance(engine_or_variant, Engine):
             self.engine = engine_or_variant
         elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
@@ -221,7 +225,7 @@ class PoseEstimator:
 
             self.device_crops_unavailable = gpu_stage.usable(self.engine)
             if self.device_crops_unavailable is None:
-                self._uploader = gpu_stage.Uploader(self.engine.device, gpu_jpeg=bool(gpu_jpeg))
+                self._uploader = gpu_stage.Uploader(self.engine.device, gpu_jpeg=bool(gpu_jpeg), staging=staging)
         elif not self._on_device:
             self.device_crops_unavailable = "the engine runs on the CPU"
 

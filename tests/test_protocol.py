@@ -108,7 +108,7 @@ def test_pose_estimator_uses_the_device_path(xs_engine, flip):
 class _HostStaging:
     """Stand-in for gpu_stage.Uploader that keeps images on the host (labelled: no GPU runs here)."""
 
-    def __init__(self, device, gpu_jpeg=True):
+    def __init__(self, device, gpu_jpeg=True, staging="pin_memory"):
         self.device = device
 
     def upload(self, image):
@@ -283,3 +283,51 @@ def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monke
         for result in PoseEstimator(_FillsInput(xs_engine)).predict_iter(items):
             got.append(result)
     assert len(got) == 5 and all(len(r) == 1 for r in got)
+
+
+class _CopyDone:
+    """Stand-in for a CUDA event: the 'copy' out of a ring region finishes when synchronised,
+    and checks that nobody overwrote the region before then."""
+
+    def __init__(self, ring, region, pattern, log):
+        self.ring, self.region, self.pattern, self.log = ring, region, pattern, log
+
+    def synchronize(self):
+        got = self.ring.buffer[self.region.start:self.region.start + len(self.pattern)]
+        self.log.append(bool((got == self.pattern).all()))
+
+
+def test_pinned_ring_never_hands_out_bytes_still_being_copied():
+    import threading
+
+    from cnpose_trt.gpu_stage import PinnedRing
+
+    ring = PinnedRing(np.zeros(1 << 14, np.uint8))  # a few regions at a time: they wrap often
+    assert ring.take(0) is None and ring.take((1 << 14) + 1) is None
+    a, b = ring.take(1000), ring.take(1000)
+    assert (a.start, b.start) == (0, 1024) and b.start % 256 == 0
+    for r in (a, b):
+        r.attach(None)
+    log, errors = [], []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(300):
+                n = int(rng.integers(1, 6000))
+                region = ring.take(n)
+                pattern = rng.integers(0, 256, n, dtype=np.uint8)
+                ring.buffer[region.start:region.start + n] = pattern
+                region.attach(_CopyDone(ring, region, pattern, log) if rng.random() < 0.9 else None)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert len(log) > 500 and all(log)  # every waited-for copy still saw its own bytes
+    with pytest.raises(ValueError, match="1-D uint8"):
+        PinnedRing(np.zeros((4, 4), np.uint8))
