@@ -367,7 +367,7 @@ class PoseEstimator:
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-        image, image_dev, ready = item["image"], None, None
+        image, image_dev, ready, crop_boxes = item["image"], None, None, None
         if isinstance(image, (str, Path)):  # a file: JPEGs decode on the GPU on the device path
             if gpu:
                 image_dev, ready = self._uploader.load(image)
@@ -376,21 +376,24 @@ class PoseEstimator:
                 image = load_image(image)
         else:
             image = check_image(image)
-            # uint8 images go to the GPU (unless nobody is in them); float ones are cropped here
-            if gpu and image.dtype == np.uint8 and len(resolve_crop_boxes(item["boxes"], item["crop_boxes"],
-                                                                          image.shape)):
-                image_dev, ready = self._uploader.upload(image)
+            if gpu and image.dtype == np.uint8:  # uint8 images go to the GPU, unless nobody is in them
+                crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
+                if len(crop_boxes):
+                    image_dev, ready = self._uploader.upload(image)
+        size = self.spec.input_size
+        affines = None
         if image_dev is not None:
-            shape = tuple(image_dev.shape)
-            crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], shape)
+            crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], tuple(image_dev.shape))
             crops = mirrored = None
-            affines = crop_matrices(crop_boxes, self.spec.input_size)
+            affines = crop_matrices(crop_boxes, size)
+        elif crop_boxes is not None:  # nobody in a uint8 image on the GPU path: nothing to crop
+            crops = np.zeros((0, 3, size, size), np.float32)
+            mirrored = crops if flip else None
         else:
             # One thread per image: the prep pool already crops prep_threads images at once.
-            crops, crop_boxes = prepare(image, item["boxes"], self.spec.input_size, crop_boxes=item["crop_boxes"],
+            crops, crop_boxes = prepare(image, item["boxes"], size, crop_boxes=item["crop_boxes"],
                                         method=self.crop_method, threads=1)
             mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
-            affines = None
             if gpu and len(crops):  # float image: host crops, uploaded once
                 both = crops if mirrored is None else np.concatenate([crops, mirrored])
                 staged, ready = self._uploader.upload_crops(both)

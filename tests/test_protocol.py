@@ -175,7 +175,17 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
     engine = _FillsInput(xs_engine)
     est = PoseEstimator(engine)
     assert est.device_crops
+    import cnpose_trt.pipeline as pipeline
+
+    host_prepare = pipeline.prepare
+
+    def float_images_only(image, *args, **kwargs):
+        assert image.dtype != np.uint8, "a uint8 image was cropped on the host on the device path"
+        return host_prepare(image, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare", float_images_only)
     got = list(est.predict_iter(items, flip=flip))
+    monkeypatch.setattr(pipeline, "prepare", host_prepare)
     want = list(PoseEstimator(xs_engine).predict_iter(items, flip=flip))
     assert engine.calls and max(engine.calls) <= xs_engine.max_batch
     want[-1] = PoseEstimator(xs_engine).predict(img, [(x - 5, y, w, h)], root_depth=3500.0,
