@@ -23,6 +23,7 @@ from .backends import importable
 from .engine import Engine
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+STAGINGS = ("pin_memory", "ring")  # how Uploader stages uint8 images in pinned memory
 
 
 def usable(engine: Engine) -> str | None:
@@ -130,12 +131,10 @@ class Uploader:
     on a GPU, benchmarks/gpu_e2e.py compares them).
     """
 
-    STAGINGS = ("pin_memory", "ring")
-
     def __init__(self, device: str, gpu_jpeg: bool = True, staging: str = "pin_memory",
                  ring_bytes: int = 128 << 20) -> None:
-        if staging not in self.STAGINGS:
-            raise ValueError(f"staging must be one of {', '.join(self.STAGINGS)}, got {staging!r}")
+        if staging not in STAGINGS:
+            raise ValueError(f"staging must be one of {', '.join(STAGINGS)}, got {staging!r}")
         import torch
 
         self.torch = torch

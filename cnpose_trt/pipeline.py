@@ -193,8 +193,10 @@ class PoseEstimator:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
         if crop_method not in CROP_METHODS:
             raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
-        if staging not in ("pin_memory", "ring"):
-            raise ValueError(f"staging must be 'pin_memory' or 'ring', got {staging!r}")
+        from .gpu_stage import STAGINGS
+
+        if staging not in STAGINGS:  # checked before any engine is built, as crop_method is
+            raise ValueError(f"staging must be one of {', '.join(STAGINGS)}, got {staging!r}")
         if isinstance(engine_or_variant, Engine):
             self.engine = engine_or_variant
         elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
@@ -383,7 +385,8 @@ class PoseEstimator:
         size = self.spec.input_size
         affines = None
         if image_dev is not None:
-            crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], tuple(image_dev.shape))
+            if crop_boxes is None:  # a file decoded on the device: its size is known now
+                crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], tuple(image_dev.shape))
             crops = mirrored = None
             affines = crop_matrices(crop_boxes, size)
         elif crop_boxes is not None:  # nobody in a uint8 image on the GPU path: nothing to crop

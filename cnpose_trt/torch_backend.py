@@ -98,7 +98,7 @@ class TorchEngine(Engine):
         self.memory_format = fmt
         self.device = str(self.torch_device)
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # host path: n -> (graph, output, input)
         self._static_graph: tuple[Any, Any] | None = None  # device path: (graph, output) at max_batch rows
         self._input: Any = None
         self._lock = threading.RLock()  # enqueue_device holds it around forward_static, which takes it too
@@ -126,25 +126,14 @@ class TorchEngine(Engine):
 
     def _replay(self, x: Any) -> Any:
         """CUDA graph per batch size: static input/output buffers, captured on first use."""
-        import torch
-
         n = x.shape[0]
         if n not in self._graphs:
             static_in = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
-                    self.model(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.model(static_in)
-            self._graphs[n] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[n]
+            self._graphs[n] = (*self._capture(static_in), static_in)
+        graph, static_out, static_in = self._graphs[n]
         static_in.copy_(x)
         graph.replay()
-        return static_out.contiguous().clone()
+        return static_out.clone()
 
     def forward_static(self, n: int) -> Any:
         """The network on rows 0..n of the device input buffer (input_buffer), on the current
