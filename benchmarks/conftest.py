@@ -130,3 +130,22 @@ def slowdown(fn):
 @pytest.fixture(scope="session")
 def bench_engine_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench_engines")
+
+
+def compiled_or_skip():
+    """cnpose_trt._C, or skip the benchmark where it is not built."""
+    try:
+        from cnpose_trt import _C
+    except ImportError:
+        pytest.skip("cnpose_trt._C is not built")
+    return _C
+
+
+def cuda_or_skip():
+    """torch, or skip where there is no CUDA device or the extension was built without CUDA."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not compiled_or_skip().built_with_cuda:
+        pytest.skip("cnpose_trt._C was built without CUDA")
+    return torch

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 import pytest
+from conftest import compiled_or_skip as _C
+from conftest import cuda_or_skip as _cuda
 
 from cnpose_trt.decoding import decode, soft_argmax_torch
 
@@ -37,14 +39,6 @@ JOINTS = 18
 def _heatmaps(head: str, batch: int) -> np.ndarray:
     d, s = HEADS[head]
     return (np.random.default_rng(0).standard_normal((batch, JOINTS * d, s, s)) * 3).astype(np.float32)
-
-
-def _C():
-    try:
-        from cnpose_trt import _C
-    except ImportError:
-        pytest.skip("cnpose_trt._C is not built")
-    return _C
 
 
 # ----------------------------------------------------------------------------------------- CPU
@@ -133,15 +127,6 @@ def test_cpu_read_bandwidth(benchmark, head):
 
 
 # ----------------------------------------------------------------------------------------- GPU
-
-def _cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if not _C().built_with_cuda:
-        pytest.skip("cnpose_trt._C was built without CUDA")
-    return torch
-
 
 def _timed(torch, fn, inner: int = 20):
     """One benchmark round = `inner` launches then a sync; reported per launch via images."""

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 import pytest
+from conftest import compiled_or_skip as _C
+from conftest import cuda_or_skip as _cuda
 
 from cnpose_trt.cropping import crop_normalize
 from cnpose_trt.geometry import crop_matrices
@@ -42,14 +44,6 @@ def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     side = rng.uniform(150, 700, PEOPLE) * 1.25
     boxes = np.column_stack([rng.uniform(-100, 1920 - side / 2), rng.uniform(-100, 1080 - side / 2), side, side])
     return image, boxes, crop_matrices(boxes, SIZE)
-
-
-def _C():
-    try:
-        from cnpose_trt import _C
-    except ImportError:
-        pytest.skip("cnpose_trt._C is not built")
-    return _C
 
 
 # ----------------------------------------------------------------------------------------- CPU
@@ -103,15 +97,6 @@ def test_cpu_fused_isa(benchmark, isa):
 
 
 # ----------------------------------------------------------------------------------------- GPU
-
-def _cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if not _C().built_with_cuda:
-        pytest.skip("cnpose_trt._C was built without CUDA")
-    return torch
-
 
 def _timed(torch, fn):
     """One benchmark round = INNER calls then a sync; reported per call via images."""
