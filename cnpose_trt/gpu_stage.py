@@ -181,20 +181,16 @@ class Uploader:
 
     def load(self, path: str | Path) -> tuple[Any, Any]:
         """An image file -> (H, W, 3) uint8 RGB device tensor, event. JPEGs decode on the GPU where
-        torchvision can; anything else (or a JPEG nvJPEG refuses) through preprocess.load_image."""
-        from .imageio_guard import check_image_file
-        from .preprocess import load_image
+        torchvision can; anything else (or a JPEG nvJPEG refuses) is decoded by OpenCV, as
+        preprocess.load_image does, from the bytes already read."""
+        from .preprocess import decode_image, read_image_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        check_image_file(path)  # image bombs are refused from the header, before any decoder
-        data = np.fromfile(path, dtype=np.uint8)
+        data = read_image_file(path)  # image bombs are refused from the header, before any decoder
         if self._decode_jpeg is not None and gpu_decodable(data):
             got = self._gpu_decode(data)
             if got is not None:
                 return got
-        return self.upload(load_image(path))
+        return self.upload(decode_image(data, path))
 
     def _gpu_decode(self, data: np.ndarray) -> tuple[Any, Any] | None:
         torch = self.torch

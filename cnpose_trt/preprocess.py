@@ -37,15 +37,24 @@ def load_image(path: str | Path) -> np.ndarray:
         ValueError: the file is not an image OpenCV can decode, or its header claims more pixels
             than imageio_guard.MAX_IMAGE_PIXELS (an image bomb is refused before decoding).
     """
-    import cv2
+    return decode_image(read_image_file(path), path)
 
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """An image file's bytes, after checking that it exists and that its header is no image bomb."""
     from .imageio_guard import check_image_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     check_image_file(path)
-    data = np.fromfile(path, dtype=np.uint8)
+    return np.fromfile(path, dtype=np.uint8)
+
+
+def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """An image file's bytes (read_image_file) as (H, W, 3) uint8 RGB, decoded by OpenCV; errors name `path`."""
+    import cv2
+
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+: decodes to RGB, no extra copy
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) if data.size else None
