@@ -1,12 +1,17 @@
 """The device-resident side of PoseEstimator: images go to the GPU once, as uint8.
 
-Each image is copied into pinned (page-locked) host memory and uploaded on one upload stream
-with a non-blocking copy; an event marks its arrival. JPEG files are decoded on the GPU where
-torchvision offers it (torchvision.io.decode_jpeg(device="cuda")), else by OpenCV on the host
-and uploaded. At the engine, `fill` makes the engine's stream wait for those events and runs the
-fused CUDA crop-and-normalise kernel (cropping.crop_normalize) straight into the engine's input
-buffer, so batch k+1's uploads (made by the prep threads while batch k runs) overlap the
-network. torch is needed for the pinned staging and the streams; TensorRT engines use it too.
+Staging ("batched", the default): the prep threads copy each uint8 image into one pinned host
+ring allocated once (a plain memcpy, no CUDA call, the GIL released); the ring is mirrored byte
+for byte by a device buffer of the same size. At the engine, `fill` copies the call's images
+over with one asynchronous copy per run of adjacent ring regions (usually one per call) on the
+upload stream, makes the engine's stream wait for it, and runs the fused CUDA crop-and-normalise
+kernel (cropping.crop_normalize) on views of the device mirror, straight into the engine's input
+buffer. The copy for batch k+1 runs on the copy engine while batch k runs on the GPU. Measured
+on an H200 before this: per-image staging (pinned allocation, copy and event per image on the
+prep threads) held the pipeline at 7-22% of the engine's throughput. "per_image" keeps that way.
+JPEG files are decoded on the GPU where torchvision offers it (torchvision.io.decode_jpeg(
+device="cuda")), else by OpenCV on the host and staged. torch is needed for the pinned memory and
+the streams; TensorRT engines use it too.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from .backends import importable
 from .engine import Engine
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-STAGINGS = ("pin_memory", "ring")  # how Uploader stages uint8 images in pinned memory
+STAGINGS = ("batched", "per_image")  # how Uploader stages uint8 images (see the module text)
+RING_MIN_BYTES, RING_MAX_BYTES = 64 << 20, 1 << 30  # staging rings sized automatically (host and device each)
 
 
 def usable(engine: Engine) -> str | None:
@@ -65,16 +71,20 @@ def gpu_decodable(data: np.ndarray | bytes) -> bool:
 
 
 class _Region:
-    """Bytes [start, end) of a PinnedRing, busy until the copy out of them has finished."""
+    """Bytes [start, end) of a PinnedRing, busy until the work reading them has finished."""
 
     def __init__(self, start: int, end: int) -> None:
         self.start, self.end = start, end
         self._attached = threading.Event()
         self._done: Any = None
 
+    @property
+    def attached(self) -> bool:
+        return self._attached.is_set()
+
     def attach(self, done: Any) -> None:
-        """done: an event (synchronize()) recorded after the copy out of the region; None when the
-        upload failed before any copy was enqueued."""
+        """done: an event (synchronize()) recorded after the last work that reads the region
+        (the crop kernel on the engine's stream); None when nothing reads it any more."""
         self._done = done
         self._attached.set()
 
@@ -85,9 +95,12 @@ class _Region:
 
 
 class PinnedRing:
-    """Page-locked staging allocated once, used as a ring: each upload takes the next `nbytes`,
-    and a region is reused only after the copy out of it has finished (its event). Regions are
-    handed out in order, so the ones in the way of a new region are always the oldest.
+    """Page-locked staging allocated once, used as a ring: each image takes the next `nbytes`,
+    and a region is reused only after the work reading it has finished (its event).
+
+    A region that overlaps the one wanted but has no event yet belongs to an image not handed to
+    the engine so far: take() then gives None (the caller stages that image another way) rather
+    than wait for it, which could wait forever when the ring is smaller than the work in flight.
 
     buffer: a 1-D uint8 numpy view of pinned memory (any 1-D uint8 array in tests).
     """
@@ -103,38 +116,170 @@ class PinnedRing:
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> _Region | None:
-        """A region of nbytes (waiting for old copies when the ring is full), or None when nbytes
-        exceeds the whole ring (the caller stages that upload another way)."""
+        """A region of nbytes (waiting for the events of older regions in its way), or None when
+        nbytes exceeds the whole ring or a region in the way is still unattached."""
         nbytes = -(-nbytes // self.ALIGN) * self.ALIGN  # regions start on 256-byte boundaries
         if not 0 < nbytes <= self.size:
             return None
         with self._lock:
             start = self._head if self._head + nbytes <= self.size else 0
             end = start + nbytes
-            while any(r.start < end and start < r.end for r in self._live):
-                self._live.popleft().wait()  # oldest first: copies finish in the order they were made
+            blocking = [r for r in self._live if r.start < end and start < r.end]
+            if not all(r.attached for r in blocking):
+                return None
+            for r in blocking:
+                r.wait()
+                self._live.remove(r)
             region = _Region(start, end)
             self._live.append(region)
             self._head = end
             return region
 
 
-class Uploader:
-    """Uploads uint8 images (and decodes JPEG files) onto one device, on its own stream.
+class Staged:
+    """A host image copied into a StagingRing: bytes [region.start, region.start + nbytes) of the
+    host ring, and of its device mirror once the copies of the call that reads it are enqueued."""
+
+    __slots__ = ("region", "shape", "nbytes")
+
+    def __init__(self, region: _Region, shape: tuple[int, ...], nbytes: int) -> None:
+        self.region, self.shape, self.nbytes = region, shape, nbytes
+
+
+def spans(staged: list[Staged]) -> list[tuple[int, int]]:
+    """The byte ranges to copy for these images: each region once, adjacent regions merged (images
+    staged one after another make one range). Gaps are never copied: bytes between two regions
+    may belong to another image whose crops are still being cut."""
+    out: list[list[int]] = []
+    for start, end in sorted({(s.region.start, s.region.end) for s in staged}):
+        if out and start == out[-1][1]:
+            out[-1][1] = end
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+class StagingRing:
+    """A PinnedRing of host memory and its mirror of the same size (device memory on the GPU; any
+    1-D uint8 array in tests). put() runs on the prep threads, copy_in() and view() at the engine.
+
+    host: 1-D uint8 numpy array (the ring's memory); source: the same memory as the copies read
+    it (a pinned torch tensor on the GPU; host itself in tests); mirror: where copy_in() writes.
+    """
+
+    def __init__(self, host: np.ndarray, mirror: Any, source: Any = None) -> None:
+        got = getattr(mirror, "shape", None)
+        if got is None or tuple(got) != host.shape:
+            raise ValueError(f"mirror must have the host ring's shape {host.shape}, got {got}")
+        self.ring = PinnedRing(host)
+        self.mirror = mirror
+        self.source = host if source is None else source
+
+    @property
+    def size(self) -> int:
+        return self.ring.size
+
+    def put(self, image: np.ndarray) -> Staged | None:
+        """Copy a uint8 (H, W, 3) image into the next region, or None when the ring has no room."""
+        region = self.ring.take(image.nbytes)
+        if region is None:
+            return None
+        try:
+            np.copyto(self.ring.buffer[region.start:region.start + image.nbytes].reshape(image.shape), image)
+        except BaseException:
+            region.attach(None)
+            raise
+        return Staged(region, tuple(image.shape), image.nbytes)
+
+    def copy_in(self, staged: list[Staged]) -> int:
+        """Copy the images' ranges host -> mirror (non-blocking on a GPU: the caller's current
+        stream); the number of copies made."""
+        ranges = spans(staged)
+        for a, b in ranges:
+            dest = self.mirror[a:b]
+            if hasattr(dest, "copy_"):
+                dest.copy_(self.source[a:b], non_blocking=True)
+            else:
+                dest[...] = self.source[a:b]
+        return len(ranges)
+
+    def view(self, s: Staged) -> Any:
+        """The image in the mirror, (H, W, 3) uint8."""
+        return self.mirror[s.region.start:s.region.start + s.nbytes].reshape(s.shape)
+
+    def release(self, staged: list[Staged], done: Any) -> None:
+        """The images' regions are free once `done` (an event after the crop kernel) fires."""
+        for region in {id(s.region): s.region for s in staged}.values():
+            region.attach(done)
+
+
+class Stager:
+    """How images are staged for the device, without the device: the staging ring, sized on
+    first use, and the fallback to per-image uploads. Uploader supplies the GPU memory and the
+    per-image upload; tests run this logic on host arrays.
+
+    staging: "batched" (a StagingRing, see the module text) or "per_image" (upload() per image).
+    ring_images, ring_bytes: the staging ring's size: ring_bytes when given, else room for
+    ring_images images the size of the first one staged (within RING_MIN_BYTES..RING_MAX_BYTES),
+    host and device memory each. An image that finds no room is uploaded per image (staging_fallbacks).
+    """
+
+    def __init__(self, staging: str = "batched", ring_images: int = 256, ring_bytes: int | None = None) -> None:
+        if staging not in STAGINGS:
+            raise ValueError(f"staging must be one of {', '.join(STAGINGS)}, got {staging!r}")
+        if ring_bytes is not None and ring_bytes < PinnedRing.ALIGN:
+            raise ValueError(f"staging ring bytes must be at least {PinnedRing.ALIGN} (or None: sized from the "
+                             f"images), got {ring_bytes}")
+        if ring_images < 1:
+            raise ValueError(f"ring_images must be >= 1, got {ring_images}")
+        self.staging, self.ring_images, self.ring_bytes = staging, int(ring_images), ring_bytes
+        self.ring: StagingRing | None = None
+        self._ring_lock = threading.Lock()
+        self.staging_fallbacks = 0
+
+    def _allocate(self, size: int) -> StagingRing:
+        raise NotImplementedError
+
+    def upload(self, image: np.ndarray) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _ring_for(self, nbytes: int) -> StagingRing:
+        with self._ring_lock:
+            if self.ring is None:
+                per_image = -(-nbytes // PinnedRing.ALIGN) * PinnedRing.ALIGN
+                auto = min(RING_MAX_BYTES, max(RING_MIN_BYTES, self.ring_images * per_image))
+                self.ring = self._allocate(self.ring_bytes or auto)
+            return self.ring
+
+    def stage(self, image: np.ndarray) -> tuple[Any, Any]:
+        """(H, W, 3) uint8 host image -> (Staged, None): copied into the staging ring, no CUDA call
+        (Fill copies it over at the engine); or upload()'s (device tensor, event) when staged per image."""
+        if self.staging == "batched" and image.dtype == np.uint8:
+            staged = self._ring_for(image.nbytes).put(image)
+            if staged is not None:
+                return staged, None
+            with self._ring_lock:
+                self.staging_fallbacks += 1
+        return self.upload(image)
+
+    def release(self, staged: list[Staged], done: Any) -> None:
+        """The images' ring regions are free once `done` fires (None: now)."""
+        if staged:
+            self.ring.release(staged, done)
+
+
+class Uploader(Stager):
+    """Stages and uploads uint8 images (and decodes JPEG files) for one device, on its own stream.
 
     gpu_jpeg: decode JPEG files on the GPU where torchvision can. nvJPEG's IDCT and chroma
     upsampling differ from libjpeg's (a mean of 2.47 grey levels measured on an H200 on
     colour-rich 4:2:0 files), so poses can differ slightly from the host path's; False decodes
-    with OpenCV, as the host path does.
-    staging: "pin_memory" (torch's caching pinned allocator per image; measured on an H200: the
-    end-to-end limit) or "ring" (one PinnedRing of ring_bytes allocated once; not yet measured
-    on a GPU, benchmarks/gpu_e2e.py compares them).
+    with OpenCV, as the host path does. staging, ring_images, ring_bytes: see Stager.
     """
 
-    def __init__(self, device: str, gpu_jpeg: bool = True, staging: str = "pin_memory",
-                 ring_bytes: int = 128 << 20) -> None:
-        if staging not in STAGINGS:
-            raise ValueError(f"staging must be one of {', '.join(STAGINGS)}, got {staging!r}")
+    def __init__(self, device: str, gpu_jpeg: bool = True, staging: str = "batched", ring_images: int = 256,
+                 ring_bytes: int | None = None) -> None:
+        super().__init__(staging, ring_images, ring_bytes)
         import torch
 
         self.torch = torch
@@ -146,33 +291,21 @@ class Uploader:
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
         self.gpu_jpeg_failures = 0
         self.gpu_jpeg_decoded = 0
-        self._ring: PinnedRing | None = None
-        if staging == "ring":
-            self._ring_tensor = torch.empty(int(ring_bytes), dtype=torch.uint8, pin_memory=True)
-            self._ring = PinnedRing(self._ring_tensor.numpy())
+
+    def _allocate(self, size: int) -> StagingRing:
+        torch = self.torch
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return StagingRing(host.numpy(), torch.empty(size, dtype=torch.uint8, device=self.device), host)
 
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
-        """(H, W, 3) uint8 host image -> (device tensor, event marking its arrival)."""
+        """A host array -> (device tensor, event marking its arrival): pinned by torch's caching
+        allocator, one non-blocking copy on the upload stream."""
         torch = self.torch
-        region = self._ring.take(image.nbytes) if self._ring is not None and image.dtype == np.uint8 else None
-        if region is None:
-            staged = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
-            with torch.cuda.stream(self.stream):
-                dev = staged.to(self.device, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self.stream)
-            return dev, ready
-        ready = None
-        try:
-            stop = region.start + image.nbytes
-            np.copyto(self._ring.buffer[region.start:stop].reshape(image.shape), image)
-            with torch.cuda.stream(self.stream):
-                dev = torch.empty(image.shape, dtype=torch.uint8, device=self.device)
-                dev.copy_(self._ring_tensor[region.start:stop].view(image.shape), non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self.stream)
-        finally:
-            region.attach(ready)  # None when nothing was enqueued: the region is free at once
+        staged = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
+        with torch.cuda.stream(self.stream):
+            dev = staged.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
         return dev, ready
 
     def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
@@ -180,9 +313,9 @@ class Uploader:
         return self.upload(crops)
 
     def load(self, path: str | Path) -> tuple[Any, Any]:
-        """An image file -> (H, W, 3) uint8 RGB device tensor, event. JPEGs decode on the GPU where
-        torchvision can; anything else (or a JPEG nvJPEG refuses) is decoded by OpenCV, as
-        preprocess.load_image does, from the bytes already read."""
+        """An image file -> (Staged, None) or ((H, W, 3) uint8 RGB device tensor, event). JPEGs
+        decode on the GPU where torchvision can; anything else (or a JPEG nvJPEG refuses) is decoded
+        by OpenCV, as preprocess.load_image does, from the bytes already read, and staged."""
         from .preprocess import decode_image, read_image_file
 
         data = read_image_file(path)  # image bombs are refused from the header, before any decoder
@@ -190,7 +323,7 @@ class Uploader:
             got = self._gpu_decode(data)
             if got is not None:
                 return got
-        return self.upload(decode_image(data, path))
+        return self.stage(decode_image(data, path))
 
     def _gpu_decode(self, data: np.ndarray) -> tuple[Any, Any] | None:
         torch = self.torch
@@ -214,28 +347,56 @@ class Uploader:
         return dev, ready
 
 
-def make_fill(uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
-              crop_rows: list[tuple[int, Any, Any]], size: int, device: Any) -> Any:
-    """enqueue_device's fill for one batch.
+class Fill:
+    """enqueue_device's fill for one engine call.
 
-    uploads: (device uint8 image, event) per image cut by the kernel; index, affines, flips: the
-    kernel's people (the input rows not in crop_rows, ascending); crop_rows: (first row, device
-    crops, event) of host-made crops copied in as they are. The engine's stream first waits for
-    every upload, and keeps each uploaded tensor alive until its own work is done.
+    uploads: (image, event) per image cut by the kernel: a Staged image of the uploader's ring
+    (event None) or a device uint8 tensor; index, affines, flips: the kernel's people (the input
+    rows not in crop_rows, ascending); crop_rows: (first row, device crops, event) of host-made
+    crops copied in as they are. On the GPU the staged images' ranges are copied over on the
+    upload stream first (StagingRing.copy_in), the engine's stream waits for every copy and keeps
+    each per-image tensor alive until its own work is done; after the call `done` is an event
+    recorded after the crop kernel (when the staged images' ring regions are free again). Given a
+    host array (stand-in engines in tests) the same steps run on the host and `done` stays None.
     """
 
-    def fill(inputs: Any, stream: int) -> None:
+    def __init__(self, uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
+                 crop_rows: list[tuple[int, Any, Any]], size: int, uploader: Any) -> None:
+        self.uploads, self.index, self.affines, self.flips = uploads, index, affines, flips
+        self.crop_rows, self.size, self.uploader = crop_rows, size, uploader
+        self.staged = [s for s, _ in uploads if isinstance(s, Staged)]
+        self.done: Any = None
+
+    def _images(self) -> list[Any]:
+        ring = self.uploader.ring
+        return [ring.view(s) if isinstance(s, Staged) else s for s, _ in self.uploads]
+
+    def __call__(self, inputs: Any, stream: int) -> None:
+        if isinstance(inputs, np.ndarray):
+            if self.staged:
+                self.uploader.ring.copy_in(self.staged)
+            write_rows(inputs, self._images(), self.index, self.affines, self.flips, self.crop_rows, self.size, stream)
+            return
         import torch
 
-        target = torch.cuda.ExternalStream(stream, device=device)
-        for tensor, ready in [*uploads, *((t, e) for _, t, e in crop_rows)]:
+        up = self.uploader
+        target = torch.cuda.ExternalStream(stream, device=up.device)
+        if self.staged:
+            with torch.cuda.stream(up.stream):
+                up.ring.copy_in(self.staged)
+                arrived = torch.cuda.Event()
+                arrived.record(up.stream)
+            target.wait_event(arrived)
+        waits = [(t, e) for t, e in self.uploads if not isinstance(t, Staged)]
+        for tensor, ready in [*waits, *((t, e) for _, t, e in self.crop_rows)]:
             target.wait_event(ready)
             tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
-        dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=device)
+        dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=up.device)
         with torch.cuda.stream(target):
-            write_rows(dest, [t for t, _ in uploads], index, affines, flips, crop_rows, size, stream)
-
-    return fill
+            write_rows(dest, self._images(), self.index, self.affines, self.flips, self.crop_rows, self.size, stream)
+            done = torch.cuda.Event()
+            done.record(target)
+        self.done = done
 
 
 def write_rows(dest: Any, images: list[Any], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,

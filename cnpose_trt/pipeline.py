@@ -16,6 +16,7 @@ import numpy as np
 from .decoding import decode
 from .engine import Engine
 from .geometry import as_array, crop_matrices, per_person
+from .gpu_stage import Staged
 from .preprocess import check_image, load_image, prepare, resolve_crop_boxes
 from .spec import JOINT_NAMES
 
@@ -95,7 +96,7 @@ class _Item:
     crop_boxes: np.ndarray
     root_depth: np.ndarray | None
     intrinsics: np.ndarray | None
-    image_dev: Any = None      # GPU path: the uint8 image on the device, cut by the crop kernel
+    image_dev: Any = None      # GPU path: the uint8 image cut by the crop kernel: on the device, or staged
     ready: Any = None          # GPU path: event marking the upload's (or device crops') arrival
     affines: np.ndarray | None = None  # GPU path: (P, 2, 3) crop maps of image_dev
 
@@ -177,14 +178,19 @@ class PoseEstimator:
         gpu_jpeg: on the GPU path, decode JPEG files given as image paths on the GPU (nvJPEG
             through torchvision); False decodes them with OpenCV as the host path does (nvJPEG's
             pixels differ from libjpeg's by a few grey levels).
-        staging: on the GPU path, how uint8 images reach pinned memory: "pin_memory" (measured)
-            or "ring" (one preallocated pinned ring; gpu_stage.Uploader, not yet measured).
+        staging: on the GPU path, how uint8 images reach the device: "batched" (the prep threads
+            copy them into one pinned ring, mirrored on the device; one copy per engine call) or
+            "per_image" (a pinned allocation, copy and event per image: the way measured to limit
+            the pipeline on an H200). See gpu_stage.
+        staging_bytes: the batched staging ring's size (host and device memory each); None: room
+            for (prefetch + 3) x max_batch images the size of the first one, 64 MiB to 1 GiB.
+            Images that find no room are staged per image (Uploader.staging_fallbacks).
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
-                 staging: str = "pin_memory", **build_options: Any) -> None:
+                 staging: str = "batched", staging_bytes: int | None = None, **build_options: Any) -> None:
         from .engine import load_engine
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
@@ -227,7 +233,9 @@ class PoseEstimator:
 
             self.device_crops_unavailable = gpu_stage.usable(self.engine)
             if self.device_crops_unavailable is None:
-                self._uploader = gpu_stage.Uploader(self.engine.device, gpu_jpeg=bool(gpu_jpeg), staging=staging)
+                self._uploader = gpu_stage.Uploader(
+                    self.engine.device, gpu_jpeg=bool(gpu_jpeg), staging=staging,
+                    ring_images=(prefetch + 3) * max(1, self.max_batch), ring_bytes=staging_bytes)
         elif not self._on_device:
             self.device_crops_unavailable = "the engine runs on the CPU"
 
@@ -282,6 +290,15 @@ class PoseEstimator:
         and 'intrinsics'. An image with no people gives an empty PoseResult. When the source
         raises, or an item is bad, every result before it is delivered first, then the error.
         """
+        staged: list[Any] = []  # this run's images in the staging ring (GPU path)
+        try:
+            yield from self._predict_iter(items, flip, staged)
+        finally:  # after the prep threads stopped: free the ring regions of images that never ran
+            for s in staged:
+                if not s.region.attached:
+                    s.region.attach(None)
+
+    def _predict_iter(self, items: Iterable[Any], flip: bool, staged: list[Any]) -> Iterator[PoseResult]:
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
             pending: collections.deque[Future[_Item]] = collections.deque()
@@ -306,7 +323,7 @@ class PoseEstimator:
                     if nxt is _END:
                         exhausted = True
                         return
-                    pending.append(prep.submit(self._prepare, nxt, flip, gpu))
+                    pending.append(prep.submit(self._prepare, nxt, flip, gpu, staged))
 
             def take() -> _Item | None:
                 """The next prepared item, or None (and failure set) when it failed."""
@@ -359,13 +376,15 @@ class PoseEstimator:
             if failure is not None:
                 raise failure
 
-    def _prepare(self, entry: Any, flip: bool, gpu: bool = False) -> _Item:
+    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: list[Any] | None = None) -> _Item:
         started = time.perf_counter()
-        item = self._prepare_item(entry, flip, gpu)
+        item = self._prepare_item(entry, flip, gpu, staged)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
-    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False) -> _Item:
+    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False, staged: list[Any] | None = None) -> _Item:
+        """staged: where images put in the staging ring are logged (the run frees the ring regions
+        of those that never reach the engine)."""
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
@@ -381,7 +400,9 @@ class PoseEstimator:
             if gpu and image.dtype == np.uint8:  # uint8 images go to the GPU, unless nobody is in them
                 crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
                 if len(crop_boxes):
-                    image_dev, ready = self._uploader.upload(image)
+                    image_dev, ready = self._uploader.stage(image)
+        if staged is not None and isinstance(image_dev, Staged):
+            staged.append(image_dev)  # in the staging ring
         size = self.spec.input_size
         affines = None
         if image_dev is not None:
@@ -399,8 +420,8 @@ class PoseEstimator:
             mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
             if gpu and len(crops):  # float image: host crops, uploaded once
                 both = crops if mirrored is None else np.concatenate([crops, mirrored])
-                staged, ready = self._uploader.upload_crops(both)
-                crops, mirrored = staged[:len(crop_boxes)], staged[len(crop_boxes):] if flip else None
+                dev, ready = self._uploader.upload_crops(both)
+                crops, mirrored = dev[:len(crop_boxes)], dev[len(crop_boxes):] if flip else None
         p = len(crop_boxes)
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
@@ -409,13 +430,23 @@ class PoseEstimator:
     def _run_gpu(self, batch: list[_Item], flip: bool, people: int) -> _Later:
         """Crops cut on the GPU into the engine's input, network, fused decode: enqueued, not waited
         for. An image with more people than one call takes is spread over several calls."""
-        from .gpu_stage import make_fill
-
         started = time.perf_counter()
         persons: list[tuple[_Item, int]] = [(it, i) for it in batch for i in range(len(it.boxes))]
         post = _post(batch)
         step = max(1, self.max_batch // 2) if flip else self.max_batch
-        handles = []
+        handles, fills = [], []
+        try:
+            self._enqueue_gpu(persons, people, step, flip, post, handles, fills)
+        finally:  # the staged images' ring regions are free after the last crop kernel that reads them
+            done = next((f.done for f in reversed(fills) if f.done is not None), None)
+            self._uploader.release([s for f in fills for s in f.staged], done)
+        self.timings.add("infer", time.perf_counter() - started)
+        return _Later(lambda: self._results(batch, np.concatenate([self._wait(h) for h in handles])))
+
+    def _enqueue_gpu(self, persons: list[tuple[_Item, int]], people: int, step: int, flip: bool,
+                     post: dict[str, Any], handles: list[Any], fills: list[Any]) -> None:
+        from .gpu_stage import Fill
+
         for first in range(0, people, step):
             chunk = persons[first:first + step]
             q = len(chunk)
@@ -436,11 +467,10 @@ class PoseEstimator:
             index = np.array([k for k, _, _ in kernel], np.int64)
             affines = np.array([m for _, m, _ in kernel], np.float64).reshape(-1, 2, 3)
             flips = np.array([f for _, _, f in kernel], bool)
-            fill = make_fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader.device)
+            fill = Fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader)
+            fills.append(fill)
             part = {k: None if v is None else v[first:first + q] for k, v in post.items()}
             handles.append(self.engine.enqueue_device(fill, 2 * q if flip else q, flip=flip, **part))
-        self.timings.add("infer", time.perf_counter() - started)
-        return _Later(lambda: self._results(batch, np.concatenate([self._wait(h) for h in handles])))
 
     def _wait(self, handle: Any) -> np.ndarray:
         started = time.perf_counter()

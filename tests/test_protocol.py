@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cnpose_trt import backends
+from cnpose_trt import backends, gpu_stage
 from cnpose_trt.decoding import decode
 from cnpose_trt.engine import Engine, load_engine
 from cnpose_trt.errors import EngineError
@@ -105,11 +105,17 @@ def test_pose_estimator_uses_the_device_path(xs_engine, flip):
             np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
 
 
-class _HostStaging:
-    """Stand-in for gpu_stage.Uploader that keeps images on the host (labelled: no GPU runs here)."""
+class _HostStaging(gpu_stage.Stager):
+    """Stand-in for gpu_stage.Uploader without a GPU (labelled: no GPU runs here): the real staging
+    logic (Stager, StagingRing, Fill) on host arrays, the ring's "device" mirror a second host
+    array poisoned with 7s; per-image uploads keep images on the host."""
 
-    def __init__(self, device, gpu_jpeg=True, staging="pin_memory"):
+    def __init__(self, device, gpu_jpeg=True, staging="batched", ring_images=256, ring_bytes=None):
+        super().__init__(staging, ring_images, ring_bytes)
         self.device = device
+
+    def _allocate(self, size):
+        return gpu_stage.StagingRing(np.zeros(size, np.uint8), np.full(size, 7, np.uint8))
 
     def upload(self, image):
         return np.ascontiguousarray(image), None
@@ -119,7 +125,7 @@ class _HostStaging:
     def load(self, path):
         from cnpose_trt.preprocess import load_image
 
-        return load_image(path), None
+        return self.stage(load_image(path))
 
 
 class _FillsInput(Engine):
@@ -144,18 +150,9 @@ class _FillsInput(Engine):
         return type("Done", (), {"result": lambda _self: done})()
 
 
-def _host_fill(uploads, index, affines, flips, crop_rows, size, device):
-    """make_fill's stand-in without CUDA: the same gpu_stage.write_rows on host arrays."""
-    from cnpose_trt import gpu_stage
-
-    def fill(inputs, stream):
-        gpu_stage.write_rows(inputs, [t for t, _ in uploads], index, affines, flips, crop_rows, size, stream)
-
-    return fill
-
-
+@pytest.mark.parametrize("staging", ["batched", "per_image"])
 @pytest.mark.parametrize("flip", [False, True])
-def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
+def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, staging):
     """PoseEstimator's device path (uploads, kernel rows, host-cropped float images between them,
     the flip test's mirrored half) gives the host path's results; the kernel runs on the host."""
     pytest.importorskip("cnpose_trt._C")
@@ -164,7 +161,6 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
-    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
     img, box = demo_image()
     x, y, w, h = box
     path = tmp_path / "person.png"
@@ -173,7 +169,7 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
              (img.astype(np.float32), [(x, y + 10, w, h * 0.9)]), (img, [box] * 3, [3000.0, 4000.0, 5000.0]),
              (img.astype(np.float32), [box, box]), (str(path), [(x - 5, y, w, h)], 3500.0, [1400, 1400, 300, 250])]
     engine = _FillsInput(xs_engine)
-    est = PoseEstimator(engine)
+    est = PoseEstimator(engine, staging=staging)
     assert est.device_crops
     import cnpose_trt.pipeline as pipeline
 
@@ -199,13 +195,73 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip):
             np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
 
 
+def _ring_is_free(est):
+    """Every staging ring region of the estimator has its event (nothing is held for ever)."""
+    ring = est._uploader.ring
+    return ring is None or all(r.attached for r in ring.ring._live)
+
+
+def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_region(xs_engine, monkeypatch):
+    """A ring with room for 2.5 images: images wrap around it, those that find no room are staged
+    per image, results equal the host path's (the mirror starts as 7s: a range not copied in would
+    show), and every region is freed after a run that ends, is stopped, or fails."""
+    pytest.importorskip("cnpose_trt._C")
+    import cv2 as _cv2
+
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    img, box = demo_image()
+    rng = np.random.default_rng(2)
+    items = []
+    for i in range(20):
+        scale = float(rng.uniform(0.5, 1.2))
+        im = _cv2.resize(img, None, fx=scale, fy=scale, interpolation=_cv2.INTER_AREA)
+        people = [np.array(box) * scale] * int(rng.integers(0, 3)) if i % 7 else []
+        items.append((im, people))
+    est = PoseEstimator(_FillsInput(xs_engine), staging_bytes=int(2.5 * img.nbytes), prep_threads=2)
+    got = list(est.predict_iter(items))
+    want = list(PoseEstimator(xs_engine).predict_iter(items))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+    up = est._uploader
+    assert up.staging_fallbacks > 0 and up.ring.size == int(2.5 * img.nbytes) and _ring_is_free(est)
+    assert {r.start for r in up.ring.ring._live} != {0}  # regions were handed out around the ring
+    stream = est.predict_iter(items)
+    next(stream)
+    stream.close()  # stopped after one result: the images staged ahead are freed
+    assert _ring_is_free(est)
+    bad = [*items[:6], (img, [box], -1.0), *items[6:]]
+    with pytest.raises(ValueError, match="root_depth must be > 0"):
+        list(est.predict_iter(bad))
+    assert _ring_is_free(est)
+    assert len(list(est.predict_iter(items))) == len(items)  # and the ring still serves
+
+
+def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeypatch):
+    """The default ring (room for (prefetch + 3) x max_batch images) holds everything in flight:
+    regions are freed after each engine call and reused, so no image is staged per image."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    img, box = demo_image()
+    est = PoseEstimator(_FillsInput(xs_engine), prep_threads=2, prefetch=2)
+    n = 4 * (2 + 3) * xs_engine.max_batch  # the ring wraps four times
+    got = list(est.predict_iter((img, [box]) for _ in range(n)))
+    assert len(got) == n and est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
+    assert est._uploader.ring.size == max(gpu_stage.RING_MIN_BYTES, (2 + 3) * xs_engine.max_batch * -(-img.nbytes // 256) * 256)
+    np.testing.assert_allclose(got[-1].image, got[0].image, rtol=1e-6)
+
+
 def test_device_path_with_room_for_one_crop_falls_back_to_host_crops_for_the_flip_test(tmp_path, monkeypatch):
     from cnpose_trt import build_engine, gpu_stage
     from cnpose_trt.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
-    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
     one = load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp_path, max_batch=1).path)
     img, box = demo_image()
     engine = _FillsInput(one)
@@ -285,7 +341,6 @@ def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monke
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
-    monkeypatch.setattr(gpu_stage, "make_fill", _host_fill)
     img, box = demo_image()
     items = [(img, [box])] * 5 + [(img, [box], -1.0)] + [(img, [box])] * 3
     got = []
@@ -318,14 +373,19 @@ def test_pinned_ring_never_hands_out_bytes_still_being_copied():
     assert (a.start, b.start) == (0, 1024) and b.start % 256 == 0
     for r in (a, b):
         r.attach(None)
-    log, errors = [], []
+    log, errors, misses = [], [], []
 
     def worker(seed):
         rng = np.random.default_rng(seed)
         try:
-            for _ in range(300):
+            done = 0
+            while done < 300 and len(misses) < 100_000:
                 n = int(rng.integers(1, 6000))
                 region = ring.take(n)
+                if region is None:  # another thread's region, not attached yet, is in the way
+                    misses.append(n)
+                    continue
+                done += 1
                 pattern = rng.integers(0, 256, n, dtype=np.uint8)
                 ring.buffer[region.start:region.start + n] = pattern
                 region.attach(_CopyDone(ring, region, pattern, log) if rng.random() < 0.9 else None)
@@ -339,5 +399,80 @@ def test_pinned_ring_never_hands_out_bytes_still_being_copied():
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
     assert len(log) > 500 and all(log)  # every waited-for copy still saw its own bytes
+    assert len(misses) < 100_000
     with pytest.raises(ValueError, match="1-D uint8"):
         PinnedRing(np.zeros((4, 4), np.uint8))
+
+
+def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
+    """A region without an event belongs to an image still on its way to the engine: waiting for
+    it could wait forever (the engine call that attaches it may be behind the waiting thread), so
+    take() gives None instead; once attached, the region is waited for and reused."""
+    from cnpose_trt.gpu_stage import PinnedRing
+
+    ring = PinnedRing(np.zeros(4096, np.uint8))
+    a, b = ring.take(2048), ring.take(2048)
+    assert ring.take(256) is None and ring.take(256) is None  # a is in the way, unattached
+    synced = []
+    a.attach(type("Event", (), {"synchronize": lambda self: synced.append("a")})())
+    c = ring.take(256)
+    assert (c.start, c.end) == (0, 256) and synced == ["a"]
+    assert ring.take(2048) is None  # [256, 2304) overlaps b, still unattached
+    b.attach(None)
+    d = ring.take(2048)
+    assert (d.start, d.end) == (256, 2304)
+
+
+def test_spans_merge_adjacent_regions_and_never_copy_gaps():
+    from cnpose_trt.gpu_stage import Staged, _Region, spans
+
+    def staged(start, end):
+        return Staged(_Region(start, end), (1, 1, 3), 3)
+
+    a, b, c = staged(0, 256), staged(256, 768), staged(1024, 1280)
+    assert spans([b, a, c, a]) == [(0, 768), (1024, 1280)]  # sorted, each region once, a gap kept out
+    assert spans([c]) == [(1024, 1280)] and spans([]) == []
+    assert spans([staged(3840, 4096), staged(0, 256)]) == [(0, 256), (3840, 4096)]  # wrapped: two copies
+
+
+def test_staging_ring_round_trip_and_sizes():
+    """put copies any uint8 image (strided views too) into the ring; copy_in brings exactly the
+    staged ranges to the mirror; view gives the image back from the mirror."""
+    from cnpose_trt.gpu_stage import StagingRing
+
+    rng = np.random.default_rng(3)
+    host, mirror = np.zeros(1 << 16, np.uint8), np.full(1 << 16, 7, np.uint8)
+    ring = StagingRing(host, mirror)
+    big = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    images = [rng.integers(0, 256, (17, 23, 3), dtype=np.uint8), big[5:30:2, 10:50],  # a strided view
+              rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)]
+    staged = [ring.put(im) for im in images]
+    assert [s.region.start for s in staged] == [0, 1280, 3072]  # 256-byte aligned, in order
+    assert ring.copy_in(staged) == 1  # adjacent: one copy
+    for s, im in zip(staged, images, strict=True):
+        np.testing.assert_array_equal(ring.view(s), im)
+    assert (mirror[3328:] == 7).all()  # nothing beyond the staged ranges was written
+    ring.release(staged, None)
+    assert all(s.region.attached for s in staged)
+    assert ring.put(np.zeros((200, 200, 3), np.uint8)) is None  # larger than the whole ring
+    with pytest.raises(ValueError, match="mirror must have the host ring's shape"):
+        StagingRing(host, np.zeros(10, np.uint8))
+
+
+def test_stager_sizes_its_ring_from_the_first_image_and_falls_back_per_image(monkeypatch):
+    monkeypatch.setattr(gpu_stage, "RING_MIN_BYTES", 0)
+    stager = _HostStaging("cuda:0 (stand-in)", ring_images=3)
+    img = np.zeros((10, 30, 3), np.uint8)  # 900 bytes: 1024 with alignment
+    got = [stager.stage(img)[0] for _ in range(4)]
+    assert stager.ring.size == 3 * 1024
+    assert all(isinstance(g, gpu_stage.Staged) for g in got[:3])
+    assert not isinstance(got[3], gpu_stage.Staged) and stager.staging_fallbacks == 1  # no room: per image
+    stager.release(got[:3], None)
+    assert isinstance(stager.stage(img)[0], gpu_stage.Staged)
+    assert isinstance(stager.stage(np.zeros((10, 30, 3), np.float32))[0], np.ndarray)  # only uint8 is staged
+    per_image = _HostStaging("cuda:0 (stand-in)", staging="per_image")
+    assert isinstance(per_image.stage(img)[0], np.ndarray) and per_image.ring is None
+    with pytest.raises(ValueError, match="staging must be one of batched, per_image"):
+        gpu_stage.Stager("ring")
+    with pytest.raises(ValueError, match="staging ring bytes must be at least 256"):
+        gpu_stage.Stager(ring_bytes=100)

@@ -72,16 +72,20 @@ def _scenes(count, seed=0):
     return items
 
 
+@pytest.mark.parametrize("staging", ["batched", "per_image", "small_ring"])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("name", ["graphs", "eager32"])
-def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip):
-    """GPU crops into the engine's input give the joints host crops give on the same engine."""
+def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, staging):
+    """GPU crops into the engine's input give the joints host crops give on the same engine, with
+    images staged in the ring (copied over once per engine call), per image, or both (a ring with
+    room for about three images: images wrap around it and the others are staged per image)."""
     import cnpose_trt.pipeline as pipeline
 
     eng = gpu_engines[name]
     items = _scenes(13, seed=1 if flip else 2)
     host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items, flip=flip))
-    est = PoseEstimator(eng)
+    options = {"staging_bytes": 3 << 20} if staging == "small_ring" else {"staging": staging}
+    est = PoseEstimator(eng, **options)
     assert est.device_crops, est.device_crops_unavailable
 
     def no_host_crops(*a, **k):
@@ -89,6 +93,11 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip):
 
     monkeypatch.setattr(pipeline, "prepare", no_host_crops)
     dev = list(est.predict_iter(items, flip=flip))
+    ring = est._uploader.ring
+    assert (ring is None) == (staging == "per_image")
+    if ring is not None:
+        assert all(r.attached for r in ring.ring._live)
+        assert (est._uploader.staging_fallbacks > 0) == (staging == "small_ring")
     assert [len(r) for r in dev] == [len(r) for r in host]
     for a, b in zip(dev, host, strict=True):
         np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
