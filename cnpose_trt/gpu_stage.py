@@ -124,12 +124,20 @@ class PinnedRing:
         with self._lock:
             start = self._head if self._head + nbytes <= self.size else 0
             end = start + nbytes
-            blocking = [r for r in self._live if r.start < end and start < r.end]
-            if not all(r.attached for r in blocking):
-                return None
+            # Live regions lie in the order they were handed out, circularly from the oldest up to
+            # the head, so the ones in the way are the oldest few. On a wrap the unused tail
+            # [head, size) counts as taken too: its regions are the oldest and leave first.
+            claims = ((start, end),) if start == self._head else ((self._head, self.size), (0, end))
+            blocking = []
+            for r in self._live:
+                if not any(r.start < b and a < r.end for a, b in claims):
+                    break
+                if not r.attached:
+                    return None
+                blocking.append(r)
             for r in blocking:
                 r.wait()
-                self._live.remove(r)
+                self._live.popleft()
             region = _Region(start, end)
             self._live.append(region)
             self._head = end
