@@ -3,14 +3,16 @@
 Per variant and batch (torch CUDA fp16 + CUDA graphs, max_batch = batch):
 - engine only: the network replayed on its own device input buffer, inputs already there,
   timed with CUDA events, no host copies (TorchEngine.forward_static);
-- end to end, device crops: PoseEstimator over 640x480 uint8 images, one person each: pinned
-  upload, GPU crop into the engine's input, network, fused decode, (P, 18, 10) back;
-- the same with staging="ring" (one preallocated pinned ring instead of pin_memory per image);
+- end to end, device crops: PoseEstimator over 640x480 uint8 images, one person each: batched
+  staging (memcpy into the pinned ring on the prep threads, one copy per engine call), GPU crop
+  into the engine's input, network, fused decode, (P, 18, 10) back;
+- the same with staging="per_image" (a pinned allocation, copy and event per image: the way
+  measured on an H200 on 2026-11-27 at 7-22% of the engine);
 - end to end, host crops (cv2 + NumPy, the path before issue 11), for reference;
 - JPEG: decoding 640x480 files on the GPU (torchvision / nvJPEG) vs OpenCV, and the device
   path fed with file paths;
-- uploads alone: the Uploader's pin_memory staging vs a preallocated pinned ring vs pageable
-  copies, one and several threads (the end-to-end limit measured on an H200 is this staging).
+- uploads alone: per-image staging vs the staging ring (memcpy on threads, one copy per 64
+  images) vs pageable copies, one and several threads.
 Throughput counts images from the first to the last delivered result; p50/p99 are the times
 between consecutive batches delivered. Usage: python benchmarks/gpu_e2e.py [--json F] [--quick]
 """
@@ -95,7 +97,7 @@ def jpeg_decode(paths: list[Path], device: str) -> dict:
     from cnpose_trt.gpu_stage import Uploader
     from cnpose_trt.preprocess import load_image
 
-    up = Uploader(device)
+    up = Uploader(device, staging="per_image")  # files OpenCV decodes: uploaded, as before
     for p in paths[:4]:
         up.load(p)
     torch.cuda.synchronize()
@@ -113,43 +115,43 @@ def jpeg_decode(paths: list[Path], device: str) -> dict:
 
 
 def staging(items: list, device: str, threads: int) -> dict:
-    """Uploads alone, images/s (the end-to-end limit on the H200 was the per-image staging):
-    the pipeline's Uploader (pin_memory per image, then a non-blocking copy), a preallocated
-    pinned ring with one non-blocking copy per image, and plain pageable .to(device)."""
+    """Uploads alone, images/s: per-image staging (Uploader.upload: pinned allocation, copy, event
+    per image), the staging ring (put() on the threads, then one copy_in per 64 images on the
+    upload stream, as Fill does) and plain pageable .to(device)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from cnpose_trt.gpu_stage import Uploader
+    from cnpose_trt.gpu_stage import Staged, Uploader
 
     images = [img for img, _ in items]
-    nbytes = images[0].nbytes
     rounds = 4
-    up = Uploader(device)
-    ring = torch.empty((len(images), nbytes), dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty((len(images), nbytes), dtype=torch.uint8, device=device)
-    ring_np = ring.numpy()
-    stream = torch.cuda.Stream()
+    per_image = Uploader(device, staging="per_image")
+    batched = Uploader(device, ring_images=4 * len(images))
 
-    def pinned_ring(i: int) -> None:
-        np.copyto(ring_np[i], images[i].reshape(-1))  # releases the GIL
-        with torch.cuda.stream(stream):
-            dev[i].copy_(ring[i], non_blocking=True)
+    def ring_round(pool: ThreadPoolExecutor) -> None:
+        staged = [s for s, _ in pool.map(batched.stage, images) if isinstance(s, Staged)]
+        with torch.cuda.stream(batched.stream):
+            batched.ring.copy_in(staged)
+            done = torch.cuda.Event()
+            done.record(batched.stream)
+        batched.release(staged, done)
 
-    ways = {"uploader (pin_memory per image)": lambda i: up.upload(images[i]),
-            "preallocated pinned ring": pinned_ring,
-            "pageable .to(device)": lambda i: torch.from_numpy(images[i]).to(device)}
+    ways = {"per image (pinned alloc + copy + event)": lambda pool: list(pool.map(per_image.upload, images)),
+            "staging ring (memcpy, one copy per 64)": ring_round,
+            "pageable .to(device)": lambda pool: list(pool.map(lambda im: torch.from_numpy(im).to(device), images))}
     out = {}
     for name, fn in ways.items():
         for t in (1, threads):
             with ThreadPoolExecutor(t) as pool:
-                list(pool.map(fn, range(len(images))))  # warm-up
+                fn(pool)  # warm-up
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(rounds):
-                    list(pool.map(fn, range(len(images))))
+                    fn(pool)
                 torch.cuda.synchronize()
             out[f"{name}, {t} thread(s)"] = rounds * len(images) / (time.perf_counter() - start)
+    out["staging ring fallbacks"] = batched.staging_fallbacks
     return out
 
 
@@ -184,20 +186,21 @@ def main() -> int:
                 gpu = PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3)
                 assert gpu.device_crops, gpu.device_crops_unavailable
                 e2e = end_to_end(gpu, items, b, args.reps)
-                ring = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3, staging="ring"),
-                                  items, b, args.reps)
+                e2e["staging_fallbacks"] = gpu._uploader.staging_fallbacks
+                per_image = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3,
+                                                     staging="per_image"), items, b, args.reps)
                 host = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3,
                                                 crop_method="opencv"), items, b, max(4, args.reps // 3))
                 res = {"variant": variant, "batch": b, "engine_only": only, "e2e_device_crops": e2e,
-                       "e2e_device_crops_ring_staging": ring,
+                       "e2e_device_crops_per_image_staging": per_image,
                        "e2e_host_crops": host, "ratio": e2e["img_s"] / only["img_s"],
                        "p99_over_p50": e2e["p99_ms"] / e2e["p50_ms"]}
                 record["results"].append(res)
                 rows.append(res)
                 eng.close()
                 print(f"  {variant} b{b}: engine {only['img_s']:.0f} img/s, e2e {e2e['img_s']:.0f} img/s "
-                      f"({res['ratio']:.0%}), p99/p50 {res['p99_over_p50']:.2f}, ring staging {ring['img_s']:.0f}, "
-                      f"host crops {host['img_s']:.0f}",
+                      f"({res['ratio']:.0%}), p99/p50 {res['p99_over_p50']:.2f}, "
+                      f"per-image staging {per_image['img_s']:.0f}, host crops {host['img_s']:.0f}",
                       flush=True)
         jpg_dir = Path(tmp) / "jpeg"
         jpg_dir.mkdir()
@@ -216,16 +219,18 @@ def main() -> int:
             PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3), files, b, args.reps)}
     print(f"\n{record['gpu']}, torch {record['torch']}, {record['date']}, prep threads {args.prep_threads}")
     print(f"{'variant':8}{'batch':>6}{'engine img/s':>14}{'e2e img/s':>11}{'e2e/engine':>11}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'p99/p50':>8}{'ring img/s':>11}{'host-crop img/s':>16}")
+          f"{'p99 ms':>8}{'p99/p50':>8}{'per-image':>10}{'host-crop':>10}")
     for r in rows:
         e = r["e2e_device_crops"]
         print(f"{r['variant']:8}{r['batch']:>6}{r['engine_only']['img_s']:>14.0f}{e['img_s']:>11.0f}"
               f"{r['ratio']:>11.1%}{e['p50_ms']:>8.2f}{e['p99_ms']:>8.2f}{r['p99_over_p50']:>8.2f}"
-              f"{r['e2e_device_crops_ring_staging']['img_s']:>11.0f}{r['e2e_host_crops']['img_s']:>16.0f}")
+              f"{r['e2e_device_crops_per_image_staging']['img_s']:>10.0f}{r['e2e_host_crops']['img_s']:>10.0f}")
     j = record["jpeg"]
     print(f"JPEG 640x480: GPU decode {j['gpu_img_s']:.0f} img/s (nvJPEG via torchvision: {j['gpu_decoder']}, "
           f"fallbacks {j['gpu_fallbacks']}), OpenCV {j['opencv_img_s']:.0f} img/s (one thread); "
           f"e2e from files {j['e2e_files']['variant']} b{j['e2e_files']['batch']}: {j['e2e_files']['img_s']:.0f} img/s")
+    print("(e2e: batched staging, the default; per-image: staging='per_image'; host-crop: crop_method='opencv', "
+          "all img/s)")
     print("uploads alone (640x480 uint8), img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                               record["staging_img_s"].items()))
     if args.json:

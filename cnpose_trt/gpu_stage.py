@@ -276,6 +276,32 @@ class Stager:
             self.ring.release(staged, done)
 
 
+class HostStager(Stager):
+    """Stager on host memory only, for machines without a GPU: tests and the host-side benchmark
+    (benchmarks/host_ceiling.py) run the real staging logic with it. The ring's mirror is a
+    second host array filled with 7s (a range never copied in shows up); upload() returns the
+    image itself. Nothing here touches a GPU."""
+
+    def __init__(self, device: str = "host (stand-in)", gpu_jpeg: bool = True, staging: str = "batched",
+                 ring_images: int = 256, ring_bytes: int | None = None) -> None:
+        super().__init__(staging, ring_images, ring_bytes)
+        self.device = device
+
+    def _allocate(self, size: int) -> StagingRing:
+        return StagingRing(np.zeros(size, np.uint8), np.full(size, 7, np.uint8))
+
+    def upload(self, image: np.ndarray) -> tuple[Any, Any]:
+        return np.ascontiguousarray(image), None
+
+    def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
+        return self.upload(crops)
+
+    def load(self, path: str | Path) -> tuple[Any, Any]:
+        from .preprocess import load_image
+
+        return self.stage(load_image(path))
+
+
 class Uploader(Stager):
     """Stages and uploads uint8 images (and decodes JPEG files) for one device, on its own stream.
 

@@ -105,27 +105,7 @@ def test_pose_estimator_uses_the_device_path(xs_engine, flip):
             np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
 
 
-class _HostStaging(gpu_stage.Stager):
-    """Stand-in for gpu_stage.Uploader without a GPU (labelled: no GPU runs here): the real staging
-    logic (Stager, StagingRing, Fill) on host arrays, the ring's "device" mirror a second host
-    array poisoned with 7s; per-image uploads keep images on the host."""
-
-    def __init__(self, device, gpu_jpeg=True, staging="batched", ring_images=256, ring_bytes=None):
-        super().__init__(staging, ring_images, ring_bytes)
-        self.device = device
-
-    def _allocate(self, size):
-        return gpu_stage.StagingRing(np.zeros(size, np.uint8), np.full(size, 7, np.uint8))
-
-    def upload(self, image):
-        return np.ascontiguousarray(image), None
-
-    upload_crops = upload
-
-    def load(self, path):
-        from cnpose_trt.preprocess import load_image
-
-        return self.stage(load_image(path))
+_HostStaging = gpu_stage.HostStager  # the real staging logic on host arrays (no GPU runs here)
 
 
 class _FillsInput(Engine):

@@ -159,7 +159,7 @@ def test_device_path_reads_jpeg_files(gpu_engines, tmp_path):
 
     items = [it for it in _scenes(8, seed=5) if len(it["boxes"])]
     files, decoded = [], []
-    up = Uploader("cuda")
+    up = Uploader("cuda", staging="per_image")  # load() gives (device tensor, event) for every file
     for i, it in enumerate(items):
         path = tmp_path / f"{i}.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(it["image"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])

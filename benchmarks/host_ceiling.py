@@ -1,0 +1,109 @@
+"""The host side of the device-resident GPU path, alone: how many images/s the CPU can hand to
+the GPU through PoseEstimator when the GPU is not the limit.
+
+No GPU is used or imitated beyond this: the engine's enqueue_device is replaced by a stand-in
+that takes the call (checks its arguments, makes the crop kernel's image views) and enqueues
+nothing, and staging runs on host memory (gpu_stage.HostStager: the real staging ring logic
+and the real memcpy into it). What remains is all the per-image and per-batch host work of the
+GPU path: item checks, upstream's box rule, crop maps, the copy into the staging ring, batching,
+results. The GPU path's end-to-end rate cannot exceed this figure on the same CPU; compare it
+with the engine-only rate of benchmarks/gpu_e2e.py. Figures name the processor.
+
+    python benchmarks/host_ceiling.py [--threads 1 2 8] [--batch 64] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class _Taken:
+    def __init__(self, packed: np.ndarray) -> None:
+        self.packed = packed
+
+    def result(self) -> np.ndarray:
+        return self.packed
+
+
+def stub_engine(inner):
+    """inner with enqueue_device taking calls and enqueuing nothing (labelled stand-in)."""
+    from cnpose_trt.engine import Engine
+
+    class NothingEnqueued(Engine):
+        def __init__(self) -> None:
+            self.__dict__.update(inner.__dict__)
+            self.device = "cuda:0 (stand-in: nothing is enqueued)"
+
+        def enqueue_device(self, fill, n, *, flip=False, boxes=None, root_depth=None, intrinsics=None):
+            p, _ = self._device_call(n, flip, boxes, root_depth, intrinsics)
+            fill._images()  # the mirror views the GPU fill hands to the crop kernel
+            return _Taken(np.zeros((p, self.spec.joints, 10), np.float32))
+
+    return NothingEnqueued()
+
+
+def images(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        w, h = rng.uniform(120, 300), rng.uniform(200, 420)
+        out.append((img, np.array([[rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]])))
+    return out
+
+
+def main() -> int:
+    from conftest import cpu_name
+
+    from cnpose_trt import build_engine, gpu_stage, load_engine
+    from cnpose_trt.pipeline import PoseEstimator
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, 2, min(8, os.cpu_count() or 2)}))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=40, help="batches timed per configuration")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    items = images(64)
+    record = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+              "image": "640x480 uint8, one person each", "batch": args.batch, "results": []}
+    usable, uploader = gpu_stage.usable, gpu_stage.Uploader
+    gpu_stage.usable, gpu_stage.Uploader = (lambda engine: None), gpu_stage.HostStager
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp, max_batch=args.batch).path)
+            for threads in args.threads:
+                est = PoseEstimator(stub_engine(inner), prep_threads=threads, prefetch=3)
+                assert est.device_crops
+                n = args.batch * args.batches
+                list(est.predict_iter(items[i % 64] for i in range(6 * args.batch)))  # warm-up: ring touched
+                wall, cpu = time.perf_counter(), time.process_time()
+                got = sum(1 for _ in est.predict_iter(items[i % 64] for i in range(n)))
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                row = {"prep_threads": threads, "img_s": got / wall, "cpu_us_per_image": cpu / got * 1e6,
+                       "staging_fallbacks": est._uploader.staging_fallbacks}
+                record["results"].append(row)
+                print(f"  prep threads {threads}: {row['img_s']:.0f} img/s, {row['cpu_us_per_image']:.0f} us of CPU "
+                      f"per image, staging fallbacks {row['staging_fallbacks']}", flush=True)
+    finally:
+        gpu_stage.usable, gpu_stage.Uploader = usable, uploader
+    print(f"host side of the GPU path, {record['cpu']} ({record['cores']} cores), batch {args.batch}: best "
+          f"{max(r['img_s'] for r in record['results']):.0f} img/s")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
