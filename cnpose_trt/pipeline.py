@@ -60,6 +60,7 @@ class PoseResult:
 
 
 _END = object()  # end of the item stream (an item itself may be anything, None included)
+_GPU_IN_FLIGHT = 2  # batches enqueued on the GPU path before the host waits for the oldest
 
 
 class Timings:
@@ -183,7 +184,8 @@ class PoseEstimator:
             "per_image" (a pinned allocation, copy and event per image: the way measured to limit
             the pipeline on an H200). See gpu_stage.
         staging_bytes: the batched staging ring's size (host and device memory each); None: room
-            for (prefetch + 3) x max_batch images the size of the first one, 64 MiB to 1 GiB.
+            for (prefetch + 4) x max_batch images the size of the first one (what can be in flight:
+            prefetched, batching, enqueued), 64 MiB to 1 GiB.
             Images that find no room are staged per image (Uploader.staging_fallbacks).
     """
 
@@ -235,7 +237,7 @@ class PoseEstimator:
             if self.device_crops_unavailable is None:
                 self._uploader = gpu_stage.Uploader(
                     self.engine.device, gpu_jpeg=bool(gpu_jpeg), staging=staging,
-                    ring_images=(prefetch + 3) * max(1, self.max_batch), ring_bytes=staging_bytes)
+                    ring_images=(prefetch + _GPU_IN_FLIGHT + 2) * max(1, self.max_batch), ring_bytes=staging_bytes)
         elif not self._on_device:
             self.device_crops_unavailable = "the engine runs on the CPU"
 
@@ -369,7 +371,9 @@ class PoseEstimator:
                     heatmaps = self.engine.infer(_crops(batch, flip))
                     self.timings.add("infer", time.perf_counter() - started)
                     decoding.append(dec.submit(self._decode, batch, heatmaps, flip))
-                while len(decoding) > 1:  # batch k-1 decodes while batch k ran; yield it now
+                # Batch k-1 decoded while batch k ran: yield it now. On the GPU path two batches
+                # stay enqueued, so host hiccups while yielding or batching do not idle the GPU.
+                while len(decoding) > (_GPU_IN_FLIGHT if gpu else 1):
                     yield from decoding.popleft().result()
             while decoding:
                 yield from decoding.popleft().result()

@@ -220,7 +220,7 @@ def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_regi
 
 
 def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeypatch):
-    """The default ring (room for (prefetch + 3) x max_batch images) holds everything in flight:
+    """The default ring (room for (prefetch + 4) x max_batch images) holds everything in flight:
     regions are freed after each engine call and reused, so no image is staged per image."""
     pytest.importorskip("cnpose_trt._C")
     from cnpose_trt.draw import demo_image
@@ -229,10 +229,11 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
     img, box = demo_image()
     est = PoseEstimator(_FillsInput(xs_engine), prep_threads=2, prefetch=2)
-    n = 4 * (2 + 3) * xs_engine.max_batch  # the ring wraps four times
+    n = 4 * (2 + 4) * xs_engine.max_batch  # the ring wraps four times
     got = list(est.predict_iter((img, [box]) for _ in range(n)))
     assert len(got) == n and est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
-    assert est._uploader.ring.size == max(gpu_stage.RING_MIN_BYTES, (2 + 3) * xs_engine.max_batch * -(-img.nbytes // 256) * 256)
+    per_image = -(-img.nbytes // 256) * 256
+    assert est._uploader.ring.size == max(gpu_stage.RING_MIN_BYTES, (2 + 4) * xs_engine.max_batch * per_image)
     np.testing.assert_allclose(got[-1].image, got[0].image, rtol=1e-6)
 
 
