@@ -387,18 +387,24 @@ class Fill:
     uploads: (image, event) per image cut by the kernel: a Staged image of the uploader's ring
     (event None) or a device uint8 tensor; index, affines, flips: the kernel's people (the input
     rows not in crop_rows, ascending); crop_rows: (first row, device crops, event) of host-made
-    crops copied in as they are. On the GPU the staged images' ranges are copied over on the
-    upload stream first (StagingRing.copy_in), the engine's stream waits for every copy and keeps
-    each per-image tensor alive until its own work is done; after the call `done` is an event
-    recorded after the crop kernel (when the staged images' ring regions are free again). Given a
-    host array (stand-in engines in tests) the same steps run on the host and `done` stays None.
+    crops copied in as they are; copied: shared by the fills of one batch, region id -> the event
+    of its copy to the device, so an image read by several calls is copied once.
+
+    On the GPU the staged images' ranges not copied yet are copied on the upload stream
+    (StagingRing.copy_in); the engine's stream waits for every copy it reads and keeps each
+    per-image tensor alive until its own work is done. After the call, `done` is an event on the
+    engine's stream after everything the call enqueued (set even when the call failed part way),
+    when the ring regions it read are free again. Given a host array (stand-in engines in tests)
+    the same steps run on the host and `done` stays None.
     """
 
     def __init__(self, uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
-                 crop_rows: list[tuple[int, Any, Any]], size: int, uploader: Any) -> None:
+                 crop_rows: list[tuple[int, Any, Any]], size: int, uploader: Any,
+                 copied: dict[int, Any] | None = None) -> None:
         self.uploads, self.index, self.affines, self.flips = uploads, index, affines, flips
         self.crop_rows, self.size, self.uploader = crop_rows, size, uploader
         self.staged = [s for s, _ in uploads if isinstance(s, Staged)]
+        self.copied = {} if copied is None else copied
         self.done: Any = None
 
     def _images(self) -> list[Any]:
@@ -415,22 +421,31 @@ class Fill:
 
         up = self.uploader
         target = torch.cuda.ExternalStream(stream, device=up.device)
-        if self.staged:
-            with torch.cuda.stream(up.stream):
-                up.ring.copy_in(self.staged)
-                arrived = torch.cuda.Event()
-                arrived.record(up.stream)
-            target.wait_event(arrived)
-        waits = [(t, e) for t, e in self.uploads if not isinstance(t, Staged)]
-        for tensor, ready in [*waits, *((t, e) for _, t, e in self.crop_rows)]:
-            target.wait_event(ready)
-            tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
-        dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=up.device)
-        with torch.cuda.stream(target):
-            write_rows(dest, self._images(), self.index, self.affines, self.flips, self.crop_rows, self.size, stream)
+        try:
+            fresh = [s for s in self.staged if id(s.region) not in self.copied]
+            if fresh:
+                with torch.cuda.stream(up.stream):
+                    up.ring.copy_in(fresh)
+                    arrived = torch.cuda.Event()
+                    arrived.record(up.stream)
+                self.copied.update((id(s.region), arrived) for s in fresh)
+            for event in {id(e): e for e in (self.copied[id(s.region)] for s in self.staged)}.values():
+                target.wait_event(event)
+            waits = [(t, e) for t, e in self.uploads if not isinstance(t, Staged)]
+            for tensor, ready in [*waits, *((t, e) for _, t, e in self.crop_rows)]:
+                target.wait_event(ready)
+                tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
+            dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=up.device)
+            with torch.cuda.stream(target):
+                write_rows(dest, self._images(), self.index, self.affines, self.flips, self.crop_rows, self.size,
+                           stream)
+        except BaseException:
+            target.wait_stream(up.stream)  # copies enqueued before the failure: `done` comes after them
+            raise
+        finally:
             done = torch.cuda.Event()
             done.record(target)
-        self.done = done
+            self.done = done
 
 
 def write_rows(dest: Any, images: list[Any], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,

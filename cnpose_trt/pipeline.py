@@ -292,15 +292,15 @@ class PoseEstimator:
         and 'intrinsics'. An image with no people gives an empty PoseResult. When the source
         raises, or an item is bad, every result before it is delivered first, then the error.
         """
-        staged: list[Any] = []  # this run's images in the staging ring (GPU path)
+        staged: dict[int, Any] = {}  # this run's images in the staging ring not freed yet (GPU path)
         try:
             yield from self._predict_iter(items, flip, staged)
         finally:  # after the prep threads stopped: free the ring regions of images that never ran
-            for s in staged:
+            for s in list(staged.values()):
                 if not s.region.attached:
                     s.region.attach(None)
 
-    def _predict_iter(self, items: Iterable[Any], flip: bool, staged: list[Any]) -> Iterator[PoseResult]:
+    def _predict_iter(self, items: Iterable[Any], flip: bool, staged: dict[int, Any]) -> Iterator[PoseResult]:
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
             pending: collections.deque[Future[_Item]] = collections.deque()
@@ -363,7 +363,7 @@ class PoseEstimator:
                     done.set_result(self._results(batch, None))
                     decoding.append(done)
                 elif gpu:
-                    decoding.append(self._run_gpu(batch, flip, people))
+                    decoding.append(self._run_gpu(batch, flip, people, staged))
                 elif self._on_device:
                     decoding.append(self._run_on_device(batch, flip))
                 else:
@@ -380,15 +380,16 @@ class PoseEstimator:
             if failure is not None:
                 raise failure
 
-    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: list[Any] | None = None) -> _Item:
+    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None) -> _Item:
         started = time.perf_counter()
         item = self._prepare_item(entry, flip, gpu, staged)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
-    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False, staged: list[Any] | None = None) -> _Item:
-        """staged: where images put in the staging ring are logged (the run frees the ring regions
-        of those that never reach the engine)."""
+    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False,
+                      staged: dict[int, Any] | None = None) -> _Item:
+        """staged: where images put in the staging ring are logged until freed (the run frees the
+        ring regions of those that never reach the engine)."""
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
@@ -406,7 +407,7 @@ class PoseEstimator:
                 if len(crop_boxes):
                     image_dev, ready = self._uploader.stage(image)
         if staged is not None and isinstance(image_dev, Staged):
-            staged.append(image_dev)  # in the staging ring
+            staged[id(image_dev.region)] = image_dev
         size = self.spec.input_size
         affines = None
         if image_dev is not None:
@@ -431,7 +432,7 @@ class PoseEstimator:
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
                      per_person("intrinsics", item["intrinsics"], p, (4,)), image_dev, ready, affines)
 
-    def _run_gpu(self, batch: list[_Item], flip: bool, people: int) -> _Later:
+    def _run_gpu(self, batch: list[_Item], flip: bool, people: int, staged: dict[int, Any]) -> _Later:
         """Crops cut on the GPU into the engine's input, network, fused decode: enqueued, not waited
         for. An image with more people than one call takes is spread over several calls."""
         started = time.perf_counter()
@@ -441,16 +442,30 @@ class PoseEstimator:
         handles, fills = [], []
         try:
             self._enqueue_gpu(persons, people, step, flip, post, handles, fills)
-        finally:  # the staged images' ring regions are free after the last crop kernel that reads them
-            done = next((f.done for f in reversed(fills) if f.done is not None), None)
-            self._uploader.release([s for f in fills for s in f.staged], done)
+        finally:
+            self._release(batch, fills, staged)
         self.timings.add("infer", time.perf_counter() - started)
         return _Later(lambda: self._results(batch, np.concatenate([self._wait(h) for h in handles])))
+
+    def _release(self, batch: list[_Item], fills: list[Any], staged: dict[int, Any]) -> None:
+        """Free the batch's ring regions: each once the last call that read it is done (its fill's
+        event); a region no call read (a file with nobody in it, or its call failed before its
+        fill ran) at once."""
+        last: dict[int, Any] = {}
+        for fill in fills:
+            if fill.done is not None:
+                last.update((id(s.region), fill.done) for s in fill.staged)
+        for it in batch:
+            if isinstance(it.image_dev, Staged):
+                key = id(it.image_dev.region)
+                it.image_dev.region.attach(last.get(key))
+                staged.pop(key, None)
 
     def _enqueue_gpu(self, persons: list[tuple[_Item, int]], people: int, step: int, flip: bool,
                      post: dict[str, Any], handles: list[Any], fills: list[Any]) -> None:
         from .gpu_stage import Fill
 
+        copied: dict[int, Any] = {}  # shared by the batch's calls: each staged image is copied once
         for first in range(0, people, step):
             chunk = persons[first:first + step]
             q = len(chunk)
@@ -471,7 +486,7 @@ class PoseEstimator:
             index = np.array([k for k, _, _ in kernel], np.int64)
             affines = np.array([m for _, m, _ in kernel], np.float64).reshape(-1, 2, 3)
             flips = np.array([f for _, _, f in kernel], bool)
-            fill = Fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader)
+            fill = Fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader, copied)
             fills.append(fill)
             part = {k: None if v is None else v[first:first + q] for k, v in post.items()}
             handles.append(self.engine.enqueue_device(fill, 2 * q if flip else q, flip=flip, **part))

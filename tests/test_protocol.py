@@ -237,6 +237,81 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     np.testing.assert_allclose(got[-1].image, got[0].image, rtol=1e-6)
 
 
+class _Marker:
+    """Stand-in for the event a GPU fill records after its crop kernel (labelled: no GPU here)."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def synchronize(self):
+        pass
+
+
+def test_ring_regions_wait_for_the_last_call_that_reads_them(xs_engine, monkeypatch):
+    """An image whose people span two engine calls keeps its ring region until the second call's
+    event; the batch's calls share one record of copies (the image is copied to the device once);
+    when the engine fails before the second call's fill ran, the first call's event still guards
+    the region (it is not freed while the first call's crop kernel may be pending)."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    fills, attached = [], []
+
+    class MarkedFill(gpu_stage.Fill):
+        def __call__(self, inputs, stream):
+            super().__call__(inputs, stream)
+            self.done = _Marker(len(fills))
+            fills.append(self)
+
+    real_attach = gpu_stage._Region.attach
+    monkeypatch.setattr(gpu_stage, "Fill", MarkedFill)
+    monkeypatch.setattr(gpu_stage._Region, "attach",
+                        lambda region, done: (attached.append((region.start, done)), real_attach(region, done)))
+    img, box = demo_image()
+    assert xs_engine.max_batch == 4
+    items = [(img, [box] * 6), (img[::-1].copy(), [box])]  # 6 people: calls of 4 and 2, then a batch of 1
+    got = list(PoseEstimator(_FillsInput(xs_engine)).predict_iter(items))
+    assert [len(r) for r in got] == [6, 1] and len(fills) == 3
+    assert fills[0].copied is fills[1].copied and fills[1].copied is not fills[2].copied
+    first, second = fills[0].staged[0].region.start, fills[2].staged[0].region.start
+    assert [(start, done.call) for start, done in attached] == [(first, 1), (second, 2)]
+
+    class FailsOnSecondCall(_FillsInput):
+        def enqueue_device(self, fill, n, **kwargs):
+            if fills:
+                raise EngineError("the engine failed (stand-in)")
+            return super().enqueue_device(fill, n, **kwargs)
+
+    fills.clear()
+    attached.clear()
+    with pytest.raises(EngineError, match="stand-in"):
+        list(PoseEstimator(FailsOnSecondCall(xs_engine)).predict_iter(items))
+    assert len(fills) == 1 and attached[0][0] == fills[0].staged[0].region.start and attached[0][1].call == 0
+    assert [done for _, done in attached[1:]] == [None]  # the next image, staged but never read: freed by the run
+
+
+def test_a_file_with_nobody_in_it_frees_its_ring_region_at_once(xs_engine, monkeypatch, tmp_path):
+    """An image file is staged before its boxes are known; with no people nothing reads it, so its
+    region is freed at once, not held until the run ends (which made every later image that
+    reached it fall back to per-image staging)."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    monkeypatch.setattr(gpu_stage, "RING_MIN_BYTES", 0)  # a ring of (prefetch + 4) x max_batch images
+    img, box = demo_image()
+    path = tmp_path / "empty.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    est = PoseEstimator(_FillsInput(xs_engine), prefetch=1)
+    n = 3 * est._uploader.ring_images  # enough images to wrap the ring several times
+    got = list(est.predict_iter([(str(path), []), *((img, [box]) for _ in range(n))]))
+    assert len(got) == n + 1 and len(got[0]) == 0
+    assert est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
+
+
 def test_device_path_with_room_for_one_crop_falls_back_to_host_crops_for_the_flip_test(tmp_path, monkeypatch):
     from cnpose_trt import build_engine, gpu_stage
     from cnpose_trt.draw import demo_image

@@ -78,7 +78,7 @@ def _scenes(count, seed=0):
 def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, staging):
     """GPU crops into the engine's input give the joints host crops give on the same engine, with
     images staged in the ring (copied over once per engine call), per image, or both (a ring with
-    room for about three images: images wrap around it and the others are staged per image)."""
+    room for about three images: those that find no room are staged per image)."""
     import cnpose_trt.pipeline as pipeline
 
     eng = gpu_engines[name]
@@ -106,6 +106,37 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
             # by one grey level), which move a random-weight network's joints a little.
             assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.1
             assert np.abs(a.camera - b.camera).max() < 1.0
+
+
+def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
+    """A ring of about two batches, 64 images, prefetch 1, and the engine's stream held back ~10 ms
+    before each call's crop kernel (torch.cuda._sleep): regions are reused only after the crop
+    kernels that read them (the prep threads wait for their events), so the poses equal the host
+    path's; a region freed early would be overwritten before its kernel ran."""
+    from cnpose_trt import gpu_stage
+
+    if not hasattr(torch.cuda, "_sleep"):
+        pytest.skip("torch.cuda._sleep is not in this torch")
+    eng = gpu_engines["eager32"]
+    items = _scenes(64, seed=7)
+    host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items))
+    real = gpu_stage.Fill.__call__
+
+    def slow(self, inputs, stream):
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            torch.cuda._sleep(20_000_000)  # GPU clock cycles: about 10 ms
+        real(self, inputs, stream)
+
+    monkeypatch.setattr(gpu_stage.Fill, "__call__", slow)
+    est = PoseEstimator(eng, prefetch=1, staging_bytes=16 << 20)
+    dev = list(est.predict_iter(items))
+    up = est._uploader
+    assert up.ring.size == 16 << 20 and up.staging_fallbacks < len(items) // 2
+    assert all(r.attached for r in up.ring.ring._live)
+    for a, b in zip(dev, host, strict=True):
+        np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
+        if len(a):
+            assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.1
 
 
 def test_device_crops_match_cpu_engine(gpu_engines):
