@@ -68,23 +68,24 @@ def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
     """
     width, height = image_size
     b = as_array("boxes", boxes, (4,))
-    x1 = np.maximum(b[:, 0], 0.0)
-    y1 = np.maximum(b[:, 1], 0.0)
-    x2 = np.minimum(width - 1.0, x1 + np.maximum(0.0, b[:, 2] - 1))
-    y2 = np.minimum(height - 1.0, y1 + np.maximum(0.0, b[:, 3] - 1))
-    w, h = x2 - x1, y2 - y1
-    for i in range(len(b)):
-        if b[i, 2] <= 0 or b[i, 3] <= 0:
+    out = np.empty((len(b), 4))
+    # Row by row in Python floats: the same float64 arithmetic as NumPy's, several times faster
+    # for the few boxes of one image (the GPU path runs this once per image).
+    for i, (x, y, bw, bh) in enumerate(b.tolist()):
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2 = min(width - 1.0, x1 + max(0.0, bw - 1))
+        y2 = min(height - 1.0, y1 + max(0.0, bh - 1))
+        w, h = x2 - x1, y2 - y1
+        if bw <= 0 or bh <= 0:
             raise ValueError(f"boxes[{i}] is empty: width and height must be > 0, got {b[i].tolist()}")
-        if x2[i] < x1[i] or y2[i] < y1[i]:
+        if x2 < x1 or y2 < y1:
             raise ValueError(f"boxes[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
-        if w[i] <= 0 and h[i] <= 0:
+        if w <= 0 and h <= 0:
             raise ValueError(f"boxes[{i}] = {b[i].tolist()} covers at most one pixel of the {width}x{height} image "
                              "(upstream's inclusive width makes it a point): nothing to crop")
-    side = np.maximum(w, h)  # input aspect 1:1: the shorter side grows to the longer one
-    cx, cy = x1 + w / 2, y1 + h / 2
-    side = side * BOX_SCALE
-    return np.stack([cx - side / 2, cy - side / 2, side, side], axis=1)
+        side = max(w, h) * BOX_SCALE  # input aspect 1:1: the shorter side grows to the longer one
+        out[i] = (x1 + w / 2 - side / 2, y1 + h / 2 - side / 2, side, side)
+    return out
 
 
 def check_crop_boxes(crop_boxes: object) -> np.ndarray:
