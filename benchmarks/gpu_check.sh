@@ -58,6 +58,8 @@ echo "== host side of the GPU path alone (the engine call enqueues nothing): the
 timeout "$(limit 40)" $PY benchmarks/host_ceiling.py --threads 8 --batches 20 --json "$OUT/host-ceiling.json" \
     > "$LOGS/host-ceiling.log" 2>&1 || status=1
 tail -2 "$LOGS/host-ceiling.log"
+timeout "$(limit 30)" $PY benchmarks/host_ceiling.py --threads 8 --batches 20 --no-copy > "$LOGS/host-nocopy.log" 2>&1 \
+    && { echo "   without the pixel copies (the Python share alone):"; tail -2 "$LOGS/host-nocopy.log"; }
 
 if [ -z "${SKIP_KERNELS:-}" ]; then
 echo "== GPU kernel benchmarks (decode fused vs torch reference; crop fused CUDA vs cv2 + NumPy + upload)"

@@ -7,9 +7,11 @@ nothing, and staging runs on host memory (gpu_stage.HostStager: the real staging
 and the real memcpy into it). What remains is all the per-image and per-batch host work of the
 GPU path: item checks, upstream's box rule, crop maps, the copy into the staging ring, batching,
 results. The GPU path's end-to-end rate cannot exceed this figure on the same CPU; compare it
-with the engine-only rate of benchmarks/gpu_e2e.py. Figures name the processor.
+with the engine-only rate of benchmarks/gpu_e2e.py. Beside it, in the same run: the copies into
+a ring-sized buffer alone, on as many threads (what memory bandwidth allows). Figures name the
+processor.
 
-    python benchmarks/host_ceiling.py [--threads 1 2 8] [--batch 64] [--json F]
+    python benchmarks/host_ceiling.py [--threads 1 2 8] [--batch 64] [--json F] [--no-copy]
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ def images(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def copy_alone(items: list, threads: int, slots: int, rounds: int = 3) -> float:
+    """Images/s of the copies alone: each image copied into the next slot of a touched buffer of
+    `slots` images (as big as the staging ring), on `threads` threads (NumPy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nbytes = items[0][0].nbytes
+    buf = np.ones(slots * nbytes, np.uint8)
+
+    def copy(k: int) -> None:
+        img = items[k % len(items)][0]
+        np.copyto(buf[(k % slots) * nbytes:(k % slots + 1) * nbytes].reshape(img.shape), img)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(copy, range(slots)))
+        start = time.perf_counter()
+        list(pool.map(copy, range(rounds * slots)))
+        return rounds * slots / (time.perf_counter() - start)
+
+
 def main() -> int:
     from conftest import cpu_name
 
@@ -74,12 +95,21 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=40, help="batches timed per configuration")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-copy", action="store_true",
+                    help="diagnostic: stage images without copying their pixels (the host work but the copy)")
     args = ap.parse_args()
     items = images(64)
     record = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "image": "640x480 uint8, one person each", "batch": args.batch, "results": []}
-    usable, uploader = gpu_stage.usable, gpu_stage.Uploader
+    usable, uploader, put = gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put
     gpu_stage.usable, gpu_stage.Uploader = (lambda engine: None), gpu_stage.HostStager
+    if args.no_copy:
+        def no_copy(ring, image):
+            region = ring.ring.take(image.nbytes)
+            return None if region is None else gpu_stage.Staged(region, tuple(image.shape), image.nbytes)
+
+        gpu_stage.StagingRing.put = no_copy
+        record["no_copy"] = True
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inner = load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp, max_batch=args.batch).path)
@@ -91,13 +121,16 @@ def main() -> int:
                 wall, cpu = time.perf_counter(), time.process_time()
                 got = sum(1 for _ in est.predict_iter(items[i % 64] for i in range(n)))
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                slots = est._uploader.ring.size // items[0][0].nbytes
                 row = {"prep_threads": threads, "img_s": got / wall, "cpu_us_per_image": cpu / got * 1e6,
-                       "staging_fallbacks": est._uploader.staging_fallbacks}
+                       "staging_fallbacks": est._uploader.staging_fallbacks,
+                       "copies_alone_img_s": copy_alone(items, threads, slots)}
                 record["results"].append(row)
                 print(f"  prep threads {threads}: {row['img_s']:.0f} img/s, {row['cpu_us_per_image']:.0f} us of CPU "
-                      f"per image, staging fallbacks {row['staging_fallbacks']}", flush=True)
+                      f"per image, staging fallbacks {row['staging_fallbacks']}; the copies alone "
+                      f"{row['copies_alone_img_s']:.0f} img/s", flush=True)
     finally:
-        gpu_stage.usable, gpu_stage.Uploader = usable, uploader
+        gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put = usable, uploader, put
     print(f"host side of the GPU path, {record['cpu']} ({record['cores']} cores), batch {args.batch}: best "
           f"{max(r['img_s'] for r in record['results']):.0f} img/s")
     if args.json:
