@@ -99,7 +99,8 @@ def main() -> int:
                     help="diagnostic: stage images without copying their pixels (the host work but the copy)")
     args = ap.parse_args()
     items = images(64)
-    record = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+    record = {"what": "host side of the GPU path; engine call is a stand-in that enqueues nothing; no GPU used",
+              "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "image": "640x480 uint8, one person each", "batch": args.batch, "results": []}
     usable, uploader, put = gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put
     gpu_stage.usable, gpu_stage.Uploader = (lambda engine: None), gpu_stage.HostStager

@@ -68,13 +68,14 @@ def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
     """
     width, height = image_size
     b = as_array("boxes", boxes, (4,))
+    right, bottom = float(width - 1.0), float(height - 1.0)  # float64 whatever type the size has
     out = np.empty((len(b), 4))
     # Row by row in Python floats: the same float64 arithmetic as NumPy's, several times faster
     # for the few boxes of one image (the GPU path runs this once per image).
     for i, (x, y, bw, bh) in enumerate(b.tolist()):
         x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2 = min(width - 1.0, x1 + max(0.0, bw - 1))
-        y2 = min(height - 1.0, y1 + max(0.0, bh - 1))
+        x2 = min(right, x1 + max(0.0, bw - 1))
+        y2 = min(bottom, y1 + max(0.0, bh - 1))
         w, h = x2 - x1, y2 - y1
         if bw <= 0 or bh <= 0:
             raise ValueError(f"boxes[{i}] is empty: width and height must be > 0, got {b[i].tolist()}")

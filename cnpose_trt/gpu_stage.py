@@ -388,7 +388,9 @@ class Fill:
     (event None) or a device uint8 tensor; index, affines, flips: the kernel's people (the input
     rows not in crop_rows, ascending); crop_rows: (first row, device crops, event) of host-made
     crops copied in as they are; copied: shared by the fills of one batch, region id -> the event
-    of its copy to the device, so an image read by several calls is copied once.
+    of its copy to the device, so an image read by several calls is copied once; after: the
+    batch's previous fill, whose `done` this call waits for on the device (a batch's calls then
+    finish in order on any engine, so the last call's event covers the earlier ones' reads).
 
     On the GPU the staged images' ranges not copied yet are copied on the upload stream
     (StagingRing.copy_in); the engine's stream waits for every copy it reads and keeps each
@@ -400,11 +402,12 @@ class Fill:
 
     def __init__(self, uploads: list[tuple[Any, Any]], index: np.ndarray, affines: np.ndarray, flips: np.ndarray,
                  crop_rows: list[tuple[int, Any, Any]], size: int, uploader: Any,
-                 copied: dict[int, Any] | None = None) -> None:
+                 copied: dict[int, Any] | None = None, after: Fill | None = None) -> None:
         self.uploads, self.index, self.affines, self.flips = uploads, index, affines, flips
         self.crop_rows, self.size, self.uploader = crop_rows, size, uploader
         self.staged = [s for s, _ in uploads if isinstance(s, Staged)]
         self.copied = {} if copied is None else copied
+        self.after = after
         self.done: Any = None
 
     def _images(self) -> list[Any]:
@@ -422,6 +425,8 @@ class Fill:
         up = self.uploader
         target = torch.cuda.ExternalStream(stream, device=up.device)
         try:
+            if self.after is not None and self.after.done is not None:
+                target.wait_event(self.after.done)
             fresh = [s for s in self.staged if id(s.region) not in self.copied]
             if fresh:
                 with torch.cuda.stream(up.stream):

@@ -359,6 +359,8 @@ class PoseEstimator:
                     people += len(nxt.boxes)
                     refill()
                 if not people:
+                    if gpu:  # files staged before their (no) boxes were known: nothing reads them
+                        self._release(batch, [], staged)
                     done: Future[list[PoseResult]] = Future()
                     done.set_result(self._results(batch, None))
                     decoding.append(done)
@@ -486,7 +488,8 @@ class PoseEstimator:
             index = np.array([k for k, _, _ in kernel], np.int64)
             affines = np.array([m for _, m, _ in kernel], np.float64).reshape(-1, 2, 3)
             flips = np.array([f for _, _, f in kernel], bool)
-            fill = Fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader, copied)
+            fill = Fill(uploads, index, affines, flips, crop_rows, self.spec.input_size, self._uploader, copied,
+                        after=fills[-1] if fills else None)
             fills.append(fill)
             part = {k: None if v is None else v[first:first + q] for k, v in post.items()}
             handles.append(self.engine.enqueue_device(fill, 2 * q if flip else q, flip=flip, **part))

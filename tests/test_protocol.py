@@ -227,13 +227,46 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    monkeypatch.setattr(gpu_stage, "RING_MIN_BYTES", 0)
     img, box = demo_image()
     est = PoseEstimator(_FillsInput(xs_engine), prep_threads=2, prefetch=2)
+    logged = []
+    release = PoseEstimator._release
+
+    def release_and_count(self, batch, fills, staged):
+        release(self, batch, fills, staged)
+        logged.append(len(staged))  # staged images of the run not freed yet
+
+    monkeypatch.setattr(PoseEstimator, "_release", release_and_count)
     n = 4 * (2 + 4) * xs_engine.max_batch  # the ring wraps four times
     got = list(est.predict_iter((img, [box]) for _ in range(n)))
     assert len(got) == n and est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
     per_image = -(-img.nbytes // 256) * 256
-    assert est._uploader.ring.size == max(gpu_stage.RING_MIN_BYTES, (2 + 4) * xs_engine.max_batch * per_image)
+    assert est._uploader.ring.size == (2 + 4) * xs_engine.max_batch * per_image
+    # the run's log of staged images stays within what can be in flight (it once grew without end)
+    assert len(logged) == n // xs_engine.max_batch and max(logged) <= (2 + 1) * xs_engine.max_batch + 2
+
+
+def test_gpu_path_keeps_two_batches_enqueued(xs_engine, monkeypatch):
+    """The host waits for batch k's result only after batches k+1 and k+2 are enqueued."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    events = []
+
+    class Logged(_FillsInput):
+        def enqueue_device(self, fill, n, **kwargs):
+            k = len([e for e in events if e[0] == "enqueue"])
+            events.append(("enqueue", k))
+            done = super().enqueue_device(fill, n, **kwargs)
+            return type("Handle", (), {"result": lambda _self: (events.append(("result", k)), done.result())[1]})()
+
+    img, box = demo_image()
+    got = list(PoseEstimator(Logged(xs_engine)).predict_iter((img, [box]) for _ in range(6 * xs_engine.max_batch)))
+    assert len(got) == 6 * xs_engine.max_batch
+    assert events[:4] == [("enqueue", 0), ("enqueue", 1), ("enqueue", 2), ("result", 0)]
     np.testing.assert_allclose(got[-1].image, got[0].image, rtol=1e-6)
 
 
@@ -309,6 +342,11 @@ def test_a_file_with_nobody_in_it_frees_its_ring_region_at_once(xs_engine, monke
     n = 3 * est._uploader.ring_images  # enough images to wrap the ring several times
     got = list(est.predict_iter([(str(path), []), *((img, [box]) for _ in range(n))]))
     assert len(got) == n + 1 and len(got[0]) == 0
+    assert est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
+    # Alone in a batch of nobody (the next image has more people than one batch holds).
+    est = PoseEstimator(_FillsInput(xs_engine), prefetch=1)
+    got = list(est.predict_iter([(str(path), []), (img, [box] * 6), *((img, [box]) for _ in range(n))]))
+    assert [len(r) for r in got[:3]] == [0, 6, 1]
     assert est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
 
 
