@@ -6,7 +6,9 @@ that takes the call (checks its arguments, makes the crop kernel's image views) 
 nothing, and staging runs on host memory (gpu_stage.HostStager: the real staging ring logic
 and the real memcpy into it). What remains is all the per-image and per-batch host work of the
 GPU path: item checks, upstream's box rule, crop maps, the copy into the staging ring, batching,
-results. The GPU path's end-to-end rate cannot exceed this figure on the same CPU; compare it
+results. Each configuration runs twice in the run: items handed to the prep threads in runs
+(prep_chunk auto, the default) and one at a time (prep_chunk 1, the baseline: the pipeline
+before runs). The GPU path's end-to-end rate cannot exceed this figure on the same CPU; compare it
 with the engine-only rate of benchmarks/gpu_e2e.py. Beside it, in the same run: the copies into
 a ring-sized buffer alone, on as many threads (what memory bandwidth allows). Figures name the
 processor.
@@ -114,8 +116,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inner = load_engine(build_engine("XS", backend="onnxruntime", out_dir=tmp, max_batch=args.batch).path)
-            for threads in args.threads:
-                est = PoseEstimator(stub_engine(inner), prep_threads=threads, prefetch=3)
+            for threads, chunk in [(t, c) for t in args.threads for c in (None, 1)]:
+                est = PoseEstimator(stub_engine(inner), prep_threads=threads, prefetch=3, prep_chunk=chunk)
                 assert est.device_crops
                 n = args.batch * args.batches
                 list(est.predict_iter(items[i % 64] for i in range(6 * args.batch)))  # warm-up: ring touched
@@ -123,13 +125,14 @@ def main() -> int:
                 got = sum(1 for _ in est.predict_iter(items[i % 64] for i in range(n)))
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 slots = est._uploader.ring.size // items[0][0].nbytes
-                row = {"prep_threads": threads, "img_s": got / wall, "cpu_us_per_image": cpu / got * 1e6,
+                row = {"prep_threads": threads, "prep_chunk": chunk or "auto", "img_s": got / wall,
+                       "cpu_us_per_image": cpu / got * 1e6,
                        "staging_fallbacks": est._uploader.staging_fallbacks,
                        "copies_alone_img_s": copy_alone(items, threads, slots)}
                 record["results"].append(row)
-                print(f"  prep threads {threads}: {row['img_s']:.0f} img/s, {row['cpu_us_per_image']:.0f} us of CPU "
-                      f"per image, staging fallbacks {row['staging_fallbacks']}; the copies alone "
-                      f"{row['copies_alone_img_s']:.0f} img/s", flush=True)
+                print(f"  prep threads {threads}, items per prep task {row['prep_chunk']}: {row['img_s']:.0f} "
+                      f"img/s, {row['cpu_us_per_image']:.0f} us of CPU per image, staging fallbacks "
+                      f"{row['staging_fallbacks']}; the copies alone {row['copies_alone_img_s']:.0f} img/s", flush=True)
     finally:
         gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put = usable, uploader, put
     print(f"host side of the GPU path, {record['cpu']} ({record['cores']} cores), batch {args.batch}: best "

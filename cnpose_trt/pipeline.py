@@ -187,18 +187,25 @@ class PoseEstimator:
             for (prefetch + 4) x max_batch images the size of the first one (what can be in flight:
             prefetched, batching, enqueued), 64 MiB to 1 GiB.
             Images that find no room are staged per image (Uploader.staging_fallbacks).
+        prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
+            each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),
+            between 1 and 16.
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
-                 staging: str = "batched", staging_bytes: int | None = None, **build_options: Any) -> None:
+                 staging: str = "batched", staging_bytes: int | None = None, prep_chunk: int | None = None,
+                 **build_options: Any) -> None:
         from .engine import load_engine
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
 
         if prep_threads < 1 or prefetch < 1:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
+        if prep_chunk is not None and (isinstance(prep_chunk, bool) or not isinstance(prep_chunk, int)
+                                       or prep_chunk < 1):
+            raise ValueError(f"prep_chunk must be an integer >= 1 or None, got {prep_chunk!r}")
         if crop_method not in CROP_METHODS:
             raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
         from .gpu_stage import STAGINGS
@@ -218,7 +225,7 @@ class PoseEstimator:
         else:
             self.engine = load_engine(engine_or_variant)
         self.crop_method = crop_method
-        self.prep_threads, self.prefetch = prep_threads, prefetch
+        self.prep_threads, self.prefetch, self.prep_chunk = prep_threads, prefetch, prep_chunk
         self.max_batch = self.engine.max_batch
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
         self._lock = threading.RLock()
@@ -303,10 +310,13 @@ class PoseEstimator:
     def _predict_iter(self, items: Iterable[Any], flip: bool, staged: dict[int, Any]) -> Iterator[PoseResult]:
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="cnpose-decode") as dec:
-            pending: collections.deque[Future[_Item]] = collections.deque()
+            pending: collections.deque[_Slot] = collections.deque()  # one per item, in order
             decoding: collections.deque[Any] = collections.deque()  # Futures / _Later: .result()
             source = iter(items)
             window = max(1, self.max_batch) * self.prefetch
+            # Items go to the prep threads in runs of `chunk`: fewer tasks and thread hand-offs
+            # (each costs the GIL), and one thread stages consecutive images side by side.
+            chunk = min(window, self.prep_chunk or max(1, min(16, window // (2 * self.prep_threads))))
             # People per engine call: with the flip test each person is two crops.
             capacity = max(1, self.max_batch // 2) if flip else self.max_batch
             exhausted = False
@@ -314,18 +324,31 @@ class PoseEstimator:
             # The GPU path needs room for a crop and its mirror in one engine call.
             gpu = self._uploader is not None and not (flip and self.max_batch < 2)
 
+            def submit(run: list[Any]) -> None:
+                if run:
+                    fut = prep.submit(self._prepare_run, run, flip, gpu, staged)
+                    pending.extend(_Slot(fut, i) for i in range(len(run)))
+
             def refill() -> None:
+                """Top the window up, once a whole run of items fits (or nothing is pending)."""
                 nonlocal exhausted, failure
-                while not exhausted and len(pending) < window:
+                if pending and len(pending) > window - chunk:
+                    return
+                run: list[Any] = []
+                while not exhausted and len(pending) + len(run) < window:
                     try:
                         nxt = next(source, _END)
                     except Exception as exc:  # delivered after everything before it
                         failure, exhausted = exc, True
-                        return
+                        break
                     if nxt is _END:
                         exhausted = True
-                        return
-                    pending.append(prep.submit(self._prepare, nxt, flip, gpu, staged))
+                        break
+                    run.append(nxt)
+                    if len(run) == chunk:
+                        submit(run)
+                        run = []
+                submit(run)
 
             def take() -> _Item | None:
                 """The next prepared item, or None (and failure set) when it failed."""
@@ -381,6 +404,18 @@ class PoseEstimator:
                 yield from decoding.popleft().result()
             if failure is not None:
                 raise failure
+
+    def _prepare_run(self, entries: list[Any], flip: bool, gpu: bool, staged: dict[int, Any]) -> list[Any]:
+        """Prepare consecutive items on one prep thread: their _Items, up to and including the
+        exception of the first that fails (the ones after it are left alone)."""
+        out: list[Any] = []
+        for entry in entries:
+            try:
+                out.append(self._prepare(entry, flip, gpu, staged))
+            except Exception as exc:
+                out.append(exc)
+                break
+        return out
 
     def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None) -> _Item:
         started = time.perf_counter()
@@ -529,6 +564,24 @@ class PoseEstimator:
                 it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
                 None if it.intrinsics is None else part[..., 7:10], it.root_depth is None))
         return results
+
+
+class _Slot:
+    """One pending item: entry i of a prep run's result (an _Item, or the exception it raised)."""
+
+    __slots__ = ("future", "i")
+
+    def __init__(self, future: Future[list[Any]], i: int) -> None:
+        self.future, self.i = future, i
+
+    def result(self) -> _Item:
+        got = self.future.result()[self.i]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def cancel(self) -> None:
+        self.future.cancel()
 
 
 class _Later:

@@ -118,7 +118,11 @@ def test_zero_people_give_empty_results(estimator):
     assert [len(r) for r in only_empty] == [0, 0, 0]
 
 
-def test_failures_deliver_everything_before_them(estimator):
+@pytest.mark.parametrize("chunk", [None, 1, 3, 16])
+def test_failures_deliver_everything_before_them(xs_engine, chunk):
+    """Whatever the runs of items the prep threads take (prep_chunk), a failing source or item
+    ends the stream after every result before it (a run is cut at its failing item)."""
+    estimator = PoseEstimator(xs_engine, prep_threads=2, prefetch=2, prep_chunk=chunk)
     items = list(_scenes(7, seed=6))
 
     def source(k):
@@ -139,6 +143,12 @@ def test_failures_deliver_everything_before_them(estimator):
         for res in estimator.predict_iter(bad):
             got.append(res)
     assert len(got) == 4
+
+
+def test_prep_chunk_is_checked(xs_engine):
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="prep_chunk must be an integer >= 1 or None"):
+            PoseEstimator(xs_engine, prep_chunk=bad)
 
 
 def test_one_value_for_all_images(estimator):

@@ -429,7 +429,8 @@ def test_jpeg_orientation_survives_damaged_headers():
     assert jpeg_orientation(good[:2] + exif + good[2:]) == 6
 
 
-def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monkeypatch, chunk):
     from cnpose_trt import gpu_stage
     from cnpose_trt.draw import demo_image
 
@@ -439,7 +440,7 @@ def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monke
     items = [(img, [box])] * 5 + [(img, [box], -1.0)] + [(img, [box])] * 3
     got = []
     with pytest.raises(ValueError, match="root_depth must be > 0"):
-        for result in PoseEstimator(_FillsInput(xs_engine)).predict_iter(items):
+        for result in PoseEstimator(_FillsInput(xs_engine), prep_chunk=chunk).predict_iter(items):
             got.append(result)
     assert len(got) == 5 and all(len(r) == 1 for r in got)
 
