@@ -73,23 +73,21 @@ def gpu_decodable(data: np.ndarray | bytes) -> bool:
 class _Region:
     """Bytes [start, end) of a PinnedRing, busy until the work reading them has finished."""
 
+    __slots__ = ("start", "end", "attached", "_done")
+
     def __init__(self, start: int, end: int) -> None:
         self.start, self.end = start, end
-        self._attached = threading.Event()
+        self.attached = False  # nobody waits for this flag: take() skips unattached regions
         self._done: Any = None
-
-    @property
-    def attached(self) -> bool:
-        return self._attached.is_set()
 
     def attach(self, done: Any) -> None:
         """done: an event (synchronize()) recorded after the last work that reads the region
         (the crop kernel on the engine's stream); None when nothing reads it any more."""
         self._done = done
-        self._attached.set()
+        self.attached = True
 
     def wait(self) -> None:
-        self._attached.wait()
+        """Block until the work reading the region has finished (only called once attached)."""
         if self._done is not None:
             self._done.synchronize()
 
