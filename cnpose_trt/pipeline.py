@@ -100,6 +100,7 @@ class _Item:
     image_dev: Any = None      # GPU path: the uint8 image cut by the crop kernel: on the device, or staged
     ready: Any = None          # GPU path: event marking the upload's (or device crops') arrival
     affines: np.ndarray | None = None  # GPU path: (P, 2, 3) crop maps of image_dev
+    host_image: np.ndarray | None = None  # GPU path: a uint8 image its prep run still has to stage
 
 
 def _root_depth(value: Any, p: int) -> np.ndarray | None:
@@ -411,26 +412,37 @@ class PoseEstimator:
         out: list[Any] = []
         for entry in entries:
             try:
-                out.append(self._prepare(entry, flip, gpu, staged))
+                out.append(self._prepare(entry, flip, gpu, staged, defer=True))
             except Exception as exc:
                 out.append(exc)
                 break
+        waiting = [it for it in out if isinstance(it, _Item) and it.host_image is not None]
+        if waiting:  # staged together: side by side in the ring, so a batch comes over in few copies
+            started = time.perf_counter()
+            for it, (dev, ready) in zip(waiting, self._uploader.stage_many([it.host_image for it in waiting]),
+                                        strict=True):
+                it.image_dev, it.ready, it.host_image = dev, ready, None
+                if isinstance(dev, Staged):
+                    staged[id(dev.region)] = dev
+            self.timings.add("prepare", time.perf_counter() - started)
         return out
 
-    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None) -> _Item:
+    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None,
+                 defer: bool = False) -> _Item:
         started = time.perf_counter()
-        item = self._prepare_item(entry, flip, gpu, staged)
+        item = self._prepare_item(entry, flip, gpu, staged, defer)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
     def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False,
-                      staged: dict[int, Any] | None = None) -> _Item:
+                      staged: dict[int, Any] | None = None, defer: bool = False) -> _Item:
         """staged: where images put in the staging ring are logged until freed (the run frees the
-        ring regions of those that never reach the engine)."""
+        ring regions of those that never reach the engine). defer: leave a uint8 image in
+        host_image for the caller to stage (with the other images of its prep run)."""
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
-        image, image_dev, ready, crop_boxes = item["image"], None, None, None
+        image, image_dev, ready, crop_boxes, host_image = item["image"], None, None, None, None
         if isinstance(image, (str, Path)):  # a file: JPEGs decode on the GPU on the device path
             if gpu:
                 image_dev, ready = self._uploader.load(image)
@@ -441,13 +453,15 @@ class PoseEstimator:
             image = check_image(image)
             if gpu and image.dtype == np.uint8:  # uint8 images go to the GPU, unless nobody is in them
                 crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
-                if len(crop_boxes):
+                if len(crop_boxes) and defer:
+                    host_image = image
+                elif len(crop_boxes):
                     image_dev, ready = self._uploader.stage(image)
         if staged is not None and isinstance(image_dev, Staged):
             staged[id(image_dev.region)] = image_dev
         size = self.spec.input_size
         affines = None
-        if image_dev is not None:
+        if image_dev is not None or host_image is not None:
             if crop_boxes is None:  # a file decoded on the device: its size is known now
                 crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], tuple(image_dev.shape))
             crops = mirrored = None
@@ -467,7 +481,7 @@ class PoseEstimator:
         p = len(crop_boxes)
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
-                     per_person("intrinsics", item["intrinsics"], p, (4,)), image_dev, ready, affines)
+                     per_person("intrinsics", item["intrinsics"], p, (4,)), image_dev, ready, affines, host_image)
 
     def _run_gpu(self, batch: list[_Item], flip: bool, people: int, staged: dict[int, Any]) -> _Later:
         """Crops cut on the GPU into the engine's input, network, fused decode: enqueued, not waited

@@ -245,6 +245,17 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     assert est._uploader.ring.size == (2 + 4) * xs_engine.max_batch * per_image
     # the run's log of staged images stays within what can be in flight (it once grew without end)
     assert len(logged) == n // xs_engine.max_batch and max(logged) <= (2 + 1) * xs_engine.max_batch + 2
+    copies = []
+    images = gpu_stage.Fill._images
+
+    def count_copies(fill):
+        copies.append(len(gpu_stage.spans(fill.staged)))
+        return images(fill)
+
+    monkeypatch.setattr(gpu_stage.Fill, "_images", count_copies)
+    list(PoseEstimator(_FillsInput(xs_engine), prep_threads=4, prep_chunk=4).predict_iter(
+        (img, [box]) for _ in range(40)))
+    assert len(copies) == 10 and max(copies) <= 2  # each call's images came as one run: one copy (two on a wrap)
 
 
 def test_gpu_path_keeps_two_batches_enqueued(xs_engine, monkeypatch):
@@ -516,6 +527,43 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
     b.attach(None)
     d = ring.take(2048)
     assert (d.start, d.end) == (256, 2304)
+
+
+def test_put_many_keeps_a_runs_images_side_by_side():
+    """Images staged together get adjacent regions even while other threads stage theirs (one copy
+    brings them over), wrapping to the ring's start at most once."""
+    import threading
+
+    from cnpose_trt.gpu_stage import StagingRing
+
+    ring = StagingRing(np.zeros(4 << 20, np.uint8), np.zeros(4 << 20, np.uint8))
+    bad, errors = [], []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(200):
+                images = [np.full((int(rng.integers(60, 120)), 400, 3), k, np.uint8) for k in range(5)]  # 72-144 KB
+                staged = ring.put_many(images)
+                got = [s for s in staged if s is not None]
+                pairs = list(zip(got, got[1:], strict=False))
+                breaks = sum(b.region.start != a.region.end for a, b in pairs)
+                if breaks > 1 or any(b.region.start not in (a.region.end, 0) for a, b in pairs):
+                    bad.append([(s.region.start, s.region.end) for s in got])
+                for s, im in zip(staged, images, strict=True):
+                    if s is not None:
+                        np.testing.assert_array_equal(ring.ring.buffer[s.region.start:s.region.start + s.nbytes],
+                                                      im.reshape(-1))
+                ring.release(got, None)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not bad
 
 
 def test_spans_merge_adjacent_regions_and_never_copy_gaps():
