@@ -104,14 +104,15 @@ def main() -> int:
     record = {"what": "host side of the GPU path; engine call is a stand-in that enqueues nothing; no GPU used",
               "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "image": "640x480 uint8, one person each", "batch": args.batch, "results": []}
-    usable, uploader, put = gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put
+    usable, uploader, put_many = gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put_many
     gpu_stage.usable, gpu_stage.Uploader = (lambda engine: None), gpu_stage.HostStager
     if args.no_copy:
-        def no_copy(ring, image):
-            region = ring.ring.take(image.nbytes)
-            return None if region is None else gpu_stage.Staged(region, tuple(image.shape), image.nbytes)
+        def no_copy(ring, images):
+            regions = ring.ring.take_many([im.nbytes for im in images])
+            return [None if r is None else gpu_stage.Staged(r, tuple(im.shape), im.nbytes)
+                    for im, r in zip(images, regions, strict=True)]
 
-        gpu_stage.StagingRing.put = no_copy
+        gpu_stage.StagingRing.put_many = no_copy
         record["no_copy"] = True
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +135,7 @@ def main() -> int:
                       f"img/s, {row['cpu_us_per_image']:.0f} us of CPU per image, staging fallbacks "
                       f"{row['staging_fallbacks']}; the copies alone {row['copies_alone_img_s']:.0f} img/s", flush=True)
     finally:
-        gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put = usable, uploader, put
+        gpu_stage.usable, gpu_stage.Uploader, gpu_stage.StagingRing.put_many = usable, uploader, put_many
     print(f"host side of the GPU path, {record['cpu']} ({record['cores']} cores), batch {args.batch}: best "
           f"{max(r['img_s'] for r in record['results']):.0f} img/s")
     if args.json:
