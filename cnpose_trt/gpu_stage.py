@@ -73,18 +73,21 @@ def gpu_decodable(data: np.ndarray | bytes) -> bool:
 class _Region:
     """Bytes [start, end) of a PinnedRing, busy until the work reading them has finished."""
 
-    __slots__ = ("start", "end", "attached", "_done")
+    __slots__ = ("start", "end", "attached", "_done", "_lock")
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self, start: int, end: int, lock: Any = None) -> None:
         self.start, self.end = start, end
         self.attached = False  # nobody waits for this flag: take() skips unattached regions
         self._done: Any = None
+        self._lock = threading.Lock() if lock is None else lock  # the ring's, which take() holds
 
     def attach(self, done: Any) -> None:
         """done: an event (synchronize()) recorded after the last work that reads the region
-        (the crop kernel on the engine's stream); None when nothing reads it any more."""
-        self._done = done
-        self.attached = True
+        (the crop kernel on the engine's stream); None when nothing reads it any more. Under the
+        ring's lock, so take() sees `_done` whenever it sees `attached` (free-threaded builds too)."""
+        with self._lock:
+            self._done = done
+            self.attached = True
 
     def wait(self) -> None:
         """Block until the work reading the region has finished (only called once attached)."""
@@ -144,7 +147,7 @@ class PinnedRing:
         for r in blocking:
             r.wait()
             self._live.popleft()
-        region = _Region(start, end)
+        region = _Region(start, end, self._lock)
         self._live.append(region)
         self._head = end
         return region
@@ -278,7 +281,9 @@ class Stager:
         return self.stage_many([image])[0]
 
     def stage_many(self, images: list[np.ndarray]) -> list[tuple[Any, Any]]:
-        """stage() for several images, their ring regions side by side (fewer copies at the engine)."""
+        """stage() for several images, their ring regions side by side (fewer copies at the engine).
+        When an image staged per image fails, the regions already taken are freed before the error
+        propagates (nothing would free them otherwise)."""
         ringed = [i for i, im in enumerate(images) if im.dtype == np.uint8] if self.staging == "batched" else []
         out: list[Any] = [None] * len(images)
         if ringed:
@@ -290,7 +295,13 @@ class Stager:
             if missed:
                 with self._ring_lock:
                     self.staging_fallbacks += missed
-        return [self.upload(im) if got is None else got for im, got in zip(images, out, strict=True)]
+        try:
+            return [self.upload(im) if got is None else got for im, got in zip(images, out, strict=True)]
+        except BaseException:
+            for got in out:
+                if got is not None:
+                    got[0].region.attach(None)
+            raise
 
     def release(self, staged: list[Staged], done: Any) -> None:
         """The images' ring regions are free once `done` fires (None: now)."""

@@ -190,7 +190,8 @@ class PoseEstimator:
             Images that find no room are staged per image (Uploader.staging_fallbacks).
         prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
             each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),
-            between 1 and 16.
+            between 1 and 16. Capped at max_batch x prefetch / prep_threads, so every prep thread
+            has work.
     """
 
     def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
@@ -317,7 +318,9 @@ class PoseEstimator:
             window = max(1, self.max_batch) * self.prefetch
             # Items go to the prep threads in runs of `chunk`: fewer tasks and thread hand-offs
             # (each costs the GIL), and one thread stages consecutive images side by side.
-            chunk = min(window, self.prep_chunk or max(1, min(16, window // (2 * self.prep_threads))))
+            # At most window / prep_threads, so that every prep thread has a run to work on.
+            chunk = min(max(1, window // self.prep_threads),
+                        self.prep_chunk or max(1, min(16, window // (2 * self.prep_threads))))
             # People per engine call: with the flip test each person is two crops.
             capacity = max(1, self.max_batch // 2) if flip else self.max_batch
             exhausted = False
@@ -417,14 +420,25 @@ class PoseEstimator:
                 out.append(exc)
                 break
         waiting = [it for it in out if isinstance(it, _Item) and it.host_image is not None]
-        if waiting:  # staged together: side by side in the ring, so a batch comes over in few copies
-            started = time.perf_counter()
-            for it, (dev, ready) in zip(waiting, self._uploader.stage_many([it.host_image for it in waiting]),
-                                        strict=True):
-                it.image_dev, it.ready, it.host_image = dev, ready, None
-                if isinstance(dev, Staged):
-                    staged[id(dev.region)] = dev
-            self.timings.add("prepare", time.perf_counter() - started)
+        if not waiting:
+            return out
+        started = time.perf_counter()
+        try:  # staged together: side by side in the ring, so a batch comes over in few copies
+            got = self._uploader.stage_many([it.host_image for it in waiting])
+        except Exception:  # one at a time, so the items before the one that fails still come out
+            got = []
+            for it in waiting:
+                try:
+                    got.append(self._uploader.stage(it.host_image))
+                except Exception as exc:
+                    del out[next(k for k, x in enumerate(out) if x is it):]
+                    out.append(exc)
+                    break
+        for it, (dev, ready) in zip(waiting, got, strict=False):
+            it.image_dev, it.ready, it.host_image = dev, ready, None
+            if isinstance(dev, Staged):
+                staged[id(dev.region)] = dev
+        self.timings.add("prepare", time.perf_counter() - started)
         return out
 
     def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None,

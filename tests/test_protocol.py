@@ -258,6 +258,54 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     assert len(copies) == 10 and max(copies) <= 2  # each call's images came as one run: one copy (two on a wrap)
 
 
+class _UploadFails(_HostStaging):
+    """Stand-in whose per-image uploads fail (as pinned allocations do when memory runs out)."""
+
+    def upload(self, image):
+        raise RuntimeError("out of pinned memory (stand-in)")
+
+
+def test_a_failing_upload_frees_the_regions_of_its_run_and_keeps_the_items_before_it(xs_engine, monkeypatch):
+    """A run's third image finds no room in the ring and its per-image upload fails: the regions
+    taken for the run are freed (they would otherwise block the ring for good), and the items
+    before the failing one are still delivered, then the error."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+
+    img, box = demo_image()
+    stager = _UploadFails("cuda:0 (stand-in)", ring_bytes=int(2.5 * img.nbytes))
+    with pytest.raises(RuntimeError, match="out of pinned memory"):
+        stager.stage_many([img, img, img])
+    assert all(r.attached for r in stager.ring.ring._live) and stager.staging_fallbacks == 1
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _UploadFails)
+    est = PoseEstimator(_FillsInput(xs_engine), prep_threads=1, prep_chunk=4, staging_bytes=int(2.5 * img.nbytes))
+    got = []
+    with pytest.raises(RuntimeError, match="out of pinned memory"):
+        for result in est.predict_iter((img, [box]) for _ in range(8)):
+            got.append(result)
+    assert len(got) == 2 and _ring_is_free(est)
+
+
+def test_prep_runs_never_leave_prep_threads_idle(xs_engine):
+    """prep_chunk is capped at max_batch x prefetch / prep_threads (a run as large as the window
+    would leave all but one prep thread idle)."""
+    est = PoseEstimator(xs_engine, prep_threads=4, prefetch=2, prep_chunk=100)
+    seen = set()
+    real = est._prepare_run
+
+    def spy(entries, *args):
+        seen.add(len(entries))
+        return real(entries, *args)
+
+    est._prepare_run = spy
+    from cnpose_trt.draw import demo_image
+
+    img, box = demo_image()
+    assert len(list(est.predict_iter((img, [box]) for _ in range(16)))) == 16
+    assert max(seen) == 2 * xs_engine.max_batch // 4
+
+
 def test_gpu_path_keeps_two_batches_enqueued(xs_engine, monkeypatch):
     """The host waits for batch k's result only after batches k+1 and k+2 are enqueued."""
     pytest.importorskip("cnpose_trt._C")
