@@ -109,10 +109,10 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
 
 
 def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
-    """A ring of about two batches, 64 images, prefetch 1, and the engine's stream held back ~10 ms
-    before each call's crop kernel (torch.cuda._sleep): regions are reused only after the crop
-    kernels that read them (the prep threads wait for their events), so the poses equal the host
-    path's; a region freed early would be overwritten before its kernel ran."""
+    """A 40 MiB ring (64 images of about 1.2 MB: it wraps), prefetch 1, and the engine's stream
+    held back ~10 ms before each call's crop kernel (torch.cuda._sleep): regions are reused only
+    after the crop kernels that read them (the prep threads wait for their events), so the poses
+    equal the host path's; a region freed early would be overwritten before its kernel ran."""
     from cnpose_trt import gpu_stage
 
     if not hasattr(torch.cuda, "_sleep"):
@@ -128,10 +128,21 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
         real(self, inputs, stream)
 
     monkeypatch.setattr(gpu_stage.Fill, "__call__", slow)
-    est = PoseEstimator(eng, prefetch=1, staging_bytes=16 << 20)
+    starts = []
+    take = gpu_stage.PinnedRing._take
+
+    def logged(ring, nbytes):
+        region = take(ring, nbytes)
+        if region is not None:
+            starts.append(region.start)
+        return region
+
+    monkeypatch.setattr(gpu_stage.PinnedRing, "_take", logged)
+    est = PoseEstimator(eng, prefetch=1, staging_bytes=40 << 20)
     dev = list(est.predict_iter(items))
     up = est._uploader
-    assert up.ring.size == 16 << 20 and up.staging_fallbacks < len(items) // 2
+    assert up.ring.size == 40 << 20 and up.staging_fallbacks < len(items) // 2
+    assert starts.count(0) >= 2  # the ring wrapped: regions were reused
     assert all(r.attached for r in up.ring.ring._live)
     for a, b in zip(dev, host, strict=True):
         np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
