@@ -504,6 +504,18 @@ def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monke
     assert len(got) == 5 and all(len(r) == 1 for r in got)
 
 
+def _run_threads(worker, n):
+    """worker(k) on n threads at once; True when all finished within a minute."""
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return not any(t.is_alive() for t in threads)
+
+
 class _CopyDone:
     """Stand-in for a CUDA event: the 'copy' out of a ring region finishes when synchronised,
     and checks that nobody overwrote the region before then."""
@@ -517,7 +529,6 @@ class _CopyDone:
 
 
 def test_pinned_ring_never_hands_out_bytes_still_being_copied():
-    import threading
 
     from cnpose_trt.gpu_stage import PinnedRing
 
@@ -546,12 +557,7 @@ def test_pinned_ring_never_hands_out_bytes_still_being_copied():
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and not any(t.is_alive() for t in threads)
+    assert _run_threads(worker, 4) and not errors
     assert len(log) > 500 and all(log)  # every waited-for copy still saw its own bytes
     assert len(misses) < 100_000
     with pytest.raises(ValueError, match="1-D uint8"):
@@ -580,7 +586,6 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
 def test_put_many_keeps_a_runs_images_side_by_side():
     """Images staged together get adjacent regions even while other threads stage theirs (one copy
     brings them over), wrapping to the ring's start at most once."""
-    import threading
 
     from cnpose_trt.gpu_stage import StagingRing
 
@@ -606,12 +611,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and not bad
+    assert _run_threads(worker, 3) and not errors and not bad
 
 
 def test_spans_merge_adjacent_regions_and_never_copy_gaps():
