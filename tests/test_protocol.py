@@ -529,7 +529,6 @@ class _CopyDone:
 
 
 def test_pinned_ring_never_hands_out_bytes_still_being_copied():
-
     from cnpose_trt.gpu_stage import PinnedRing
 
     ring = PinnedRing(np.zeros(1 << 14, np.uint8))  # a few regions at a time: they wrap often
