@@ -1,17 +1,17 @@
 """The device-resident side of PoseEstimator: images go to the GPU once, as uint8.
 
 Staging ("batched", the default): the prep threads copy each uint8 image into one pinned host
-ring allocated once (a plain memcpy, no CUDA call, the GIL released); the ring is mirrored byte
-for byte by a device buffer of the same size. At the engine, `fill` copies the call's images
-over with one asynchronous copy per run of adjacent ring regions (usually one per call) on the
-upload stream, makes the engine's stream wait for it, and runs the fused CUDA crop-and-normalise
-kernel (cropping.crop_normalize) on views of the device mirror, straight into the engine's input
-buffer. The copy for batch k+1 runs on the copy engine while batch k runs on the GPU. Measured
-on an H200 before this: per-image staging (pinned allocation, copy and event per image on the
-prep threads) held the pipeline at 7-22% of the engine's throughput. "per_image" keeps that way.
-JPEG files are decoded on the GPU where torchvision offers it (torchvision.io.decode_jpeg(
-device="cuda")), else by OpenCV on the host and staged. torch is needed for the pinned memory and
-the streams; TensorRT engines use it too.
+ring allocated once (a plain memcpy, no CUDA call, the GIL released; a prep run's images side by
+side); the ring is mirrored byte for byte by a device buffer of the same size. At the engine,
+`Fill` copies the call's images over with one asynchronous copy per run of adjacent ring regions
+(usually one per call) on the upload stream, makes the engine's stream wait for it, and runs
+the fused CUDA crop-and-normalise kernel (cropping.crop_normalize) on views of the device
+mirror, straight into the engine's input buffer. The copy for batch k+1 runs on the copy engine
+while batch k runs on the GPU. Measured on an H200 before this: per-image staging (pinned
+allocation, copy and event per image on the prep threads) held the pipeline at 7-22% of the
+engine's throughput. "per_image" keeps that way. JPEG files are decoded on the GPU where
+torchvision offers it (torchvision.io.decode_jpeg(device="cuda")), else by OpenCV on the host and
+staged. torch is needed for the pinned memory and the streams; TensorRT engines use it too.
 """
 
 from __future__ import annotations

@@ -208,6 +208,9 @@ class PoseEstimator:
         if prep_chunk is not None and (isinstance(prep_chunk, bool) or not isinstance(prep_chunk, int)
                                        or prep_chunk < 1):
             raise ValueError(f"prep_chunk must be an integer >= 1 or None, got {prep_chunk!r}")
+        if staging_bytes is not None and (isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int)
+                                          or staging_bytes < 256):
+            raise ValueError(f"staging_bytes must be an integer >= 256 (bytes) or None, got {staging_bytes!r}")
         if crop_method not in CROP_METHODS:
             raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
         from .gpu_stage import STAGINGS
