@@ -127,8 +127,13 @@ class PinnedRing:
         with self._lock:
             return [self._take(n) for n in sizes]
 
+    @classmethod
+    def footprint(cls, nbytes: int) -> int:
+        """The ring bytes an image of nbytes takes: regions start on ALIGN-byte boundaries."""
+        return -(-nbytes // cls.ALIGN) * cls.ALIGN
+
     def _take(self, nbytes: int) -> _Region | None:  # holding self._lock
-        nbytes = -(-nbytes // self.ALIGN) * self.ALIGN  # regions start on 256-byte boundaries
+        nbytes = self.footprint(nbytes)
         if not 0 < nbytes <= self.size:
             return None
         start = self._head if self._head + nbytes <= self.size else 0
@@ -267,11 +272,14 @@ class Stager:
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
+        """Host-made (P, 3, S, S) float32 crops (float images) -> (device crops, event)."""
+        return self.upload(crops)
+
     def _ring_for(self, nbytes: int) -> StagingRing:
         with self._ring_lock:
             if self.ring is None:
-                per_image = -(-nbytes // PinnedRing.ALIGN) * PinnedRing.ALIGN
-                auto = min(RING_MAX_BYTES, max(RING_MIN_BYTES, self.ring_images * per_image))
+                auto = min(RING_MAX_BYTES, max(RING_MIN_BYTES, self.ring_images * PinnedRing.footprint(nbytes)))
                 self.ring = self._allocate(self.ring_bytes or auto)
             return self.ring
 
@@ -326,9 +334,6 @@ class HostStager(Stager):
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
         return np.ascontiguousarray(image), None
 
-    def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
-        return self.upload(crops)
-
     def load(self, path: str | Path) -> tuple[Any, Any]:
         from .preprocess import load_image
 
@@ -374,10 +379,6 @@ class Uploader(Stager):
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return dev, ready
-
-    def upload_crops(self, crops: np.ndarray) -> tuple[Any, Any]:
-        """Host-made (P, 3, S, S) float32 crops (float images) -> device tensor, event."""
-        return self.upload(crops)
 
     def load(self, path: str | Path) -> tuple[Any, Any]:
         """An image file -> (Staged, None) or ((H, W, 3) uint8 RGB device tensor, event). JPEGs

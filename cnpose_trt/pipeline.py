@@ -418,7 +418,7 @@ class PoseEstimator:
         out: list[Any] = []
         for entry in entries:
             try:
-                out.append(self._prepare(entry, flip, gpu, staged, defer=True))
+                out.append(self._prepare(entry, flip, gpu, staged))
             except Exception as exc:
                 out.append(exc)
                 break
@@ -444,18 +444,16 @@ class PoseEstimator:
         self.timings.add("prepare", time.perf_counter() - started)
         return out
 
-    def _prepare(self, entry: Any, flip: bool, gpu: bool = False, staged: dict[int, Any] | None = None,
-                 defer: bool = False) -> _Item:
+    def _prepare(self, entry: Any, flip: bool, gpu: bool, staged: dict[int, Any]) -> _Item:
         started = time.perf_counter()
-        item = self._prepare_item(entry, flip, gpu, staged, defer)
+        item = self._prepare_item(entry, flip, gpu, staged)
         self.timings.add("prepare", time.perf_counter() - started, images=1, people=len(item.boxes))
         return item
 
-    def _prepare_item(self, entry: Any, flip: bool, gpu: bool = False,
-                      staged: dict[int, Any] | None = None, defer: bool = False) -> _Item:
+    def _prepare_item(self, entry: Any, flip: bool, gpu: bool, staged: dict[int, Any]) -> _Item:
         """staged: where images put in the staging ring are logged until freed (the run frees the
-        ring regions of those that never reach the engine). defer: leave a uint8 image in
-        host_image for the caller to stage (with the other images of its prep run)."""
+        ring regions of those that never reach the engine). A uint8 array on the GPU path is left
+        in host_image: _prepare_run stages it with the other images of its run."""
         item = _unpack(entry)
         if item["intrinsics"] is not None and item["root_depth"] is None:
             raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
@@ -470,11 +468,9 @@ class PoseEstimator:
             image = check_image(image)
             if gpu and image.dtype == np.uint8:  # uint8 images go to the GPU, unless nobody is in them
                 crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
-                if len(crop_boxes) and defer:
+                if len(crop_boxes):
                     host_image = image
-                elif len(crop_boxes):
-                    image_dev, ready = self._uploader.stage(image)
-        if staged is not None and isinstance(image_dev, Staged):
+        if isinstance(image_dev, Staged):  # a file OpenCV decoded, staged by the uploader
             staged[id(image_dev.region)] = image_dev
         size = self.spec.input_size
         affines = None
