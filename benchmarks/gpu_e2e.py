@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _images(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def images_with_boxes(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """640x480 textured uint8 images with one person box each (content does not change the work)."""
     import cv2
 
@@ -173,7 +173,7 @@ def main() -> int:
     from cnpose_trt import build_engine, load_engine
     from cnpose_trt.pipeline import PoseEstimator
 
-    items = _images(64)
+    items = images_with_boxes(64)
     rows, record = [], {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                         "date": time.strftime("%Y-%m-%d"), "prep_threads": args.prep_threads,
                         "image": "640x480 uint8, one person each", "results": []}

@@ -57,16 +57,6 @@ def stub_engine(inner):
     return NothingEnqueued()
 
 
-def images(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
-        w, h = rng.uniform(120, 300), rng.uniform(200, 420)
-        out.append((img, np.array([[rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]])))
-    return out
-
-
 def copy_alone(items: list, threads: int, slots: int, rounds: int = 3) -> float:
     """Images/s of the copies alone: each image copied into the next slot of a touched buffer of
     `slots` images (as big as the staging ring), on `threads` threads (NumPy releases the GIL)."""
@@ -88,6 +78,7 @@ def copy_alone(items: list, threads: int, slots: int, rounds: int = 3) -> float:
 
 def main() -> int:
     from conftest import cpu_name
+    from gpu_e2e import images_with_boxes
 
     from cnpose_trt import build_engine, gpu_stage, load_engine
     from cnpose_trt.pipeline import PoseEstimator
@@ -100,7 +91,7 @@ def main() -> int:
     ap.add_argument("--no-copy", action="store_true",
                     help="diagnostic: stage images without copying their pixels (the host work but the copy)")
     args = ap.parse_args()
-    items = images(64)
+    items = images_with_boxes(64)  # the images gpu_e2e.py times end to end
     record = {"what": "host side of the GPU path; engine call is a stand-in that enqueues nothing; no GPU used",
               "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "image": "640x480 uint8, one person each", "batch": args.batch, "results": []}
