@@ -186,7 +186,7 @@ def main() -> int:
                 gpu = PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3)
                 assert gpu.device_crops, gpu.device_crops_unavailable
                 e2e = end_to_end(gpu, items, b, args.reps)
-                e2e["staging_fallbacks"] = gpu._uploader.staging_fallbacks
+                e2e["staging_fallbacks"] = gpu.device_stats["staging_fallbacks"]
                 per_image = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3,
                                                      staging="per_image"), items, b, args.reps)
                 host = end_to_end(PoseEstimator(eng, prep_threads=args.prep_threads, prefetch=3,

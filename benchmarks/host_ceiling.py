@@ -119,7 +119,7 @@ def main() -> int:
                 slots = est._uploader.ring.size // items[0][0].nbytes
                 row = {"prep_threads": threads, "prep_chunk": chunk or "auto", "img_s": got / wall,
                        "cpu_us_per_image": cpu / got * 1e6,
-                       "staging_fallbacks": est._uploader.staging_fallbacks,
+                       "staging_fallbacks": est.device_stats["staging_fallbacks"],
                        "copies_alone_img_s": copy_alone(items, threads, slots)}
                 record["results"].append(row)
                 print(f"  prep threads {threads}, items per prep task {row['prep_chunk']}: {row['img_s']:.0f} "

@@ -17,6 +17,7 @@ staged. torch is needed for the pinned memory and the streams; TensorRT engines 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import numpy as np
 from .arrays import compiled
 from .backends import importable
 from .engine import Engine
+
+log = logging.getLogger(__name__)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 STAGINGS = ("batched", "per_image")  # how Uploader stages uint8 images (see the module text)
@@ -302,7 +305,13 @@ class Stager:
             missed = sum(s is None for s in got)
             if missed:
                 with self._ring_lock:
+                    first = not self.staging_fallbacks
                     self.staging_fallbacks += missed
+                if first:  # once per stager: the run goes on, slower
+                    log.warning("the staging ring (%.1f MiB) had no room for an image of %.2f MiB: images are "
+                                "uploaded one by one while it is full (slower; counted in "
+                                "PoseEstimator.device_stats). A larger staging_bytes avoids it.",
+                                self.ring.size / 2**20, images[ringed[0]].nbytes / 2**20)
         try:
             return [self.upload(im) if got is None else got for im, got in zip(images, out, strict=True)]
         except BaseException:
@@ -310,6 +319,14 @@ class Stager:
                 if got is not None:
                     got[0].region.attach(None)
             raise
+
+    def stats(self) -> dict[str, Any]:
+        """How images reached the device so far: the staging way, the ring's bytes (None until the
+        first image), images staged per image for want of room, JPEGs decoded on the GPU and refused."""
+        return {"staging": self.staging, "ring_bytes": None if self.ring is None else self.ring.size,
+                "staging_fallbacks": self.staging_fallbacks,
+                "gpu_jpeg_decoded": getattr(self, "gpu_jpeg_decoded", 0),
+                "gpu_jpeg_failures": getattr(self, "gpu_jpeg_failures", 0)}
 
     def release(self, staged: list[Staged], done: Any) -> None:
         """The images' ring regions are free once `done` fires (None: now)."""

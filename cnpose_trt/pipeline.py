@@ -187,7 +187,8 @@ class PoseEstimator:
         staging_bytes: the batched staging ring's size (host and device memory each); None: room
             for (prefetch + 4) x max_batch images the size of the first one (what can be in flight:
             prefetched, batching, enqueued), 64 MiB to 1 GiB.
-            Images that find no room are staged per image (Uploader.staging_fallbacks).
+            Images that find no room are staged per image (device_stats counts them; a warning is
+            logged the first time).
         prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
             each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),
             between 1 and 16. Capped at max_batch x prefetch / prep_threads, so every prep thread
@@ -257,6 +258,15 @@ class PoseEstimator:
     def device_crops(self) -> bool:
         """True when images are uploaded as uint8 and cropped on the GPU into the engine's input."""
         return self._uploader is not None
+
+    @property
+    def device_stats(self) -> dict[str, Any] | None:
+        """On the GPU path, how images reached the device so far: staging ("batched" or
+        "per_image"), ring_bytes (the staging ring's size, host and device each; None before the
+        first image), staging_fallbacks (images uploaded one by one because the ring had no room:
+        raise staging_bytes when it grows), gpu_jpeg_decoded and gpu_jpeg_failures (JPEG files
+        decoded by nvJPEG, and refused by it and decoded by OpenCV). None without the GPU path."""
+        return None if self._uploader is None else self._uploader.stats()
 
     @property
     def spec(self) -> Any:

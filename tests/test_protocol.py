@@ -3,6 +3,8 @@ engine that says its output lives on a device."""
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 import pytest
@@ -181,10 +183,11 @@ def _ring_is_free(est):
     return ring is None or all(r.attached for r in ring.ring._live)
 
 
-def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_region(xs_engine, monkeypatch):
+def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_region(xs_engine, monkeypatch, caplog):
     """A ring with room for 2.5 images: images wrap around it, those that find no room are staged
-    per image, results equal the host path's (the mirror starts as 7s: a range not copied in would
-    show), and every region is freed after a run that ends, is stopped, or fails."""
+    per image (counted in device_stats, one warning), results equal the host path's (the mirror
+    starts as 7s: a range not copied in would show), and every region is freed after a run that
+    ends, is stopped, or fails."""
     pytest.importorskip("cnpose_trt._C")
     import cv2 as _cv2
 
@@ -201,7 +204,15 @@ def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_regi
         people = [np.array(box) * scale] * int(rng.integers(0, 3)) if i % 7 else []
         items.append((im, people))
     est = PoseEstimator(_FillsInput(xs_engine), staging_bytes=int(2.5 * img.nbytes), prep_threads=2)
-    got = list(est.predict_iter(items))
+    assert est.device_stats == {"staging": "batched", "ring_bytes": None, "staging_fallbacks": 0,
+                                "gpu_jpeg_decoded": 0, "gpu_jpeg_failures": 0}
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.gpu_stage"):
+        got = list(est.predict_iter(items))
+        list(est.predict_iter(items))
+    warned = [r.getMessage() for r in caplog.records if "no room" in r.getMessage()]
+    assert len(warned) == 1 and "staging_bytes" in warned[0], warned
+    stats = est.device_stats
+    assert stats["ring_bytes"] == int(2.5 * img.nbytes) and stats["staging_fallbacks"] == est._uploader.staging_fallbacks
     want = list(PoseEstimator(xs_engine).predict_iter(items))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
@@ -468,6 +479,7 @@ def test_cpu_engines_have_no_device_input(xs_engine):
     assert gpu_stage.usable(xs_engine) == "the engine runs on the CPU"
     est = PoseEstimator(xs_engine)
     assert not est.device_crops and est.device_crops_unavailable == "the engine runs on the CPU"
+    assert est.device_stats is None
     assert gpu_stage.usable(_OnDevice(xs_engine)).endswith("has no device input path")
 
 

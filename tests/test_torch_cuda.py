@@ -97,7 +97,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     assert (ring is None) == (staging == "per_image")
     if ring is not None:
         assert all(r.attached for r in ring.ring._live)
-        assert (est._uploader.staging_fallbacks > 0) == (staging == "small_ring")
+        assert (est.device_stats["staging_fallbacks"] > 0) == (staging == "small_ring")
     assert [len(r) for r in dev] == [len(r) for r in host]
     for a, b in zip(dev, host, strict=True):
         np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
