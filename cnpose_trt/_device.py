@@ -20,6 +20,20 @@ from .arrays import per_image as _per_image
 _CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
 
 
+def torch_stream(handle: int, device: Any) -> Any:
+    """The torch stream object for a raw CUDA stream handle on `device`. Handle 0 is the legacy
+    default stream: torch.cuda.ExternalStream(0) would give a new pool stream instead (torch takes
+    a null pointer as "none given"), which does not order with work on stream 0."""
+    import torch
+
+    current = torch.cuda.current_stream(device)
+    if current.cuda_stream == handle:
+        return current
+    if handle == 0:
+        return torch.cuda.default_stream(device)
+    return torch.cuda.ExternalStream(handle, device=device)
+
+
 class _Buf:
     """What the kernel needs of one device array: pointer, shape, dtype name, owner library."""
 
@@ -101,8 +115,7 @@ def _alloc_like(buf: _Buf | _Image, shape: tuple[int, ...], host: np.ndarray | N
         import torch
 
         device = buf.obj.device if buf.lib == "torch" else torch.device("cuda", _pointer_device(buf))
-        target = torch.cuda.default_stream(device) if stream == 0 else torch.cuda.ExternalStream(stream, device=device)
-        with torch.cuda.stream(target):
+        with torch.cuda.stream(torch_stream(stream, device)):
             if host is None:
                 return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
             # Pinned staging + non_blocking: the copy is stream-ordered, no host sync.

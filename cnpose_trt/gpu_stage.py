@@ -76,26 +76,29 @@ def gpu_decodable(data: np.ndarray | bytes) -> bool:
 class _Region:
     """Bytes [start, end) of a PinnedRing, busy until the work reading them has finished."""
 
-    __slots__ = ("start", "end", "attached", "_done", "_lock")
+    __slots__ = ("start", "end", "_state")
 
-    def __init__(self, start: int, end: int, lock: Any = None) -> None:
+    def __init__(self, start: int, end: int) -> None:
         self.start, self.end = start, end
-        self.attached = False  # nobody waits for this flag: take() skips unattached regions
-        self._done: Any = None
-        self._lock = threading.Lock() if lock is None else lock  # the ring's, which take() holds
+        self._state: tuple[Any] | None = None  # (done,) once attached: one store publishes both facts
+
+    @property
+    def attached(self) -> bool:
+        """True once attach() was called (nobody waits for this: take() skips unattached regions)."""
+        return self._state is not None
 
     def attach(self, done: Any) -> None:
         """done: an event (synchronize()) recorded after the last work that reads the region
-        (the crop kernel on the engine's stream); None when nothing reads it any more. Under the
-        ring's lock, so take() sees `_done` whenever it sees `attached` (free-threaded builds too)."""
-        with self._lock:
-            self._done = done
-            self.attached = True
+        (the crop kernel on the engine's stream); None when nothing reads it any more. Lock-free:
+        a prep thread may hold the ring's lock while it waits for the GPU, and the main thread,
+        which attaches, must not wait with it (it would stop enqueuing work)."""
+        self._state = (done,)
 
     def wait(self) -> None:
         """Block until the work reading the region has finished (only called once attached)."""
-        if self._done is not None:
-            self._done.synchronize()
+        state = self._state
+        if state is not None and state[0] is not None:
+            state[0].synchronize()
 
 
 class PinnedRing:
@@ -155,7 +158,7 @@ class PinnedRing:
         for r in blocking:
             r.wait()
             self._live.popleft()
-        region = _Region(start, end, self._lock)
+        region = _Region(start, end)
         self._live.append(region)
         self._head = end
         return region
@@ -384,7 +387,9 @@ class Uploader(Stager):
     def _allocate(self, size: int) -> StagingRing:
         torch = self.torch
         host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return StagingRing(host.numpy(), torch.empty(size, dtype=torch.uint8, device=self.device), host)
+        with torch.cuda.stream(self.stream):  # the mirror belongs to the upload stream that fills it
+            mirror = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return StagingRing(host.numpy(), mirror, host)
 
     def upload(self, image: np.ndarray) -> tuple[Any, Any]:
         """A host array -> (device tensor, event marking its arrival): pinned by torch's caching
@@ -473,11 +478,15 @@ class Fill:
             return
         import torch
 
+        from ._device import torch_stream
+
         up = self.uploader
-        target = torch.cuda.ExternalStream(stream, device=up.device)
+        target = torch_stream(stream, up.device)  # the engine's stream: the crop kernel runs on it
         try:
             if self.after is not None and self.after.done is not None:
                 target.wait_event(self.after.done)
+            if self.staged:  # the allocator keeps the mirror until this stream is done with it
+                up.ring.mirror.record_stream(target)
             fresh = [s for s in self.staged if id(s.region) not in self.copied]
             if fresh:
                 with torch.cuda.stream(up.stream):

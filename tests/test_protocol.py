@@ -594,6 +594,38 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
     assert (d.start, d.end) == (256, 2304)
 
 
+def test_attaching_a_region_never_waits_for_a_prep_thread_waiting_on_the_gpu():
+    """A prep thread waiting in take() for an older region's event holds the ring's lock; the main
+    thread attaches the regions of the batch it just enqueued meanwhile, and must not wait with it
+    (it would stop enqueuing work, and the GPU would run dry)."""
+    import threading
+
+    from cnpose_trt.gpu_stage import PinnedRing
+
+    ring = PinnedRing(np.zeros(1024, np.uint8))
+    a, b = ring.take(512), ring.take(512)
+    waiting, gpu_done = threading.Event(), threading.Event()
+
+    class SlowEvent:  # stand-in for a CUDA event still pending (labelled: no GPU here)
+        def synchronize(self):
+            waiting.set()
+            gpu_done.wait(10)
+
+    a.attach(SlowEvent())
+    got = []
+    prep = threading.Thread(target=lambda: got.append(ring.take(256)))
+    prep.start()
+    assert waiting.wait(10)  # the prep thread waits for a's event, under the ring's lock
+    attached = threading.Event()
+    threading.Thread(target=lambda: (b.attach(None), attached.set())).start()
+    try:
+        assert attached.wait(5), "attach() waited for the prep thread's GPU wait"
+    finally:
+        gpu_done.set()
+        prep.join(10)
+    assert b.attached and got and (got[0].start, got[0].end) == (0, 256)
+
+
 def test_put_many_keeps_a_runs_images_side_by_side():
     """Images staged together get adjacent regions even while other threads stage theirs (one copy
     brings them over), wrapping to the ring's start at most once."""

@@ -114,6 +114,7 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
     after the crop kernels that read them (the prep threads wait for their events), so the poses
     equal the host path's; a region freed early would be overwritten before its kernel ran."""
     from cnpose_trt import gpu_stage
+    from cnpose_trt._device import torch_stream
 
     if not hasattr(torch.cuda, "_sleep"):
         pytest.skip("torch.cuda._sleep is not in this torch")
@@ -123,7 +124,7 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
     real = gpu_stage.Fill.__call__
 
     def slow(self, inputs, stream):
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        with torch.cuda.stream(torch_stream(stream, self.uploader.device)):  # the engine's stream
             torch.cuda._sleep(20_000_000)  # GPU clock cycles: about 10 ms
         real(self, inputs, stream)
 
@@ -144,6 +145,47 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
     assert up.ring.size == 40 << 20 and up.staging_fallbacks < len(items) // 2
     assert starts.count(0) >= 2  # the ring wrapped: regions were reused
     assert all(r.attached for r in up.ring.ring._live)
+    for a, b in zip(dev, host, strict=True):
+        np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
+        if len(a):
+            assert np.abs(a.image[..., :2] - b.image[..., :2]).max() < 0.1
+
+
+@pytest.mark.parametrize("staging", ["batched", "per_image"])
+def test_crop_kernel_waits_for_a_slow_upload_stream(gpu_engines, monkeypatch, staging):
+    """Every copy to the device (the ring's copy per call, or a per-image upload) held back ~10 ms
+    on the upload stream (torch.cuda._sleep), the ring's device mirror filled with 7s first: the
+    crop kernel on the engine's stream waits for the copies (their events), so the poses equal the
+    host path's. A kernel not ordered after them would read the 7s (or an older image)."""
+    from cnpose_trt import gpu_stage
+
+    if not hasattr(torch.cuda, "_sleep"):
+        pytest.skip("torch.cuda._sleep is not in this torch")
+    eng = gpu_engines["eager32"]
+    items = _scenes(24, seed=8)
+    host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items))
+    real_copy, real_upload, real_allocate = (gpu_stage.StagingRing.copy_in, gpu_stage.Uploader.upload,
+                                             gpu_stage.Uploader._allocate)
+
+    def slow_copy(ring, staged):  # called on the upload stream (Fill)
+        torch.cuda._sleep(20_000_000)
+        return real_copy(ring, staged)
+
+    def slow_upload(up, image):
+        with torch.cuda.stream(up.stream):
+            torch.cuda._sleep(20_000_000)
+        return real_upload(up, image)
+
+    def sevens(up, size):
+        ring = real_allocate(up, size)
+        ring.mirror.fill_(7)
+        torch.cuda.synchronize()
+        return ring
+
+    monkeypatch.setattr(gpu_stage.StagingRing, "copy_in", slow_copy)
+    monkeypatch.setattr(gpu_stage.Uploader, "upload", slow_upload)
+    monkeypatch.setattr(gpu_stage.Uploader, "_allocate", sevens)
+    dev = list(PoseEstimator(eng, staging=staging).predict_iter(items))
     for a, b in zip(dev, host, strict=True):
         np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
         if len(a):
@@ -223,3 +265,17 @@ def test_device_path_reads_jpeg_files(gpu_engines, tmp_path):
         np.testing.assert_allclose(a.image, b.image, atol=1e-3)
     with pytest.raises(FileNotFoundError):
         list(PoseEstimator(eng).predict_iter([(str(tmp_path / "missing.jpg"), [[0, 0, 10, 10]])]))
+
+
+def test_torch_stream_maps_raw_handles_to_the_streams_they_name():
+    """Handle 0 is the legacy default stream (torch.cuda.ExternalStream(0) would be a new pool
+    stream); the current stream's handle gives the current stream; others wrap the handle."""
+    from cnpose_trt._device import torch_stream
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert torch_stream(0, dev) == torch.cuda.default_stream(dev)
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        assert torch_stream(side.cuda_stream, dev) == side
+    wrapped = torch_stream(side.cuda_stream, dev)
+    assert wrapped.cuda_stream == side.cuda_stream and wrapped != torch.cuda.default_stream(dev)
