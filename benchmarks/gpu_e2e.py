@@ -174,6 +174,11 @@ def main() -> int:
     from cnpose_trt.pipeline import PoseEstimator
 
     items = images_with_boxes(64)
+
+    def save() -> None:  # after every configuration: a run cut short by its time limit keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(record, indent=1))
+
     rows, record = [], {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                         "date": time.strftime("%Y-%m-%d"), "prep_threads": args.prep_threads,
                         "image": "640x480 uint8, one person each", "results": []}
@@ -197,6 +202,7 @@ def main() -> int:
                        "p99_over_p50": e2e["p99_ms"] / e2e["p50_ms"]}
                 record["results"].append(res)
                 rows.append(res)
+                save()
                 eng.close()
                 print(f"  {variant} b{b}: engine {only['img_s']:.0f} img/s, e2e {e2e['img_s']:.0f} img/s "
                       f"({res['ratio']:.0%}), p99/p50 {res['p99_over_p50']:.2f}, "
@@ -211,6 +217,7 @@ def main() -> int:
             paths.append(p)
         record["jpeg"] = jpeg_decode(paths, "cuda")
         record["staging_img_s"] = staging(items, "cuda", args.prep_threads)
+        save()
         v, b = args.variants[-1], args.batches[-1]
         eng = load_engine(build_engine(v, backend="torch", precision="fp16", max_batch=b, out_dir=tmp).path,
                           device="cuda", cuda_graphs=True)
@@ -233,8 +240,7 @@ def main() -> int:
           "all img/s)")
     print("uploads alone (640x480 uint8), img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                               record["staging_img_s"].items()))
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=1))
+    save()
     return 0
 
 
