@@ -378,7 +378,9 @@ class Uploader(Stager):
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device)
+        # High priority: a stream pool of its own, so never the pool stream torch.cuda.graph captures on
+        # (torch hands out default-priority pool streams in rotation; a capture would take the uploads in).
+        self.stream = torch.cuda.Stream(self.device, priority=-1)
         self._decode_jpeg = _gpu_jpeg() if gpu_jpeg else None
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
         self.gpu_jpeg_failures = 0
@@ -485,7 +487,12 @@ class Fill:
         try:
             if self.after is not None and self.after.done is not None:
                 target.wait_event(self.after.done)
-            if self.staged:  # the allocator keeps the mirror until this stream is done with it
+            # The caching allocator keeps what the engine's stream reads until that stream is done with
+            # it; not for a stream torch does not own (TensorRT's): torch would record an event on it when
+            # the memory is freed, perhaps after the engine destroyed it. The batch holds those until
+            # its results are waited for.
+            keep = not isinstance(target, torch.cuda.ExternalStream)
+            if self.staged and keep:
                 up.ring.mirror.record_stream(target)
             fresh = [s for s in self.staged if id(s.region) not in self.copied]
             if fresh:
@@ -499,7 +506,8 @@ class Fill:
             waits = [(t, e) for t, e in self.uploads if not isinstance(t, Staged)]
             for tensor, ready in [*waits, *((t, e) for _, t, e in self.crop_rows)]:
                 target.wait_event(ready)
-                tensor.record_stream(target)  # the allocator keeps it until the engine's stream is done
+                if keep:
+                    tensor.record_stream(target)
             dest = inputs if hasattr(inputs, "data_ptr") else torch.as_tensor(inputs, device=up.device)
             with torch.cuda.stream(target):
                 write_rows(dest, self._images(), self.index, self.affines, self.flips, self.crop_rows, self.size,

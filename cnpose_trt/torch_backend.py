@@ -9,7 +9,9 @@ stream and copies back only the (P, J, 10) result.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +104,7 @@ class TorchEngine(Engine):
         self._static_graph: tuple[Any, Any] | None = None  # device path: (graph, output) at max_batch rows
         self._input: Any = None
         self._lock = threading.RLock()  # enqueue_device holds it around forward_static, which takes it too
-        self._last_call: Any = None  # event after the latest enqueue_device call's use of the shared buffers
+        self._last_call: Any = None  # event after the latest use of the shared device buffers (_ordered)
         out_dtype = "float16" if self.dtype == torch.float16 else "float32"
         # The module's own I/O, checked like every backend's (a stale sidecar is refused).
         found = {"inputs": [self.input_name], "outputs": [self.output_name],
@@ -122,7 +124,25 @@ class TorchEngine(Engine):
                 memory_format=self.memory_format)
             if not self.cuda_graphs:
                 return self.model(x).contiguous()
-            return self._replay(x)
+            with self._ordered():  # the graphs' static buffers are shared by callers on any stream
+                return self._replay(x)
+
+    @contextlib.contextmanager
+    def _ordered(self) -> Iterator[Any]:
+        """Order a use of the shared device buffers after the previous one, whatever streams the
+        callers are on: wait for the last use's event, and record this one's, even when it fails
+        part way (kernels it enqueued before failing still touch the buffers). Holding the lock."""
+        import torch
+
+        stream = torch.cuda.current_stream(self.torch_device)
+        if self._last_call is not None:
+            stream.wait_event(self._last_call)
+        try:
+            yield stream
+        finally:
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._last_call = done
 
     def _replay(self, x: Any) -> Any:
         """CUDA graph per batch size: static input/output buffers, captured on first use."""
@@ -199,11 +219,8 @@ class TorchEngine(Engine):
                                           intrinsics=intrinsics)
         p, post = self._device_call(n, flip, boxes, root_depth, intrinsics)
         j = self.spec.joints
-        with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device):
-            stream = torch.cuda.current_stream(self.torch_device)
+        with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device), self._ordered() as stream:
             handle = int(stream.cuda_stream)
-            if self._last_call is not None:  # a caller on another stream: its use of the buffers comes first
-                stream.wait_event(self._last_call)
             fill(self.input_buffer()[:n], handle)
             heat = self.forward_static(n)
             out = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, device=self.torch_device)
@@ -211,10 +228,7 @@ class TorchEngine(Engine):
                    **post)
             host = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, pin_memory=True)
             host.copy_(out, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-            self._last_call = done
-        return _Pending(done, host)
+        return _Pending(self._last_call, host)
 
     def infer_device(self, images: np.ndarray) -> Any:
         """Like infer(), but the heatmaps stay on the device (a torch tensor)."""

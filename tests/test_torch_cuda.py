@@ -279,3 +279,23 @@ def test_torch_stream_maps_raw_handles_to_the_streams_they_name():
         assert torch_stream(side.cuda_stream, dev) == side
     wrapped = torch_stream(side.cuda_stream, dev)
     assert wrapped.cuda_stream == side.cuda_stream and wrapped != torch.cuda.default_stream(dev)
+
+
+def test_a_failing_fill_still_orders_the_next_caller(gpu_engines):
+    """A fill that fails after enqueuing work on the input buffer still leaves an event behind
+    (_last_call): the next caller, on another stream, waits for that work before it writes."""
+    eng = gpu_engines["eager32"]
+    eng.enqueue_device(lambda inputs, stream: inputs.normal_(), 2).result()
+    before = eng._last_call
+
+    def fails(inputs, stream):
+        inputs.fill_(1.0)
+        raise RuntimeError("fill failed (test)")
+
+    with pytest.raises(RuntimeError, match="fill failed"):
+        eng.enqueue_device(fails, 2)
+    assert eng._last_call is not None and eng._last_call is not before
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        packed = eng.enqueue_device(lambda inputs, stream: inputs.normal_(), 2).result()
+    assert packed.shape == (2, 18, 10) and np.isfinite(packed[..., :7]).all()
