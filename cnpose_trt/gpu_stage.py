@@ -271,6 +271,7 @@ class Stager:
         self.ring: StagingRing | None = None
         self._ring_lock = threading.Lock()
         self.staging_fallbacks = 0
+        self.gpu_jpeg_failures = self.gpu_jpeg_decoded = 0  # JPEG files nvJPEG refused / decoded (Uploader)
 
     def _allocate(self, size: int) -> StagingRing:
         raise NotImplementedError
@@ -305,16 +306,16 @@ class Stager:
             for i, staged in zip(ringed, got, strict=True):
                 if staged is not None:
                     out[i] = (staged, None)
-            missed = sum(s is None for s in got)
+            missed = [images[i].nbytes for i, staged in zip(ringed, got, strict=True) if staged is None]
             if missed:
                 with self._ring_lock:
                     first = not self.staging_fallbacks
-                    self.staging_fallbacks += missed
+                    self.staging_fallbacks += len(missed)
                 if first:  # once per stager: the run goes on, slower
                     log.warning("the staging ring (%.1f MiB) had no room for an image of %.2f MiB: images are "
                                 "uploaded one by one while it is full (slower; counted in "
                                 "PoseEstimator.device_stats). A larger staging_bytes avoids it.",
-                                self.ring.size / 2**20, images[ringed[0]].nbytes / 2**20)
+                                self.ring.size / 2**20, missed[0] / 2**20)
         try:
             return [self.upload(im) if got is None else got for im, got in zip(images, out, strict=True)]
         except BaseException:
@@ -327,9 +328,8 @@ class Stager:
         """How images reached the device so far: the staging way, the ring's bytes (None until the
         first image), images staged per image for want of room, JPEGs decoded on the GPU and refused."""
         return {"staging": self.staging, "ring_bytes": None if self.ring is None else self.ring.size,
-                "staging_fallbacks": self.staging_fallbacks,
-                "gpu_jpeg_decoded": getattr(self, "gpu_jpeg_decoded", 0),
-                "gpu_jpeg_failures": getattr(self, "gpu_jpeg_failures", 0)}
+                "staging_fallbacks": self.staging_fallbacks, "gpu_jpeg_decoded": self.gpu_jpeg_decoded,
+                "gpu_jpeg_failures": self.gpu_jpeg_failures}
 
     def release(self, staged: list[Staged], done: Any) -> None:
         """The images' ring regions are free once `done` fires (None: now)."""
@@ -383,8 +383,6 @@ class Uploader(Stager):
         self.stream = torch.cuda.Stream(self.device, priority=-1)
         self._decode_jpeg = _gpu_jpeg() if gpu_jpeg else None
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
-        self.gpu_jpeg_failures = 0
-        self.gpu_jpeg_decoded = 0
 
     def _allocate(self, size: int) -> StagingRing:
         torch = self.torch

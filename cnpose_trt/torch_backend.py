@@ -128,19 +128,20 @@ class TorchEngine(Engine):
                 return self._replay(x)
 
     @contextlib.contextmanager
-    def _ordered(self) -> Iterator[Any]:
+    def _ordered(self) -> Iterator[tuple[Any, Any]]:
         """Order a use of the shared device buffers after the previous one, whatever streams the
         callers are on: wait for the last use's event, and record this one's, even when it fails
-        part way (kernels it enqueued before failing still touch the buffers). Holding the lock."""
+        part way (kernels it enqueued before failing still touch the buffers). Holding the lock.
+        Yields (current stream, this use's event: recorded when the block ends)."""
         import torch
 
         stream = torch.cuda.current_stream(self.torch_device)
         if self._last_call is not None:
             stream.wait_event(self._last_call)
+        done = torch.cuda.Event()
         try:
-            yield stream
+            yield stream, done
         finally:
-            done = torch.cuda.Event()
             done.record(stream)
             self._last_call = done
 
@@ -219,7 +220,8 @@ class TorchEngine(Engine):
                                           intrinsics=intrinsics)
         p, post = self._device_call(n, flip, boxes, root_depth, intrinsics)
         j = self.spec.joints
-        with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device), self._ordered() as stream:
+        with self._lock, torch.inference_mode(), torch.cuda.device(self.torch_device), \
+                self._ordered() as (stream, done):
             handle = int(stream.cuda_stream)
             fill(self.input_buffer()[:n], handle)
             heat = self.forward_static(n)
@@ -228,7 +230,7 @@ class TorchEngine(Engine):
                    **post)
             host = torch.empty((p, j, OUT_FIELDS), dtype=torch.float32, pin_memory=True)
             host.copy_(out, non_blocking=True)
-        return _Pending(self._last_call, host)
+        return _Pending(done, host)
 
     def infer_device(self, images: np.ndarray) -> Any:
         """Like infer(), but the heatmaps stay on the device (a torch tensor)."""
