@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CnposeError
+from .interrupts import raise_if_stopped
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -1154,7 +1155,9 @@ def _run_local(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, 
             window = 2 * readers + estimator.max_batch
             stream = estimate_stream(estimator, read_ahead(pool, entries, window), flip)
             for loaded, result in stream:
+                raise_if_stopped()  # a Ctrl-C that library code swallowed stops the run before this image is kept
                 bar.update(1, *writer.add(loaded, result))
+        raise_if_stopped()
         ok = True
     finally:
         # An interrupted run drops the images gathered since the last commit (redone on resume).

@@ -43,6 +43,7 @@ from .cache import (
     temp_dir,
 )
 from .errors import BuildError, EngineError
+from .interrupts import raise_if_stopped
 from .precision import DEFAULT_INT8_EXCLUDE, PrecisionOptions
 from .spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VARIANTS, SpecLike, VariantSpec, get_spec
 
@@ -252,7 +253,12 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     from .export import DEFAULT_OPSET
     from .precision import calibration_set, inspect_graph
 
-    say = progress or (lambda msg: None)
+    emit = progress or (lambda msg: None)
+
+    def say(msg: str) -> None:
+        raise_if_stopped()  # each step first raises a stop request that library code swallowed
+        emit(msg)
+
     _positive("max_batch", max_batch, 4096)
     opts = PrecisionOptions(precision=precision, fp16_output=fp16_output, keep_fp32=tuple(keep_fp32),
                             calib_method=calib_method, int8_exclude=tuple(int8_exclude),
@@ -315,6 +321,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                 extra.update(graph_ops=report.ops, int8_convs=report.quantized_convs)
             built = tmp / ("engine" + module.ENGINE_SUFFIX)
             extra.update(module.compile(job, built))
+            raise_if_stopped()
             engine, meta = commit_engine(handle, built, lambda path, _sha: _sidecar(
                 path, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch, *io_dtypes, wsha,
                 source, checkpoint, versions, started, extra))

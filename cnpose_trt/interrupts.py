@@ -3,6 +3,13 @@
 SIGTERM and SIGHUP are turned into an exception while a command runs, so that `with` blocks
 unwind as they do for Ctrl-C: a build's temporary folder is removed, its lock released, and
 the previous engine stays in place.
+
+A stop request is also remembered. Library code can swallow the exception a signal raises: the
+standard library's copyreg._slotnames (run by every copy.deepcopy of an OrderedDict, as in a
+torch module) wraps a line in a bare `except: pass`, so a Ctrl-C landing there was lost and a
+build went on to replace the engine. raise_if_stopped(), called at each build step, before a build
+commits and for each image of a batch job, raises a remembered request again; run_command
+reports one that was never raised again as what it was.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_pending: int | None = None  # the signal of a stop request received inside signals_as_exceptions
 
 
 class Terminated(BaseException):
@@ -25,17 +33,36 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def _stop(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
 def _raise(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
+    global _pending
+    _pending = signum
+    raise _stop(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop request that arrived and was swallowed; a no-op when none is pending."""
+    if _pending is not None:
+        raise _stop(_pending)
 
 
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise Terminated (main thread only; elsewhere a no-op)."""
+    """While inside, SIGTERM and SIGHUP raise Terminated and Ctrl-C KeyboardInterrupt, and each is
+    remembered for raise_if_stopped() (main thread only; elsewhere a no-op). A SIGINT that the process
+    was started ignoring (a background job of a script) stays ignored."""
+    global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise) for s in _SIGNALS}
+    _pending = None
+    wanted = list(_SIGNALS)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted.append(signal.SIGINT)
+    previous = {s: signal.signal(s, _raise) for s in wanted}
     try:
         yield
     finally:
@@ -45,12 +72,17 @@ def signals_as_exceptions() -> Iterator[None]:
 
 def run_command(fn: Callable[..., int], *args: Any) -> int:
     """fn(*args), with Ctrl-C -> 'error: interrupted' and exit status 130, SIGTERM -> 143 (128 + signal)."""
+    global _pending
     try:
         with signals_as_exceptions():
-            return fn(*args)
+            status = fn(*args)
+            raise_if_stopped()  # a request that fn swallowed after its last checkpoint
+            return status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
         print(f"error: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
         return 128 + exc.signum
+    finally:
+        _pending = None

@@ -558,3 +558,31 @@ def test_ray_run_equals_local_run(scenes, tmp_path, xs_engine_path, ray_cluster)
     # resumed from the local run's folder: nothing left to do
     again = batch.run(manifest, tmp_path / "local", engine=xs_engine_path, ray=True, progress=False)
     assert again.this_run_images == 0 and again.skipped == len(more)
+
+
+def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engine_path, monkeypatch, capsys):
+    """A Ctrl-C that library code swallows (a bare except) still stops the job at the next image."""
+    _, records, manifest = scenes
+    real, calls = batch.PartWriter.add, [0]
+
+    def add(self, loaded, result):
+        calls[0] += 1
+        if calls[0] == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes, inside this try
+                    pass
+            except:  # noqa: E722
+                pass
+        return real(self, loaded, result)
+
+    monkeypatch.setattr(batch.PartWriter, "add", add)
+    out = tmp_path / "out"
+    argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--part-images", "1",
+            "--no-progress", "--readers", "1"]
+    assert batch.main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+    assert calls[0] == 3 and len(list(out.glob("part-*.parquet"))) == 3  # stopped before the fourth image
+    monkeypatch.setattr(batch.PartWriter, "add", real)
+    summary = batch.run(manifest, out, engine=xs_engine_path, progress=False)
+    assert summary.skipped == 3 and summary.images == len(records) > 4

@@ -139,9 +139,10 @@ def test_rebuild_killed_at_any_step_leaves_a_loadable_engine(engines, monkeypatc
                                                (signal.SIGINT, 130, "error: interrupted")])
 def test_build_cli_signals(engines, sig, status, line):
     folder, handle, before = engines
+    # A harness may start us with SIGINT ignored (a script's background job); the child must not inherit that.
     proc = subprocess.Popen([sys.executable, "-m", "cnpose_trt.build", "--variant", "XS", "--max-batch", "2",
                              "--out", str(folder), "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = []
     for text in proc.stderr:  # wait until the export is under way
         err.append(text)
@@ -368,3 +369,65 @@ def test_load_retries_when_a_rebuild_commits_meanwhile(engines, monkeypatch):
     with pytest.raises(EngineError, match="is missing"):
         load_engine(handle)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "error: interrupted"),
+                                               (signal.SIGTERM, 143, "error: terminated by SIGTERM")])
+def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypatch, capsys, sig, status, line):
+    """copyreg._slotnames wraps a line in a bare except: a Ctrl-C landing there (during the model's
+    deepcopy) was lost and the build replaced the engine (seen in CI). The stop is remembered and
+    raised again at the next step, before anything is committed."""
+    from cnpose_trt import export as export_mod
+    from cnpose_trt.build_cli import main as build_main
+
+    folder, handle, before = engines
+    real = export_mod.export_onnx
+
+    def swallowing_export(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs between bytecodes, inside this try
+                pass
+        except:  # noqa: E722  (what copyreg._slotnames does)
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "export_onnx", swallowing_export)
+    previous = signal.getsignal(sig)
+    assert build_main(["--variant", "XS", "--max-batch", "2", "--out", str(folder), "--force"]) == status
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == line and "[3/5]" not in err, err
+    assert signal.getsignal(sig) is previous  # handlers restored
+    assert _leftovers(folder, before) == []
+    assert load_engine(handle).meta["engine_sha256"] == before["engine_sha256"]
+
+
+def test_run_command_reports_a_stop_swallowed_after_the_last_check(capsys):
+    from cnpose_trt.interrupts import raise_if_stopped, run_command
+
+    def fn():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        except:  # noqa: E722
+            pass
+        return 0
+
+    assert run_command(fn) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    raise_if_stopped()  # nothing pending once the command has ended
+    assert run_command(lambda: 0) == 0
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A script's background job starts with SIGINT ignored; a command keeps it so."""
+    from cnpose_trt.interrupts import signals_as_exceptions
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_as_exceptions():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGINT, previous)
