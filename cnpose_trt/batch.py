@@ -1238,7 +1238,9 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for keys, blob in zip(batch.column("images").to_pylist(), batch.column("rows").to_pylist(),
                                       strict=True):
+                    raise_if_stopped()
                     bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob)))
+            raise_if_stopped()
             ok = True
         finally:
             ctx.enable_progress_bars = bars
