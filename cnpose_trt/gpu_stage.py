@@ -383,6 +383,12 @@ class Uploader(Stager):
         self.stream = torch.cuda.Stream(self.device, priority=-1)
         self._decode_jpeg = _gpu_jpeg() if gpu_jpeg else None
         self._jpeg_lock = threading.Lock()  # one nvJPEG decode at a time
+        # torchvision's nvJPEG decode allocates its output on the current stream but writes it on a
+        # stream of its own that waits for nothing: with the upload stream current, the block of a
+        # decode whose permute is still queued there could be handed to the next decode and
+        # overwritten. Decoding on a stream of its own (high priority: away from the capture pool)
+        # and record_stream on the upload stream keeps such a block out of reuse until it is read.
+        self.jpeg_stream = torch.cuda.Stream(self.device, priority=-1) if self._decode_jpeg else None
 
     def _allocate(self, size: int) -> StagingRing:
         torch = self.torch
@@ -423,9 +429,12 @@ class Uploader(Stager):
             if self._decode_jpeg is None:  # switched off by earlier failures
                 return None
             try:
-                with torch.cuda.stream(self.stream):
+                with torch.cuda.stream(self.jpeg_stream):
                     chw = self._decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=self.device)
+                self.stream.wait_stream(self.jpeg_stream)  # the decode is ordered on its current stream
+                with torch.cuda.stream(self.stream):
                     dev = chw.permute(1, 2, 0).contiguous()
+                    chw.record_stream(self.stream)
                     ready = torch.cuda.Event()
                     ready.record(self.stream)
             except RuntimeError:  # e.g. JPEGs nvJPEG does not take (CMYK, ...): OpenCV decodes them

@@ -283,19 +283,33 @@ def test_torch_stream_maps_raw_handles_to_the_streams_they_name():
 
 def test_a_failing_fill_still_orders_the_next_caller(gpu_engines):
     """A fill that fails after enqueuing work on the input buffer still leaves an event behind
-    (_last_call): the next caller, on another stream, waits for that work before it writes."""
+    (_last_call): the next caller, on another stream, waits for that work before it writes.
+    The failing fill's work is held back on the GPU; timing events show the next caller's fill
+    started only after it, and that caller's joints equal those of its input computed alone."""
     eng = gpu_engines["eager32"]
-    eng.enqueue_device(lambda inputs, stream: inputs.normal_(), 2).result()
+    known = torch.randn((2, *eng.spec.input_shape), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    ref = eng.enqueue_device(lambda inputs, stream: inputs.copy_(known), 2).result()
     before = eng._last_call
+    failed_end = torch.cuda.Event(enable_timing=True)
+    next_start = torch.cuda.Event(enable_timing=True)
 
     def fails(inputs, stream):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock cycles on the engine's stream
         inputs.fill_(1.0)
+        failed_end.record()
         raise RuntimeError("fill failed (test)")
+
+    def next_fill(inputs, stream):
+        next_start.record()
+        inputs.copy_(known)
 
     with pytest.raises(RuntimeError, match="fill failed"):
         eng.enqueue_device(fails, 2)
     assert eng._last_call is not None and eng._last_call is not before
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        packed = eng.enqueue_device(lambda inputs, stream: inputs.normal_(), 2).result()
-    assert packed.shape == (2, 18, 10) and np.isfinite(packed[..., :7]).all()
+        packed = eng.enqueue_device(next_fill, 2).result()
+    torch.cuda.synchronize()
+    assert failed_end.elapsed_time(next_start) >= 0.0  # ms from the failed fill's end to the next start
+    assert packed.shape == (2, 18, 10)
+    np.testing.assert_allclose(packed[..., :4], ref[..., :4], rtol=1e-5, atol=1e-5)
