@@ -7,6 +7,7 @@ Imported only for device inputs; torch and cupy are imported only if the input i
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,12 @@ from .arrays import is_torch as _is_torch
 from .arrays import per_image as _per_image
 
 _CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
+
+# Held by a CUDA graph capture (TorchEngine) and by each nvJPEG decode (Uploader): torchvision's
+# decoder launches on a default-priority pool stream of its own, and torch.cuda.graph captures on
+# one from the same pool (32 in rotation), so in about 1 process in 32 they are the same stream and
+# a decode on a prep thread during a capture would be captured into the graph or invalidate it.
+GRAPH_CAPTURE_LOCK = threading.Lock()
 
 
 def torch_stream(handle: int, device: Any) -> Any:

@@ -425,11 +425,13 @@ class Uploader(Stager):
         torch = self.torch
         from torchvision.io import ImageReadMode
 
+        from ._device import GRAPH_CAPTURE_LOCK
+
         with self._jpeg_lock:
             if self._decode_jpeg is None:  # switched off by earlier failures
                 return None
             try:
-                with torch.cuda.stream(self.jpeg_stream):
+                with GRAPH_CAPTURE_LOCK, torch.cuda.stream(self.jpeg_stream):
                     chw = self._decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=self.device)
                 self.stream.wait_stream(self.jpeg_stream)  # the decode is ordered on its current stream
                 with torch.cuda.stream(self.stream):

@@ -193,6 +193,8 @@ class TorchEngine(Engine):
     def _capture(self, static: Any) -> tuple[Any, Any]:
         import torch
 
+        from ._device import GRAPH_CAPTURE_LOCK
+
         side = torch.cuda.Stream(self.torch_device)
         side.wait_stream(torch.cuda.current_stream(self.torch_device))
         with torch.cuda.stream(side):
@@ -202,7 +204,7 @@ class TorchEngine(Engine):
         graph = torch.cuda.CUDAGraph()
         # thread_local: the prep threads' pinned allocations and uploads on other streams go on
         # during the capture and must not invalidate it (the default 'global' mode refuses them).
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with GRAPH_CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self._net(static)
         return graph, out
 
