@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -84,3 +86,23 @@ def xs_engine(xs_engine_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C raises KeyboardInterrupt during the test, as in a terminal, even where the harness
+    started pytest with SIGINT ignored (a script's background job), which a command keeps."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def signal_swallowed(sig: int) -> None:
+    """Deliver sig to the main thread inside a bare `except: pass`, as copyreg._slotnames has one:
+    the exception its handler raises is lost."""
+    try:
+        signal.pthread_kill(threading.main_thread().ident, sig)
+        for _ in range(1000):  # the handler runs between bytecodes, inside this try
+            pass
+    except:  # noqa: E722
+        pass

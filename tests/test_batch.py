@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import signal_swallowed
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -413,23 +414,27 @@ def test_damaged_part_is_named(scenes, tmp_path, xs_engine_path):
 # Killed and resumed
 
 _KILLABLE = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import cnpose_trt.cache as cache
 
     mode, marker, nth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     real, calls = cache.install_file, [0]
 
+    def mark(text):  # atomically: the parent kills as soon as the marker exists
+        marker.with_name(marker.name + ".tmp").write_text(text)
+        os.replace(marker.with_name(marker.name + ".tmp"), marker)
+
     def install_then_stop(src, dst):
         # The part commit (rename) is the point to kill around: 'during' stops with the part written
         # to its temporary name but not renamed, 'after' right after the rename.
         calls[0] += 1
         if calls[0] == nth and mode == "during":
-            marker.write_text(str(src))
+            mark(str(src))
             time.sleep(120)
         result = real(src, dst)
         if calls[0] == nth and mode == "after":
-            marker.write_text(str(dst))
+            mark(str(dst))
             time.sleep(120)
         return result
 
@@ -560,7 +565,8 @@ def test_ray_run_equals_local_run(scenes, tmp_path, xs_engine_path, ray_cluster)
     assert again.this_run_images == 0 and again.skipped == len(more)
 
 
-def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engine_path, monkeypatch, capsys):
+def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engine_path, monkeypatch, capsys,
+                                                       sigint_default):
     """A Ctrl-C that library code swallows (a bare except) still stops the job at the next image."""
     _, records, manifest = scenes
     real, calls = batch.PartWriter.add, [0]
@@ -568,12 +574,7 @@ def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engin
     def add(self, loaded, result):
         calls[0] += 1
         if calls[0] == 3:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(1000):  # the handler runs between bytecodes, inside this try
-                    pass
-            except:  # noqa: E722
-                pass
+            signal_swallowed(signal.SIGINT)
         return real(self, loaded, result)
 
     monkeypatch.setattr(batch.PartWriter, "add", add)

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import signal_swallowed
 
 from cnpose_trt import BuildError, EngineError, build_engine, load_engine
 from cnpose_trt import cache as cache_mod
@@ -197,7 +198,8 @@ def test_files_are_created_as_open_creates_them(tmp_path, mask, mode):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
 def test_another_user_loads_the_engines(base_cache):
-    shared = Path(tempfile.mkdtemp(prefix="cnpose-shared-"))
+    # /tmp, not TMPDIR: every folder above must be traversable by the other user
+    shared = Path(tempfile.mkdtemp(prefix="cnpose-shared-", dir="/tmp"))
     try:
         shared.chmod(0o755)
         folder = shared / "engines"
@@ -373,7 +375,8 @@ def test_load_retries_when_a_rebuild_commits_meanwhile(engines, monkeypatch):
 
 @pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "error: interrupted"),
                                                (signal.SIGTERM, 143, "error: terminated by SIGTERM")])
-def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypatch, capsys, sig, status, line):
+def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypatch, capsys, sigint_default, sig,
+                                                               status, line):
     """copyreg._slotnames wraps a line in a bare except: a Ctrl-C landing there (during the model's
     deepcopy) was lost and the build replaced the engine (seen in CI). The stop is remembered and
     raised again at the next step, before anything is committed."""
@@ -384,12 +387,7 @@ def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypat
     real = export_mod.export_onnx
 
     def swallowing_export(*args, **kwargs):
-        try:
-            os.kill(os.getpid(), sig)
-            for _ in range(1000):  # the handler runs between bytecodes, inside this try
-                pass
-        except:  # noqa: E722  (what copyreg._slotnames does)
-            pass
+        signal_swallowed(sig)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(export_mod, "export_onnx", swallowing_export)
@@ -402,16 +400,11 @@ def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypat
     assert load_engine(handle).meta["engine_sha256"] == before["engine_sha256"]
 
 
-def test_run_command_reports_a_stop_swallowed_after_the_last_check(capsys):
+def test_run_command_reports_a_stop_swallowed_after_the_last_check(capsys, sigint_default):
     from cnpose_trt.interrupts import raise_if_stopped, run_command
 
     def fn():
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
-        except:  # noqa: E722
-            pass
+        signal_swallowed(signal.SIGINT)
         return 0
 
     assert run_command(fn) == 130

@@ -175,7 +175,7 @@ def test_json_output_never_holds_nan(xs_engine_path, scene, tmp_path, monkeypatc
     ("sigint", 130, "error: interrupted"),
     ("sigterm", 143, "error: terminated by SIGTERM"),
 ])
-def test_interrupted_commands_end_with_one_line(scene, monkeypatch, capsys, how, status, line):
+def test_interrupted_commands_end_with_one_line(scene, monkeypatch, capsys, sigint_default, how, status, line):
     def interrupted(args):
         if how == "keyboard":
             raise KeyboardInterrupt

@@ -4,6 +4,7 @@ engine that says its output lives on a device."""
 from __future__ import annotations
 
 import logging
+import time
 
 import cv2
 import numpy as np
@@ -560,6 +561,7 @@ def test_pinned_ring_never_hands_out_bytes_still_being_copied():
                 region = ring.take(n)
                 if region is None:  # another thread's region, not attached yet, is in the way
                     misses.append(n)
+                    time.sleep(0)  # let that thread attach it (the spin count depends on scheduling)
                     continue
                 done += 1
                 pattern = rng.integers(0, 256, n, dtype=np.uint8)

@@ -201,10 +201,10 @@ def test_speed_thousands_per_minute_on_one_core():
     try:
         syn.synthesize(0)
         n = 60
-        started = time.perf_counter()
+        started = time.thread_time()  # CPU time: a busy or stalled machine does not count against it
         for i in range(n):
             syn.synthesize((1, i))
-        per_minute = n / (time.perf_counter() - started) * 60
+        per_minute = n / max(time.thread_time() - started, 1e-9) * 60
     finally:
         cv2.setNumThreads(threads)
     # ~14,000 per minute measured on the shared 2-core Xeon; 2,000 leaves room for a busy machine.

@@ -352,13 +352,13 @@ def test_close_frees_idle_now_and_busy_on_release():
     def hold():
         with pool.use():
             entered.set()
-            release.wait(5)
+            release.wait()
 
     with pool.use():
         pass  # s0 idle
     t = threading.Thread(target=hold)
     t.start()
-    entered.wait(5)  # s0 busy in the thread
+    assert entered.wait(60)  # s0 busy in the thread
     with pool.use():
         pass  # s1 made and left idle
     pool.close()
