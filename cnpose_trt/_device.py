@@ -22,8 +22,10 @@ _CAI_DTYPES = {"<f4": "float32", "<f2": "float16"}
 
 # Held by a CUDA graph capture (TorchEngine) and by each nvJPEG decode (Uploader): torchvision's
 # decoder launches on a default-priority pool stream of its own, and torch.cuda.graph captures on
-# one from the same pool (32 in rotation), so in about 1 process in 32 they are the same stream and
-# a decode on a prep thread during a capture would be captured into the graph or invalidate it.
+# one from the same pool (32 handed out in rotation), so in a program whose draws line up they are
+# the same stream, and a decode on a prep thread during a capture would be captured into the graph
+# or invalidate it (forced on an H200 by a reviewer: 20 captures invalidated without the lock, none
+# with it). It also keeps two engines' captures, which share torch's capture stream, apart.
 GRAPH_CAPTURE_LOCK = threading.Lock()
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CnposeError
-from .interrupts import raise_if_stopped
+from .interrupts import keep_handlers, raise_if_stopped
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -1183,8 +1183,8 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         return writer, "ray, nothing to do"
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        keep_handlers(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
+                      configure_logging=False)
     try:
         resources = ray.cluster_resources()
         if ray_engine == "ship":

@@ -52,31 +52,51 @@ def raise_if_stopped() -> None:
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise Terminated and Ctrl-C KeyboardInterrupt, and each is
-    remembered for raise_if_stopped() (main thread only; elsewhere a no-op). A SIGINT that the process
-    was started ignoring (a background job of a script) stays ignored."""
+    remembered for raise_if_stopped() (main thread only; elsewhere a no-op). Only signals left to
+    their default are taken over: one the process was started ignoring (SIGINT in a script's
+    background job, SIGHUP under nohup) stays ignored, and a handler of the caller's stays."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _pending = None
-    wanted = list(_SIGNALS)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        wanted.append(signal.SIGINT)
-    previous = {s: signal.signal(s, _raise) for s in wanted}
+    defaults = {s: signal.SIG_DFL for s in _SIGNALS} | {signal.SIGINT: signal.default_int_handler}
+    previous: dict[int, Any] = {}
     try:
+        for s, default in defaults.items():
+            if signal.getsignal(s) is default:
+                previous[s] = signal.signal(s, _raise)
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _pending = None
+
+
+def keep_handlers(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) with this thread's signal handlers as they were before (ray.init, for
+    one, installs its own SIGTERM handler, which exits without a word and is not remembered)."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    signals = (signal.SIGINT, *_SIGNALS)
+    before = {s: signal.getsignal(s) for s in signals}
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        for s, handler in before.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
 
 
 def run_command(fn: Callable[..., int], *args: Any) -> int:
-    """fn(*args), with Ctrl-C -> 'error: interrupted' and exit status 130, SIGTERM -> 143 (128 + signal)."""
-    global _pending
+    """fn(*args), with Ctrl-C -> 'error: interrupted' and exit status 130, SIGTERM -> 143 (128 + signal).
+    A command that failed and said why keeps its own status and line, even when a stop request
+    arrived too."""
     try:
         with signals_as_exceptions():
             status = fn(*args)
-            raise_if_stopped()  # a request that fn swallowed after its last checkpoint
+            if status == 0:
+                raise_if_stopped()  # a request that fn swallowed after its last check
             return status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -84,5 +104,3 @@ def run_command(fn: Callable[..., int], *args: Any) -> int:
     except Terminated as exc:
         print(f"error: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
         return 128 + exc.signum
-    finally:
-        _pending = None

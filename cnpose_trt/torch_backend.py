@@ -195,7 +195,7 @@ class TorchEngine(Engine):
 
         from ._device import GRAPH_CAPTURE_LOCK
 
-        side = torch.cuda.Stream(self.torch_device)
+        side = torch.cuda.Stream(self.torch_device, priority=-1)  # never torch's (default-priority) capture stream
         side.wait_stream(torch.cuda.current_stream(self.torch_device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the capture, as CUDA graphs require

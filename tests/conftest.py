@@ -100,6 +100,7 @@ def sigint_default():
 def signal_swallowed(sig: int) -> None:
     """Deliver sig to the main thread inside a bare `except: pass`, as copyreg._slotnames has one:
     the exception its handler raises is lost."""
+    assert callable(signal.getsignal(sig)), "no Python handler: the signal would end the test run"
     try:
         signal.pthread_kill(threading.main_thread().ident, sig)
         for _ in range(1000):  # the handler runs between bytecodes, inside this try

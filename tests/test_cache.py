@@ -138,12 +138,12 @@ def test_rebuild_killed_at_any_step_leaves_a_loadable_engine(engines, monkeypatc
 
 @pytest.mark.parametrize("sig, status, line", [(signal.SIGTERM, 143, "error: terminated by SIGTERM"),
                                                (signal.SIGINT, 130, "error: interrupted")])
-def test_build_cli_signals(engines, sig, status, line):
+def test_build_cli_signals(engines, sigint_default, sig, status, line):
     folder, handle, before = engines
-    # A harness may start us with SIGINT ignored (a script's background job); the child must not inherit that.
+    # sigint_default: a harness may start us with SIGINT ignored, which the child would inherit
     proc = subprocess.Popen([sys.executable, "-m", "cnpose_trt.build", "--variant", "XS", "--max-batch", "2",
                              "--out", str(folder), "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True)
     err = []
     for text in proc.stderr:  # wait until the export is under way
         err.append(text)
@@ -413,14 +413,54 @@ def test_run_command_reports_a_stop_swallowed_after_the_last_check(capsys, sigin
     assert run_command(lambda: 0) == 0
 
 
-def test_an_ignored_sigint_stays_ignored():
-    """A script's background job starts with SIGINT ignored; a command keeps it so."""
+def test_ignored_signals_and_callers_handlers_stay():
+    """A script's background job starts with SIGINT ignored, nohup ignores SIGHUP: a command keeps
+    them so; a handler the caller installed stays too. Only default dispositions are taken over."""
     from cnpose_trt.interrupts import signals_as_exceptions
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def mine(signum, frame):
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, mine)
         with signals_as_exceptions():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with signals_as_exceptions():
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_a_failed_command_keeps_its_one_line_when_a_stop_was_swallowed(capsys, sigint_default):
+    from cnpose_trt.interrupts import run_command
+
+    def fn():
+        signal_swallowed(signal.SIGINT)
+        print("error: the input is bad", file=sys.stderr)
+        return 2
+
+    assert run_command(fn) == 2
+    assert capsys.readouterr().err == "error: the input is bad\n"
+
+
+def test_keep_handlers_undoes_a_library_s_handlers():
+    """ray.init installs a SIGTERM handler that exits without a word; batch jobs call it through keep_handlers."""
+    from cnpose_trt.interrupts import keep_handlers, signals_as_exceptions
+
+    def installs():
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        return 7
+
+    with signals_as_exceptions():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert keep_handlers(installs) == 7 and signal.getsignal(signal.SIGTERM) is ours

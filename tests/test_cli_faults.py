@@ -183,11 +183,11 @@ def test_interrupted_commands_end_with_one_line(scene, monkeypatch, capsys, sigi
         raise AssertionError("the signal should have interrupted")
 
     monkeypatch.setattr(cli_mod, "_predict", interrupted)
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     assert cli(["predict", str(scene[0]), "--bbox", "1,1,5,5"]) == status
     captured = capsys.readouterr()
     assert captured.err == line + "\n" and captured.out == ""
-    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the command
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers  # restored afterwards
 
 
 def test_empty_checkpoint_in_predict(tmp_path, scene, capsys):

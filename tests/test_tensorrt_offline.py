@@ -352,7 +352,7 @@ def test_close_frees_idle_now_and_busy_on_release():
     def hold():
         with pool.use():
             entered.set()
-            release.wait()
+            release.wait(60)
 
     with pool.use():
         pass  # s0 idle
