@@ -52,19 +52,18 @@ def raise_if_stopped() -> None:
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise Terminated and Ctrl-C KeyboardInterrupt, and each is
-    remembered for raise_if_stopped() (main thread only; elsewhere a no-op). Only signals left to
-    their default are taken over: one the process was started ignoring (SIGINT in a script's
-    background job, SIGHUP under nohup) stays ignored, and a handler of the caller's stays."""
+    remembered for raise_if_stopped() (main thread only; elsewhere a no-op). A signal the process
+    ignores (SIGINT in a script's background job, SIGHUP under nohup) stays ignored; any other
+    handler (the default, or one a library such as Ray left behind) is replaced and restored after."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _pending = None
-    defaults = {s: signal.SIG_DFL for s in _SIGNALS} | {signal.SIGINT: signal.default_int_handler}
     previous: dict[int, Any] = {}
     try:
-        for s, default in defaults.items():
-            if signal.getsignal(s) is default:
+        for s in (signal.SIGINT, *_SIGNALS):
+            if signal.getsignal(s) not in (signal.SIG_IGN, None):  # None: set outside Python, left alone
                 previous[s] = signal.signal(s, _raise)
         yield
     finally:

@@ -531,7 +531,10 @@ def test_progress_bar_reports_images_per_second():
 def ray_cluster():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from cnpose_trt.interrupts import keep_handlers
+
+    # keep_handlers: ray.init's SIGTERM handler (an exit) would otherwise outlive the cluster in this process
+    keep_handlers(ray.init, num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:
