@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the stop requests a command handles
 _pending: int | None = None  # the signal of a stop request received inside signals_as_exceptions
 
 
@@ -62,7 +62,7 @@ def signals_as_exceptions() -> Iterator[None]:
     _pending = None
     previous: dict[int, Any] = {}
     try:
-        for s in (signal.SIGINT, *_SIGNALS):
+        for s in _SIGNALS:
             if signal.getsignal(s) not in (signal.SIG_IGN, None):  # None: set outside Python, left alone
                 previous[s] = signal.signal(s, _raise)
         yield
@@ -77,8 +77,7 @@ def keep_handlers(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     one, installs its own SIGTERM handler, which exits without a word and is not remembered)."""
     if threading.current_thread() is not threading.main_thread():
         return fn(*args, **kwargs)
-    signals = (signal.SIGINT, *_SIGNALS)
-    before = {s: signal.getsignal(s) for s in signals}
+    before = {s: signal.getsignal(s) for s in _SIGNALS}
     try:
         return fn(*args, **kwargs)
     finally:
