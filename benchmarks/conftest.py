@@ -55,7 +55,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 - 
 
 
 def _row(bench) -> dict:
-    data = sorted(bench.stats.data)
+    stats = bench.stats
+    data = sorted(stats.data if hasattr(stats, "data") else stats.stats.data)  # a session's entry, or the fixture
     info = bench.extra_info
     p50 = float(np.percentile(data, 50))
     return {"group": bench.group, "role": info.get("role", "?"), "backend": info.get("backend", bench.name),
@@ -81,6 +82,57 @@ def summary_rows(benchmarks) -> list[str]:
                          f"{r['p99'] * 1e3:>9.3f}{r['p50'] * 1e3 / r['images']:>9.3f}{r['images'] / r['p50']:>9.1f}"
                          f"{(f'{gbs:.1f}' if gbs else ''):>8}{up:>9}{share:>7}")
     return lines
+
+
+_STARTED = [0.0]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import time
+
+    _STARTED[0] = time.perf_counter()
+    budget = os.environ.get("CNPOSE_BENCH_BUDGET")
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and items:
+        tr.write_line(f"cnpose_trt benchmarks: {len(items)} cases; each finished one is printed as a row and appended "
+                      f"to {_jsonl_path()}" + (f"; budget {budget} s (CNPOSE_BENCH_BUDGET)" if budget else ""))
+
+
+def _jsonl_path() -> str:
+    return os.environ.get("CNPOSE_BENCH_JSONL", ".benchmarks/rows.jsonl")
+
+
+def pytest_runtest_setup(item):
+    """CNPOSE_BENCH_BUDGET=SECONDS: cases that would start after the budget is spent are skipped."""
+    import time
+
+    budget = os.environ.get("CNPOSE_BENCH_BUDGET")
+    if budget and time.perf_counter() - _STARTED[0] > float(budget):
+        pytest.skip(f"over CNPOSE_BENCH_BUDGET={budget} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Each benchmark's row goes to the terminal and to a JSON Lines file as soon as it is measured: a
+    long run that is cut off keeps everything it finished."""
+    yield
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    if bench is None or getattr(bench, "stats", None) is None or bench.stats is None:
+        return
+    import json
+    import time
+
+    row = {"test": item.nodeid, **_row(bench), "extra": {k: v for k, v in bench.extra_info.items()
+                                                          if isinstance(v, (str, int, float, bool))},
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = _jsonl_path()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    tr = item.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"  {row['group']:<34}{row['backend'][:40]:<42}{row['role']:<10}p50 {row['p50'] * 1e3:9.3f} ms"
+                      f"  {row['images'] / row['p50']:9.1f} img/s")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,33 @@ def _scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [img] * batch, [np.asarray([box], np.float64)] * batch
 
 
-def _timed(fn: Callable[..., Any], args: tuple[Any, ...], iterations: int, warmup: int) -> np.ndarray:
+def _crops(images: list[np.ndarray], boxes: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """The network inputs end to end feeds the engine: engine-only times the same data (a random-weight
+    network's speed can depend on its input values, e.g. through denormals)."""
+    from .preprocess import prepare
+
+    return np.ascontiguousarray(np.concatenate([prepare(i, b)[0] for i, b in zip(images, boxes, strict=True)]),
+                                dtype=dtype)
+
+
+def _interleaved(engine_call: Callable[[], Any], e2e_call: Callable[[], Any], iterations: int,
+                 warmup: int) -> tuple[np.ndarray, np.ndarray]:
+    """Engine-only and end-to-end timings in alternating iterations: load that comes and goes on a
+    shared machine lands on both columns alike instead of on whichever ran second."""
     for _ in range(warmup):
-        fn(*args)
-    out = np.empty(iterations)
+        engine_call()
+        e2e_call()
+    eng, e2e = np.empty(iterations), np.empty(iterations)
     for i in range(iterations):
-        started = time.perf_counter()
-        fn(*args)
-        out[i] = time.perf_counter() - started
-    return out
+        first, second = (engine_call, e2e_call) if i % 2 == 0 else (e2e_call, engine_call)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        a, b = t1 - t0, t2 - t1
+        eng[i], e2e[i] = (a, b) if i % 2 == 0 else (b, a)
+    return eng, e2e
 
 
 def _stats(seconds: np.ndarray, batch: int) -> dict[str, float]:
@@ -86,11 +105,59 @@ def _stats(seconds: np.ndarray, batch: int) -> dict[str, float]:
             "img_s": float(batch / seconds.mean())}
 
 
+# Multiply-accumulates per image of each variant (asserted by tests/test_model.py) and each CPU engine's
+# rough speed relative to a NumPy float32 matmul on the same machine: only for the time estimate.
+GMACS = {"XS": 0.82, "S": 1.74, "M": 2.79, "L": 4.26}
+SPEED_VS_MATMUL = {"onnxruntime": 1.0, "torch": 0.35, "tensorrt": 20.0}
+BUILD_S = {"fp32": 15.0, "fp16": 20.0, "int8": 60.0}  # a build that is not cached, on a 2-core CPU
+
+
+def matmul_gflops(seconds: float = 0.25) -> float:
+    """This machine's float32 matmul rate now (GFLOP/s), from a short probe."""
+    a = np.random.default_rng(0).random((384, 384), dtype=np.float32)
+    a @ a
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        n += 1
+    return n * 2 * 384 ** 3 / (time.perf_counter() - t0) / 1e9
+
+
+def estimate_seconds(variant: str, backend: str, precision: str, batches: Sequence[int], iterations: int,
+                     warmup: int, gflops: float) -> float:
+    """Rough time for one configuration: a build, then engine and end to end at every batch."""
+    per_image = 2 * GMACS.get(variant, 2.79) / (gflops * SPEED_VS_MATMUL.get(backend, 1.0))
+    people = sum(batches) * (iterations + warmup + 1) * 2
+    return BUILD_S.get(precision, 20.0) + people * per_image * 1.15
+
+
+def _slow_reason(variant: str, backend: str) -> str | None:
+    """Configurations that measure nothing a CPU user runs, opt-in with --all."""
+    if backend != "torch" or variant in ("XS", "S"):
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    return (f"the torch backend on the CPU is a reference, not an engine: {variant} runs at well under 1 img/s "
+            "on 2 cores; --all measures it")
+
+
 def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int],
               *, iterations: int = 10, warmup: int = 2, engine_dir: Any = None, checkpoint: Any = None,
-              calib_images: Any = None, cuda_graphs: bool = False,
-              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every combination; unsupported ones are reported as skipped rows with the reason."""
+              calib_images: Any = None, cuda_graphs: bool = False, budget: float | None = None,
+              include_slow: bool = False, progress: Callable[[str], None] | None = None,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every combination; unsupported ones are reported as skipped rows with the reason.
+
+    Engine-only and end-to-end timings alternate iteration by iteration, on the same inputs. Each
+    row goes to `on_row` as soon as it is measured (a run that is cut off keeps what it measured).
+    With `budget` (seconds), a configuration whose estimated time would overrun it is skipped with
+    the estimate; the estimate is rescaled by what the finished configurations really took.
+    """
     from .build import build_engine
     from .engine import load_engine
     from .errors import CnposeError
@@ -98,14 +165,38 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     from .spec import get_spec
 
     say = progress or (lambda m: None)
+    emit = on_row or (lambda r: None)
     check_args(variants, batches, iterations, warmup)
+    if budget is not None and (isinstance(budget, bool) or not budget > 0):
+        raise ValueError(f"--budget must be a positive number of seconds, got {budget!r}")
     rows: list[dict[str, Any]] = []
-    combos = [(v, b, p) for v in variants for b in backends for p in precisions]
-    for k, (variant, backend, precision) in enumerate(combos, 1):
-        spec = get_spec(variant)
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        emit(row)
+
+    combos = [(get_spec(v), b, p) for v in variants for b in backends for p in precisions]
+    gflops = matmul_gflops()
+    guesses = [estimate_seconds(s.name, b, p, batches, iterations, warmup, gflops) for s, b, p in combos]
+    say(f"{len(combos)} configurations x batch {', '.join(map(str, batches))}: about {sum(guesses) / 60:.1f} min "
+        f"(a rough estimate from the variants' MACs and a {gflops:.0f} GFLOP/s matmul probe of this machine; "
+        "builds that are cached take less)" + (f"; budget {budget:.0f} s" if budget else ""))
+    started, spent, guessed = time.perf_counter(), 0.0, 0.0
+    for k, ((spec, backend, precision), guess) in enumerate(zip(combos, guesses, strict=True), 1):
         base = {"variant": spec.name, "head": spec.head_tag, "precision": precision,
                 "backend": backend + ("+graphs" if cuda_graphs and backend == "torch" else "")}
-        say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: building or loading the engine")
+        slow = None if include_slow else _slow_reason(spec.name, backend)
+        scale = spent / guessed if guessed else 1.0
+        elapsed = time.perf_counter() - started
+        if slow is None and budget is not None and elapsed + guess * scale > budget:
+            slow = f"over --budget {budget:.0f} s: {elapsed:.0f} s spent, this one needs about {guess * scale:.0f} s"
+        if slow:
+            add({**base, "skipped": slow})
+            say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: skipped: {slow}")
+            continue
+        say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: building or loading the engine "
+            f"(about {guess * scale:.0f} s)")
+        t_cfg = time.perf_counter()
         calib = {}
         if precision == "int8":
             calib = {"calib_images": calib_images} if calib_images else {"calib_synthetic": True, "calib_count": 16}
@@ -114,38 +205,47 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
                                  max_batch=max(batches), **calib)
             engine = load_engine(built.path, **({"cuda_graphs": True} if cuda_graphs and backend == "torch" else {}))
         except (CnposeError, ValueError) as exc:
-            rows.append({**base, "skipped": str(exc).splitlines()[0]})
+            add({**base, "skipped": str(exc).splitlines()[0]})
             say(f"      skipped: {rows[-1]['skipped']}")
             continue
         est = PoseEstimator(engine)
         for batch in batches:
-            x = np.random.default_rng(0).standard_normal((batch, *spec.input_shape)).astype(engine.input_dtype)
-            eng = _stats(_timed(engine.infer, (x,), iterations, warmup), batch)
             images, boxes = _scenes(batch)
+            x = _crops(images, boxes, engine.input_dtype)
             est.predict(images, boxes)
             est.timings.reset()
-            e2e = _stats(_timed(est.predict, (images, boxes), iterations, warmup), batch)
+            t_eng, t_e2e = _interleaved(partial(engine.infer, x), partial(est.predict, images, boxes), iterations,
+                                        warmup)
+            eng, e2e = _stats(t_eng, batch), _stats(t_e2e, batch)
             shares = est.timings.shares()
-            rows.append({**base, "batch": batch, "engine": eng, "e2e": e2e, "decode_share": shares["decode"],
-                         "prepare_share": shares["prepare"]})
+            add({**base, "batch": batch, "engine": eng, "e2e": e2e, "e2e_of_engine": e2e["img_s"] / eng["img_s"],
+                 "decode_share": shares["decode"], "prepare_share": shares["prepare"]})
             say(f"      batch {batch}: engine {eng['img_s']:.1f} img/s, end-to-end {e2e['img_s']:.1f} img/s")
+        spent += time.perf_counter() - t_cfg
+        guessed += guess
     return rows
 
 
+TABLE_HEAD = (f"{'variant':<8}{'head':<16}{'backend':<13}{'prec':<6}{'batch':>6}{'engine img/s':>14}"
+              f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'e2e img/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+              f"{'e2e/eng':>8}{'decode':>8}")
+TABLE_NOTE = ("engine: engine.infer on the batch's ready crops; e2e: PoseEstimator.predict from the images "
+              "(crop, engine, decode); both on the same people, in alternating iterations; e2e/eng: their "
+              "throughput ratio; decode: the decode's share of the end-to-end stage time")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    lead = f"{r['variant']:<8}{r['head']:<16}{r['backend']:<13}{r['precision']:<6}"
+    if "skipped" in r:
+        return f"{lead}{'':>6}  skipped: {r['skipped'][:110]}"
+    e, t = r["engine"], r["e2e"]
+    return (f"{lead}{r['batch']:>6}{e['img_s']:>14.1f}{e['p50_ms']:>9.2f}{e['p90_ms']:>9.2f}"
+            f"{e['p99_ms']:>9.2f}{t['img_s']:>11.1f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}"
+            f"{t['img_s'] / e['img_s']:>8.2f}{r['decode_share']:>8.1%}")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'variant':<8}{'head':<16}{'backend':<13}{'prec':<6}{'batch':>6}{'engine img/s':>14}"
-            f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'e2e img/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'decode':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lead = f"{r['variant']:<8}{r['head']:<16}{r['backend']:<13}{r['precision']:<6}"
-        if "skipped" in r:
-            lines.append(f"{lead}{'':>6}  skipped: {r['skipped'][:90]}")
-            continue
-        e, t = r["engine"], r["e2e"]
-        lines.append(f"{lead}{r['batch']:>6}{e['img_s']:>14.1f}{e['p50_ms']:>9.2f}{e['p90_ms']:>9.2f}"
-                     f"{e['p99_ms']:>9.2f}{t['img_s']:>11.1f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}"
-                     f"{r['decode_share']:>8.1%}")
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEAD, "-" * len(TABLE_HEAD), *map(format_row, rows)])
 
 
 def plot(rows: list[dict[str, Any]], path: Path, machine: str) -> Path:
@@ -201,21 +301,39 @@ def machine_name() -> str:
 
 
 def main(args: Any) -> int:
-    rows = run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
-                     warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
-                     calib_images=args.calib_images, cuda_graphs=args.cuda_graphs,
-                     progress=say)
+    """`cnpose-trt bench`: the table row by row as each configuration finishes, the JSON rewritten after
+    every row and the plot written at the end, also when the run is stopped or runs out of budget."""
     from .cli import finite_json
 
     machine = machine_name()
+    rows: list[dict[str, Any]] = []
+
+    def save_json() -> None:
+        if args.json:
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(finite_json({"machine": machine, "note": TABLE_NOTE, "rows": rows}) + "\n")
+            tmp.replace(args.json)
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(format_row(row), flush=True)
+        save_json()
+
     print(f"machine: {machine}")
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(finite_json({"machine": machine, "rows": rows}) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        plot(rows, Path(args.plot), machine)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    print(TABLE_NOTE)
+    print(TABLE_HEAD)
+    print("-" * len(TABLE_HEAD), flush=True)
+    try:
+        run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
+                  warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
+                  calib_images=args.calib_images, cuda_graphs=args.cuda_graphs, budget=args.budget,
+                  include_slow=args.all, progress=say, on_row=on_row)
+    finally:
+        if args.json and rows:
+            print(f"wrote {args.json}", file=sys.stderr)
+        if args.plot and any("skipped" not in r for r in rows):
+            plot(rows, Path(args.plot), machine)
+            print(f"wrote {args.plot}", file=sys.stderr)
     if rows and all("skipped" in r for r in rows):
         print("error: nothing was measured: every combination was skipped (reasons above)", file=sys.stderr)
         return 1

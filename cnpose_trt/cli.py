@@ -269,12 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", type=Path, help="PNG of the skeletons over the image")
 
     bn = sub.add_parser("bench", help="throughput/latency table (engine only and end to end) and a plot")
-    bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"])
-    bn.add_argument("--backend", nargs="+", choices=["onnxruntime", "tensorrt", "torch"], default=["onnxruntime"])
-    bn.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"])
-    bn.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],
+                    help="variants to measure (default XS)")
+    bn.add_argument("--backend", nargs="+", choices=["onnxruntime", "tensorrt", "torch"], default=["onnxruntime"],
+                    help="backends to measure (default onnxruntime)")
+    bn.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"],
+                    help="precisions to measure (default fp32)")
+    bn.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, people per call "
+                    "(default 1 8)")
     bn.add_argument("--iterations", type=int, default=10, help="timed runs per measurement (default 10)")
-    bn.add_argument("--warmup", type=int, default=2)
+    bn.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
+    bn.add_argument("--budget", type=float, metavar="SECONDS", help="skip the configurations that would run past "
+                    "this many seconds (estimated, rescaled as configurations finish); default: no limit")
+    bn.add_argument("--all", action="store_true", help="also measure configurations that are pointless on this "
+                    "machine (the torch backend on the CPU for M and L: well under 1 img/s)")
     bn.add_argument("--checkpoint", type=Path, help="weights (default random: speed does not depend on them)")
     bn.add_argument("--calib-images", type=Path, help="int8 calibration images (default: generated scenes)")
     bn.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
