@@ -36,7 +36,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="engine folder (default $CNPOSE_TRT_ENGINES or ./engines)")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached engine is valid")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default 17)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint (default 0)")
     f = p.add_argument_group("FP16")
     f.add_argument("--keep-fp32", action="append", default=[], metavar="NODE_PREFIX",
                    help="ONNX node-name prefix kept in float32 (repeatable)")
@@ -46,16 +46,19 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--calib-boxes", type=Path,
                    help="JSON {file name: [x, y, w, h] or [[...], ...]}; default: the whole image")
     i.add_argument("--calib-count", type=int, default=64, help="crops to calibrate on (default 64)")
-    i.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy")
+    i.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy",
+                   help="how activation ranges are chosen from the calibration histograms (default entropy)")
     i.add_argument("--calib-synthetic", action="store_true",
                    help="calibrate on generated scenes: for benchmarking only (recorded in the sidecar)")
     i.add_argument("--int8-exclude", action="append", default=None, metavar="NODE_PREFIX",
                    help=f"node-name prefixes kept out of INT8 (repeatable; default {' '.join(DEFAULT_INT8_EXCLUDE)})")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--opt-batch", type=int, default=None, help="optimisation profile's opt batch (default max/2)")
-    t.add_argument("--workspace-mb", type=int, default=4096)
-    t.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level 0-5")
-    t.add_argument("--version-compatible", action="store_true")
+    t.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit in MiB (default 4096)")
+    t.add_argument("--opt-level", type=int, default=3, choices=range(6),
+                   help="builder optimisation level 0-5 (default 3)")
+    t.add_argument("--version-compatible", action="store_true",
+                   help="an engine later TensorRT versions can run (lean runtime)")
     t.add_argument("--hardware-compatible", action="store_true", help="Ampere and newer GPUs")
     t.add_argument("--tf32", action="store_true", help="let float32 layers use TF32 (default: true float32)")
 

@@ -138,9 +138,53 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_engine(path: Path) -> bool:
+    """An engine handle, engine file or sidecar: the path is a .json, or has a sidecar beside it."""
+    from .cache import sidecar_path
+
+    return path.suffix == ".json" or sidecar_path(path).is_file()
+
+
+def _inspect_engine(path: Path) -> int:
+    """What an engine is, from its sidecar (no torch, no engine load): variant, precision, backend, I/O,
+    weights, cache key; and whether its file is there with the bytes the sidecar names."""
+    from .cache import file_sha256, sidecar_path
+    from .engine import read_sidecar
+
+    meta = read_sidecar(path)
+    side = sidecar_path(path)
+    engine_file = side.parent / meta["engine_file"]
+    if not engine_file.is_file():
+        state = "missing: rebuild"
+    elif file_sha256(engine_file) != meta["engine_sha256"]:
+        state = "damaged (its sha256 differs from the sidecar's): rebuild with --force"
+    else:
+        state = "present, sha256 as recorded"
+
+    def io(d: dict[str, Any]) -> str:
+        return f"{d['name']} {d['dtype']} ({', '.join(map(str, d['shape']))})"
+
+    weights = meta.get("weights", {})
+    print(f"engine:          {side}")
+    print(f"file:            {engine_file.name}: {state}")
+    print(f"variant:         {meta['variant']} ({meta['head']})")
+    print(f"precision:       {meta['precision']}, backend {meta['backend']}, max batch {meta['max_batch']}")
+    print(f"input:           {io(meta['input'])}, {meta['input'].get('convention', '?')}")
+    print(f"output:          {io(meta['output'])}")
+    print(f"weights:         {weights.get('source', '?')}" + (" (random: poses are meaningless)"
+                                                               if weights.get("random") else ""))
+    print(f"cache key:       {meta['cache_key']}")
+    version = meta.get("versions", {}).get("cnpose_trt", "?")
+    print(f"built:           {meta.get('built_at', '?')} by cnpose_trt {version}"
+          + (f", rel. L2 vs PyTorch {meta['parity_rel_l2_vs_torch']:.1e}" if "parity_rel_l2_vs_torch" in meta else ""))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if _is_engine(Path(args.file)):
+        return _inspect_engine(Path(args.file))
     from .checkpoint import detect_spec, load_checkpoint
     from .spec import match_variant
 
@@ -230,18 +274,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .build_cli import add_build_arguments
     from .spec import VARIANTS
 
     parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
+    parser.add_argument("--version", action="version", version=f"cnpose-trt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="export and compile an engine (same as python -m cnpose_trt.build)")
     add_build_arguments(b)
 
-    i = sub.add_parser("inspect", help="show the configuration a checkpoint's tensors describe")
-    i.add_argument("file", type=Path)
+    i = sub.add_parser("inspect", help="describe a checkpoint (the configuration its tensors describe) or an "
+                                       "engine (variant, precision, backend, I/O, cache key)")
+    i.add_argument("file", type=Path, help="a checkpoint (.pth/.pth.tar/.pt), or an engine file or its .json sidecar")
 
     def engine_args(p: argparse.ArgumentParser) -> None:
         g = p.add_mutually_exclusive_group()
@@ -292,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
     engine_args(d)
-    d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go")
+    d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go "
+                   "(default demo_output)")
     d.add_argument("--seed", type=int, default=7, help="the synthetic person's seed (default 7)")
 
     from .batch import add_batch_arguments

@@ -629,7 +629,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"),
                    help="synthetic image size (default 256 256)")
     d.add_argument("--people", type=int, default=1, help="people per synthetic image (default 1)")
-    d.add_argument("--occluders", type=float, default=0.0, help="chance of an occluder per synthetic person")
+    d.add_argument("--occluders", type=float, default=0.0,
+                   help="chance of an occluder per synthetic person (default 0)")
     d.add_argument("--h36m", type=Path, metavar="DIR",
                    help="Human3.6M in upstream's layout (DIR/annotations/*.json, DIR/images/) instead of synthetic")
     d.add_argument("--protocol", type=int, choices=(1, 2), default=2,

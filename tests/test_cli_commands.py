@@ -74,3 +74,58 @@ def test_demo_knows_the_shipped_model_by_its_weights(tmp_path):
     assert _shipped_weights(None, built.path)
     random = build_engine("XS", out_dir=tmp_path, max_batch=2, progress=lambda _l: None)
     assert not _shipped_weights(None, random.path)
+
+
+def test_version():
+    from torchless import cli_without_torch
+
+    from cnpose_trt import __version__
+
+    done = cli_without_torch(["--version"])
+    assert done.returncode == 0 and done.stdout.strip() == f"cnpose-trt {__version__}"
+
+
+def test_inspect_describes_an_engine_without_torch(xs_engine_path, tmp_path):
+    """Issue 21 item 7: `inspect ENGINE` describes the engine instead of a torch.load message, without torch."""
+    import shutil
+
+    from torchless import cli_without_torch
+
+    from cnpose_trt.cache import sidecar_path
+    from cnpose_trt.engine import read_sidecar
+
+    meta = read_sidecar(xs_engine_path)
+    side = sidecar_path(xs_engine_path)
+    for path in (xs_engine_path, side, side.with_suffix("")):  # engine file, sidecar, handle
+        done = cli_without_torch(["inspect", path])
+        assert done.returncode == 0, done.stderr
+        lines = dict(line.split(":", 1) for line in done.stdout.splitlines())
+        assert lines["variant"].strip() == "XS (2UP-128ch-D32)"
+        assert lines["precision"].strip().startswith("fp32, backend onnxruntime")
+        assert lines["cache key"].strip() == meta["cache_key"]
+        assert "present, sha256 as recorded" in lines["file"]
+        assert "heatmaps float32 (N, 576, 32, 32)" in lines["output"]
+    copy = tmp_path / "copy"
+    shutil.copytree(xs_engine_path.parent, copy)
+    damaged = copy / meta["engine_file"]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
+    done = cli_without_torch(["inspect", copy / side.name])
+    assert done.returncode == 0 and "damaged" in done.stdout
+
+
+def test_help_shows_defaults():
+    """Issue 21 item 7: every option with a default says it in --help."""
+    import re
+
+    from cnpose_trt.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    missing = []
+    for name, p in sub.items():
+        for a in p._actions:
+            if a.default in (None, [], "==SUPPRESS==") or isinstance(a.default, bool) or not a.option_strings:
+                continue
+            if not re.search(r"default", a.help or "", re.I):
+                missing.append(f"{name} {a.option_strings[0]}")
+    assert not missing, missing
