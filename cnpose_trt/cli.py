@@ -100,7 +100,7 @@ def _engine_for(args: argparse.Namespace) -> Any:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .draw import check_image_suffix, draw_poses, save_image
+    from .draw import check_image_suffix, draw_poses_3d, pose_3d, save_image
     from .imageio_guard import check_image_file
     from .pipeline import estimate
     from .preprocess import load_image
@@ -133,7 +133,8 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.draw:
-        save_image(args.draw, draw_poses(image, result.image, result.boxes))
+        joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
+        save_image(args.draw, draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
         print(f"wrote {args.draw}", file=sys.stderr)
     return 0
 

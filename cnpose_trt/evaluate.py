@@ -646,6 +646,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test (default: on, as upstream)")
     o.add_argument("--json", type=Path, help="write the report as JSON")
     o.add_argument("--predictions", action="store_true", help="include every person's predicted joints in the JSON")
+    o.add_argument("--plot", type=Path, metavar="PNG", help="picture of the per-joint MPJPE, engines side by side")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
 
 
@@ -653,6 +654,10 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run `cnpose-trt eval` from parsed add_eval_arguments options; prints the tables, returns 0."""
     from .engine import load_engine
 
+    if args.plot is not None:
+        from .draw import check_image_suffix
+
+        check_image_suffix(args.plot, "--plot")
     options = {} if args.threads is None else {"threads": args.threads}
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -694,6 +699,11 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        from .draw import eval_chart, save_image
+
+        save_image(args.plot, eval_chart(report))
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

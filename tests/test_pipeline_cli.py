@@ -58,8 +58,9 @@ def test_predict_cli(xs_engine_path, demo, tmp_path, capsys):
     joints = doc["people"][0]["joints"]
     assert list(joints) == list(JOINT_NAMES)
     assert {"x_px", "y_px", "depth_mm", "camera_mm", "confidence"} == set(joints["Pelvis"])
-    drawn = load_image(draw)
-    assert drawn.shape == img.shape and (drawn != img).any()
+    drawn = load_image(draw)  # the overlay, and beside it a square 3D view as tall as the image
+    h, w = img.shape[:2]
+    assert drawn.shape == (h, w + h, 3) and (drawn[:, :w] != img).any()
 
 
 def test_predict_cli_builds_variant_and_prints(tmp_path, demo, capsys):
