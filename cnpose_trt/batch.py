@@ -59,6 +59,7 @@ SUMMARY_FILE = "_summary.json"  # '_' and '.' prefixes: Parquet readers of the f
 LOCK_FILE = ".lock"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 _PART_NAME = re.compile(r"part-(\d{6,})\.parquet")
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() takes '²', which int() refuses
 _TEMP_NAME = re.compile(r"\.part-\d{6,}\.parquet\.\d+\.tmp")
 _INSTALL_HINT = "pip install 'cnpose_trt[batch]'"
 
@@ -128,6 +129,37 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _floats(values: Any, where: str, field: str) -> np.ndarray:
+    """Numbers (checked by _is_number) -> float64; an integer too large for a float is refused."""
+    try:
+        return np.asarray(values, np.float64)
+    except OverflowError:
+        raise _fail(where, field, "holds an integer too large for a float64 number") from None
+
+
+def _json(text: str | bytes, where: str, field: str | None = None) -> Any:
+    """json.loads with the manifest's messages (a record nested thousands deep included)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _fail(where, field, f"{'is ' if field else ''}not valid JSON here: nested too deeply") from None
+    except ValueError as exc:
+        if field is None:
+            raise _fail(where, None, f"not valid JSON ({exc})") from None
+        raise _fail(where, field, f"is not valid JSON ({getattr(exc, 'msg', exc)}): {text!r:.80}") from None
+
+
+@contextlib.contextmanager
+def _text_errors(path: Path) -> Iterator[None]:
+    """A manifest that is not UTF-8 text (Latin-1, UTF-16) is refused naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        what = ("it is UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else
+                f"byte {exc.object[exc.start]:#04x}, e.g. Latin-1")
+        raise _fail(str(path), None, f"not UTF-8 text ({what}): save it as UTF-8") from None
+
+
 def _quad_list(value: Any, where: str, field: str, what: str) -> np.ndarray:
     """A list of [a, b, c, d] lists (or one such list) -> (P, 4) float64."""
     if isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value):
@@ -137,25 +169,25 @@ def _quad_list(value: Any, where: str, field: str, what: str) -> np.ndarray:
     for i, row in enumerate(value):
         if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(_is_number(v) for v in row):
             raise _fail(where, field, f"entry {i} must be 4 numbers {what}, got {row!r:.80}")
-    return np.asarray(value, np.float64).reshape(-1, 4)
+    return _floats(value, where, field).reshape(-1, 4)
 
 
 def _per_person(value: Any, people: int, where: str, field: str) -> np.ndarray:
     """root_depth: one number for every person or one per person -> () or (P,)."""
     if _is_number(value):
-        return np.asarray(float(value))
+        return _floats(value, where, field)
     if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
         if len(value) != people:
             raise _fail(where, field, f"needs one number for all people or one per person ({people}), "
                         f"got {len(value)}")
-        return np.asarray(value, np.float64)
+        return _floats(value, where, field)
     raise _fail(where, field, f"must be a number (mm) or a list of numbers, one per person, got {value!r:.80}")
 
 
 def _intrinsics(value: Any, people: int, where: str) -> np.ndarray:
     """[fx, fy, cx, cy] for every person, or one such list per person -> (4,) or (P, 4)."""
     if isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value):
-        return np.asarray(value, np.float64)
+        return _floats(value, where, "intrinsics")
     arr = _quad_list(value, where, "intrinsics", "[fx, fy, cx, cy]")
     if len(arr) != people:
         raise _fail(where, "intrinsics", f"needs one [fx, fy, cx, cy] for all people or one per person ({people}), "
@@ -182,10 +214,7 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
             if not value.strip():
                 value = None
             else:
-                try:
-                    value = json.loads(value)
-                except ValueError as exc:
-                    raise _fail(where, name, f"is not valid JSON ({exc.msg}): {value!r:.80}") from None
+                value = _json(value, where, name)
         values[name] = value
     image = values["image"]
     if not isinstance(image, str) or not image.strip():
@@ -208,34 +237,51 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
 
 
 def _read_jsonl(path: Path, image_root: Path) -> Iterator[Entry]:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte order mark, as some editors write one, is read past
+    with open(path, encoding="utf-8-sig") as f, _text_errors(path):
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise _fail(where, None, f"not valid JSON ({exc})") from None
+            record = _json(line, where)
             if not isinstance(record, dict):
                 raise _fail(where, None, f"each line must be a JSON object, got {type(record).__name__}")
             yield make_entry(record, where, image_root)
 
 
 def _read_csv(path: Path, image_root: Path) -> Iterator[Entry]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, _text_errors(path):
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if "image" not in header:
-            raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (columns: "
-                        f"{', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
-        for row in reader:
+        rows = iter(reader)
+        try:
+            header = reader.fieldnames or []
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise _fail(f"{path}, line 1", twice[0], "column named twice in the header; each column once")
+            if "image" not in header:
+                raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (columns: "
+                            f"{', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
+            row = next(rows, None)
+        except csv.Error as exc:
+            raise _fail(f"{path}, line {reader.line_num + 1}", None, _csv_message(exc)) from None
+        while row is not None:
             where = f"{path}, line {reader.line_num}"
             if None in row:
                 raise _fail(where, None, f"more cells than the header's {len(header)} columns (quote JSON lists "
                             "that hold commas)")
             yield make_entry({k: v for k, v in row.items() if v is not None and v != ""}, where, image_root,
                              decode_text=True)
+            try:
+                row = next(rows, None)
+            except csv.Error as exc:
+                raise _fail(f"{path}, line {reader.line_num + 1}", None, _csv_message(exc)) from None
+
+
+def _csv_message(exc: csv.Error) -> str:
+    if "field larger than field limit" in str(exc):
+        return (f"a cell is longer than the CSV limit of {csv.field_size_limit()} characters: give images with "
+                "that many boxes in JSON Lines or Parquet")
+    return f"not valid CSV ({exc})"
 
 
 def _read_parquet(path: Path, image_root: Path) -> Iterator[Entry]:
@@ -261,18 +307,22 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
     score_threshold. Images are those the dict's 'images' lists, else every image file in
     image_root, matched to image ids by file stem (42.jpg or 000000000042.jpg); an image without
     detections is listed with no people."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except ValueError as exc:
-        raise _fail(str(path), None, f"not valid JSON ({exc})") from None
+    with _text_errors(path):
+        doc = _json(path.read_bytes().decode("utf-8-sig"), str(path))
     files: dict[Any, str] = {}
     if isinstance(doc, dict):
         if not isinstance(doc.get("annotations"), list):
             raise _fail(str(path), "annotations", "a COCO dict needs an 'annotations' list of detections")
+        first: dict[Any, int] = {}
         for i, im in enumerate(doc.get("images") or []):
             if not (isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)):
                 raise _fail(f"{path}, images[{i}]", None, f"needs 'id' and 'file_name', got {im!r:.80}")
+            if not _is_image_id(im["id"]):
+                raise _fail(f"{path}, images[{i}]", "id", f"must be an integer or a string, got {im['id']!r:.80}")
+            if im["id"] in first:
+                raise _fail(f"{path}, images[{i}]", "id", f"{im['id']!r} is listed again (first at "
+                            f"images[{first[im['id']]}]); every image id appears once")
+            first[im["id"]] = i
             files[im["id"]] = im["file_name"]
         if category_id is None:
             persons = [c.get("id") for c in doc.get("categories") or [] if isinstance(c, dict)
@@ -289,7 +339,7 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
             raise _fail(str(path), None, f"the image folder {image_root} does not exist (--image-root)")
         for p in sorted(image_root.iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                ident: Any = int(p.stem) if p.stem.isdigit() else p.stem
+                ident: Any = int(p.stem) if _DIGITS.fullmatch(p.stem) else p.stem
                 if ident in files:
                     raise _fail(str(path), None, f"images {files[ident]} and {p.name} in {image_root} both match "
                                 f"image id {ident!r}")
@@ -311,7 +361,9 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise _fail(where, "bbox", f"must be 4 numbers [x, y, w, h], got {bbox!r:.80}")
         ident = det["image_id"]
-        if isinstance(ident, str) and ident.isdigit() and ident not in boxes:
+        if not _is_image_id(ident):
+            raise _fail(where, "image_id", f"must be an integer or a string, got {ident!r:.80}")
+        if isinstance(ident, str) and _DIGITS.fullmatch(ident) and ident not in boxes:
             ident = int(ident)
         if ident not in boxes:
             raise _fail(where, "image_id", f"{det['image_id']!r} matches no image ("
@@ -319,11 +371,16 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
                            f"no file in {image_root} with that stem, e.g. {det['image_id']}.jpg or "
                            f"{str(det['image_id']).zfill(12)}.jpg") + ")")
         if score >= score_threshold:
-            boxes[ident].append([float(v) for v in bbox])
+            boxes[ident].append(_floats(bbox, where, "bbox").tolist())
     for ident, name in files.items():
         path_ = Path(name) if Path(name).is_absolute() else image_root / name
         yield Entry(name, str(path_), f"{path}, image_id {ident!r}",
                     boxes=np.asarray(boxes[ident], np.float64).reshape(-1, 4))
+
+
+def _is_image_id(value: Any) -> bool:
+    # not bool: True == 1 would match image 1
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def manifest_format(path: str | Path, fmt: str = "auto") -> str:

@@ -342,6 +342,11 @@ BAD_JSONL = [
     ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": 4000, "intrinsics": [[1, 1, 1, 1], [1, 1, 1, 1]]}',
      r"field 'intrinsics': needs one \[fx, fy, cx, cy\] for all people or one per person \(1\), got 2"),
     ('[1, 2]', r"line 1: each line must be a JSON object, got list"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, %s]]}' % ("9" * 400),
+     r"line 1, field 'boxes': holds an integer too large for a float64 number"),
+    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": %s}' % ("9" * 400),
+     r"line 1, field 'root_depth': holds an integer too large"),
+    ('{"image": "a.png", "boxes": ' + "[" * 100_000, r"line 1: not valid JSON here: nested too deeply"),
 ]
 
 
@@ -373,6 +378,66 @@ def test_bad_csv_and_parquet_records(tmp_path):
         batch.read_manifest(tmp_path / "m.txt")
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         batch.read_manifest(tmp_path / "none.jsonl")
+
+
+def test_text_and_csv_problems_name_the_file(tmp_path):
+    """Not UTF-8, an over-long CSV cell, duplicate CSV columns: one ManifestError naming the file
+    (and line), not a UnicodeDecodeError or _csv.Error; a UTF-8 byte order mark is read past."""
+    (tmp_path / "latin.jsonl").write_bytes('{"image": "caf\xe9.png", "boxes": []}\n'.encode("latin-1"))
+    (tmp_path / "wide.csv").write_bytes("image,boxes\na.png,[]\n".encode("utf-16"))
+    (tmp_path / "latin.json").write_bytes('[{"image_id": "\xe9"}]'.encode("latin-1"))
+    for name, what in (("latin.jsonl", "byte 0xe9"), ("wide.csv", "it is UTF-16"), ("latin.json", "byte 0xe9")):
+        with pytest.raises(batch.ManifestError, match=rf"{name}: not UTF-8 text \({what}"):
+            list(batch.read_manifest(tmp_path / name, image_root=tmp_path))
+    (tmp_path / "cell.csv").write_text('image,boxes\na.png,"[[1,2,3,4]]"\nb.png,"' + "1" * 140_000 + '"\n')
+    with pytest.raises(batch.ManifestError, match=r"cell\.csv, line 3: a cell is longer than the CSV limit"):
+        list(batch.read_manifest(tmp_path / "cell.csv"))
+    (tmp_path / "twice.csv").write_text("image,image,boxes\na.png,b.png,[]\n")
+    with pytest.raises(batch.ManifestError, match=r"twice\.csv, line 1, field 'image': column named twice"):
+        list(batch.read_manifest(tmp_path / "twice.csv"))
+    # a byte order mark (Excel's "CSV UTF-8", Notepad) is read, not taken as part of the first name
+    (tmp_path / "bom.csv").write_bytes('\ufeffimage,boxes\na.png,"[[1,2,3,4]]"\n'.encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n'.encode())
+    (tmp_path / "bom.json").write_bytes('\ufeff[{"image_id": 1, "bbox": [1, 2, 3, 4], "score": 1}]'.encode())
+    save_image(tmp_path / "1.png", demo_image()[0])
+    for name in ("bom.csv", "bom.jsonl", "bom.json"):
+        (entry,) = [e for e in batch.read_manifest(tmp_path / name, image_root=tmp_path) if e.people]
+        np.testing.assert_array_equal(entry.boxes, [[1, 2, 3, 4]])
+
+
+def test_coco_ids_that_cannot_match(tmp_path):
+    save_image(tmp_path / "1.jpg", demo_image()[0])
+    save_image(tmp_path / "\u00b2.jpg", demo_image()[0])  # '²'.isdigit() is True, int('²') fails
+
+    def dets(ident):
+        (tmp_path / "d.json").write_text(json.dumps([{"image_id": ident, "category_id": 1, "bbox": [1, 2, 3, 4],
+                                                      "score": 0.9}]))
+        return tmp_path / "d.json"
+
+    for ident, shown in (([1], r"\[1\]"), (True, "True")):
+        with pytest.raises(batch.ManifestError, match=rf"detection 0, field 'image_id': must be an integer or a "
+                           rf"string, got {shown}"):
+            list(batch.read_manifest(dets(ident)))
+    # a file whose stem is not a number is an image of the job with a string id: people only if a detection names it
+    got = {e.key: e.people for e in batch.read_manifest(dets(1))}
+    assert got == {"1.jpg": 1, "\u00b2.jpg": 0}
+    assert {e.key: e.people for e in batch.read_manifest(dets("\u00b2"))} == {"1.jpg": 0, "\u00b2.jpg": 1}
+    doc = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"},
+                      {"id": 1, "file_name": "\u00b2.jpg"}], "annotations": []}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(batch.ManifestError, match=r"c\.json, images\[2\], field 'id': 1 is listed again \(first at "
+                       r"images\[0\]\)"):
+        list(batch.read_manifest(tmp_path / "c.json"))
+    doc["images"][2]["id"] = True
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(batch.ManifestError, match=r"images\[2\], field 'id': must be an integer or a string"):
+        list(batch.read_manifest(tmp_path / "c.json"))
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(batch.ManifestError, match=r"deep\.json: not valid JSON here: nested too deeply"):
+        list(batch.read_manifest(tmp_path / "deep.json"))
+    (tmp_path / "big.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, %s], "score": 1}]' % ("9" * 400))
+    with pytest.raises(batch.ManifestError, match=r"detection 0, field 'bbox': holds an integer too large"):
+        list(batch.read_manifest(tmp_path / "big.json"))
 
 
 def test_manifest_problems_stop_the_job_before_any_work(tmp_path, xs_engine_path):
