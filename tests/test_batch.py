@@ -232,6 +232,51 @@ def test_estimator_errors_become_error_rows(tmp_path, xs_engine):
     assert all(o[1] is not None and len(o[1]) == 1 for i, o in enumerate(out) if i != 1)
 
 
+class _RefusingEstimator:
+    """A real PoseEstimator whose item for one image carries a NaN box: refused on its prep
+    threads, after it pulled a full prefetch window of the items behind it."""
+
+    def __init__(self, estimator, bad_shape):
+        self.estimator, self.bad_shape, self.pulled_past_bad = estimator, bad_shape, 0
+        self.max_batch = estimator.max_batch
+
+    def predict_iter(self, items, flip=False):
+        def spoil():
+            seen_bad = False
+            for item in items:
+                if item["image"].shape == self.bad_shape:
+                    item, seen_bad = {**item, "boxes": np.asarray([[np.nan, 0, 50, 50]])}, True
+                elif seen_bad:
+                    self.pulled_past_bad += 1
+                yield item
+        return self.estimator.predict_iter(spoil(), flip=flip)
+
+
+def test_refusal_in_a_full_prefetch_window_loses_no_image(tmp_path, xs_engine):
+    """The images the estimator had already taken behind a refused one are run again: every image
+    has its rows exactly once, equal to PoseEstimator's, in order."""
+    base, box = demo_image()
+    est = PoseEstimator(xs_engine)  # max_batch 4, prefetch 2: 8 images pulled ahead
+    entries, ref = [], {}
+    for i in range(20):
+        h, w = 300 + i, 400 + i  # the shape tells the images apart
+        save_image(tmp_path / f"{i}.png", np.ascontiguousarray(base[:h, :w]))
+        entries.append(batch.Entry(f"{i}.png", str(tmp_path / f"{i}.png"), "test",
+                                   boxes=np.asarray([[5, 5, 90, 150]], np.float64)))
+        ref[f"{i}.png"] = est.predict(load_image(tmp_path / f"{i}.png"), entries[-1].boxes).image
+    bad = 9
+    refusing = _RefusingEstimator(est, (300 + bad, 400 + bad, 3))
+    with batch.ThreadPoolExecutor(2) as pool:
+        out = list(batch.estimate_stream(refusing, batch.read_ahead(pool, entries, 6)))
+    assert refusing.pulled_past_bad >= est.max_batch  # the refusal came with images queued behind it
+    assert [o[0].entry.key for o in out] == [e.key for e in entries]
+    assert out[bad][1] is None and "finite" in out[bad][0].error
+    for i, (loaded, result) in enumerate(out):
+        if i != bad:
+            assert loaded.error is None and result is not None, loaded.entry.key
+            np.testing.assert_allclose(result.image, ref[loaded.entry.key], rtol=1e-6, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests
 
