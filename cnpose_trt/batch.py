@@ -27,6 +27,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -111,6 +112,17 @@ class Entry:
             if value is not None:
                 doc[name] = value.tolist()
         return json.dumps(doc)
+
+    def record_hash(self) -> str:
+        """What the image's poses are computed from, as the manifest gives it: the image as named, its
+        boxes (or crop boxes), root_depth and intrinsics (not the resolved path: a moved image folder
+        is the same job). Written to the parts, so a resume sees a record that changed."""
+        doc: dict[str, Any] = {"image": self.key}
+        for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value.tolist()
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
     @classmethod
     def from_json(cls, text: str) -> Entry:
@@ -707,6 +719,8 @@ class _Done:
     errors: int
     parts: int
     next_index: int
+    # image -> its record hash (Entry.record_hash), None in parts written before hashes were recorded
+    records: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 def _part_meta(path: Path) -> dict[str, Any]:
@@ -726,35 +740,120 @@ def _part_meta(path: Path) -> dict[str, Any]:
 def scan_output(out: Path, job: dict[str, Any] | None = None) -> _Done:
     """The images done in out (committed parts), checking that the parts are this job's."""
     done = _Done(set(), 0, 0, 0, 0)
-    for path in sorted(out.iterdir()):
-        m = _PART_NAME.fullmatch(path.name)
-        if not m:
-            continue
-        doc = _part_meta(path)
+    for path, doc in _parts(out):
         if job is not None and doc.get("job") != job:
             raise BatchError(f"{out} holds the results of another job ({path.name}: {doc.get('job')}; this run: "
                              f"{job}): use another --out, or delete {out} to start over")
-        repeated = done.images.intersection(doc["images"])
-        if repeated:
-            log.warning("%s lists %d images already in an earlier part (e.g. %s)", path, len(repeated),
-                        next(iter(repeated)))
         done.images.update(doc["images"])
+        records = doc.get("records")
+        if not (isinstance(records, list) and len(records) == len(doc["images"])):
+            records = [None] * len(doc["images"])
+        done.records.update(zip(doc["images"], records, strict=True))
         done.people += int(doc.get("people", 0))
         done.errors += int(doc.get("errors", 0))
         done.parts += 1
-        done.next_index = max(done.next_index, int(m.group(1)) + 1)
+        done.next_index = max(done.next_index, _part_index(path) + 1)
     return done
 
 
-def read_results(out: str | Path) -> Any:
-    """All committed rows of an output folder as one pyarrow Table (parts in order)."""
+def _part_index(path: Path) -> int:
+    m = _PART_NAME.fullmatch(path.name)
+    assert m is not None
+    return int(m.group(1))
+
+
+def _parts(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The committed parts of out with their footers, in commit order."""
+    return [(p, _part_meta(p)) for p in sorted((p for p in out.iterdir() if _PART_NAME.fullmatch(p.name)),
+                                               key=_part_index)]
+
+
+def _superseded(parts: list[tuple[Path, dict[str, Any]]]) -> dict[Path, set[str]]:
+    """Images of each part that a later part lists again (redone by --redo-changed or --retry-errors)."""
+    owner: dict[str, Path] = {}
+    for path, doc in parts:
+        owner.update(dict.fromkeys(doc["images"], path))
+    stale = {path: {k for k in doc["images"] if owner[k] != path} for path, doc in parts}
+    return {path: keys for path, keys in stale.items() if keys}
+
+
+def drop_superseded(out: Path) -> int:
+    """Remove the old rows of redone images from the earlier parts that hold them (each such part is
+    rewritten and renamed into place, or deleted when nothing of it is left); returns the images
+    dropped. Run after the parts that redo them are committed: killed at any point, every image is
+    still in a part (the last one that lists it wins in read_results), and the next run finishes."""
     pa, pq = _pyarrow()
+    import pyarrow.compute as pc
+
+    from .cache import _fsync_dir
+
+    dropped = 0
+    for path, stale in _superseded(_parts(out)).items():
+        doc = _part_meta(path)
+        keep = [i for i, k in enumerate(doc["images"]) if k not in stale]
+        dropped += len(doc["images"]) - len(keep)
+        if not keep:
+            path.unlink()
+            _fsync_dir(out)
+            continue
+        table = pq.read_table(path).replace_schema_metadata(None)
+        table = table.filter(pc.invert(pc.is_in(table["image"], value_set=pa.array(sorted(stale), pa.string()))))
+        people = table.column("error").null_count
+        new = {**doc, "images": [doc["images"][i] for i in keep], "people": people, "errors": table.num_rows - people}
+        if isinstance(doc.get("records"), list) and len(doc["records"]) == len(doc["images"]):
+            new["records"] = [doc["records"][i] for i in keep]
+        _write_part(path, table, new)
+    return dropped
+
+
+def _failed_images(parts: list[tuple[Path, dict[str, Any]]]) -> set[str]:
+    """Images whose rows are all error rows (an image without people has no rows: not failed)."""
+    _, pq = _pyarrow()
+    failed: set[str] = set()
+    for path, doc in parts:
+        if not doc.get("errors", 1):  # the footer says none (parts of every version count them)
+            continue
+        table = pq.read_table(path, columns=["image", "error"])
+        posed = set(table.filter(table["error"].is_null())["image"].to_pylist())
+        failed.update(set(table.filter(table["error"].is_valid())["image"].to_pylist()) - posed)
+    return failed
+
+
+def read_results(out: str | Path) -> Any:
+    """All committed rows of an output folder as one pyarrow Table (parts in order), every image once:
+    the rows of a redone image are those of the last part that lists it."""
+    pa, pq = _pyarrow()
+    import pyarrow.compute as pc
+
     out = Path(out)
-    parts = sorted(p for p in out.iterdir() if _PART_NAME.fullmatch(p.name))
-    tables = [pq.read_table(p) for p in parts]
+    parts = _parts(out)
+    stale = _superseded(parts)
+    tables = []
+    for path, _ in parts:
+        table = pq.read_table(path).replace_schema_metadata(None)
+        if path in stale:
+            table = table.filter(pc.invert(pc.is_in(table["image"],
+                                                    value_set=pa.array(sorted(stale[path]), pa.string()))))
+        tables.append(table)
     if not tables:
         return output_schema(18).empty_table()
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return pa.concat_tables(tables)
+
+
+def _write_part(final: Path, table: Any, doc: dict[str, Any]) -> None:
+    """Write a part under a temporary name, fsync, rename into place (replacing a part only when
+    drop_superseded rewrites it)."""
+    from .cache import install_file
+
+    _, pq = _pyarrow()
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    table = table.replace_schema_metadata({META_KEY: json.dumps(doc).encode()})
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        install_file(tmp, final)  # fsync, rename, fsync the folder
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class PartWriter:
@@ -777,6 +876,7 @@ class PartWriter:
         self._rows = RowBuffer(self.joints, self.engine_id)
         self._tables: list[Any] = []
         self._keys: list[str] = []
+        self._records: list[str] = []
         self._people = self._errors = 0
 
     def add(self, loaded: _Loaded, result: Any) -> tuple[int, int]:
@@ -784,17 +884,21 @@ class PartWriter:
         before = (self._rows.people, self._rows.errors)
         self._rows.add(loaded, result)
         self._keys.append(loaded.entry.key)
+        self._records.append(loaded.entry.record_hash())
         people, errors = self._rows.people - before[0], self._rows.errors - before[1]
         self._people += people
         self._errors += errors
         self._maybe_commit()
         return people, errors
 
-    def add_table(self, keys: list[str], table: Any) -> tuple[int, int]:
-        """Rows of whole images made elsewhere (Ray workers): keys lists every image, people or not.
-        Returns the (people, error rows) of the table."""
+    def add_table(self, keys: list[str], table: Any, records: list[str]) -> tuple[int, int]:
+        """Rows of whole images made elsewhere (Ray workers): keys lists every image, people or not,
+        records their record hashes. Returns the (people, error rows) of the table."""
+        if len(records) != len(keys):
+            raise BatchError(f"{len(keys)} images came back with {len(records)} record hashes")
         self._tables.append(table)
         self._keys.extend(keys)
+        self._records.extend(records)
         people = table.column("error").null_count  # a row without an error is a person
         errors = table.num_rows - people
         self._people += people
@@ -815,8 +919,8 @@ class PartWriter:
         pa, _ = _pyarrow()
         tables = [*self._tables, self._rows.table()] if len(self._rows) or not self._tables else self._tables
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        doc = {"format": PART_FORMAT, "job": self.job, "images": self._keys, "people": self._people,
-               "errors": self._errors}
+        doc = {"format": PART_FORMAT, "job": self.job, "images": self._keys, "records": self._records,
+               "people": self._people, "errors": self._errors}
         self._inflight = self._pool.submit(self._write, self.index, table, doc)
         self.index += 1
         self.parts += 1
@@ -827,20 +931,10 @@ class PartWriter:
         self._started = time.monotonic()
 
     def _write(self, index: int, table: Any, doc: dict[str, Any]) -> None:
-        from .cache import install_file
-
-        _, pq = _pyarrow()
         final = self.out / f"part-{index:06d}.parquet"
-        tmp = self.out / f".{final.name}.{os.getpid()}.tmp"
-        table = table.replace_schema_metadata({META_KEY: json.dumps(doc).encode()})
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            if final.exists():  # never overwrite a committed part (the folder is locked: cannot happen)
-                raise BatchError(f"part {final} exists already")
-            install_file(tmp, final)  # fsync, rename, fsync the folder
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        if final.exists():  # never overwrite a committed part (the folder is locked: cannot happen)
+            raise BatchError(f"part {final} exists already")
+        _write_part(final, table, doc)
 
     def wait(self) -> None:
         if self._inflight is not None:
@@ -901,15 +995,19 @@ class Summary:
     seconds: float
     images_per_s: float
     mode: str
+    redone: int = 0  # of this run's images, those done before (--redo-changed, --retry-errors)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def text(self) -> str:
         return (f"{self.this_run_images} images ({self.images_per_s:.1f} img/s, {self.mode}), "
-                f"{self.this_run_people} people, {self.this_run_errors} error rows this run; {self.skipped} images "
+                f"{self.this_run_people} people, {self.this_run_errors} error rows this run"
+                f"{f' ({self.redone} images redone)' if self.redone else ''}; {self.skipped} images "
                 f"already done were skipped. {self.out}: {self.images} images, {self.people} people, "
-                f"{self.errors} error rows in {self.parts} parts")
+                f"{self.errors} error rows in {self.parts} parts"
+                + ("; rerun with --retry-errors to redo the images whose rows are all errors (e.g. a missing file "
+                   "since restored)" if self.errors else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -962,8 +1060,6 @@ def _engine_files(engine_path: Path) -> dict[str, bytes]:
 def install_shipped_engine(files: dict[str, bytes], folder: Path | None = None) -> Path:
     """Write shipped engine files into a per-node folder (atomically; shared by the actors of a
     node) and return the sidecar path to load. The folder is named after the engine file's bytes."""
-    import hashlib
-
     from .cache import atomic_write
 
     engine_name = next(n for n in files if not n.endswith(".json"))
@@ -1025,6 +1121,7 @@ class RayPredictor:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return pa.table({"images": pa.array([rows.images], pa.list_(pa.string())),
+                         "records": pa.array([[e.record_hash() for e in entries]], pa.list_(pa.string())),
                          "rows": pa.array([sink.getvalue().to_pybytes()], pa.binary())})
 
 
@@ -1044,19 +1141,50 @@ def _check_positive(name: str, value: Any, kind: type = int) -> None:
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} > 0, got {value!r}")
 
 
-def _prepass(manifest_args: dict[str, Any], done: set[str]) -> tuple[int, int]:
+@dataclasses.dataclass
+class _Plan:
+    """What a run does: the manifest's images, those to do, and of those the ones done before and redone."""
+
+    total: int
+    todo: int
+    redo: set[str]              # images done before and redone (changed records, --retry-errors)
+    unknown: int                # images done by parts that recorded no record hashes: kept unchecked
+
+
+def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = False,
+             failed: set[str] | None = None) -> _Plan:
     """Read the whole manifest once before any work: every record checked (a ManifestError stops the
-    job before it starts), no image listed twice. Returns (images, images still to do)."""
+    job before it starts), no image listed twice, and each done image's record compared with the
+    one its poses were computed from (a change stops the job unless redo_changed). failed: images
+    to redo because their rows are all errors (--retry-errors)."""
     seen: set[str] = set()
-    todo = 0
+    todo = unknown = 0
+    redo: set[str] = set()
+    changed: list[Entry] = []
     for entry in read_manifest(**manifest_args):
         if entry.key in seen:
             first = next(e.where for e in read_manifest(**manifest_args) if e.key == entry.key)
             raise ManifestError(f"{entry.where}, field 'image': {entry.key!r} is listed again (first at "
                                 f"{first}); every image appears once, with all its boxes")
         seen.add(entry.key)
-        todo += entry.key not in done
-    return len(seen), todo
+        if entry.key not in done.images:
+            todo += 1
+            continue
+        record = done.records.get(entry.key)
+        if record is None:
+            unknown += 1
+        elif record != entry.record_hash():
+            changed.append(entry)
+            if redo_changed:
+                redo.add(entry.key)
+        if failed is not None and entry.key in failed:
+            redo.add(entry.key)
+    if changed and not redo_changed:
+        e = changed[0]
+        raise BatchError(f"{e.where}: the record of {e.key!r} changed since its poses were computed (its boxes, "
+                         f"root_depth or intrinsics; {len(changed)} image{'s' * (len(changed) > 1)} in all): rerun "
+                         "with --redo-changed to redo them, or use another --out")
+    return _Plan(len(seen), todo + len(redo), redo, unknown)
 
 
 def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: str = "XS",
@@ -1066,14 +1194,14 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         readers: int | None = None, part_images: int = 1024, part_seconds: float = 60.0, progress: bool | None = None,
         ray: str | bool | None = None, ray_actors: int | None = None, ray_cpus_per_actor: float = 1,
         ray_gpus_per_actor: float | None = None, ray_batch_size: int = 64, ray_engine: str = "auto",
-        say: Callable[[str], None] | None = None) -> Summary:
+        redo_changed: bool = False, retry_errors: bool = False, say: Callable[[str], None] | None = None) -> Summary:
     """3D poses of every person in a manifest, into Parquet parts in `out`; resumes a killed job.
 
     Args:
         manifest, format, image_root, score_threshold, category_id: see read_manifest.
         out: output folder (created). Rerun with the same folder to resume: images in committed
             parts are skipped. A folder holding another job's results (other engine or flip) is
-            refused.
+            refused, and so is an image whose manifest record changed since its poses were made.
         engine: an engine file, or a loaded Engine (local runs); else variant, checkpoint,
             precision, backend, max_batch, engine_dir as build_engine takes them.
         flip: the flip test.
@@ -1092,6 +1220,10 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         ray_engine: "ship" (the engine file built here is sent to every worker), "build" (each
             worker builds it from the same options: TensorRT engines are GPU-specific), or "auto"
             (build for TensorRT, else ship).
+        redo_changed: redo the done images whose record (boxes, root_depth, intrinsics) changed
+            instead of refusing the run; their old rows are replaced.
+        retry_errors: redo the done images whose rows are all error rows (a file missing or
+            unreadable then); their old rows are replaced.
         say: where progress messages (engine build) go.
     Returns:
         the Summary (also written to out/_summary.json).
@@ -1127,7 +1259,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
             return _run_locked(out, manifest_args, engine, EngineOptions(
                 None, variant, checkpoint, precision, backend, max_batch, engine_dir), flip, readers, part_images,
                 part_seconds, progress, ray, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_batch_size,
-                ray_engine, say)
+                ray_engine, bool(redo_changed), bool(retry_errors), say)
     except BlockingIOError:
         raise BatchError(f"another batch job is writing to {out} (its lock {out / LOCK_FILE} is held)") from None
 
@@ -1135,7 +1267,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
 def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: EngineOptions, flip: bool,
                 readers: int | None, part_images: int, part_seconds: float, progress: bool | None, ray: Any,
                 ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, ray_batch: int, ray_engine: str,
-                say: Callable[[str], None]) -> Summary:
+                redo_changed: bool, retry_errors: bool, say: Callable[[str], None]) -> Summary:
     from .engine import Engine, load_engine, read_sidecar
 
     for tmp in out.iterdir():  # a killed run's uncommitted part: its images were never done
@@ -1167,12 +1299,19 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         kw = opts.build_kwargs()
         job = {"engine": "build:" + ",".join(f"{k}={kw[k]}" for k in ("variant", "checkpoint", "precision", "backend",
                                                                        "max_batch")), "flip": bool(flip)}
+    scan_output(out, job)  # refuses another job's folder before anything in it is touched
+    drop_superseded(out)  # a run killed after redoing images, before it removed their old rows
     done = scan_output(out, job)
-    total, todo = _prepass(manifest_args, done.images)
-    say(f"{total} images in the manifest, {total - todo} already done in {out}, {todo} to do")
+    plan = _prepass(manifest_args, done, redo_changed, _failed_images(_parts(out)) if retry_errors else None)
+    total, todo = plan.total, plan.todo
+    if plan.unknown:
+        say(f"{plan.unknown} done images are in parts written before records were hashed: kept as done without "
+            f"checking their records (use another --out to redo them)")
+    say(f"{total} images in the manifest, {total - todo} already done in {out}, {todo} to do"
+        + (f" ({len(plan.redo)} of them redone)" if plan.redo else ""))
     bar = Progress(todo, enabled=sys.stderr.isatty() if progress is None else progress)
     started = time.perf_counter()
-    entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images)
+    entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images or e.key in plan.redo)
     if use_ray:
         writer, mode = _run_ray(out, entries, done, job, opts, engine_path, flip, readers, part_images, part_seconds,
                                 bar, "" if ray is True else str(ray), ray_actors, ray_cpus, ray_gpus, ray_batch,
@@ -1189,10 +1328,12 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         mode = "local"
     seconds = time.perf_counter() - started
     bar.close()
-    summary = Summary(str(out), job["engine"], len(done.images) + writer.images, done.people + writer.people,
-                      done.errors + writer.errors, done.parts + writer.parts, writer.images, writer.people,
-                      writer.errors, total - todo, round(seconds, 3),
-                      round(writer.images / seconds, 2) if seconds > 0 else 0.0, mode)
+    if plan.redo:
+        drop_superseded(out)
+    final = scan_output(out, job)
+    summary = Summary(str(out), job["engine"], len(final.images), final.people, final.errors, final.parts,
+                      writer.images, writer.people, writer.errors, total - todo, round(seconds, 3),
+                      round(writer.images / seconds, 2) if seconds > 0 else 0.0, mode, len(plan.redo))
     from .cache import write_json
 
     write_json(out / SUMMARY_FILE, summary.to_dict())
@@ -1293,10 +1434,11 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         ok = False
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for keys, blob in zip(batch.column("images").to_pylist(), batch.column("rows").to_pylist(),
-                                      strict=True):
+                for keys, records, blob in zip(batch.column("images").to_pylist(),
+                                               batch.column("records").to_pylist(), batch.column("rows").to_pylist(),
+                                               strict=True):
                     raise_if_stopped()
-                    bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob)))
+                    bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob), records))
             raise_if_stopped()
             ok = True
         finally:
@@ -1346,6 +1488,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part-images", type=int, default=1024, help="images per Parquet part (default 1024)")
     p.add_argument("--part-seconds", type=float, default=60.0,
                    help="commit a part at least this often (default 60 s): the most a killed job redoes")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="redo the done images whose manifest record (boxes, root_depth, intrinsics) changed since "
+                        "(without it such a rerun is refused); their old rows are replaced")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="redo the done images whose rows are all errors (missing or unreadable then); their old "
+                        "rows are replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     r = p.add_argument_group("Ray (pip install 'cnpose_trt[ray]')")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -1386,7 +1534,8 @@ def run_batch(args: argparse.Namespace) -> int:
                       part_seconds=args.part_seconds, progress=not args.no_progress, ray=args.ray,
                       ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                       ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
-                      ray_engine=args.ray_engine, say=say)
+                      ray_engine=args.ray_engine, redo_changed=args.redo_changed,
+                      retry_errors=args.retry_errors, say=say)
     except (CnposeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -151,6 +151,91 @@ def test_rerun_skips_done_images(scenes, xs_engine_path, tmp_path):
         batch.run(manifest, out, engine=xs_engine_path, flip=True, progress=False)
 
 
+def _listed(out: Path) -> list[str]:
+    """The images the committed parts list (each part's footer), all parts together."""
+    return sum((json.loads(pq.read_schema(p).metadata[batch.META_KEY])["images"] for p in sorted(out.glob("part-*"))),
+               [])
+
+
+def test_changed_records_are_refused_then_redone(scenes, xs_engine, xs_engine_path, tmp_path, monkeypatch):
+    folder, records, _ = scenes
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{**r, "image": str(folder / r["image"])} for r in records])
+    out = tmp_path / "out"
+    batch.run(manifest, out, engine=xs_engine_path, part_images=2, progress=False)
+    edited = [dict(r, image=str(folder / r["image"])) for r in records]
+    edited[1]["boxes"] = [[b[0] + 7, b[1], b[2], b[3]] for b in edited[1]["boxes"]]
+    edited[5]["root_depth"] = 5200.0
+    _write_jsonl(manifest, edited)
+    with pytest.raises(batch.BatchError, match=r"line 2: the record of '.*img1\.png' changed since its poses were "
+                       r"computed .*2 images in all\): rerun with --redo-changed"):
+        batch.run(manifest, out, engine=xs_engine_path, part_images=2, progress=False)
+    # --redo-changed, killed (in effect) after the new parts were committed, before the old rows were dropped:
+    # read_results already shows each image once, with its new rows
+    monkeypatch.setattr(batch, "drop_superseded", lambda out: 0)
+    summary = batch.run(manifest, out, engine=xs_engine_path, part_images=2, redo_changed=True, progress=False)
+    assert summary.this_run_images == summary.redone == 2 and summary.skipped == 4 and summary.images == 6
+    assert sorted(_listed(out)) != sorted(r["image"] for r in edited)  # the old parts still list them
+    ref = _reference(xs_engine, folder, [dict(r, image=Path(r["image"]).name) for r in edited], False)
+    ref = {(str(folder / k[0]), k[1]): v for k, v in ref.items()}
+    _assert_rows_equal(_rows(out), ref)
+    monkeypatch.undo()
+    again = batch.run(manifest, out, engine=xs_engine_path, progress=False)  # finishes the clean-up, nothing to do
+    assert again.this_run_images == 0 and again.skipped == 6 and again.redone == 0
+    assert sorted(_listed(out)) == sorted(r["image"] for r in edited)  # every image in exactly one part
+    assert again.people == len(ref) and again.images == 6
+    _assert_rows_equal(_rows(out), ref)
+    table = pq.read_table(out)  # what pandas.read_parquet(out) sees: no stale row left
+    assert table.num_rows == batch.read_results(out).num_rows
+
+
+def test_parts_without_record_hashes_still_resume(scenes, xs_engine_path, tmp_path):
+    """Folders written before records were hashed resume; their images are kept unchecked (said)."""
+    _, records, manifest = scenes
+    out = tmp_path / "out"
+    batch.run(manifest, out, engine=xs_engine_path, part_images=4, progress=False)
+    first = sorted(out.glob("part-*"))[0]
+    table = pq.read_table(first)
+    doc = json.loads(table.schema.metadata[batch.META_KEY])
+    del doc["records"]
+    pq.write_table(table.replace_schema_metadata({batch.META_KEY: json.dumps(doc).encode()}), first)
+    said = []
+    summary = batch.run(manifest, out, engine=xs_engine_path, progress=False, say=said.append)
+    assert summary.this_run_images == 0 and summary.skipped == len(records)
+    assert any(m.startswith("4 done images are in parts written before records were hashed") for m in said)
+
+
+def test_retry_errors_redoes_failed_images(tmp_path, xs_engine, xs_engine_path, capsys):
+    base, box = demo_image()
+    save_image(tmp_path / "good.png", base)
+    records = [{"image": "good.png", "boxes": [list(box)]}, {"image": "late.png", "boxes": [list(box), [5, 5, 90, 80]]},
+               {"image": "bad.png", "boxes": [[1, 1, 0, 0]]}]  # bad: its one row is an error (an empty box)
+    save_image(tmp_path / "bad.png", base)
+    manifest = _write_jsonl(tmp_path / "m.jsonl", records)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    batch.add_batch_arguments(parser)
+    argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--no-progress", "--part-images", "2"]
+    assert batch.run_batch(parser.parse_args(argv)) == 0
+    assert "rerun with --retry-errors to redo the images whose rows are all errors" in capsys.readouterr().out
+    save_image(tmp_path / "late.png", base)  # the missing file is there now
+    assert batch.run(manifest, out, engine=xs_engine_path, progress=False).this_run_images == 0  # not without it
+    assert batch.run_batch(parser.parse_args(argv + ["--retry-errors"])) == 0
+    summary = json.loads((out / batch.SUMMARY_FILE).read_text())
+    assert summary["this_run_images"] == summary["redone"] == 2 and summary["skipped"] == 1  # late.png, bad.png
+    rows = _rows(out)
+    assert set(rows) == {("good.png", 0), ("late.png", 0), ("late.png", 1), ("bad.png", 0)}
+    assert rows[("late.png", 0)]["error"] is None and rows[("bad.png", 0)]["error"] is not None
+    ref = PoseEstimator(xs_engine).predict(base, np.asarray([box, [5, 5, 90, 80]], np.float64))
+    for p in (0, 1):
+        np.testing.assert_allclose(np.asarray(rows[("late.png", p)]["joints"], np.float64), ref.image[p], rtol=1e-6,
+                                   atol=1e-4)
+    assert sorted(_listed(out)) == ["bad.png", "good.png", "late.png"]
+    assert summary["images"] == 3 and summary["people"] == 3 and summary["errors"] == 1
+    again = batch.run(manifest, out, engine=xs_engine_path, retry_errors=True, progress=False)
+    assert again.this_run_images == again.redone == 1  # bad.png's box is still empty: redone, still an error
+    assert sorted(_listed(out)) == ["bad.png", "good.png", "late.png"] and again.errors == 1
+
+
 def test_parts_are_committed_by_time_too(scenes, xs_engine_path, tmp_path):
     _, records, manifest = scenes
     out = tmp_path / "out"
