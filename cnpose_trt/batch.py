@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -432,7 +433,9 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
         raise FileNotFoundError(f"manifest not found: {path}")
     if not (isinstance(score_threshold, (int, float)) and math.isfinite(score_threshold)):
         raise ValueError(f"score_threshold must be a finite number, got {score_threshold!r}")
-    root = Path(image_root) if image_root is not None else path.parent
+    # Absolute (not resolved: a symlinked folder stays as named): entries go to Ray workers, whose
+    # working folder is not this process's.
+    root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
     if fmt == "jsonl":
         return _read_jsonl(path, root)
     if fmt == "csv":
@@ -1028,9 +1031,11 @@ class EngineOptions:
     engine_dir: str | Path | None = None
 
     def build_kwargs(self) -> dict[str, Any]:
-        return {"variant": self.variant, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        """build_engine's arguments, paths absolute (Ray workers build from them in another folder)."""
+        return {"variant": self.variant,
+                "checkpoint": None if self.checkpoint is None else os.path.abspath(self.checkpoint),
                 "backend": self.backend, "precision": self.precision, "max_batch": self.max_batch,
-                "out_dir": None if self.engine_dir is None else str(self.engine_dir)}
+                "out_dir": None if self.engine_dir is None else os.path.abspath(self.engine_dir)}
 
     def resolve(self, progress: Callable[[str], None] | None = None) -> Path:
         """The engine file: the given one, or built (or reused) by build_engine."""
@@ -1114,15 +1119,29 @@ class RayPredictor:
         entries = [Entry.from_json(t) for t in batch.column("entry").to_pylist()]
         rows = RowBuffer(self.engine.spec.joints, self.engine_id)
         window = 2 * self.readers + self.estimator.max_batch
+        unseen: list[str] = []  # files this worker cannot open: the driver checks whether it can
         for loaded, result in estimate_stream(self.estimator, read_ahead(self.pool, entries, window), self.flip):
             rows.add(loaded, result)
+            if loaded.image is None and not os.access(loaded.entry.path, os.R_OK):
+                unseen.append(loaded.entry.path)
         sink = pa.BufferOutputStream()
         table = rows.table()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return pa.table({"images": pa.array([rows.images], pa.list_(pa.string())),
                          "records": pa.array([[e.record_hash() for e in entries]], pa.list_(pa.string())),
+                         "unseen": pa.array([unseen], pa.list_(pa.string())),
+                         "node": pa.array([socket.gethostname()], pa.string()),
                          "rows": pa.array([sink.getvalue().to_pybytes()], pa.binary())})
+
+
+def _check_unseen(paths: list[str], node: str) -> None:
+    """Images a worker could not open: the job fails when this process can read one of them (the
+    workers do not see the files the manifest names), instead of ending with error rows for all."""
+    for path in paths:
+        if os.access(path, os.R_OK):
+            raise BatchError(f"a Ray worker on {node} cannot read {path}, which this process reads: every node "
+                             "must see the images at the manifest's paths (a shared file system)")
 
 
 def _ray_rows(blob: bytes) -> Any:
@@ -1434,10 +1453,12 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         ok = False
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for keys, records, blob in zip(batch.column("images").to_pylist(),
-                                               batch.column("records").to_pylist(), batch.column("rows").to_pylist(),
-                                               strict=True):
+                for keys, records, blob, unseen, node in zip(
+                        batch.column("images").to_pylist(), batch.column("records").to_pylist(),
+                        batch.column("rows").to_pylist(), batch.column("unseen").to_pylist(),
+                        batch.column("node").to_pylist(), strict=True):
                     raise_if_stopped()
+                    _check_unseen(unseen, node)
                     bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob), records))
             raise_if_stopped()
             ok = True

@@ -785,3 +785,29 @@ def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engin
     monkeypatch.setattr(batch.PartWriter, "add", real)
     summary = batch.run(manifest, out, engine=xs_engine_path, progress=False)
     assert summary.skipped == 3 and summary.images == len(records) > 4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_with_a_relative_manifest_from_another_folder(scenes, tmp_path, xs_engine_path, ray_cluster,
+                                                          monkeypatch):
+    """The workers' working folder is the one the cluster started in, not this process's: paths are
+    made absolute here, and a worker that cannot read an image this process reads fails the job."""
+    folder, records, manifest = scenes
+    cwd = ray_cluster.get(ray_cluster.remote(lambda: os.getcwd()).remote())  # a builtin cannot be a task
+    assert Path(cwd).resolve() != folder.resolve()
+    monkeypatch.chdir(folder)
+    local = batch.run(manifest, tmp_path / "local", engine=xs_engine_path, progress=False)
+    remote = batch.run(manifest.name, tmp_path / "ray", engine=xs_engine_path, ray=True, ray_actors=1,
+                       progress=False)
+    assert remote.errors == local.errors == 0 and remote.images == len(records)
+    got, ref = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert set(got) == set(ref) and all(got[k]["joints"] == ref[k]["joints"] for k in ref)
+    # /proc/self/cwd/...: one path, another file in each process, as on a node without the shared folder
+    if not Path("/proc/self/cwd").is_dir():
+        pytest.skip("needs /proc/self/cwd")
+    _write_jsonl(tmp_path / "proc.jsonl", [{**r, "image": f"/proc/self/cwd/{r['image']}"} for r in records])
+    with pytest.raises(batch.BatchError, match=r"^a Ray worker on .* cannot read /proc/self/cwd/img\d\.(png|jpg), "
+                       r"which this process reads: every node must see the images"):
+        batch.run(tmp_path / "proc.jsonl", tmp_path / "proc", engine=xs_engine_path, ray=True, ray_actors=1,
+                  progress=False)
+    assert not list((tmp_path / "proc").glob("part-*"))  # no part of error rows committed
