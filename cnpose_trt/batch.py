@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CnposeError
-from .interrupts import keep_handlers, raise_if_stopped
+from .interrupts import held_stops, raise_if_stopped
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -1400,8 +1400,13 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         return writer, "ray, nothing to do"
     started_here = not ray.is_initialized()
     if started_here:
-        keep_handlers(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
-                      configure_logging=False)
+        before = set(_ray_processes().items())
+        try:  # a Ctrl-C waits for ray.init, then the session (and a local cluster) is shut down
+            held_stops(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
+                       configure_logging=False)
+        except BaseException:
+            _shutdown_ray(ray, before)
+            raise
     try:
         resources = ray.cluster_resources()
         if ray_engine == "ship":
@@ -1468,7 +1473,72 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         return writer, f"ray, {actors} actors x {cpus:g} CPU{f' x {gpus:g} GPU' if gpus else ''}"
     finally:
         if started_here:
-            ray.shutdown()
+            _shutdown_ray(ray, before)
+
+
+def _ray_processes() -> dict[int, bytes]:
+    """This process's descendants that run Ray (pid -> start time, so that a reused pid is not taken
+    for one), from /proc; empty where there is none."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    started: dict[int, bytes] = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            children[int(fields[1])].append(int(name))  # fields after the name: state, ppid, ...
+            started[int(name)] = fields[19]
+    found: dict[int, bytes] = {}
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = started[child]
+                todo.append(child)
+    return {pid: t for pid, t in found.items() if _runs_ray(pid)}
+
+
+def _runs_ray(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ray" in f.read()
+    except OSError:
+        return False
+
+
+def _shutdown_ray(ray: Any, before: set[tuple[int, bytes]], grace: float = 10.0) -> None:
+    """ray.shutdown() (not cut by a Ctrl-C: held until it is done), then wait for the Ray processes
+    started since `before` (a local cluster's raylet, GCS, agents, workers) to exit, killing those
+    left after `grace` seconds: ray.shutdown returns before they are gone, and an interrupted
+    start-up left some that it did not stop."""
+    ours = {pid: t for pid, t in _ray_processes().items() if (pid, t) not in before}
+    held_stops(ray.shutdown)
+    deadline = time.monotonic() + grace
+    while ours:
+        ours = {pid: t for pid, t in ours.items() if _alive(pid, t)}
+        if not ours:
+            break
+        if time.monotonic() > deadline:
+            for pid in ours:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+            break
+        time.sleep(0.05)
+
+
+def _alive(pid: int, start: bytes) -> bool:
+    """The process pid, started at `start`, still runs (a zombie, waiting for its parent, does not)."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[19] == start and fields[0] not in (b"Z", b"X"):
+            return True
+        return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

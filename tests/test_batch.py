@@ -4,6 +4,7 @@ SIGKILL (between and during part writes), the folder lock, and the same job on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -811,3 +812,99 @@ def test_ray_with_a_relative_manifest_from_another_folder(scenes, tmp_path, xs_e
         batch.run(tmp_path / "proc.jsonl", tmp_path / "proc", engine=xs_engine_path, ray=True, ray_actors=1,
                   progress=False)
     assert not list((tmp_path / "proc").glob("part-*"))  # no part of error rows committed
+
+
+_RAY_STARTUP = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a background harness
+    import ray
+
+    marker, real = Path(sys.argv[1]), ray.init
+
+    def mark(text):
+        marker.with_name(marker.name + ".tmp").write_text(text)
+        os.replace(marker.with_name(marker.name + ".tmp"), marker)
+
+    def init(*args, **kwargs):
+        mark("init")
+        result = real(*args, **kwargs)
+        mark("started")
+        return result
+
+    ray.init = init
+    import ray._private.node as node  # in ray.init: the local cluster's processes are running
+
+    start = node.Node.start_ray_processes
+
+    def start_ray_processes(self, *args, **kwargs):
+        result = start(self, *args, **kwargs)
+        mark("processes")
+        return result
+
+    node.Node.start_ray_processes = start_ray_processes
+    from cnpose_trt.batch import main
+    mark("main")
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _tagged(tag: str) -> list[int]:
+    """Processes whose environment holds tag: the command and every process it started."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if tag.encode() in Path(f"/proc/{name}/environ").read_bytes():
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("moment", ["main", "init", "processes", "started"])
+def test_ctrl_c_during_ray_start_up(scenes, tmp_path, xs_engine_path, moment):
+    """Ctrl-C in the command's start, in ray.init (as it begins, and once the local cluster's processes
+    run) and right after it: exit 130 with one line
+    and no Ray process of the command left (an interrupted ray.init left agents running, and the
+    process sometimes died of a segfault at exit)."""
+    pytest.importorskip("ray.data")
+    if not Path("/proc/self/environ").is_file():
+        pytest.skip("needs /proc")
+    _, _, manifest = scenes
+    script, marker, tag = tmp_path / "startup.py", tmp_path / "marker", f"cnpose-test-{os.getpid()}-{moment}"
+    script.write_text(_RAY_STARTUP)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(CNPOSE_TEST_TAG=tag, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(batch.__file__).parents[1]),
+                                                                              env.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(manifest), "--out", str(tmp_path / "out"),
+                             "--engine", str(xs_engine_path), "--ray", "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text() in (moment, "started")):
+            assert proc.poll() is None and time.monotonic() < deadline, "never reached the moment"
+            time.sleep(0.02)
+        time.sleep(0.2 if moment == "main" else 0.05)  # main: in the command's own start (imports, manifest)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = _tagged(tag)
+        deadline = time.monotonic() + 2  # as the issue measured: none 2 s after the exit
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = _tagged(tag)
+        for pid in left:  # leave none behind for the next tests, whatever the verdict
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-1] == "error: interrupted" and [ln for ln in lines if ln.startswith("error")] == lines[-1:]
+    assert "Traceback" not in err
+    assert not left, f"Ray processes left: {[Path(f'/proc/{p}/cmdline').read_bytes()[:60] for p in left]}"
+    assert not list((tmp_path / "out").glob("part-*"))
