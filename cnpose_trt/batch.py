@@ -27,12 +27,14 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CnposeError
-from .interrupts import keep_handlers, raise_if_stopped
+from .interrupts import held_stops, raise_if_stopped
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ SUMMARY_FILE = "_summary.json"  # '_' and '.' prefixes: Parquet readers of the f
 LOCK_FILE = ".lock"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 _PART_NAME = re.compile(r"part-(\d{6,})\.parquet")
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() takes '²', which int() refuses
 _TEMP_NAME = re.compile(r"\.part-\d{6,}\.parquet\.\d+\.tmp")
 _INSTALL_HINT = "pip install 'cnpose_trt[batch]'"
 
@@ -111,6 +114,17 @@ class Entry:
                 doc[name] = value.tolist()
         return json.dumps(doc)
 
+    def record_hash(self) -> str:
+        """What the image's poses are computed from, as the manifest gives it: the image as named, its
+        boxes (or crop boxes), root_depth and intrinsics (not the resolved path: a moved image folder
+        is the same job). Written to the parts, so a resume sees a record that changed."""
+        doc: dict[str, Any] = {"image": self.key}
+        for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value.tolist()
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
     @classmethod
     def from_json(cls, text: str) -> Entry:
         doc = json.loads(text)
@@ -128,6 +142,37 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _floats(values: Any, where: str, field: str) -> np.ndarray:
+    """Numbers (checked by _is_number) -> float64; an integer too large for a float is refused."""
+    try:
+        return np.asarray(values, np.float64)
+    except OverflowError:
+        raise _fail(where, field, "holds an integer too large for a float64 number") from None
+
+
+def _json(text: str | bytes, where: str, field: str | None = None) -> Any:
+    """json.loads with the manifest's messages (a record nested thousands deep included)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _fail(where, field, f"{'is ' if field else ''}not valid JSON here: nested too deeply") from None
+    except ValueError as exc:
+        if field is None:
+            raise _fail(where, None, f"not valid JSON ({exc})") from None
+        raise _fail(where, field, f"is not valid JSON ({getattr(exc, 'msg', exc)}): {text!r:.80}") from None
+
+
+@contextlib.contextmanager
+def _text_errors(path: Path) -> Iterator[None]:
+    """A manifest that is not UTF-8 text (Latin-1, UTF-16) is refused naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        what = ("it is UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else
+                f"byte {exc.object[exc.start]:#04x}, e.g. Latin-1")
+        raise _fail(str(path), None, f"not UTF-8 text ({what}): save it as UTF-8") from None
+
+
 def _quad_list(value: Any, where: str, field: str, what: str) -> np.ndarray:
     """A list of [a, b, c, d] lists (or one such list) -> (P, 4) float64."""
     if isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value):
@@ -137,25 +182,25 @@ def _quad_list(value: Any, where: str, field: str, what: str) -> np.ndarray:
     for i, row in enumerate(value):
         if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(_is_number(v) for v in row):
             raise _fail(where, field, f"entry {i} must be 4 numbers {what}, got {row!r:.80}")
-    return np.asarray(value, np.float64).reshape(-1, 4)
+    return _floats(value, where, field).reshape(-1, 4)
 
 
 def _per_person(value: Any, people: int, where: str, field: str) -> np.ndarray:
     """root_depth: one number for every person or one per person -> () or (P,)."""
     if _is_number(value):
-        return np.asarray(float(value))
+        return _floats(value, where, field)
     if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
         if len(value) != people:
             raise _fail(where, field, f"needs one number for all people or one per person ({people}), "
                         f"got {len(value)}")
-        return np.asarray(value, np.float64)
+        return _floats(value, where, field)
     raise _fail(where, field, f"must be a number (mm) or a list of numbers, one per person, got {value!r:.80}")
 
 
 def _intrinsics(value: Any, people: int, where: str) -> np.ndarray:
     """[fx, fy, cx, cy] for every person, or one such list per person -> (4,) or (P, 4)."""
     if isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value):
-        return np.asarray(value, np.float64)
+        return _floats(value, where, "intrinsics")
     arr = _quad_list(value, where, "intrinsics", "[fx, fy, cx, cy]")
     if len(arr) != people:
         raise _fail(where, "intrinsics", f"needs one [fx, fy, cx, cy] for all people or one per person ({people}), "
@@ -182,10 +227,7 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
             if not value.strip():
                 value = None
             else:
-                try:
-                    value = json.loads(value)
-                except ValueError as exc:
-                    raise _fail(where, name, f"is not valid JSON ({exc.msg}): {value!r:.80}") from None
+                value = _json(value, where, name)
         values[name] = value
     image = values["image"]
     if not isinstance(image, str) or not image.strip():
@@ -208,34 +250,51 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
 
 
 def _read_jsonl(path: Path, image_root: Path) -> Iterator[Entry]:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte order mark, as some editors write one, is read past
+    with open(path, encoding="utf-8-sig") as f, _text_errors(path):
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise _fail(where, None, f"not valid JSON ({exc})") from None
+            record = _json(line, where)
             if not isinstance(record, dict):
                 raise _fail(where, None, f"each line must be a JSON object, got {type(record).__name__}")
             yield make_entry(record, where, image_root)
 
 
 def _read_csv(path: Path, image_root: Path) -> Iterator[Entry]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, _text_errors(path):
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if "image" not in header:
-            raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (columns: "
-                        f"{', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
-        for row in reader:
+        rows = iter(reader)
+        try:
+            header = reader.fieldnames or []
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise _fail(f"{path}, line 1", twice[0], "column named twice in the header; each column once")
+            if "image" not in header:
+                raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (columns: "
+                            f"{', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
+            row = next(rows, None)
+        except csv.Error as exc:
+            raise _fail(f"{path}, line {reader.line_num + 1}", None, _csv_message(exc)) from None
+        while row is not None:
             where = f"{path}, line {reader.line_num}"
             if None in row:
                 raise _fail(where, None, f"more cells than the header's {len(header)} columns (quote JSON lists "
                             "that hold commas)")
             yield make_entry({k: v for k, v in row.items() if v is not None and v != ""}, where, image_root,
                              decode_text=True)
+            try:
+                row = next(rows, None)
+            except csv.Error as exc:
+                raise _fail(f"{path}, line {reader.line_num + 1}", None, _csv_message(exc)) from None
+
+
+def _csv_message(exc: csv.Error) -> str:
+    if "field larger than field limit" in str(exc):
+        return (f"a cell is longer than the CSV limit of {csv.field_size_limit()} characters: give images with "
+                "that many boxes in JSON Lines or Parquet")
+    return f"not valid CSV ({exc})"
 
 
 def _read_parquet(path: Path, image_root: Path) -> Iterator[Entry]:
@@ -261,18 +320,22 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
     score_threshold. Images are those the dict's 'images' lists, else every image file in
     image_root, matched to image ids by file stem (42.jpg or 000000000042.jpg); an image without
     detections is listed with no people."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except ValueError as exc:
-        raise _fail(str(path), None, f"not valid JSON ({exc})") from None
+    with _text_errors(path):
+        doc = _json(path.read_bytes().decode("utf-8-sig"), str(path))
     files: dict[Any, str] = {}
     if isinstance(doc, dict):
         if not isinstance(doc.get("annotations"), list):
             raise _fail(str(path), "annotations", "a COCO dict needs an 'annotations' list of detections")
+        first: dict[Any, int] = {}
         for i, im in enumerate(doc.get("images") or []):
             if not (isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)):
                 raise _fail(f"{path}, images[{i}]", None, f"needs 'id' and 'file_name', got {im!r:.80}")
+            if not _is_image_id(im["id"]):
+                raise _fail(f"{path}, images[{i}]", "id", f"must be an integer or a string, got {im['id']!r:.80}")
+            if im["id"] in first:
+                raise _fail(f"{path}, images[{i}]", "id", f"{im['id']!r} is listed again (first at "
+                            f"images[{first[im['id']]}]); every image id appears once")
+            first[im["id"]] = i
             files[im["id"]] = im["file_name"]
         if category_id is None:
             persons = [c.get("id") for c in doc.get("categories") or [] if isinstance(c, dict)
@@ -289,7 +352,7 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
             raise _fail(str(path), None, f"the image folder {image_root} does not exist (--image-root)")
         for p in sorted(image_root.iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                ident: Any = int(p.stem) if p.stem.isdigit() else p.stem
+                ident: Any = int(p.stem) if _DIGITS.fullmatch(p.stem) else p.stem
                 if ident in files:
                     raise _fail(str(path), None, f"images {files[ident]} and {p.name} in {image_root} both match "
                                 f"image id {ident!r}")
@@ -311,7 +374,9 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise _fail(where, "bbox", f"must be 4 numbers [x, y, w, h], got {bbox!r:.80}")
         ident = det["image_id"]
-        if isinstance(ident, str) and ident.isdigit() and ident not in boxes:
+        if not _is_image_id(ident):
+            raise _fail(where, "image_id", f"must be an integer or a string, got {ident!r:.80}")
+        if isinstance(ident, str) and _DIGITS.fullmatch(ident) and ident not in boxes:
             ident = int(ident)
         if ident not in boxes:
             raise _fail(where, "image_id", f"{det['image_id']!r} matches no image ("
@@ -319,11 +384,16 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
                            f"no file in {image_root} with that stem, e.g. {det['image_id']}.jpg or "
                            f"{str(det['image_id']).zfill(12)}.jpg") + ")")
         if score >= score_threshold:
-            boxes[ident].append([float(v) for v in bbox])
+            boxes[ident].append(_floats(bbox, where, "bbox").tolist())
     for ident, name in files.items():
         path_ = Path(name) if Path(name).is_absolute() else image_root / name
         yield Entry(name, str(path_), f"{path}, image_id {ident!r}",
                     boxes=np.asarray(boxes[ident], np.float64).reshape(-1, 4))
+
+
+def _is_image_id(value: Any) -> bool:
+    # not bool: True == 1 would match image 1
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def manifest_format(path: str | Path, fmt: str = "auto") -> str:
@@ -363,7 +433,9 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
         raise FileNotFoundError(f"manifest not found: {path}")
     if not (isinstance(score_threshold, (int, float)) and math.isfinite(score_threshold)):
         raise ValueError(f"score_threshold must be a finite number, got {score_threshold!r}")
-    root = Path(image_root) if image_root is not None else path.parent
+    # Absolute (not resolved: a symlinked folder stays as named): entries go to Ray workers, whose
+    # working folder is not this process's.
+    root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
     if fmt == "jsonl":
         return _read_jsonl(path, root)
     if fmt == "csv":
@@ -650,6 +722,8 @@ class _Done:
     errors: int
     parts: int
     next_index: int
+    # image -> its record hash (Entry.record_hash), None in parts written before hashes were recorded
+    records: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 def _part_meta(path: Path) -> dict[str, Any]:
@@ -669,35 +743,120 @@ def _part_meta(path: Path) -> dict[str, Any]:
 def scan_output(out: Path, job: dict[str, Any] | None = None) -> _Done:
     """The images done in out (committed parts), checking that the parts are this job's."""
     done = _Done(set(), 0, 0, 0, 0)
-    for path in sorted(out.iterdir()):
-        m = _PART_NAME.fullmatch(path.name)
-        if not m:
-            continue
-        doc = _part_meta(path)
+    for path, doc in _parts(out):
         if job is not None and doc.get("job") != job:
             raise BatchError(f"{out} holds the results of another job ({path.name}: {doc.get('job')}; this run: "
                              f"{job}): use another --out, or delete {out} to start over")
-        repeated = done.images.intersection(doc["images"])
-        if repeated:
-            log.warning("%s lists %d images already in an earlier part (e.g. %s)", path, len(repeated),
-                        next(iter(repeated)))
         done.images.update(doc["images"])
+        records = doc.get("records")
+        if not (isinstance(records, list) and len(records) == len(doc["images"])):
+            records = [None] * len(doc["images"])
+        done.records.update(zip(doc["images"], records, strict=True))
         done.people += int(doc.get("people", 0))
         done.errors += int(doc.get("errors", 0))
         done.parts += 1
-        done.next_index = max(done.next_index, int(m.group(1)) + 1)
+        done.next_index = max(done.next_index, _part_index(path) + 1)
     return done
 
 
-def read_results(out: str | Path) -> Any:
-    """All committed rows of an output folder as one pyarrow Table (parts in order)."""
+def _part_index(path: Path) -> int:
+    m = _PART_NAME.fullmatch(path.name)
+    assert m is not None
+    return int(m.group(1))
+
+
+def _parts(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The committed parts of out with their footers, in commit order."""
+    return [(p, _part_meta(p)) for p in sorted((p for p in out.iterdir() if _PART_NAME.fullmatch(p.name)),
+                                               key=_part_index)]
+
+
+def _superseded(parts: list[tuple[Path, dict[str, Any]]]) -> dict[Path, set[str]]:
+    """Images of each part that a later part lists again (redone by --redo-changed or --retry-errors)."""
+    owner: dict[str, Path] = {}
+    for path, doc in parts:
+        owner.update(dict.fromkeys(doc["images"], path))
+    stale = {path: {k for k in doc["images"] if owner[k] != path} for path, doc in parts}
+    return {path: keys for path, keys in stale.items() if keys}
+
+
+def drop_superseded(out: Path) -> int:
+    """Remove the old rows of redone images from the earlier parts that hold them (each such part is
+    rewritten and renamed into place, or deleted when nothing of it is left); returns the images
+    dropped. Run after the parts that redo them are committed: killed at any point, every image is
+    still in a part (the last one that lists it wins in read_results), and the next run finishes."""
     pa, pq = _pyarrow()
+    import pyarrow.compute as pc
+
+    from .cache import _fsync_dir
+
+    dropped = 0
+    for path, stale in _superseded(_parts(out)).items():
+        doc = _part_meta(path)
+        keep = [i for i, k in enumerate(doc["images"]) if k not in stale]
+        dropped += len(doc["images"]) - len(keep)
+        if not keep:
+            path.unlink()
+            _fsync_dir(out)
+            continue
+        table = pq.read_table(path).replace_schema_metadata(None)
+        table = table.filter(pc.invert(pc.is_in(table["image"], value_set=pa.array(sorted(stale), pa.string()))))
+        people = table.column("error").null_count
+        new = {**doc, "images": [doc["images"][i] for i in keep], "people": people, "errors": table.num_rows - people}
+        if isinstance(doc.get("records"), list) and len(doc["records"]) == len(doc["images"]):
+            new["records"] = [doc["records"][i] for i in keep]
+        _write_part(path, table, new)
+    return dropped
+
+
+def _failed_images(parts: list[tuple[Path, dict[str, Any]]]) -> set[str]:
+    """Images whose rows are all error rows (an image without people has no rows: not failed)."""
+    _, pq = _pyarrow()
+    failed: set[str] = set()
+    for path, doc in parts:
+        if not doc.get("errors", 1):  # the footer says none (parts of every version count them)
+            continue
+        table = pq.read_table(path, columns=["image", "error"])
+        posed = set(table.filter(table["error"].is_null())["image"].to_pylist())
+        failed.update(set(table.filter(table["error"].is_valid())["image"].to_pylist()) - posed)
+    return failed
+
+
+def read_results(out: str | Path) -> Any:
+    """All committed rows of an output folder as one pyarrow Table (parts in order), every image once:
+    the rows of a redone image are those of the last part that lists it."""
+    pa, pq = _pyarrow()
+    import pyarrow.compute as pc
+
     out = Path(out)
-    parts = sorted(p for p in out.iterdir() if _PART_NAME.fullmatch(p.name))
-    tables = [pq.read_table(p) for p in parts]
+    parts = _parts(out)
+    stale = _superseded(parts)
+    tables = []
+    for path, _ in parts:
+        table = pq.read_table(path).replace_schema_metadata(None)
+        if path in stale:
+            table = table.filter(pc.invert(pc.is_in(table["image"],
+                                                    value_set=pa.array(sorted(stale[path]), pa.string()))))
+        tables.append(table)
     if not tables:
         return output_schema(18).empty_table()
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return pa.concat_tables(tables)
+
+
+def _write_part(final: Path, table: Any, doc: dict[str, Any]) -> None:
+    """Write a part under a temporary name, fsync, rename into place (replacing a part only when
+    drop_superseded rewrites it)."""
+    from .cache import install_file
+
+    _, pq = _pyarrow()
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    table = table.replace_schema_metadata({META_KEY: json.dumps(doc).encode()})
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        install_file(tmp, final)  # fsync, rename, fsync the folder
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class PartWriter:
@@ -720,6 +879,7 @@ class PartWriter:
         self._rows = RowBuffer(self.joints, self.engine_id)
         self._tables: list[Any] = []
         self._keys: list[str] = []
+        self._records: list[str] = []
         self._people = self._errors = 0
 
     def add(self, loaded: _Loaded, result: Any) -> tuple[int, int]:
@@ -727,17 +887,21 @@ class PartWriter:
         before = (self._rows.people, self._rows.errors)
         self._rows.add(loaded, result)
         self._keys.append(loaded.entry.key)
+        self._records.append(loaded.entry.record_hash())
         people, errors = self._rows.people - before[0], self._rows.errors - before[1]
         self._people += people
         self._errors += errors
         self._maybe_commit()
         return people, errors
 
-    def add_table(self, keys: list[str], table: Any) -> tuple[int, int]:
-        """Rows of whole images made elsewhere (Ray workers): keys lists every image, people or not.
-        Returns the (people, error rows) of the table."""
+    def add_table(self, keys: list[str], table: Any, records: list[str]) -> tuple[int, int]:
+        """Rows of whole images made elsewhere (Ray workers): keys lists every image, people or not,
+        records their record hashes. Returns the (people, error rows) of the table."""
+        if len(records) != len(keys):
+            raise BatchError(f"{len(keys)} images came back with {len(records)} record hashes")
         self._tables.append(table)
         self._keys.extend(keys)
+        self._records.extend(records)
         people = table.column("error").null_count  # a row without an error is a person
         errors = table.num_rows - people
         self._people += people
@@ -758,8 +922,8 @@ class PartWriter:
         pa, _ = _pyarrow()
         tables = [*self._tables, self._rows.table()] if len(self._rows) or not self._tables else self._tables
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        doc = {"format": PART_FORMAT, "job": self.job, "images": self._keys, "people": self._people,
-               "errors": self._errors}
+        doc = {"format": PART_FORMAT, "job": self.job, "images": self._keys, "records": self._records,
+               "people": self._people, "errors": self._errors}
         self._inflight = self._pool.submit(self._write, self.index, table, doc)
         self.index += 1
         self.parts += 1
@@ -770,20 +934,10 @@ class PartWriter:
         self._started = time.monotonic()
 
     def _write(self, index: int, table: Any, doc: dict[str, Any]) -> None:
-        from .cache import install_file
-
-        _, pq = _pyarrow()
         final = self.out / f"part-{index:06d}.parquet"
-        tmp = self.out / f".{final.name}.{os.getpid()}.tmp"
-        table = table.replace_schema_metadata({META_KEY: json.dumps(doc).encode()})
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            if final.exists():  # never overwrite a committed part (the folder is locked: cannot happen)
-                raise BatchError(f"part {final} exists already")
-            install_file(tmp, final)  # fsync, rename, fsync the folder
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        if final.exists():  # never overwrite a committed part (the folder is locked: cannot happen)
+            raise BatchError(f"part {final} exists already")
+        _write_part(final, table, doc)
 
     def wait(self) -> None:
         if self._inflight is not None:
@@ -844,15 +998,19 @@ class Summary:
     seconds: float
     images_per_s: float
     mode: str
+    redone: int = 0  # of this run's images, those done before (--redo-changed, --retry-errors)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def text(self) -> str:
         return (f"{self.this_run_images} images ({self.images_per_s:.1f} img/s, {self.mode}), "
-                f"{self.this_run_people} people, {self.this_run_errors} error rows this run; {self.skipped} images "
+                f"{self.this_run_people} people, {self.this_run_errors} error rows this run"
+                f"{f' ({self.redone} images redone)' if self.redone else ''}; {self.skipped} images "
                 f"already done were skipped. {self.out}: {self.images} images, {self.people} people, "
-                f"{self.errors} error rows in {self.parts} parts")
+                f"{self.errors} error rows in {self.parts} parts"
+                + ("; rerun with --retry-errors to redo the images whose rows are all errors (e.g. a missing file "
+                   "since restored)" if self.errors else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,9 +1031,11 @@ class EngineOptions:
     engine_dir: str | Path | None = None
 
     def build_kwargs(self) -> dict[str, Any]:
-        return {"variant": self.variant, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        """build_engine's arguments, paths absolute (Ray workers build from them in another folder)."""
+        return {"variant": self.variant,
+                "checkpoint": None if self.checkpoint is None else os.path.abspath(self.checkpoint),
                 "backend": self.backend, "precision": self.precision, "max_batch": self.max_batch,
-                "out_dir": None if self.engine_dir is None else str(self.engine_dir)}
+                "out_dir": None if self.engine_dir is None else os.path.abspath(self.engine_dir)}
 
     def resolve(self, progress: Callable[[str], None] | None = None) -> Path:
         """The engine file: the given one, or built (or reused) by build_engine."""
@@ -905,8 +1065,6 @@ def _engine_files(engine_path: Path) -> dict[str, bytes]:
 def install_shipped_engine(files: dict[str, bytes], folder: Path | None = None) -> Path:
     """Write shipped engine files into a per-node folder (atomically; shared by the actors of a
     node) and return the sidecar path to load. The folder is named after the engine file's bytes."""
-    import hashlib
-
     from .cache import atomic_write
 
     engine_name = next(n for n in files if not n.endswith(".json"))
@@ -961,14 +1119,29 @@ class RayPredictor:
         entries = [Entry.from_json(t) for t in batch.column("entry").to_pylist()]
         rows = RowBuffer(self.engine.spec.joints, self.engine_id)
         window = 2 * self.readers + self.estimator.max_batch
+        unseen: list[str] = []  # files this worker cannot open: the driver checks whether it can
         for loaded, result in estimate_stream(self.estimator, read_ahead(self.pool, entries, window), self.flip):
             rows.add(loaded, result)
+            if loaded.image is None and not os.access(loaded.entry.path, os.R_OK):
+                unseen.append(loaded.entry.path)
         sink = pa.BufferOutputStream()
         table = rows.table()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return pa.table({"images": pa.array([rows.images], pa.list_(pa.string())),
+                         "records": pa.array([[e.record_hash() for e in entries]], pa.list_(pa.string())),
+                         "unseen": pa.array([unseen], pa.list_(pa.string())),
+                         "node": pa.array([socket.gethostname()], pa.string()),
                          "rows": pa.array([sink.getvalue().to_pybytes()], pa.binary())})
+
+
+def _check_unseen(paths: list[str], node: str) -> None:
+    """Images a worker could not open: the job fails when this process can read one of them (the
+    workers do not see the files the manifest names), instead of ending with error rows for all."""
+    for path in paths:
+        if os.access(path, os.R_OK):
+            raise BatchError(f"a Ray worker on {node} cannot read {path}, which this process reads: every node "
+                             "must see the images at the manifest's paths (a shared file system)")
 
 
 def _ray_rows(blob: bytes) -> Any:
@@ -987,19 +1160,50 @@ def _check_positive(name: str, value: Any, kind: type = int) -> None:
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} > 0, got {value!r}")
 
 
-def _prepass(manifest_args: dict[str, Any], done: set[str]) -> tuple[int, int]:
+@dataclasses.dataclass
+class _Plan:
+    """What a run does: the manifest's images, those to do, and of those the ones done before and redone."""
+
+    total: int
+    todo: int
+    redo: set[str]              # images done before and redone (changed records, --retry-errors)
+    unknown: int                # images done by parts that recorded no record hashes: kept unchecked
+
+
+def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = False,
+             failed: set[str] | None = None) -> _Plan:
     """Read the whole manifest once before any work: every record checked (a ManifestError stops the
-    job before it starts), no image listed twice. Returns (images, images still to do)."""
+    job before it starts), no image listed twice, and each done image's record compared with the
+    one its poses were computed from (a change stops the job unless redo_changed). failed: images
+    to redo because their rows are all errors (--retry-errors)."""
     seen: set[str] = set()
-    todo = 0
+    todo = unknown = 0
+    redo: set[str] = set()
+    changed: list[Entry] = []
     for entry in read_manifest(**manifest_args):
         if entry.key in seen:
             first = next(e.where for e in read_manifest(**manifest_args) if e.key == entry.key)
             raise ManifestError(f"{entry.where}, field 'image': {entry.key!r} is listed again (first at "
                                 f"{first}); every image appears once, with all its boxes")
         seen.add(entry.key)
-        todo += entry.key not in done
-    return len(seen), todo
+        if entry.key not in done.images:
+            todo += 1
+            continue
+        record = done.records.get(entry.key)
+        if record is None:
+            unknown += 1
+        elif record != entry.record_hash():
+            changed.append(entry)
+            if redo_changed:
+                redo.add(entry.key)
+        if failed is not None and entry.key in failed:
+            redo.add(entry.key)
+    if changed and not redo_changed:
+        e = changed[0]
+        raise BatchError(f"{e.where}: the record of {e.key!r} changed since its poses were computed (its boxes, "
+                         f"root_depth or intrinsics; {len(changed)} image{'s' * (len(changed) > 1)} in all): rerun "
+                         "with --redo-changed to redo them, or use another --out")
+    return _Plan(len(seen), todo + len(redo), redo, unknown)
 
 
 def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: str = "XS",
@@ -1009,14 +1213,14 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         readers: int | None = None, part_images: int = 1024, part_seconds: float = 60.0, progress: bool | None = None,
         ray: str | bool | None = None, ray_actors: int | None = None, ray_cpus_per_actor: float = 1,
         ray_gpus_per_actor: float | None = None, ray_batch_size: int = 64, ray_engine: str = "auto",
-        say: Callable[[str], None] | None = None) -> Summary:
+        redo_changed: bool = False, retry_errors: bool = False, say: Callable[[str], None] | None = None) -> Summary:
     """3D poses of every person in a manifest, into Parquet parts in `out`; resumes a killed job.
 
     Args:
         manifest, format, image_root, score_threshold, category_id: see read_manifest.
         out: output folder (created). Rerun with the same folder to resume: images in committed
             parts are skipped. A folder holding another job's results (other engine or flip) is
-            refused.
+            refused, and so is an image whose manifest record changed since its poses were made.
         engine: an engine file, or a loaded Engine (local runs); else variant, checkpoint,
             precision, backend, max_batch, engine_dir as build_engine takes them.
         flip: the flip test.
@@ -1035,6 +1239,10 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         ray_engine: "ship" (the engine file built here is sent to every worker), "build" (each
             worker builds it from the same options: TensorRT engines are GPU-specific), or "auto"
             (build for TensorRT, else ship).
+        redo_changed: redo the done images whose record (boxes, root_depth, intrinsics) changed
+            instead of refusing the run; their old rows are replaced.
+        retry_errors: redo the done images whose rows are all error rows (a file missing or
+            unreadable then); their old rows are replaced.
         say: where progress messages (engine build) go.
     Returns:
         the Summary (also written to out/_summary.json).
@@ -1070,7 +1278,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
             return _run_locked(out, manifest_args, engine, EngineOptions(
                 None, variant, checkpoint, precision, backend, max_batch, engine_dir), flip, readers, part_images,
                 part_seconds, progress, ray, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_batch_size,
-                ray_engine, say)
+                ray_engine, bool(redo_changed), bool(retry_errors), say)
     except BlockingIOError:
         raise BatchError(f"another batch job is writing to {out} (its lock {out / LOCK_FILE} is held)") from None
 
@@ -1078,7 +1286,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
 def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: EngineOptions, flip: bool,
                 readers: int | None, part_images: int, part_seconds: float, progress: bool | None, ray: Any,
                 ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, ray_batch: int, ray_engine: str,
-                say: Callable[[str], None]) -> Summary:
+                redo_changed: bool, retry_errors: bool, say: Callable[[str], None]) -> Summary:
     from .engine import Engine, load_engine, read_sidecar
 
     for tmp in out.iterdir():  # a killed run's uncommitted part: its images were never done
@@ -1110,12 +1318,19 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         kw = opts.build_kwargs()
         job = {"engine": "build:" + ",".join(f"{k}={kw[k]}" for k in ("variant", "checkpoint", "precision", "backend",
                                                                        "max_batch")), "flip": bool(flip)}
+    scan_output(out, job)  # refuses another job's folder before anything in it is touched
+    drop_superseded(out)  # a run killed after redoing images, before it removed their old rows
     done = scan_output(out, job)
-    total, todo = _prepass(manifest_args, done.images)
-    say(f"{total} images in the manifest, {total - todo} already done in {out}, {todo} to do")
+    plan = _prepass(manifest_args, done, redo_changed, _failed_images(_parts(out)) if retry_errors else None)
+    total, todo = plan.total, plan.todo
+    if plan.unknown:
+        say(f"{plan.unknown} done images are in parts written before records were hashed: kept as done without "
+            f"checking their records (use another --out to redo them)")
+    say(f"{total} images in the manifest, {total - todo} already done in {out}, {todo} to do"
+        + (f" ({len(plan.redo)} of them redone)" if plan.redo else ""))
     bar = Progress(todo, enabled=sys.stderr.isatty() if progress is None else progress)
     started = time.perf_counter()
-    entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images)
+    entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images or e.key in plan.redo)
     if use_ray:
         writer, mode = _run_ray(out, entries, done, job, opts, engine_path, flip, readers, part_images, part_seconds,
                                 bar, "" if ray is True else str(ray), ray_actors, ray_cpus, ray_gpus, ray_batch,
@@ -1132,10 +1347,12 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         mode = "local"
     seconds = time.perf_counter() - started
     bar.close()
-    summary = Summary(str(out), job["engine"], len(done.images) + writer.images, done.people + writer.people,
-                      done.errors + writer.errors, done.parts + writer.parts, writer.images, writer.people,
-                      writer.errors, total - todo, round(seconds, 3),
-                      round(writer.images / seconds, 2) if seconds > 0 else 0.0, mode)
+    if plan.redo:
+        drop_superseded(out)
+    final = scan_output(out, job)
+    summary = Summary(str(out), job["engine"], len(final.images), final.people, final.errors, final.parts,
+                      writer.images, writer.people, writer.errors, total - todo, round(seconds, 3),
+                      round(writer.images / seconds, 2) if seconds > 0 else 0.0, mode, len(plan.redo))
     from .cache import write_json
 
     write_json(out / SUMMARY_FILE, summary.to_dict())
@@ -1183,8 +1400,13 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         return writer, "ray, nothing to do"
     started_here = not ray.is_initialized()
     if started_here:
-        keep_handlers(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
-                      configure_logging=False)
+        before = set(_ray_processes().items())
+        try:  # a Ctrl-C waits for ray.init, then the session (and a local cluster) is shut down
+            held_stops(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
+                       configure_logging=False)
+        except BaseException:
+            _shutdown_ray(ray, before)
+            raise
     try:
         resources = ray.cluster_resources()
         if ray_engine == "ship":
@@ -1236,10 +1458,13 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         ok = False
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for keys, blob in zip(batch.column("images").to_pylist(), batch.column("rows").to_pylist(),
-                                      strict=True):
+                for keys, records, blob, unseen, node in zip(
+                        batch.column("images").to_pylist(), batch.column("records").to_pylist(),
+                        batch.column("rows").to_pylist(), batch.column("unseen").to_pylist(),
+                        batch.column("node").to_pylist(), strict=True):
                     raise_if_stopped()
-                    bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob)))
+                    _check_unseen(unseen, node)
+                    bar.update(len(keys), *writer.add_table(keys, _ray_rows(blob), records))
             raise_if_stopped()
             ok = True
         finally:
@@ -1248,7 +1473,72 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         return writer, f"ray, {actors} actors x {cpus:g} CPU{f' x {gpus:g} GPU' if gpus else ''}"
     finally:
         if started_here:
-            ray.shutdown()
+            _shutdown_ray(ray, before)
+
+
+def _ray_processes() -> dict[int, bytes]:
+    """This process's descendants that run Ray (pid -> start time, so that a reused pid is not taken
+    for one), from /proc; empty where there is none."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    started: dict[int, bytes] = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            children[int(fields[1])].append(int(name))  # fields after the name: state, ppid, ...
+            started[int(name)] = fields[19]
+    found: dict[int, bytes] = {}
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = started[child]
+                todo.append(child)
+    return {pid: t for pid, t in found.items() if _runs_ray(pid)}
+
+
+def _runs_ray(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ray" in f.read()
+    except OSError:
+        return False
+
+
+def _shutdown_ray(ray: Any, before: set[tuple[int, bytes]], grace: float = 10.0) -> None:
+    """ray.shutdown() (not cut by a Ctrl-C: held until it is done), then wait for the Ray processes
+    started since `before` (a local cluster's raylet, GCS, agents, workers) to exit, killing those
+    left after `grace` seconds: ray.shutdown returns before they are gone, and an interrupted
+    start-up left some that it did not stop."""
+    ours = {pid: t for pid, t in _ray_processes().items() if (pid, t) not in before}
+    held_stops(ray.shutdown)
+    deadline = time.monotonic() + grace
+    while ours:
+        ours = {pid: t for pid, t in ours.items() if _alive(pid, t)}
+        if not ours:
+            break
+        if time.monotonic() > deadline:
+            for pid in ours:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+            break
+        time.sleep(0.05)
+
+
+def _alive(pid: int, start: bytes) -> bool:
+    """The process pid, started at `start`, still runs (a zombie, waiting for its parent, does not)."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[19] == start and fields[0] not in (b"Z", b"X"):
+            return True
+        return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1290,6 +1580,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part-images", type=int, default=1024, help="images per Parquet part (default 1024)")
     p.add_argument("--part-seconds", type=float, default=60.0,
                    help="commit a part at least this often (default 60 s): the most a killed job redoes")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="redo the done images whose manifest record (boxes, root_depth, intrinsics) changed since "
+                        "(without it such a rerun is refused); their old rows are replaced")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="redo the done images whose rows are all errors (missing or unreadable then); their old "
+                        "rows are replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     r = p.add_argument_group("Ray (pip install 'cnpose_trt[ray]')")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -1330,7 +1626,8 @@ def run_batch(args: argparse.Namespace) -> int:
                       part_seconds=args.part_seconds, progress=not args.no_progress, ray=args.ray,
                       ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                       ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
-                      ray_engine=args.ray_engine, say=say)
+                      ray_engine=args.ray_engine, redo_changed=args.redo_changed,
+                      retry_errors=args.retry_errors, say=say)
     except (CnposeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

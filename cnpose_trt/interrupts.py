@@ -86,6 +86,33 @@ def keep_handlers(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
                 signal.signal(s, handler)
 
 
+def held_stops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) with stop requests held until it returns, then raised (KeyboardInterrupt,
+    Terminated), and this thread's handlers as they were before. For calls that must not be cut in
+    the middle: an interrupted ray.init left its cluster's processes running and the process then
+    died of a segfault at exit. Only signals with a Python handler are held (a default SIGTERM still
+    ends the process); in other threads fn runs as it is."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    before = {s: signal.getsignal(s) for s in _SIGNALS}
+    held: list[int] = []
+    try:
+        for s, handler in before.items():
+            if callable(handler):
+                signal.signal(s, lambda signum, frame: held.append(signum))
+        result = fn(*args, **kwargs)
+    finally:
+        for s, handler in before.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
+        if held:
+            if before[held[0]] is _raise:  # inside a command: remembered, as _raise does
+                _pending = held[0]
+            raise _stop(held[0])  # the stop request wins over an error of fn
+    return result
+
+
 def run_command(fn: Callable[..., int], *args: Any) -> int:
     """fn(*args), with Ctrl-C -> 'error: interrupted' and exit status 130, SIGTERM -> 143 (128 + signal).
     A command that failed and said why keeps its own status and line, even when a stop request
