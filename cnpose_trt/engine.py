@@ -382,6 +382,11 @@ def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | 
     from . import backends
 
     module = backends.get(meta["backend"], what=f"engine {engine_file}")
+    # Else the backend's loader fails on another's file (a torch.load message). A backend whose
+    # library is missing says so first: that is what to fix before anything loads.
+    if engine_file.suffix != module.ENGINE_SUFFIX and module.available():
+        raise _damaged(side, f"backend {module.NAME!r} loads {module.ENGINE_SUFFIX} engine files, but engine_file is "
+                             f"{engine_file.name}")
     backends.check_options(module, options)
     log.debug("loading %s engine %s (pid %d)", module.NAME, engine_file, os.getpid())
     return module.load(engine_file, meta, **options)
