@@ -116,7 +116,7 @@ def check_inside(boxes: np.ndarray, image_size: tuple[int, int], name: str = "bo
     if len(bad):
         i = int(bad[0])
         w, h = image_size
-        raise ValueError(f"{name}[{first + i}] = {b[i].tolist()} lies wholly outside the {w}x{h} image (no area "
+        raise ValueError(f"{name}[{first + i}] = {b[i].tolist()} lies outside the {w}x{h} image (no area "
                          "in common with it): no person to estimate")
 
 

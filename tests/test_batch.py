@@ -228,10 +228,10 @@ def test_a_bad_box_is_that_persons_error_row_only(tmp_path, xs_engine, xs_engine
     assert set(errors) == {("0.png", 1), ("1.png", 0), ("2.png", 0), ("2.png", 2), ("3.png", 0)}, errors
     assert errors[("0.png", 1)].startswith("crop_boxes[1] = [0.0, 0.0, 1000000000000.0, 1000000000000.0] reaches")
     assert errors[("1.png", 0)].startswith("crop_boxes[0] = [0.0, 0.0, 1e-300, 100.0] is too small")
-    assert errors[("2.png", 0)].startswith("crop_boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies wholly "
-                                           "outside the 640x480 image")
-    assert errors[("2.png", 2)].startswith("crop_boxes[2] = [640.0, 0.0, 50.0, 50.0] lies wholly outside")
-    assert errors[("3.png", 0)].startswith("boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies wholly outside")
+    assert errors[("2.png", 0)].startswith("crop_boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies outside "
+                                           "the 640x480 image (no area in common with it)")
+    assert errors[("2.png", 2)].startswith("crop_boxes[2] = [640.0, 0.0, 50.0, 50.0] lies outside the 640x480 image (no area")
+    assert errors[("3.png", 0)].startswith("boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies outside the 640x480 image (no")
     assert summary.people == 6 and summary.errors == 5
     est = PoseEstimator(xs_engine)
     for image, person, kw in [

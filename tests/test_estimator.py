@@ -101,6 +101,54 @@ def test_from_variant_and_path(tmp_path, xs_engine_path):
     assert PoseEstimator(xs_engine_path).engine.path == xs_engine_path
 
 
+def test_variant_as_a_keyword(tmp_path, xs_engine_path):
+    est = PoseEstimator(variant="XS", engine_dir=tmp_path, max_batch=2, backend="onnxruntime")
+    assert est.max_batch == 2 and est.spec.name == "XS"
+    with pytest.raises(ValueError, match="give the variant once: as the first argument \\('S'\\) or as variant= "
+                                         "\\('XS'\\), not both"):
+        PoseEstimator("S", variant="XS", engine_dir=tmp_path)
+
+
+def test_unusable_images_and_values_are_refused_in_one_line(estimator, xs_engine):
+    """What predict cannot use is refused naming the argument and what it wants, not misread
+    as a list of 480 images or overflowed to inf."""
+    from cnpose_trt.decoding import decode
+
+    img, box = demo_image()
+    wanted = "one \\(H, W, 3\\) RGB image \\(uint8, or float in 0..255\\) or a list of them"
+    with pytest.raises(ValueError, match=f"images must be {wanted}.*shape \\(480, 640\\): a grayscale image"):
+        estimator.predict(img[:, :, 0], [box])
+    with pytest.raises(TypeError, match="images\\[0\\] must be a numpy array .* got list: a nested list"):
+        estimator.predict(img.tolist(), [box])
+    with pytest.raises(TypeError, match=f"images must be {wanted}.*got builtins.dict"):
+        estimator.predict({"image": img}, [box])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=f"images must be {wanted}.*got torch.Tensor \\(convert it with "
+                                        "\\.cpu\\(\\)\\.numpy\\(\\)\\)"):
+        estimator.predict(torch.from_numpy(img), [box])
+    with pytest.raises(ValueError, match="root_depth must be > 0 and at most 1e\\+09 mm .* got \\[1e\\+300\\]"):
+        estimator.predict(img, [box], root_depth=1e300)
+    with pytest.raises(ValueError, match="intrinsics must be fx, fy, cx, cy .* got \\[1e\\+300, 1.0, 0.0, 0.0\\]"):
+        estimator.predict(img, [box], root_depth=4000.0, intrinsics=[1e300, 1.0, 0.0, 0.0])
+    heat = np.zeros((1, *xs_engine.spec.heatmap_shape), np.float32)
+    with pytest.raises(ValueError, match="root_depth must be >= 0 \\(0: root-relative\\) .* got \\[-5.0\\]"):
+        decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[-5])
+    with pytest.raises(ValueError, match="root_depth must be >= 0"):
+        decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[1e300])
+    assert decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[0.0]).packed.shape == (1, 18, 10)
+
+
+@pytest.mark.parametrize("kind", ["boxes", "crop_boxes"])
+def test_a_box_wholly_outside_the_image_is_refused(estimator, xs_engine, kind):
+    img, box = demo_image()
+    for bad in ([-1e6, -1e6, 10, 10], [640, 0, 100, 100], [0, -60, 100, 60]):
+        with pytest.raises(ValueError, match=f"^{kind}\\[1\\] = .* lies outside the 640x480 image \\(no area in "
+                                             "common with it\\): no person to estimate$"):
+            estimator.predict(img, **{kind: [box, bad]})
+        with pytest.raises(ValueError, match=f"^{kind}\\[1\\] = .* lies outside"):
+            estimate(xs_engine, img, **{kind: [box, bad]})
+
+
 def test_zero_people_give_empty_results(estimator):
     """An empty frame is a result, not an error: a stream of frames must survive it (flip test included)."""
     items = list(_scenes(3, seed=5))
