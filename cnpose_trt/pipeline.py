@@ -215,11 +215,15 @@ class PoseEstimator:
     """3D poses of many people in many images, as fast as the engine allows.
 
     Work is chunked into batches of the engine's max_batch crops (the flip test makes two crops per
-    person; the last batch is smaller; an image's people are never split, so a batch may hold
+    person; the last batch is smaller; images whose people fit are not split, so a batch may hold
     fewer) and pipelined: while batch k runs in the engine, the people of batch k+1 are cropped
     and normalised on a thread pool and batch k-1 is decoded on another thread (on a GPU engine
     the decode runs on the device, right after the network: Engine.infer_decode). Memory stays
     bounded: at most `prefetch` batches are prepared ahead and one batch waits for its decode.
+    An image with more people than one engine call takes is cut into parts of one call each,
+    a part cropped when the one before it is taken (GPU crops: cut into calls from the uploaded
+    image), and its results joined into one PoseResult: memory follows max_batch, not the
+    number of people in an image.
 
     Thread safety: one estimator may be shared by several threads. predict() and
     predict_iter() hold an internal lock while they run (a predict_iter generator until it is
