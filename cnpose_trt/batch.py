@@ -480,7 +480,7 @@ def _message(exc: BaseException) -> str:
 def load_entry(entry: Entry) -> _Loaded:
     """Read and decode an entry's image and check each person's values (never raises for bad input:
     the problems are recorded as the image's or the person's error)."""
-    from .geometry import check_crop_boxes, process_boxes
+    from .geometry import check_crop_boxes, check_intrinsics, check_root_depth, process_boxes
     from .imageio_guard import check_image_file
     from .preprocess import load_image
 
@@ -500,14 +500,15 @@ def load_entry(entry: Entry) -> _Loaded:
     intr = None if entry.intrinsics is None else np.broadcast_to(entry.intrinsics, (p, 4))
     for i in range(p):
         try:
+            # The estimator's own checks, one person at a time: a bad person is that person's error row.
             if entry.boxes is not None:
                 process_boxes(entry.boxes[i:i + 1], (w, h))
             else:
-                check_crop_boxes(entry.crop_boxes[i:i + 1])
-            if root is not None and not (math.isfinite(root[i]) and root[i] > 0):
-                raise ValueError(f"root_depth must be a finite depth > 0 mm, got {root[i]}")
-            if intr is not None and not (np.isfinite(intr[i]).all() and (intr[i, :2] > 0).all()):
-                raise ValueError(f"intrinsics must be finite with fx, fy > 0, got {intr[i].tolist()}")
+                check_crop_boxes(entry.crop_boxes[i:i + 1], (w, h))
+            if root is not None:
+                check_root_depth(root[i])
+            if intr is not None:
+                check_intrinsics(intr[i])
         except ValueError as exc:
             # The checks index the one box they saw as [0]; name the person instead.
             out.bad[i] = re.sub(r"^(crop_)?boxes\[0\]", rf"\1boxes[{i}]", str(exc))

@@ -119,9 +119,15 @@ def _predict(args: argparse.Namespace) -> int:
     if (args.bbox is None) == (crop_boxes is None):
         raise ValueError("give person boxes with --bbox X,Y,W,H (upstream's box rule is applied) or already "
                          "processed crop boxes with --crop-box X,Y,W,H (used as they are), not both")
-    result = estimate(engine, image, None if args.bbox is None else np.asarray(args.bbox),
-                      crop_boxes=None if crop_boxes is None else np.asarray(crop_boxes),
-                      root_depth=args.root_depth, intrinsics=intr, flip=args.flip)
+    try:
+        result = estimate(engine, image, None if args.bbox is None else np.asarray(args.bbox),
+                          crop_boxes=None if crop_boxes is None else np.asarray(crop_boxes),
+                          root_depth=args.root_depth, intrinsics=intr, flip=args.flip)
+    except ValueError as exc:  # name the option a bad box came from: boxes[1] is the second --bbox
+        import re
+
+        raise ValueError(re.sub(r"^(crop_)?boxes\[(\d+)\]",
+                                lambda m: f"{'--crop-box' if m[1] else '--bbox'} #{int(m[2]) + 1}", str(exc))) from None
     doc = {"image": str(args.image), "width": image.shape[1], "height": image.shape[0],
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": args.flip,
@@ -299,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
         p.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
 
-    p = sub.add_parser("predict", help="3D poses of the people in an image")
+    p = sub.add_parser("predict", help="3D poses of the people in an image",
+                       description="3D poses of the people in an image. OpenCV applies a JPEG's EXIF orientation "
+                       "when it reads the file, so boxes refer to the rotated image (as a viewer shows it), not "
+                       "to the stored pixel rows. A box wholly outside the image is an error.")
     p.add_argument("image", type=Path)
     p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append",
                    metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled
+from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled, is_cupy
 from .arrays import flip_perm as _flip_perm
 from .arrays import is_torch as _is_torch
 from .arrays import per_image as _per_image
@@ -216,6 +216,7 @@ def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fli
     if not isinstance(joints, (int, np.integer)) or isinstance(joints, bool):
         raise ValueError(f"joints must be a positive integer, got {joints!r}")
     n = heatmaps.shape[0] if heatmaps.ndim else 0
+    _check_post_values(root_depth, intrinsics)
     b = _per_image("boxes", boxes, n, (4,))
     r = _per_image("root_depth", root_depth, n, ())
     k = _per_image("intrinsics", intrinsics, n, (4,))
@@ -237,6 +238,26 @@ def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fli
                                  root_depth=r, intrinsics=k, out=out, depth_range_mm=float(depth_range_mm),
                                  threads=int(threads))
     return Decoded(packed if user_out is None else user_out, b is not None, k is not None)
+
+
+def _check_post_values(root_depth: Any, intrinsics: Any) -> None:
+    """root_depth >= 0 (0: root-relative) and intrinsics a camera's, checked in float64 before the
+    float32 conversion turns 1e300 into inf (geometry.check_root_depth, check_intrinsics)."""
+    from .geometry import check_intrinsics, check_root_depth
+
+    for name, value, check in (("root_depth", root_depth, lambda v: check_root_depth(v, zero=True)),
+                               ("intrinsics", intrinsics, check_intrinsics)):
+        if value is None:
+            continue
+        if _is_torch(value):
+            value = value.detach().cpu().numpy()
+        elif is_cupy(value):
+            value = value.get()
+        try:
+            arr = np.asarray(value, np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
+        check(arr)
 
 
 def _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,

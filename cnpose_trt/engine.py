@@ -352,6 +352,19 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
     raise AssertionError("unreachable")
 
 
+def _suffix_owner(suffix: str) -> str | None:
+    """The backend whose engine files end in suffix (of those this installation can import)."""
+    from . import backends
+
+    for name in backends.NAMES:
+        try:
+            if backends.get(name).ENGINE_SUFFIX == suffix:
+                return name
+        except EngineError:  # its dependencies are missing
+            continue
+    return None
+
+
 def _identity(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -382,6 +395,12 @@ def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | 
     from . import backends
 
     module = backends.get(meta["backend"], what=f"engine {engine_file}")
+    # Another backend's engine file under this backend's name: its loader would fail with its own
+    # message (torch.load on an ONNX file). A backend whose library is missing says so first.
+    other = _suffix_owner(engine_file.suffix) if engine_file.suffix != module.ENGINE_SUFFIX else None
+    if other is not None and other != module.NAME and module.available():
+        raise _damaged(side, f"backend {module.NAME!r} loads {module.ENGINE_SUFFIX} engine files, but engine_file "
+                             f"{engine_file.name} is {other}'s")
     backends.check_options(module, options)
     log.debug("loading %s engine %s (pid %d)", module.NAME, engine_file, os.getpid())
     return module.load(engine_file, meta, **options)

@@ -212,7 +212,9 @@ class EvalImage:
 
     Shapes: boxes (P, 4) x, y, w, h (person boxes, or crop boxes used as they are when
     crop_boxes); root_depth (P,) mm used to place the prediction; intrinsics (P, 4); gt_cam,
-    gt_img (P, 18, 3) camera mm and x_px, y_px, depth mm; groups and ids (P,).
+    gt_img (P, 18, 3) camera mm and x_px, y_px, depth mm; groups and ids (P,). failed: why
+    the image's people cannot be estimated (a RootNet box wholly outside the image): they are
+    not run, count as failed and are left out of the means.
     """
 
     key: str
@@ -225,6 +227,7 @@ class EvalImage:
     gt_img: np.ndarray
     groups: tuple[str | None, ...]
     ids: tuple[Any, ...]
+    failed: str | None = None
 
 
 @dataclasses.dataclass
@@ -341,6 +344,7 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
 
     images: list[EvalImage] = []
     skipped = 0
+    failed_boxes: list[str] = []  # RootNet boxes the estimator cannot use (wholly outside the image, ...)
     for subject in subject_list:
         prefix = annot / f"Human36M_subject{subject}"
         data = _read_json(Path(f"{prefix}_data.json"), "Human3.6M annotation file")
@@ -379,6 +383,9 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
                 if entry is None:
                     raise ValueError(f"{bbox_root} has no entry for image_id {img['id']}")
                 box, root_depth, is_crop = entry["bbox"], float(entry["root"][2]), True
+                failed = _unusable_crop_box(box, (width, height), img["id"])
+                if failed is not None:
+                    failed_boxes.append(failed)
             else:
                 box = np.asarray(ann["bbox"], np.float64)
                 try:
@@ -386,11 +393,11 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
                 except ValueError:
                     skipped += 1  # upstream: process_bbox returned None -> `continue`
                     continue
-                root_depth, is_crop = float(gt_cam[ROOT_JOINT, 2]), False
+                root_depth, is_crop, failed = float(gt_cam[ROOT_JOINT, 2]), False, None
             path = root / "images" / file_name
             images.append(EvalImage(str(img["id"]), _ImageFile(path), box[None], is_crop, np.array([root_depth]),
                                     np.array([[f[0], f[1], c[0], c[1]]]), gt_cam[None], gt_img[None],
-                                    (_action_name(action),), (img["id"],)))
+                                    (_action_name(action),), (img["id"],), failed))
             if limit is not None and len(images) >= limit:
                 break
         if limit is not None and len(images) >= limit:
@@ -402,7 +409,24 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
             "sampling": sampling, "limit": limit, "skipped_boxes": skipped,
             "boxes": "RootNet (used as crop boxes)" if rootnet is not None else "ground truth, upstream's box rule",
             "root_depth": f"RootNet ({bbox_root})" if rootnet is not None else "ground truth"}
+    if rootnet is not None:
+        info["failed_boxes"] = len(failed_boxes)
+        info["failed_box_examples"] = failed_boxes[:3]
     return EvalSet(f"Human3.6M protocol {protocol} (subjects {', '.join(map(str, subject_list))})", images, info)
+
+
+def _unusable_crop_box(box: np.ndarray, size: tuple[int, int], image_id: Any) -> str | None:
+    """Why the estimator cannot use a RootNet box as a crop box (geometry.check_crop_boxes: wholly
+    outside the image, empty, too large), or None. A box of another shape is refused later."""
+    from .geometry import check_crop_boxes
+
+    if box.shape != (4,):
+        return None
+    try:
+        check_crop_boxes(box[None], size)
+    except ValueError as exc:
+        return f"image_id {image_id}: RootNet " + str(exc).replace("crop_boxes[0]", "bbox", 1)
+    return None
 
 
 def _action_name(action_idx: int) -> str:
@@ -450,12 +474,14 @@ def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = Tru
                 progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run a PoseEstimator over the set: (pred_cam (N, 18, 3), pred_img (N, 18, 3)) in the set's order.
 
-    Person boxes go through upstream's box rule; crop boxes (RootNet) are used as they are.
+    Person boxes go through upstream's box rule; crop boxes (RootNet) are used as they are. The
+    people of an image marked failed are not run: their predictions are NaN (counted as failed).
     """
     def items() -> Iterator[dict[str, Any]]:
         for im in images:
-            yield {"image": im.load(), ("crop_boxes" if im.crop_boxes else "boxes"): im.boxes,
-                   "root_depth": im.root_depth, "intrinsics": im.intrinsics}
+            if im.failed is None:
+                yield {"image": im.load(), ("crop_boxes" if im.crop_boxes else "boxes"): im.boxes,
+                       "root_depth": im.root_depth, "intrinsics": im.intrinsics}
 
     if any(im.crop_boxes for im in images):
         import inspect
@@ -464,7 +490,17 @@ def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = Tru
             raise ValueError("this PoseEstimator cannot take crop boxes (RootNet boxes are used as they are); "
                              "update cnpose_trt or evaluate with ground-truth boxes (no --bbox-root)")
     cams, imgs = [], []
-    for im, res in zip(images, estimator.predict_iter(items(), flip=flip), strict=True):
+    results = iter(estimator.predict_iter(items(), flip=flip))
+    for im in images:
+        if im.failed is not None:
+            cams.append(np.full((len(im.boxes), NUM_JOINTS, 3), np.nan))
+            imgs.append(np.full((len(im.boxes), NUM_JOINTS, 3), np.nan))
+            if progress is not None:
+                progress.update()
+            continue
+        res = next(results, None)
+        if res is None:
+            raise RuntimeError(f"image {im.key}: the estimator gave fewer results than images")
         if res.camera is None or len(res) != len(im.boxes):
             raise RuntimeError(f"image {im.key}: expected {len(im.boxes)} people with camera coordinates")
         cams.append(np.asarray(res.camera, np.float64))
@@ -586,6 +622,11 @@ def format_report(report: dict[str, Any]) -> str:
         m = e["metrics"]
         lines.append(f"{e['label']:<{width}} {_fmt(m['mpjpe'])} {_fmt(m['pa_mpjpe'])} {_fmt(m['pa_mpjpe_scaled'])} "
                      f"{_fmt(m.get('px_2d'))} {m['people']:>7} {m['nonfinite']:>6} {e['images_per_second']:>7.1f}")
+    failed = report["dataset"].get("failed_boxes")
+    if failed:
+        examples = report["dataset"].get("failed_box_examples") or ["?"]
+        lines.append(f"{failed} {'person' if failed == 1 else 'people'} not estimated (counted in 'failed', not in "
+                     f"the means): the RootNet box is unusable, e.g. {examples[0]}")
     if "baseline" in report:
         b = report["baseline"]
         lines.append(f"{'mean pose (no network)':<{width}} {_fmt(b['mpjpe'])} {_fmt(b['pa_mpjpe'])} "

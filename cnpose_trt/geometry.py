@@ -11,6 +11,18 @@ import numpy as np
 
 from .spec import BBOX_3D_DEPTH_MM, BOX_SCALE, FLIP_PAIRS
 
+# Crop boxes must lie within this many px of the image origin: the crop kernel's limit
+# (csrc/crop.h kMaxCropCoord), far beyond any image.
+MAX_CROP_COORD = 2.0**30
+# A crop box narrower or lower than this samples one point of the image, not a crop of it (and
+# 1e-300 becomes 0 in the float32 decode).
+MIN_CROP_SIDE = 1e-3
+# Root depths and intrinsics beyond these are no camera's (1,000 km; a 10^9 px focal length or
+# principal point): refused, as larger ones overflow the float32 decode into inf.
+MAX_ROOT_DEPTH_MM = 1e9
+MAX_INTRINSICS_PX = 1e9
+MIN_FOCAL_PX = 1e-3
+
 
 def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | None = None) -> np.ndarray:
     """float64 array of shape (n, *shape_tail) with finite values, or a ValueError naming `name`.
@@ -19,7 +31,7 @@ def as_array(name: str, value: object, shape_tail: tuple[int, ...], n: int | Non
     """
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float64's range
         raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
     if arr.size == 0 and arr.ndim <= 1 and shape_tail and (n is None or n == 0):
         arr = arr.reshape((0, *shape_tail))
@@ -40,11 +52,72 @@ def per_person(name: str, value: object, p: int, tail: tuple[int, ...]) -> np.nd
         return None
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float64's range
         raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from None
     if arr.shape == tail:
         arr = np.broadcast_to(arr, (p, *tail))
     return as_array(name, arr, tail, p)
+
+
+def check_root_depth(root_depth: np.ndarray | None, zero: bool = False) -> None:
+    """Refuse a root depth that is no depth: each must be > 0 (>= 0 with zero: decode's
+    root-relative placeholder) and at most MAX_ROOT_DEPTH_MM; NaN and inf fail too.
+
+    Raises:
+        ValueError: naming root_depth and the values.
+    """
+    if root_depth is None:
+        return
+    r = np.asarray(root_depth, np.float64)
+    ok = ((r >= 0) if zero else (r > 0)) & (r <= MAX_ROOT_DEPTH_MM)
+    if not ok.all():
+        low = ">= 0 (0: root-relative)" if zero else "> 0"
+        raise ValueError(f"root_depth must be {low} and at most {MAX_ROOT_DEPTH_MM:g} mm (the pelvis' depth in "
+                         f"front of the camera), got {r.tolist()}")
+
+
+def check_intrinsics(intrinsics: np.ndarray | None) -> None:
+    """Refuse intrinsics fx, fy, cx, cy (..., 4) that are no camera's: fx, fy must be at least
+    MIN_FOCAL_PX and every value at most MAX_INTRINSICS_PX in size; NaN and inf fail too.
+
+    Raises:
+        ValueError: naming intrinsics and the values.
+    """
+    if intrinsics is None:
+        return
+    k = np.asarray(intrinsics, np.float64)
+    if k.shape[-1:] != (4,):
+        return  # the shape is refused where it is used, naming what is wanted
+    k = k.reshape(-1, 4)
+    ok = (np.abs(k) <= MAX_INTRINSICS_PX).all(axis=1) & (k[:, :2] >= MIN_FOCAL_PX).all(axis=1)
+    if not ok.all():
+        raise ValueError(f"intrinsics must be fx, fy, cx, cy in px with fx, fy >= {MIN_FOCAL_PX:g} (focal lengths "
+                         f"> 0) and every value at most {MAX_INTRINSICS_PX:g} in size, got {k[~ok][0].tolist()}")
+
+
+def check_inside(boxes: np.ndarray, image_size: tuple[int, int], name: str = "boxes", first: int = 0) -> None:
+    """Refuse a box wholly outside the image: one whose rectangle x..x+w, y..y+h shares no area
+    with the image's 0..W, 0..H (touching an edge, or lying past it, is outside). The one rule for
+    person boxes, crop boxes and RootNet boxes, in the API, `batch`, `predict` and `eval`.
+
+    Args:
+        boxes: (P, 4) finite x, y, w, h with w, h > 0.
+        image_size: (width, height) of the image.
+        name: the argument named in the message ("boxes", "crop_boxes").
+        first: the index of boxes[0] in that argument.
+    Raises:
+        ValueError: naming the first such box as name[first + i].
+    """
+    width, height = float(image_size[0]), float(image_size[1])
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    # x + w computed as x >= -w: no overflow for huge values
+    out = (b[:, 0] >= width) | (b[:, 1] >= height) | (b[:, 0] <= -b[:, 2]) | (b[:, 1] <= -b[:, 3])
+    bad = np.flatnonzero(out)
+    if len(bad):
+        i = int(bad[0])
+        w, h = image_size
+        raise ValueError(f"{name}[{first + i}] = {b[i].tolist()} lies outside the {w}x{h} image (no area "
+                         "in common with it): no person to estimate")
 
 
 def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
@@ -63,8 +136,9 @@ def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
     Returns:
         (P, 4) float64 crop boxes x, y, w, h.
     Raises:
-        ValueError: an empty box, one that upstream rejects (it lies right of or below the image),
-            one that collapses to a point, or bad shapes.
+        ValueError: an empty box, one wholly outside the image (check_inside: upstream would shift
+            one left of or above the image into it), one that upstream rejects (it lies right of
+            or below the image), one that collapses to a point, or bad shapes.
     """
     width, height = image_size
     b = as_array("boxes", boxes, (4,))
@@ -79,6 +153,7 @@ def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
         w, h = x2 - x1, y2 - y1
         if bw <= 0 or bh <= 0:
             raise ValueError(f"boxes[{i}] is empty: width and height must be > 0, got {b[i].tolist()}")
+        check_inside(b[i:i + 1], image_size, "boxes", first=i)
         if x2 < x1 or y2 < y1:
             raise ValueError(f"boxes[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
         if w <= 0 and h <= 0:
@@ -89,19 +164,33 @@ def process_boxes(boxes: object, image_size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def check_crop_boxes(crop_boxes: object) -> np.ndarray:
+def check_crop_boxes(crop_boxes: object, image_size: tuple[int, int] | None = None) -> np.ndarray:
     """Crop boxes (P, 4) x, y, w, h that already went through process_boxes, used as they are.
 
-    Upstream's Human3.6M test feeds RootNet's output boxes this way. Any positive size is allowed
-    (a non-square box is warped with separate x and y scales, as upstream does).
+    Upstream's Human3.6M test feeds RootNet's output boxes this way. Any size from MIN_CROP_SIDE
+    px up is allowed (a non-square box is warped with separate x and y scales, as upstream does),
+    within MAX_CROP_COORD px of the origin (the crop kernel's reach).
 
+    Args:
+        crop_boxes: (P, 4) or (4,).
+        image_size: (width, height): a box wholly outside the image is refused (check_inside).
     Raises:
-        ValueError: bad shapes, non-finite values, or a width or height <= 0.
+        ValueError: bad shapes, non-finite values, a width or height <= 0 or below MIN_CROP_SIDE,
+            a box reaching past MAX_CROP_COORD, or one wholly outside the image; naming
+            crop_boxes[i].
     """
     b = as_array("crop_boxes", crop_boxes, (4,))
-    bad = np.flatnonzero((b[:, 2] <= 0) | (b[:, 3] <= 0))
-    if len(bad):
-        raise ValueError(f"crop_boxes[{bad[0]}] = {b[bad[0]].tolist()} is empty: width and height must be > 0")
+    for i, (x, y, w, h) in enumerate(b.tolist()):
+        if w <= 0 or h <= 0:
+            raise ValueError(f"crop_boxes[{i}] = {b[i].tolist()} is empty: width and height must be > 0")
+        if w < MIN_CROP_SIDE or h < MIN_CROP_SIDE:
+            raise ValueError(f"crop_boxes[{i}] = {b[i].tolist()} is too small: width and height must be at least "
+                             f"{MIN_CROP_SIDE} px")
+        if max(abs(x), abs(y), abs(x + w), abs(y + h)) > MAX_CROP_COORD:
+            raise ValueError(f"crop_boxes[{i}] = {b[i].tolist()} reaches beyond +-2^30 px of the image origin: "
+                             "not a crop of an image")
+    if image_size is not None:
+        check_inside(b, image_size, "crop_boxes")
     return b
 
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from .decoding import decode
 from .engine import Engine
-from .geometry import as_array, crop_matrices, per_person
+from .geometry import as_array, check_intrinsics, check_root_depth, crop_matrices, per_person
 from .gpu_stage import Staged
-from .preprocess import check_image, load_image, prepare, resolve_crop_boxes
+from .preprocess import check_image, crop_people, load_image, resolve_crop_boxes
 from .spec import JOINT_NAMES
 
 
@@ -101,13 +101,47 @@ class _Item:
     ready: Any = None          # GPU path: event marking the upload's (or device crops') arrival
     affines: np.ndarray | None = None  # GPU path: (P, 2, 3) crop maps of image_dev
     host_image: np.ndarray | None = None  # GPU path: a uint8 image its prep run still has to stage
+    whole: _Whole | None = None  # a part of an image with more people than one engine call takes
+    rest: _Rest | None = None    # the people after this part, cropped when this part is taken
+
+
+class _Whole:
+    """The PoseResults of an image's parts, joined into one when its last part is decoded."""
+
+    def __init__(self) -> None:
+        self.parts: list[PoseResult] = []
+
+
+@dataclasses.dataclass
+class _Rest:
+    """An image's people from `first` on, not cropped yet (arrays over all of its people)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    crop_boxes: np.ndarray
+    root_depth: np.ndarray | None
+    intrinsics: np.ndarray | None
+    first: int
+    whole: _Whole
+
+
+def call_chunks(people: int, per_call: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most per_call people covering 0..people: how an image's people
+    (or a batch's) are cut into engine calls on every path, host crops and GPU crops alike."""
+    per_call = max(1, int(per_call))
+    return [(start, min(people, start + per_call)) for start in range(0, people, per_call)]
 
 
 def _root_depth(value: Any, p: int) -> np.ndarray | None:
     root = per_person("root_depth", value, p, ())
-    if root is not None and (root <= 0).any():
-        raise ValueError(f"root_depth must be > 0 mm (the pelvis' depth in front of the camera), got {root.tolist()}")
+    check_root_depth(root)
     return root
+
+
+def _intrinsics(value: Any, p: int) -> np.ndarray | None:
+    k = per_person("intrinsics", value, p, (4,))
+    check_intrinsics(k)
+    return k
 
 
 def _host(packed: Any) -> np.ndarray:
@@ -137,6 +171,31 @@ def _unpack(entry: Any) -> dict[str, Any]:
                     f"'boxes' or 'crop_boxes', got {type(entry).__name__}")
 
 
+_IMAGES_WANTED = "one (H, W, 3) RGB image (uint8, or float in 0..255) or a list of them (arrays or file paths)"
+
+
+def _image_list(images: Any) -> tuple[bool, list[Any]]:
+    """predict's images as (one image?, list of images); anything else refused in one line."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            return True, [images]
+        if images.ndim == 4:
+            return False, list(images)
+        hint = ": a grayscale image? stack it to (H, W, 3) uint8" if images.ndim == 2 else ""
+        raise ValueError(f"images must be {_IMAGES_WANTED}, got a numpy array of shape {images.shape}{hint}")
+    if isinstance(images, (str, Path)):
+        return True, [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be {_IMAGES_WANTED}, got {type(images).__module__}.{type(images).__name__}"
+                        f"{' (convert it with .cpu().numpy())' if hasattr(images, 'detach') else ''}")
+    for i, im in enumerate(images):
+        if not isinstance(im, (np.ndarray, str, Path)):
+            raise TypeError(f"images[{i}] must be a numpy array (H, W, 3) or an image file path ({_IMAGES_WANTED}), "
+                            f"got {type(im).__name__}"
+                            f"{': a nested list? pass np.asarray(image, np.uint8)' if isinstance(im, list) else ''}")
+    return False, list(images)
+
+
 def _per_image(name: str, value: Any, n: int, tail: tuple[int, ...]) -> list[Any]:
     """Split a predict() argument over n images: one value of shape `tail` for all, or n per-image values."""
     if value is None:
@@ -156,11 +215,15 @@ class PoseEstimator:
     """3D poses of many people in many images, as fast as the engine allows.
 
     Work is chunked into batches of the engine's max_batch crops (the flip test makes two crops per
-    person; the last batch is smaller; an image's people are never split, so a batch may hold
+    person; the last batch is smaller; images whose people fit are not split, so a batch may hold
     fewer) and pipelined: while batch k runs in the engine, the people of batch k+1 are cropped
     and normalised on a thread pool and batch k-1 is decoded on another thread (on a GPU engine
     the decode runs on the device, right after the network: Engine.infer_decode). Memory stays
     bounded: at most `prefetch` batches are prepared ahead and one batch waits for its decode.
+    An image with more people than one engine call takes is cut into parts of one call each,
+    a part cropped when the one before it is taken (GPU crops: cut into calls from the uploaded
+    image), and its results joined into one PoseResult: memory follows max_batch, not the
+    number of people in an image.
 
     Thread safety: one estimator may be shared by several threads. predict() and
     predict_iter() hold an internal lock while they run (a predict_iter generator until it is
@@ -169,7 +232,8 @@ class PoseEstimator:
 
     Args:
         engine_or_variant: an Engine, an engine file (or its .json), or a variant name / spec to
-            build (or reuse from the cache) with build_engine(**build_options).
+            build (or reuse from the cache) with build_engine(**build_options); default "XS".
+            variant= is accepted as its keyword name.
         prep_threads: threads that crop and normalise.
         prefetch: batches prepared ahead of the engine.
         crop_method: "auto" (the compiled fused crop-and-normalise kernel where built, else
@@ -195,7 +259,7 @@ class PoseEstimator:
             has work.
     """
 
-    def __init__(self, engine_or_variant: Any = "XS", *, checkpoint: Any = None, backend: str = "auto",
+    def __init__(self, engine_or_variant: Any = None, *, checkpoint: Any = None, backend: str = "auto",
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
                  staging: str = "batched", staging_bytes: int | None = None, prep_chunk: int | None = None,
@@ -204,6 +268,14 @@ class PoseEstimator:
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
 
+        if "variant" in build_options:  # PoseEstimator(variant="M"): the keyword it looks like
+            variant = build_options.pop("variant")
+            if engine_or_variant is not None:
+                raise ValueError(f"give the variant once: as the first argument ({engine_or_variant!r}) or as "
+                                 f"variant= ({variant!r}), not both")
+            engine_or_variant = variant
+        if engine_or_variant is None:
+            engine_or_variant = "XS"
         if prep_threads < 1 or prefetch < 1:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
         if prep_chunk is not None and (isinstance(prep_chunk, bool) or not isinstance(prep_chunk, int)
@@ -295,10 +367,10 @@ class PoseEstimator:
                              "crop_boxes (already processed, used as they are)")
         key = "boxes" if crop_boxes is None else "crop_boxes"
         given = boxes if crop_boxes is None else crop_boxes
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            item = {"image": images, key: given, "root_depth": root_depth, "intrinsics": intrinsics}
+        single, images = _image_list(images)
+        if single:
+            item = {"image": images[0], key: given, "root_depth": root_depth, "intrinsics": intrinsics}
             return next(iter(self.predict_iter([item], flip=flip)))
-        images = list(images)
         if not isinstance(given, (list, tuple)) or len(given) != len(images):
             raise ValueError(f"{key} must be a list with one (P, 4) array per image ({len(images)} images)")
         roots = _per_image("root_depth", root_depth, len(images), ())
@@ -334,8 +406,7 @@ class PoseEstimator:
             # At most window / prep_threads, so that every prep thread has a run to work on.
             chunk = min(max(1, window // self.prep_threads),
                         self.prep_chunk or max(1, min(16, window // (2 * self.prep_threads))))
-            # People per engine call: with the flip test each person is two crops.
-            capacity = max(1, self.max_batch // 2) if flip else self.max_batch
+            capacity = self._per_call(flip)  # people per engine call
             exhausted = False
             failure: BaseException | None = None
             # The GPU path needs room for a crop and its mirror in one engine call.
@@ -367,6 +438,13 @@ class PoseEstimator:
                         run = []
                 submit(run)
 
+            def advance(item: _Item) -> None:
+                """Drop the taken item from the window; the rest of its image's people come next."""
+                pending.popleft()
+                if item.rest is not None:
+                    fut = prep.submit(self._prepare_rest, item.rest, flip, gpu)
+                    pending.appendleft(_Slot(fut, 0))
+
             def take() -> _Item | None:
                 """The next prepared item, or None (and failure set) when it failed."""
                 nonlocal exhausted, failure
@@ -384,7 +462,7 @@ class PoseEstimator:
                 first = take()
                 if first is None:
                     break
-                pending.popleft()
+                advance(first)
                 batch: list[_Item] = [first]
                 people = len(first.boxes)
                 refill()
@@ -394,7 +472,7 @@ class PoseEstimator:
                     nxt = take()
                     if nxt is None or people + len(nxt.boxes) > capacity:
                         break
-                    pending.popleft()
+                    advance(nxt)
                     batch.append(nxt)
                     people += len(nxt.boxes)
                     refill()
@@ -493,18 +571,54 @@ class PoseEstimator:
             crops = np.zeros((0, 3, size, size), np.float32)
             mirrored = crops if flip else None
         else:
-            # One thread per image: the prep pool already crops prep_threads images at once.
-            crops, crop_boxes = prepare(image, item["boxes"], size, crop_boxes=item["crop_boxes"],
-                                        method=self.crop_method, threads=1)
-            mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
-            if gpu and len(crops):  # float image: host crops, uploaded once
-                both = crops if mirrored is None else np.concatenate([crops, mirrored])
-                dev, ready = self._uploader.upload_crops(both)
-                crops, mirrored = dev[:len(crop_boxes)], dev[len(crop_boxes):] if flip else None
+            crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
+            p = len(crop_boxes)
+            boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
+            root, k = _root_depth(item["root_depth"], p), _intrinsics(item["intrinsics"], p)
+            if p > self._per_call(flip):  # cut into parts, each cropped when the one before is taken
+                return self._prepare_rest(_Rest(image, boxes, crop_boxes, root, k, 0, _Whole()), flip, gpu)[0]
+            crops, mirrored, ready = self._host_crops(image, crop_boxes, flip, gpu)
+            return _Item(boxes, crops, mirrored, crop_boxes, root, k, None, ready)
         p = len(crop_boxes)
         boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
         return _Item(boxes, crops, mirrored, crop_boxes, _root_depth(item["root_depth"], p),
-                     per_person("intrinsics", item["intrinsics"], p, (4,)), image_dev, ready, affines, host_image)
+                     _intrinsics(item["intrinsics"], p), image_dev, ready, affines, host_image)
+
+    def _per_call(self, flip: bool) -> int:
+        """People per engine call: with the flip test each person is two crops."""
+        return max(1, self.max_batch // 2) if flip else max(1, self.max_batch)
+
+    def _host_crops(self, image: np.ndarray, crop_boxes: np.ndarray, flip: bool, gpu: bool) -> tuple[Any, Any, Any]:
+        """(crops, mirrored crops or None, upload event or None) of people cropped on the host."""
+        # One thread per image: the prep pool already crops prep_threads images at once.
+        crops = crop_people(image, crop_boxes, self.spec.input_size, method=self.crop_method, threads=1)
+        mirrored = np.ascontiguousarray(crops[:, :, :, ::-1]) if flip else None
+        ready = None
+        if gpu and len(crops):  # float image: host crops, uploaded once
+            both = crops if mirrored is None else np.concatenate([crops, mirrored])
+            dev, ready = self._uploader.upload_crops(both)
+            crops, mirrored = dev[:len(crop_boxes)], dev[len(crop_boxes):] if flip else None
+        return crops, mirrored, ready
+
+    def _prepare_rest(self, rest: _Rest, flip: bool, gpu: bool) -> list[Any]:
+        """The next part of an image with more people than one engine call takes: at most one
+        call's people cropped (so memory is bounded by max_batch, not by the image's people), and
+        what is left after them. As a one-item prep run: [its _Item] or [the exception]."""
+        started = time.perf_counter()
+        try:
+            start, stop = call_chunks(len(rest.crop_boxes) - rest.first, self._per_call(flip))[0]
+            a, b = rest.first + start, rest.first + stop
+            crops, mirrored, ready = self._host_crops(rest.image, rest.crop_boxes[a:b], flip, gpu)
+            more = dataclasses.replace(rest, first=b) if b < len(rest.crop_boxes) else None
+            item = _Item(rest.boxes[a:b], crops, mirrored, rest.crop_boxes[a:b],
+                         None if rest.root_depth is None else rest.root_depth[a:b],
+                         None if rest.intrinsics is None else rest.intrinsics[a:b], None, ready, whole=rest.whole,
+                         rest=more)
+        except Exception as exc:
+            return [exc]
+        if rest.first:  # the first part is timed (and its image counted) by _prepare
+            self.timings.add("prepare", time.perf_counter() - started, people=b - a)
+        return [item]
 
     def _run_gpu(self, batch: list[_Item], flip: bool, people: int, staged: dict[int, Any]) -> _Later:
         """Crops cut on the GPU into the engine's input, network, fused decode: enqueued, not waited
@@ -512,7 +626,7 @@ class PoseEstimator:
         started = time.perf_counter()
         persons: list[tuple[_Item, int]] = [(it, i) for it in batch for i in range(len(it.boxes))]
         post = _post(batch)
-        step = max(1, self.max_batch // 2) if flip else self.max_batch
+        step = self._per_call(flip)
         handles, fills = [], []
         try:
             self._enqueue_gpu(persons, people, step, flip, post, handles, fills)
@@ -540,8 +654,8 @@ class PoseEstimator:
         from .gpu_stage import Fill
 
         copied: dict[int, Any] = {}  # shared by the batch's calls: each staged image is copied once
-        for first in range(0, people, step):
-            chunk = persons[first:first + step]
+        for first, stop in call_chunks(people, step):
+            chunk = persons[first:stop]
             q = len(chunk)
             uploads: list[tuple[Any, Any]] = []
             slot: dict[int, int] = {}  # id(item) -> its upload's number in this call
@@ -591,15 +705,21 @@ class PoseEstimator:
         return results
 
     def _results(self, batch: list[_Item], packed: np.ndarray | None) -> list[PoseResult]:
-        """Split a batch's (P, J, 10) decode result into one PoseResult per image."""
+        """Split a batch's (P, J, 10) decode result into one PoseResult per image (an image cut
+        into parts: one when its last part comes; batches are decoded in order)."""
         results, offset, j = [], 0, self.spec.joints
         for it in batch:
             p = len(it.boxes)
             part = np.zeros((0, j, 10)) if p == 0 else np.asarray(packed[offset:offset + p], np.float64)
             offset += p
-            results.append(PoseResult(
-                it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
-                None if it.intrinsics is None else part[..., 7:10], it.root_depth is None))
+            res = PoseResult(it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
+                             None if it.intrinsics is None else part[..., 7:10], it.root_depth is None)
+            if it.whole is None:
+                results.append(res)
+                continue
+            it.whole.parts.append(res)
+            if it.rest is None:
+                results.append(_joined(it.whole.parts))
         return results
 
 
@@ -629,6 +749,17 @@ class _Later:
 
     def result(self) -> list[PoseResult]:
         return self._compute()
+
+
+def _joined(parts: list[PoseResult]) -> PoseResult:
+    """One image's PoseResult from the PoseResults of its parts, in order."""
+    first = parts[0]
+
+    def cat(name: str) -> Any:
+        return None if getattr(first, name) is None else np.concatenate([getattr(r, name) for r in parts])
+
+    return PoseResult(cat("boxes"), cat("crop_boxes"), cat("cells"), cat("confidence"), cat("image"), cat("camera"),
+                      first.root_relative)
 
 
 def _crops(batch: list[_Item], flip: bool) -> np.ndarray:

@@ -179,11 +179,11 @@ def resolve_crop_boxes(boxes: object, crop_boxes: object, image_shape: tuple[int
     """The (P, 4) crop boxes for exactly one of person boxes (rule applied) or crop boxes (as they are).
 
     Raises:
-        ValueError: both or neither given, or bad boxes.
+        ValueError: both or neither given, or bad boxes (one wholly outside the image included).
     """
     if (boxes is None) == (crop_boxes is None):
         raise ValueError("give exactly one of boxes (person boxes x, y, w, h; upstream's box rule is applied) "
                          "or crop_boxes (boxes that already went through it, used as they are)")
     if crop_boxes is not None:
-        return check_crop_boxes(crop_boxes)
+        return check_crop_boxes(crop_boxes, (image_shape[1], image_shape[0]))
     return process_boxes(boxes, (image_shape[1], image_shape[0]))

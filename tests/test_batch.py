@@ -288,6 +288,121 @@ def test_error_rows_and_the_job_goes_on(tmp_path, xs_engine, xs_engine_path):
     assert summary.images == 6 and summary.errors == len(errors) and summary.people == 3
 
 
+def test_a_bad_box_is_that_persons_error_row_only(tmp_path, xs_engine, xs_engine_path):
+    """A crop box too large for any image, one 1e-300 px wide, boxes wholly outside the image (crop
+    and person boxes): an error row for that person, naming the right field and index; the
+    image's other people are estimated, each with its own root depth (not the one of the person
+    before or after it) and intrinsics."""
+    base, box = demo_image()
+    save_image(tmp_path / "a.png", base)
+    good = [150.0, 0.0, 170.0, 170.0]
+    records = [
+        {"image": "a.png", "crop_boxes": [good, [0, 0, 1e12, 1e12], [140, 10, 180, 200]]},
+        {"image": "a.png", "crop_boxes": [[0, 0, 1e-300, 100], good], "root_depth": [3000.0, 5000.0],
+         "intrinsics": K},
+        {"image": "a.png", "crop_boxes": [[-1e6, -1e6, 10, 10], good, [640, 0, 50, 50], [100, 50, 150, 150]],
+         "root_depth": [2000.0, 3500.0, 4000.0, 6000.0], "intrinsics": [K, K, K, [800.0, 820.0, 300.0, 250.0]]},
+        {"image": "a.png", "boxes": [[-1e6, -1e6, 10, 10], list(box)], "root_depth": [3000.0, 4500.0]},
+    ]
+    for i, rec in enumerate(records):  # each record its own image file (an image is listed once)
+        rec["image"] = f"{i}.png"
+        (tmp_path / rec["image"]).write_bytes((tmp_path / "a.png").read_bytes())
+    manifest = _write_jsonl(tmp_path / "m.jsonl", records)
+    summary = batch.run(manifest, tmp_path / "out", engine=xs_engine_path, progress=False)
+    rows = _rows(tmp_path / "out")
+    errors = {k: r["error"] for k, r in rows.items() if r["error"] is not None}
+    assert set(errors) == {("0.png", 1), ("1.png", 0), ("2.png", 0), ("2.png", 2), ("3.png", 0)}, errors
+    assert errors[("0.png", 1)].startswith("crop_boxes[1] = [0.0, 0.0, 1000000000000.0, 1000000000000.0] reaches")
+    assert errors[("1.png", 0)].startswith("crop_boxes[0] = [0.0, 0.0, 1e-300, 100.0] is too small")
+    assert errors[("2.png", 0)].startswith("crop_boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies outside "
+                                           "the 640x480 image (no area in common with it)")
+    assert errors[("2.png", 2)].startswith("crop_boxes[2] = [640.0, 0.0, 50.0, 50.0] lies outside the 640x480 image (no area")
+    assert errors[("3.png", 0)].startswith("boxes[0] = [-1000000.0, -1000000.0, 10.0, 10.0] lies outside the 640x480 image (no")
+    assert summary.people == 6 and summary.errors == 5
+    est = PoseEstimator(xs_engine)
+    for image, person, kw in [
+            ("0.png", 0, {"crop_boxes": [good]}), ("0.png", 2, {"crop_boxes": [[140, 10, 180, 200]]}),
+            ("1.png", 1, {"crop_boxes": [good], "root_depth": 5000.0, "intrinsics": K}),
+            ("2.png", 1, {"crop_boxes": [good], "root_depth": 3500.0, "intrinsics": K}),
+            ("2.png", 3, {"crop_boxes": [[100, 50, 150, 150]], "root_depth": 6000.0,
+                          "intrinsics": [800.0, 820.0, 300.0, 250.0]}),
+            ("3.png", 1, {"boxes": [box], "root_depth": 4500.0})]:
+        row, ref = rows[(image, person)], est.predict(base, **kw)
+        assert row["root_depth"] == kw.get("root_depth"), (image, person)
+        np.testing.assert_allclose(np.asarray(row["joints"], np.float64), ref.image[0], rtol=1e-6, atol=1e-3)
+        if ref.camera is not None:
+            np.testing.assert_allclose(np.asarray(row["camera"], np.float64), ref.camera[0], rtol=1e-6, atol=1e-2)
+
+
+class _FastEngine:
+    """The XS engine's metadata with a network that returns flat heatmaps at once: a job of
+    thousands of people costs only their crops. Records every call's batch size."""
+
+    def __new__(cls, real):
+        from cnpose_trt.engine import Engine
+
+        class Fast(Engine):
+            backend = real.backend
+
+            def _run(self, images):
+                self.calls.append(len(images))
+                return np.zeros((len(images), *self.spec.heatmap_shape), np.float32)
+
+            def infer(self, images):
+                self.calls.append(len(images))
+                return super().infer(images)
+
+        engine = Fast(real.path, real.meta)
+        engine.calls = []
+        return engine
+
+
+def test_an_image_with_thousands_of_boxes_completes(tmp_path, xs_engine):
+    """3,000 people in one image: the job completes (engine calls of at most max_batch crops,
+    not one call of 3,000), one row per person."""
+    base, box = demo_image()
+    save_image(tmp_path / "crowd.png", base)
+    save_image(tmp_path / "one.png", base)
+    rng = np.random.default_rng(6)
+    boxes = np.column_stack([rng.uniform(0, 500, 3000), rng.uniform(0, 380, 3000), rng.uniform(20, 140, 3000),
+                             rng.uniform(20, 100, 3000)]).tolist()
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"image": "crowd.png", "boxes": boxes},
+                                                   {"image": "one.png", "boxes": [list(box)]}])
+    engine = _FastEngine(xs_engine)
+    summary = batch.run(manifest, tmp_path / "out", engine=engine, progress=False)
+    assert summary.people == 3001 and summary.errors == 0
+    assert engine.calls and max(engine.calls) <= xs_engine.max_batch, max(engine.calls)
+    table = batch.read_results(tmp_path / "out")
+    assert table.num_rows == 3001
+    crowd = table.filter(pa.compute.equal(table["image"], "crowd.png"))
+    assert sorted(crowd["person"].to_pylist()) == list(range(3000))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_many_people_of_one_image_equal_small_groups(tmp_path, xs_engine, xs_engine_path, flip):
+    """An image with more people than an engine call takes: its rows equal the poses of those
+    people estimated three at a time."""
+    base, _ = demo_image()
+    save_image(tmp_path / "many.png", base)
+    rng = np.random.default_rng(7)
+    n = 3 * xs_engine.max_batch + 2
+    boxes = np.column_stack([rng.uniform(0, 400, n), rng.uniform(0, 300, n), rng.uniform(40, 200, n),
+                             rng.uniform(40, 200, n)])
+    roots = rng.uniform(3000, 6000, n)
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"image": "many.png", "boxes": boxes.tolist(),
+                                                    "root_depth": roots.tolist(), "intrinsics": K}])
+    batch.run(manifest, tmp_path / "out", engine=xs_engine_path, flip=flip, progress=False)
+    rows = _rows(tmp_path / "out")
+    est = PoseEstimator(xs_engine)
+    for i in range(0, n, 3):
+        ref = est.predict(base, boxes[i:i + 3], root_depth=roots[i:i + 3], intrinsics=K, flip=flip)
+        for q in range(len(ref)):
+            row = rows[("many.png", i + q)]
+            assert row["error"] is None and row["root_depth"] == roots[i + q]
+            np.testing.assert_allclose(np.asarray(row["joints"], np.float64), ref.image[q], rtol=1e-6, atol=1e-3)
+            np.testing.assert_allclose(np.asarray(row["camera"], np.float64), ref.camera[q], rtol=1e-6, atol=1e-2)
+
+
 class _BadItemEstimator:
     """PoseEstimator that refuses one image the way it refuses bad items (ValueError after the
     results before it), to check that the stream goes on after it."""

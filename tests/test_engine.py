@@ -70,6 +70,11 @@ def test_sidecar_problems(xs_engine_path, tmp_path):
         side.write_text(json.dumps({**meta, "backend": "tensorrt"}))
         with pytest.raises(EngineError, match="is a TensorRT engine: TensorRT is not installed"):
             load_engine(side)
+    if importlib.util.find_spec("torch") is not None:  # the torch backend would torch.load an ONNX file
+        side.write_text(json.dumps({**meta, "backend": "torch"}))
+        with pytest.raises(EngineError, match=r"is damaged \(backend 'torch' loads \.pt engine files, but "
+                                              r"engine_file .*\.onnx is onnxruntime's\); rebuild with --force"):
+            load_engine(side)
     wrong = dict(meta["spec"], head_channels=256, name="S")
     side.write_text(json.dumps({**meta, "spec": wrong, "output": dict(meta["output"], shape=["N", 1152, 64, 64])}))
     load_engine(path)  # S has the same output shape as XS: the sidecar is trusted there

@@ -101,6 +101,54 @@ def test_from_variant_and_path(tmp_path, xs_engine_path):
     assert PoseEstimator(xs_engine_path).engine.path == xs_engine_path
 
 
+def test_variant_as_a_keyword(tmp_path, xs_engine_path):
+    est = PoseEstimator(variant="XS", engine_dir=tmp_path, max_batch=2, backend="onnxruntime")
+    assert est.max_batch == 2 and est.spec.name == "XS"
+    with pytest.raises(ValueError, match="give the variant once: as the first argument \\('S'\\) or as variant= "
+                                         "\\('XS'\\), not both"):
+        PoseEstimator("S", variant="XS", engine_dir=tmp_path)
+
+
+def test_unusable_images_and_values_are_refused_in_one_line(estimator, xs_engine):
+    """What predict cannot use is refused naming the argument and what it wants, not misread
+    as a list of 480 images or overflowed to inf."""
+    from cnpose_trt.decoding import decode
+
+    img, box = demo_image()
+    wanted = "one \\(H, W, 3\\) RGB image \\(uint8, or float in 0..255\\) or a list of them"
+    with pytest.raises(ValueError, match=f"images must be {wanted}.*shape \\(480, 640\\): a grayscale image"):
+        estimator.predict(img[:, :, 0], [box])
+    with pytest.raises(TypeError, match="images\\[0\\] must be a numpy array .* got list: a nested list"):
+        estimator.predict(img.tolist(), [box])
+    with pytest.raises(TypeError, match=f"images must be {wanted}.*got builtins.dict"):
+        estimator.predict({"image": img}, [box])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=f"images must be {wanted}.*got torch.Tensor \\(convert it with "
+                                        "\\.cpu\\(\\)\\.numpy\\(\\)\\)"):
+        estimator.predict(torch.from_numpy(img), [box])
+    with pytest.raises(ValueError, match="root_depth must be > 0 and at most 1e\\+09 mm .* got \\[1e\\+300\\]"):
+        estimator.predict(img, [box], root_depth=1e300)
+    with pytest.raises(ValueError, match="intrinsics must be fx, fy, cx, cy .* got \\[1e\\+300, 1.0, 0.0, 0.0\\]"):
+        estimator.predict(img, [box], root_depth=4000.0, intrinsics=[1e300, 1.0, 0.0, 0.0])
+    heat = np.zeros((1, *xs_engine.spec.heatmap_shape), np.float32)
+    with pytest.raises(ValueError, match="root_depth must be >= 0 \\(0: root-relative\\) .* got \\[-5.0\\]"):
+        decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[-5])
+    with pytest.raises(ValueError, match="root_depth must be >= 0"):
+        decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[1e300])
+    assert decode(heat, 18, boxes=[[0, 0, 5, 5]], root_depth=[0.0]).packed.shape == (1, 18, 10)
+
+
+@pytest.mark.parametrize("kind", ["boxes", "crop_boxes"])
+def test_a_box_wholly_outside_the_image_is_refused(estimator, xs_engine, kind):
+    img, box = demo_image()
+    for bad in ([-1e6, -1e6, 10, 10], [640, 0, 100, 100], [0, -60, 100, 60]):
+        with pytest.raises(ValueError, match=f"^{kind}\\[1\\] = .* lies outside the 640x480 image \\(no area in "
+                                             "common with it\\): no person to estimate$"):
+            estimator.predict(img, **{kind: [box, bad]})
+        with pytest.raises(ValueError, match=f"^{kind}\\[1\\] = .* lies outside"):
+            estimate(xs_engine, img, **{kind: [box, bad]})
+
+
 def test_zero_people_give_empty_results(estimator):
     """An empty frame is a result, not an error: a stream of frames must survive it (flip test included)."""
     items = list(_scenes(3, seed=5))
@@ -214,3 +262,89 @@ def test_mixed_batches_keep_each_images_frame(estimator):
         np.testing.assert_allclose(res.image, alone.image, rtol=1e-6, atol=1e-3)
         assert res.root_relative == (len(item) < 3) and (res.camera is None) == (len(item) < 4)
     assert np.abs(got[1].image[..., 2]).max() < 1000  # root-relative: within the 2 m box around the root
+
+
+class _Counting:
+    """Wraps an engine: records the batch size of every call the estimator makes. With fake=True
+    the network is skipped (flat heatmaps), so hundreds of people cost only their crops."""
+
+    def __init__(self, engine, fake=False):
+        self.engine, self.fake, self.calls = engine, fake, []
+        self.spec = engine.spec
+
+    def infer(self, images):
+        self.calls.append(len(images))
+        if self.fake:
+            return np.zeros((len(images), *self.engine.spec.heatmap_shape), np.float32)
+        return self.engine.infer(images)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_many_people_in_one_image_are_cut_into_engine_calls(xs_engine, monkeypatch, flip):
+    """600 people in one image: engine calls of at most max_batch crops, and crops made at most
+    one call's people at a time (memory bounded by max_batch, not by the image's people)."""
+    import cnpose_trt.pipeline as pipeline
+
+    img, box = demo_image()
+    rng = np.random.default_rng(3)
+    boxes = np.column_stack([rng.uniform(0, 500, 600), rng.uniform(0, 380, 600), rng.uniform(20, 140, 600),
+                             rng.uniform(20, 100, 600)])
+    est = PoseEstimator(xs_engine, prep_threads=2, prefetch=2)
+    counting = _Counting(xs_engine, fake=True)
+    monkeypatch.setattr(est, "engine", counting)
+    cropped = []
+    crop_people = getattr(pipeline, "crop_people", None)
+
+    def counted(image, crop_boxes, *args, **kwargs):
+        cropped.append(len(crop_boxes))
+        return crop_people(image, crop_boxes, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "crop_people", counted, raising=False)
+    got = est.predict([img, img], [boxes, [box]], root_depth=4000.0, intrinsics=[1000, 1000, 320, 240], flip=flip)
+    per_call = xs_engine.max_batch // 2 if flip else xs_engine.max_batch
+    assert counting.calls and max(counting.calls) <= xs_engine.max_batch, counting.calls
+    assert sum(counting.calls) == 601 * (2 if flip else 1)
+    assert cropped and max(cropped) <= per_call and sum(cropped) == 601, cropped
+    assert [len(r) for r in got] == [600, 1]
+    np.testing.assert_array_equal(got[0].boxes, boxes)
+    assert got[0].camera.shape == (600, 18, 3) and got[0].image.shape == (600, 18, 3)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_an_image_cut_into_parts_gives_the_poses_of_small_groups(xs_engine, flip):
+    """The parts of an image with many people, joined, equal the poses of its people estimated
+    three at a time, on the host path and on an on-device engine's (infer_decode) path."""
+    from cnpose_trt.engine import Engine
+
+    class OnDevice(Engine):  # the device path (infer_decode on the engine's device), computed on the CPU
+        device = "cuda:0"
+
+        def __init__(self, real):
+            super().__init__(real.path, real.meta)
+            self.real, self.calls = real, []
+
+        def infer_decode(self, images, **kwargs):
+            self.calls.append(len(images))
+            return self.real.infer_decode(images, **kwargs)
+
+    img, box = demo_image()
+    rng = np.random.default_rng(4)
+    n = 3 * xs_engine.max_batch + 1
+    boxes = np.column_stack([rng.uniform(0, 400, n), rng.uniform(0, 300, n), rng.uniform(40, 200, n),
+                             rng.uniform(40, 200, n)])
+    roots = rng.uniform(3000, 6000, n)
+    k = [1000.0, 1000.0, 320.0, 240.0]
+    host = _Counting(xs_engine)
+    est = PoseEstimator(xs_engine)
+    est.engine = host
+    device = OnDevice(xs_engine)
+    ref = PoseEstimator(xs_engine)
+    small = [ref.predict(img, boxes[i:i + 3], root_depth=roots[i:i + 3], intrinsics=k, flip=flip)
+             for i in range(0, n, 3)]
+    for engine, calls in ((est, host.calls), (PoseEstimator(device), device.calls)):
+        got = engine.predict([img, img], [boxes, [box]], root_depth=[roots, 4500.0], intrinsics=k, flip=flip)
+        assert calls and max(calls) <= xs_engine.max_batch, calls
+        for name in ("boxes", "crop_boxes", "image", "camera", "confidence", "cells"):
+            np.testing.assert_allclose(getattr(got[0], name), np.concatenate([getattr(r, name) for r in small]),
+                                       rtol=1e-6, atol=1e-4, err_msg=name)
+        assert len(got[1]) == 1 and not got[0].root_relative

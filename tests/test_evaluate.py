@@ -405,6 +405,40 @@ def test_h36m_with_rootnet_boxes_and_roots(h36m, tmp_path):
         ev.h36m_set(root, bbox_root=path)
 
 
+def test_rootnet_boxes_wholly_outside_the_image_count_as_failed(h36m, tmp_path, xs_engine, capsys):
+    """A RootNet box wholly outside its image is not run: its person counts as failed, is left out
+    of MPJPE, and the report says so; the other people are scored as without it."""
+    root, truth = h36m
+    rootnet = [{"image_id": 10, "bbox": [1.5, -3.0, 52.0, 52.0], "root_cam": [-100.0, 50.0, 5123.0]},
+               {"image_id": 12, "bbox": [-1e6, -1e6, 10.0, 10.0], "root_cam": [0.0, 0.0, 4999.5]},
+               {"image_id": 13, "bbox": [0.0, 0.0, 10.0, 10.0], "root_cam": [0.0, 0.0, 4000.0]},
+               {"image_id": 20, "bbox": [64.0, 0.0, 40.0, 40.0], "root_cam": [1.0, 2.0, 6100.0]}]
+    path = tmp_path / "bbox_root_human36m_output.json"
+    path.write_text(json.dumps(rootnet))
+    s = ev.h36m_set(root, bbox_root=path)
+    assert [im.key for im in s.images] == ["10", "12", "13", "20"]
+    assert [im.failed is not None for im in s.images] == [False, True, False, True]
+    assert s.info["failed_boxes"] == 2
+    assert s.info["failed_box_examples"][0] == ("image_id 12: RootNet bbox = [-1000000.0, -1000000.0, 10.0, 10.0] "
+                                                "lies outside the 64x48 image (no area in common with it): no person "
+                                                "to estimate")
+    fake = FakeEstimator(planned_predictions(truth | {13: truth[10]}, [10, 10]))
+    cam, img = ev.predict_set(fake, s.images)
+    assert [item["root_depth"][0] for item in fake.seen] == [5123.0, 4000.0]  # 12 and 20 never reach it
+    assert np.isnan(cam[[1, 3]]).all() and np.isfinite(cam[[0, 2]]).all()
+    gt_cam, gt_img, groups = s.ground_truth()
+    m = ev.summarize(cam, img, gt_cam, gt_img, groups)
+    ok = [0, 2]
+    want = ev.summarize(cam[ok], img[ok], gt_cam[ok], gt_img[ok], [groups[i] for i in ok])
+    assert m["nonfinite"] == 2 and m["people"] == 4 and m["mpjpe"] == want["mpjpe"] and np.isfinite(m["mpjpe"])
+    report = ev.evaluate([xs_engine], s, progress=False)
+    (entry,) = report["engines"]
+    assert entry["metrics"]["nonfinite"] == 2 and np.isfinite(entry["metrics"]["mpjpe"])
+    text = ev.format_report(report)
+    assert "2 people not estimated (counted in 'failed', not in the means): the RootNet box is unusable, e.g. " \
+           "image_id 12: RootNet bbox = [-1000000.0" in text
+
+
 def test_h36m_missing_files_and_bad_arguments(h36m):
     root, truth = h36m
     with pytest.raises(FileNotFoundError, match="subject1_data.json"):

@@ -3,6 +3,10 @@ import pytest
 
 from cnpose_trt.geometry import (
     cells_to_image,
+    check_crop_boxes,
+    check_inside,
+    check_intrinsics,
+    check_root_depth,
     crop_matrices,
     flip_back,
     flip_permutation,
@@ -22,7 +26,7 @@ def test_process_boxes_upstream_rule():
     np.testing.assert_allclose(out[1], [49.5 - 61.875, 49.5 - 61.875, 123.75, 123.75])
     tall = process_boxes([600, 400, 100, 200], (640, 480))  # (600, 400) .. (639, 479): w' = 39, h' = 79
     np.testing.assert_allclose(tall[0], [619.5 - 49.375, 439.5 - 49.375, 98.75, 98.75])
-    left = process_boxes([-300, 10, 100, 100], (640, 480))  # entirely left of the image: shifted in, as upstream
+    left = process_boxes([-99, 10, 100, 100], (640, 480))  # one px column inside: shifted in, as upstream
     np.testing.assert_allclose(left[0], [49.5 - 61.875, 59.5 - 61.875, 123.75, 123.75])
     line = process_boxes([5, 5, 1, 41], (640, 480))  # one pixel wide: w' = 0 grows to h' = 40
     np.testing.assert_allclose(line[0], [5 - 25, 25 - 25, 50, 50])
@@ -30,11 +34,19 @@ def test_process_boxes_upstream_rule():
     assert process_boxes([], (640, 480)).shape == (0, 4)
 
 
+_OUTSIDE = "lies outside the 640x480 image \\(no area in common with it\\)"
+
+
 @pytest.mark.parametrize("box, message", [
     ([10, 10, 0, 50], "boxes\\[0\\] is empty"),
     ([10, 10, 30, -5], "is empty"),
-    ([700, 10, 50, 50], "lies outside the 640x480 image"),
-    ([10, 480, 50, 50], "lies outside"),
+    ([700, 10, 50, 50], "boxes\\[0\\] = \\[700.0, 10.0, 50.0, 50.0\\] " + _OUTSIDE),
+    ([639.5, 10, 50, 50], "lies outside the 640x480 image$"),  # upstream's rule: x past W - 1
+    ([-300, 10, 100, 100], _OUTSIDE),  # upstream would shift it in and estimate a pose
+    ([-1e6, -1e6, 10, 10], _OUTSIDE),
+    ([-100, 10, 100, 100], _OUTSIDE),  # touching the left edge: no area in common
+    ([10, -50, 20, 50], _OUTSIDE),
+    ([10, 480, 50, 50], _OUTSIDE),
     ([639, 479, 1, 1], "covers at most one pixel"),
     ([639, 479, 5, 5], "covers at most one pixel"),
     ([1, 2, np.nan, 4], "must be finite"),
@@ -74,6 +86,70 @@ def test_crop_matches_independent_sampler(rng):
         np.testing.assert_allclose(crops[0, :, v, u], want, atol=1 / 0.224)
     flipped = crop_people(img, boxes, size=64, flip=True)
     np.testing.assert_array_equal(flipped[0], crops[0][:, :, ::-1])
+
+
+@pytest.mark.parametrize("method", ["opencv", "fused"])
+def test_non_square_crop_box_scales_x_and_y_apart(rng, method):
+    """A non-square crop box (RootNet's are not always square) is warped with separate x and y
+    scales: upstream's three-point map (centre, centre + half the width, centre + half the height
+    -> the crop's centre, right and bottom edge midpoints), through cv2.getAffineTransform."""
+    import cv2
+
+    from cnpose_trt.arrays import compiled
+
+    if method == "fused" and compiled() is None:
+        pytest.skip("the fused crop needs the compiled extension")
+    img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    boxes = np.array([[20.5, 10.0, 60.0, 100.0], [-10.0, 30.0, 150.0, 40.0]])
+    size = 64
+    for box, m in zip(boxes, crop_matrices(boxes, size), strict=True):
+        x, y, w, h = box
+        c = np.array([x + w / 2, y + h / 2])
+        src = np.float32([c, c + [w / 2, 0], c + [0, h / 2]])
+        dst = np.float32([[size / 2, size / 2], [size, size / 2], [size / 2, size]])
+        ref = cv2.getAffineTransform(src, dst)
+        np.testing.assert_allclose(m, ref, rtol=1e-5, atol=1e-4)
+        assert not np.isclose(m[0, 0], m[1, 1])  # the two scales differ
+    crops = crop_people(img, boxes, size, method=method)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for p, box in enumerate(boxes):
+        x, y, w, h = box
+        ref = np.array([[size / w, 0, -size / w * x], [0, size / h, -size / h * y]])
+        want = cv2.warpAffine(img, ref, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        want = ((want - mean) / std).transpose(2, 0, 1)
+        # the same cv2 warp: equal up to float32 arithmetic; the fused kernel rounds ties apart (one grey level)
+        tol = 1e-4 if method == "opencv" else 1.01 / 0.224
+        np.testing.assert_allclose(crops[p], want, atol=tol)
+        assert np.abs(crops[p] - want).mean() < (1e-4 if method == "opencv" else 0.05)
+
+
+def test_crop_boxes_checks():
+    ok = check_crop_boxes([[10, 10, 50, 80], [-20, -20, 25, 25]], (640, 480))
+    assert ok.shape == (2, 4)
+    for box, message in [([0, 0, 1e12, 1e12], "crop_boxes\\[1\\] .* beyond \\+-2\\^30 px"),
+                         ([0, 0, 1e-300, 100], "crop_boxes\\[1\\] .* too small"),
+                         ([0, 0, 100, 0], "crop_boxes\\[1\\] .* is empty"),
+                         ([-1e6, -1e6, 10, 10], "crop_boxes\\[1\\] = \\[-1000000.0, -1000000.0, 10.0, 10.0\\] " + _OUTSIDE),
+                         ([640, 0, 10, 10], "crop_boxes\\[1\\] .* " + _OUTSIDE),
+                         ([0, -10, 10, 10], "crop_boxes\\[1\\] .* " + _OUTSIDE)]:
+        with pytest.raises(ValueError, match=message):
+            check_crop_boxes([[10, 10, 50, 80], box], (640, 480))
+    check_crop_boxes([[-1e6, -1e6, 10, 10]])  # no image size: no image to be outside of
+    check_inside(np.array([[639.9, 479.9, 0.2, 0.2], [-9, -9, 9.5, 9.5]]), (640, 480))  # a sliver inside
+
+
+def test_root_depth_and_intrinsics_checks():
+    check_root_depth(np.array([1.0, 1e9]))
+    check_root_depth(np.array([0.0]), zero=True)
+    for bad in ([0.0], [-5.0], [1e300], [np.nan], [np.inf]):
+        with pytest.raises(ValueError, match="root_depth must be > 0 and at most 1e\\+09 mm"):
+            check_root_depth(np.array(bad))
+    with pytest.raises(ValueError, match="root_depth must be >= 0"):
+        check_root_depth(np.array([-5.0]), zero=True)
+    check_intrinsics(np.array([1500.0, 1500.0, -320.0, 240.0]))
+    for bad in ([1e300, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1e10, 0.0], [1.0, np.nan, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="intrinsics must be fx, fy, cx, cy"):
+            check_intrinsics(np.array([[1.0, 1.0, 0.0, 0.0], bad]))
 
 
 def test_cells_to_image_round_trip_through_crop():

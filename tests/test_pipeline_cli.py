@@ -83,6 +83,24 @@ def test_predict_cli_errors(xs_engine_path, demo, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--crop-box", "-1e6,-1e6,10,10"], "error: --crop-box #2 = [-1000000.0, -1000000.0, 10.0, 10.0] lies outside "
+                                        "the 640x480 image (no area in common with it)"),
+    (["--crop-box", "0,0,1e12,1e12"], "error: --crop-box #2 = [0.0, 0.0, 1000000000000.0, 1000000000000.0] reaches"),
+])
+def test_predict_cli_crop_box_outside_the_image(xs_engine_path, demo, capsys, extra, message):
+    path, _, _ = demo
+    assert cli(["predict", str(path), "--crop-box", "10,10,50,50", "--engine", str(xs_engine_path), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1 and not captured.out
+
+
+def test_predict_help_says_boxes_refer_to_the_exif_rotated_image(capsys):
+    with pytest.raises(SystemExit):
+        cli(["predict", "--help"])
+    assert "EXIF orientation" in " ".join(capsys.readouterr().out.split())
+
+
 def test_predict_cli_bad_files(xs_engine_path, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert cli(["predict", str(tmp_path / "notes.txt"), "--bbox", "1,1,5,5", "--engine", str(xs_engine_path)]) == 2

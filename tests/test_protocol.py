@@ -156,15 +156,15 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
     assert est.device_crops
     import cnpose_trt.pipeline as pipeline
 
-    host_prepare = pipeline.prepare
+    host_crops = pipeline.crop_people
 
     def float_images_only(image, *args, **kwargs):
         assert image.dtype != np.uint8, "a uint8 image was cropped on the host on the device path"
-        return host_prepare(image, *args, **kwargs)
+        return host_crops(image, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "prepare", float_images_only)
+    monkeypatch.setattr(pipeline, "crop_people", float_images_only)
     got = list(est.predict_iter(items, flip=flip))
-    monkeypatch.setattr(pipeline, "prepare", host_prepare)
+    monkeypatch.setattr(pipeline, "crop_people", host_crops)
     want = list(PoseEstimator(xs_engine).predict_iter(items, flip=flip))
     assert engine.calls and max(engine.calls) <= xs_engine.max_batch
     want[-1] = PoseEstimator(xs_engine).predict(img, [(x - 5, y, w, h)], root_depth=3500.0,
@@ -176,6 +176,38 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
         assert (a.camera is None) == (b.camera is None)
         if a.camera is not None:
             np.testing.assert_allclose(a.camera, b.camera, rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_device_crop_path_cuts_many_people_into_calls(xs_engine, monkeypatch, tmp_path, flip):
+    """Many people in one image on the device path (uint8 images and files cut by the kernel,
+    float images cropped on the host in parts): every engine call takes at most max_batch
+    inputs, and the poses are the host path's."""
+    pytest.importorskip("cnpose_trt._C")
+    from cnpose_trt.draw import demo_image
+    from cnpose_trt.pipeline import call_chunks
+
+    monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
+    monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
+    img, box = demo_image()
+    path = tmp_path / "people.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    rng = np.random.default_rng(5)
+    n = 2 * xs_engine.max_batch + 3
+    boxes = np.column_stack([rng.uniform(0, 400, n), rng.uniform(0, 300, n), rng.uniform(40, 200, n),
+                             rng.uniform(40, 200, n)])
+    items = [(img, boxes, 4000.0, [1400, 1400, 320, 240]), (img.astype(np.float32), boxes), (img, [box]),
+             (str(path), boxes)]
+    engine = _FillsInput(xs_engine)
+    got = list(PoseEstimator(engine).predict_iter(items, flip=flip))
+    want = list(PoseEstimator(xs_engine).predict_iter([*items[:3], (img, boxes)], flip=flip))
+    assert engine.calls and max(engine.calls) <= xs_engine.max_batch, engine.calls
+    assert sum(engine.calls) == (3 * n + 1) * (2 if flip else 1)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(a.crop_boxes, b.crop_boxes)
+    assert call_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)] and call_chunks(0, 4) == []
+    assert call_chunks(3, 0) == [(0, 1), (1, 2), (2, 3)]
 
 
 def _ring_is_free(est):
