@@ -4,7 +4,9 @@ compile step and engine loading; adding a backend means one module and one line 
 A backend module defines NAME, ENGINE_SUFFIX, LOAD_OPTIONS, PRECISIONS, NEEDS_GRAPH (whether it
 compiles the ONNX precision graph or the PyTorch model), available(), version(),
 key_fields(job) (its part of the engine cache key), compile(job, built_file) -> sidecar extras,
-and load(path, meta, **options) -> Engine.
+check_engine_file(path, meta) (what the engine file's contents show against its sidecar, read cheaply:
+EngineError on a contradiction; a cached engine that fails it is rebuilt), and
+load(path, meta, **options) -> Engine (which runs the same checks on what it loads).
 """
 
 from __future__ import annotations

@@ -129,8 +129,13 @@ def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed
     return model, source, weights_sha256(model.state_dict())
 
 
-def _cached(handle: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
-    """(engine file, metadata) of the valid cached engine of this key, else None. Needs no lock."""
+def _cached(handle: Path, key: str, key_fields: dict[str, Any], module: Any,
+            say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """(engine file, metadata) of the valid cached engine of this key, else None. Needs no lock.
+
+    Valid: its sidecar is whole and records the fields the key was made of (an edited sidecar keeps
+    its old cache_key), the engine file has the recorded sha256, and its contents agree with the
+    sidecar (module.check_engine_file: another engine's bytes under a recomputed sha256 do not)."""
     from .engine import read_sidecar
 
     try:
@@ -138,9 +143,28 @@ def _cached(handle: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
         engine = sidecar_path(handle).with_name(meta["engine_file"])
         if meta.get("cache_key") != key or file_sha256(engine) != meta["engine_sha256"]:
             return None
-    except (EngineError, OSError):
+        recorded = _recorded_key_fields(meta)
+        for field, value in recorded.items():
+            if key_fields[field] != value:
+                raise EngineError(f"engine metadata {sidecar_path(handle)} is damaged ({field} is {value!r}, its "
+                                  f"cache_key was made for {key_fields[field]!r})")
+        module.check_engine_file(engine, meta)
+    except OSError:
+        return None
+    except EngineError as exc:
+        if sidecar_path(handle).is_file():
+            say(f"not reusing the cached engine, rebuilding it: {exc}")
         return None
     return engine, meta
+
+
+def _recorded_key_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The cache key's fields as the sidecar records them (_sidecar writes them; see build_engine's key)."""
+    return {"spec": meta.get("spec"), "precision": meta.get("precision"),
+            "precision_options": meta.get("precision_options"),
+            "weights_sha256": (meta.get("weights") or {}).get("sha256"), "backend": meta.get("backend"),
+            "opset": meta.get("opset"), "max_batch": meta.get("max_batch"),
+            "input_convention": (meta.get("input") or {}).get("convention")}
 
 
 # Below this much free space, a failed build step is reported as a full disk: ONNX Runtime, for
@@ -298,13 +322,13 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     handle = out / (stem + module.ENGINE_SUFFIX)
     # Lock-free first: sidecars are replaced atomically and engine files never change, so a valid
     # cached engine is served without a lock, from a read-only cache too.
-    hit = None if force else _cached(handle, key)
+    hit = None if force else _cached(handle, key, key_fields, module, say)
     if hit is not None:
         say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
         _tidy(out, stem, handle)
         return BuildResult(hit[0], True, hit[1])
     with _build_lock(out, stem):
-        hit = None if force else _cached(handle, key)  # built by another process while we waited?
+        hit = None if force else _cached(handle, key, key_fields, module, lambda _: None)  # built meanwhile?
         if hit is not None:
             say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
             return BuildResult(hit[0], True, hit[1])

@@ -28,13 +28,14 @@ import numpy as np
 
 from .cache import ENGINE_FORMAT, file_sha256, is_plain_name, sidecar_path
 from .errors import CnposeError, EngineError
-from .spec import VariantSpec
+from .spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VariantSpec, conv_weight_shapes
 
 log = logging.getLogger(__name__)
 
 MAX_SIDECAR_BYTES = 1 << 20  # a sidecar holds a few KB; a file far larger is not one
 MAX_ENGINE_BATCH = 1 << 16
 IO_DTYPES = ("float32", "float16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _LOAD_ATTEMPTS = 5
 
 
@@ -91,6 +92,58 @@ def _check_meta(meta: dict[str, Any], side: Path) -> None:
             raise _damaged(side, f"{key} must be an object, got {type(meta.get(key)).__name__}")
     if not isinstance(meta.get("weights", {}), dict):
         raise _damaged(side, "weights must be an object")
+    _check_recorded(meta, side)
+
+
+def _check_recorded(meta: dict[str, Any], side: Path) -> None:
+    """The sidecar agrees with itself and with this version: variant, head and I/O shapes with its
+    spec, a known precision, and the input convention this version applies. Crops are normalised
+    outside the engine with spec's constants, so a sidecar recording others was edited (or is
+    foreign): it is damaged, not a request to normalise differently."""
+    try:
+        spec = VariantSpec.from_dict(meta["spec"])
+    except (TypeError, ValueError):
+        return  # Engine() names what is wrong with the spec
+    if meta.get("variant") != spec.name:
+        raise _damaged(side, f"variant {meta.get('variant')!r} is not its spec's name {spec.name!r}")
+    if meta.get("head") != spec.head_tag:
+        raise _damaged(side, f"head {meta.get('head')!r} is not its spec's head {spec.head_tag!r}")
+    if meta.get("precision") not in PRECISIONS:
+        raise _damaged(side, f"precision must be one of {', '.join(PRECISIONS)}, got {meta.get('precision')!r}")
+    for field, want in (("convention", INPUT_CONVENTION), ("mean", list(PIXEL_MEAN)), ("std", list(PIXEL_STD))):
+        if meta["input"].get(field) != want:
+            raise _damaged(side, f"input.{field} is {meta['input'].get(field)!r}; this version normalises crops "
+                                 f"with {want!r}, outside the engine")
+    for role, shape in (("input", spec.input_shape), ("output", spec.heatmap_shape)):
+        if meta[role].get("shape") != ["N", *shape]:
+            raise _damaged(side, f"{role}.shape is {meta[role].get('shape')!r}; its spec's is {['N', *shape]!r}")
+
+
+def engine_mismatch(path: Any, what: str) -> EngineError:
+    """The error for an engine file whose contents contradict its sidecar (edited, or another engine's bytes)."""
+    return EngineError(f"engine {path} does not match its metadata (damaged or swapped): {what}; "
+                       "rebuild with --force")
+
+
+def check_engine_contents(path: Any, meta: dict[str, Any], *, precision: str | None = None,
+                          conv_shapes: dict[tuple[int, ...], int] | None = None) -> None:
+    """Compare what an engine file's contents show with its sidecar; a backend passes what it can
+    read cheaply (precision: from the graph's tensors and nodes; conv_shapes: its convolution
+    weights by shape, which give the variant when the heads agree). Raises engine_mismatch."""
+    spec = VariantSpec.from_dict(meta["spec"])
+    if precision is not None and precision != meta.get("precision"):
+        evidence = {"int8": "quantize/dequantize nodes", "fp16": "float16 tensors, no quantize/dequantize nodes",
+                    "fp32": "no float16 tensors, no quantize/dequantize nodes"}[precision]
+        raise engine_mismatch(path, f"precision says {meta.get('precision')!r}, its graph is {precision} ({evidence})")
+    if conv_shapes is not None:
+        want = conv_weight_shapes(spec)
+        missing = sorted(k for k in want if conv_shapes.get(k, 0) < want[k])
+        extra = sorted(k for k in conv_shapes if conv_shapes[k] > want.get(k, 0))
+        if missing or extra:
+            example = "; ".join(part for part in (
+                f"lacks {missing[0]}" if missing else "", f"has {extra[0]}" if extra else "") if part)
+            raise engine_mismatch(path, f"spec says variant {spec.name} ({spec.head_tag}), its convolution weights "
+                                        f"are another network's ({example})")
 
 
 def _max_batch(value: Any, where: Path) -> int:

@@ -309,6 +309,14 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
     bbox_root JSON ([{image_id, bbox, root_cam}]), its box is used as the crop box as it is and its
     root_cam's depth places the prediction.
 
+    Inconsistent files are refused in one line naming the file, the entry and the field: an image
+    id listed twice (in 'images', across the subjects' files, or as two annotations' image_id),
+    an image_id twice in bbox_root, a root_cam that is not 3 finite numbers with Z > 0, a camera
+    whose R is not a rotation (orthonormal within 1e-3, det +1) or whose t, f, c are not finite
+    and in range. A frame whose ground truth is unusable (a joint not finite or beyond 1e9 mm, or
+    at or behind the camera, Z <= 0) is left out and counted: info['skipped_ground_truth'], its
+    image ids in info['skipped_ground_truth_images'] (the first 10), and a line of the table.
+
     Args:
         protocol: 1 (subject 11) or 2 (subjects 9 and 11); subjects overrides.
         sampling: keep every sampling-th frame (64 in upstream's test).
@@ -329,40 +337,27 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     annot = root / "annotations"
-    rootnet: dict[str, dict[str, np.ndarray]] | None = None
-    if bbox_root is not None:
-        rows = _read_json(Path(bbox_root), "RootNet bbox/root file")
-        if not isinstance(rows, list):
-            raise ValueError(f"{bbox_root}: expected a list of {{image_id, bbox, root_cam}}, got {type(rows).__name__}")
-        rootnet = {}
-        for r in rows:
-            try:
-                rootnet[str(r["image_id"])] = {"bbox": np.asarray(r["bbox"], np.float64),
-                                               "root": np.asarray(r["root_cam"], np.float64)}
-            except (KeyError, TypeError) as exc:
-                raise ValueError(f"{bbox_root}: every entry needs image_id, bbox, root_cam ({exc})") from None
+    rootnet = None if bbox_root is None else _read_bbox_root(Path(bbox_root))
 
     images: list[EvalImage] = []
     skipped = 0
     failed_boxes: list[str] = []  # RootNet boxes the estimator cannot use (wholly outside the image, ...)
+    bad_truth: list[str] = []  # frames left out: unusable ground truth (_usable_truth)
+    seen_ids: dict[Any, str] = {}  # image id -> where it was first listed, over all subjects' files
     for subject in subject_list:
         prefix = annot / f"Human36M_subject{subject}"
         data = _read_json(Path(f"{prefix}_data.json"), "Human3.6M annotation file")
         cameras = _read_json(Path(f"{prefix}_camera.json"), "Human3.6M camera file")
         joints = _read_json(Path(f"{prefix}_joint_3d.json"), "Human3.6M joint file")
-        try:
-            by_id = {img["id"]: img for img in data["images"]}
-            anns = data["annotations"]
-        except (KeyError, TypeError):
-            raise ValueError(f"{prefix}_data.json must hold 'images' (with 'id') and 'annotations'") from None
+        by_id, anns = _index_h36m_data(data, Path(f"{prefix}_data.json"), seen_ids)
+        checked_cams: dict[str, tuple[np.ndarray, ...]] = {}
         for ann in anns:
             try:
                 img = by_id[ann["image_id"]]
                 if int(img["subject"]) not in subject_list or int(img["frame_idx"]) % sampling:
                     continue
-                cam = cameras[str(img["cam_idx"])]
-                rot, t = np.asarray(cam["R"], np.float64), np.asarray(cam["t"], np.float64)
-                f, c = np.asarray(cam["f"], np.float64), np.asarray(cam["c"], np.float64)
+                cam_key = str(img["cam_idx"])
+                cam = cameras[cam_key]
                 world = np.asarray(joints[str(img["action_idx"])][str(img["subaction_idx"])][str(img["frame_idx"])],
                                    np.float64)
                 width, height, file_name = int(img["width"]), int(img["height"]), str(img["file_name"])
@@ -370,14 +365,20 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{prefix}_*.json: annotation {ann.get('id')!r} (image {ann.get('image_id')!r}) "
                                  f"lacks or garbles {exc}") from None
-            if world.shape != (NUM_JOINTS - 1, 3) or rot.shape != (3, 3) or t.shape != (3,) or f.shape != (2,) \
-                    or c.shape != (2,):
-                raise ValueError(f"{prefix}_*.json: image {img['id']}: joints must be 17 x 3, R 3 x 3, t 3, f 2, c 2; "
-                                 f"got {world.shape}, {rot.shape}, {t.shape}, {f.shape}, {c.shape}")
-            world = np.concatenate([world, (world[11:12] + world[14:15]) / 2])  # add_thorax
-            gt_cam = world @ rot.T + t
-            gt_img = np.stack([gt_cam[:, 0] / gt_cam[:, 2] * f[0] + c[0], gt_cam[:, 1] / gt_cam[:, 2] * f[1] + c[1],
-                               gt_cam[:, 2]], axis=1)
+            if cam_key not in checked_cams:
+                checked_cams[cam_key] = _h36m_camera(cam, Path(f"{prefix}_camera.json"), cam_key)
+            rot, t, f, c = checked_cams[cam_key]
+            if world.shape != (NUM_JOINTS - 1, 3):
+                raise ValueError(f"{prefix}_joint_3d.json: image {img['id']}: joints must be 17 x 3, "
+                                 f"got {world.shape}")
+            with np.errstate(all="ignore"):  # unusable values are found below, by name, without numpy warnings
+                world = np.concatenate([world, (world[11:12] + world[14:15]) / 2])  # add_thorax
+                gt_cam = world @ rot.T + t
+                gt_img = np.stack([gt_cam[:, 0] / gt_cam[:, 2] * f[0] + c[0],
+                                   gt_cam[:, 1] / gt_cam[:, 2] * f[1] + c[1], gt_cam[:, 2]], axis=1)
+            if not _usable_truth(world, gt_cam, gt_img):
+                bad_truth.append(str(img["id"]))
+                continue
             if rootnet is not None:
                 entry = rootnet.get(str(img["id"]))
                 if entry is None:
@@ -407,6 +408,7 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
         raise FileNotFoundError(f"{len(missing)} Human3.6M images are missing, e.g. {', '.join(map(str, missing[:3]))}")
     info = {"kind": "human36m", "root": str(root), "protocol": protocol, "subjects": list(subject_list),
             "sampling": sampling, "limit": limit, "skipped_boxes": skipped,
+            "skipped_ground_truth": len(bad_truth), "skipped_ground_truth_images": bad_truth[:_NAMED],
             "boxes": "RootNet (used as crop boxes)" if rootnet is not None else "ground truth, upstream's box rule",
             "root_depth": f"RootNet ({bbox_root})" if rootnet is not None else "ground truth"}
     if rootnet is not None:
@@ -427,6 +429,110 @@ def _unusable_crop_box(box: np.ndarray, size: tuple[int, int], image_id: Any) ->
     except ValueError as exc:
         return f"image_id {image_id}: RootNet " + str(exc).replace("crop_boxes[0]", "bbox", 1)
     return None
+
+
+# Camera and world values beyond this (mm or px), or a focal length under its inverse, are no camera
+# or person: refused (camera) or left out (ground truth), as float64 would overflow downstream.
+_LIMIT = 1e9
+_ROTATION_TOL = 1e-3  # max |R R^T - I|: a rotation written with a few decimals passes, 2 I does not
+_NAMED = 10  # image ids named in the report per kind of skipped frame
+
+
+def _read_bbox_root(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """RootNet's [{image_id, bbox, root_cam}] -> {str(image_id): {bbox (4,), root (3,)}}, every entry checked."""
+    rows = _read_json(path, "RootNet bbox/root file")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of {{image_id, bbox, root_cam}}, got {type(rows).__name__}")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not all(k in r for k in ("image_id", "bbox", "root_cam")):
+            raise ValueError(f"{path}: entry {i}: every entry needs image_id, bbox, root_cam")
+        image_id = r["image_id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{path}: entry {i}: image_id must be an integer or a string, got {image_id!r}")
+        key = str(image_id)
+        if key in first:
+            raise ValueError(f"{path}: entry {i}: image_id {image_id!r} repeats entry {first[key]} "
+                             f"(one RootNet box and root per image)")
+        first[key] = i
+        bbox = _numbers(r["bbox"], (4,), f"{path}: entry {i} (image_id {image_id!r}): bbox", "4 numbers x, y, w, h")
+        root = _numbers(r["root_cam"], (3,), f"{path}: entry {i} (image_id {image_id!r}): root_cam",
+                        "3 numbers X, Y, Z mm")
+        if not np.isfinite(root).all() or np.abs(root).max() > _LIMIT or root[2] <= 0:
+            raise ValueError(f"{path}: entry {i} (image_id {image_id!r}): root_cam must be finite, within "
+                             f"+-{_LIMIT:g} mm, with Z > 0 (in front of the camera), got {root.tolist()}")
+        out[key] = {"bbox": bbox, "root": root}
+    return out
+
+
+def _numbers(value: Any, shape: tuple[int, ...], where: str, what: str) -> np.ndarray:
+    """float64 array of the given shape, or a ValueError: `where` must be `what`."""
+    try:
+        arr = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != shape:
+        raise ValueError(f"{where} must be {what}, got {json.dumps(value)[:80]}")
+    return arr
+
+
+def _index_h36m_data(data: Any, path: Path, seen_ids: dict[Any, str]) -> tuple[dict[Any, dict], list[dict]]:
+    """(images by id, annotations) of one _data.json; a repeated image id (in images, also across the
+    subjects' files, or as the image_id of two annotations: one person per image) is refused by index."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path} must hold 'images' (with 'id') and 'annotations'")
+    by_id: dict[Any, dict] = {}
+    for i, img in enumerate(data["images"]):
+        image_id = img.get("id") if isinstance(img, dict) else None
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{path}: images[{i}]: id must be an integer or a string, got {image_id!r}")
+        if image_id in seen_ids:
+            raise ValueError(f"{path}: images[{i}]: id {image_id!r} repeats {seen_ids[image_id]} "
+                             f"(image ids must be unique)")
+        seen_ids[image_id] = f"{path.name} images[{i}]"
+        by_id[image_id] = img
+    first: dict[Any, int] = {}
+    for i, ann in enumerate(data["annotations"]):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{path}: annotations[{i}]: image_id must be an integer or a string, got {image_id!r}")
+        if image_id in first:
+            raise ValueError(f"{path}: annotations[{i}]: image_id {image_id!r} repeats annotations[{first[image_id]}] "
+                             f"(one person per Human3.6M image)")
+        first[image_id] = i
+    return by_id, data["annotations"]
+
+
+def _h36m_camera(cam: Any, path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(R (3, 3), t (3,), f (2,), c (2,)) of one camera entry; refused, naming it, unless R is a rotation
+    (orthonormal within _ROTATION_TOL, det +1) and t, f, c are finite and in range (f > 0)."""
+    where = f"{path}: camera {key}"
+    if not isinstance(cam, dict) or not all(k in cam for k in ("R", "t", "f", "c")):
+        raise ValueError(f"{where} needs R, t, f, c")
+    rot = _numbers(cam["R"], (3, 3), f"{where}: R", "3 x 3 numbers")
+    t = _numbers(cam["t"], (3,), f"{where}: t", "3 numbers (mm)")
+    f = _numbers(cam["f"], (2,), f"{where}: f", "2 numbers fx, fy (px)")
+    c = _numbers(cam["c"], (2,), f"{where}: c", "2 numbers cx, cy (px)")
+    for name, v in (("R", rot), ("t", t), ("c", c)):
+        if not np.isfinite(v).all() or np.abs(v).max() > _LIMIT:
+            raise ValueError(f"{where}: {name} must be finite and within +-{_LIMIT:g}, got {v.tolist()}")
+    if not np.isfinite(f).all() or (f < 1 / _LIMIT).any() or (f > _LIMIT).any():
+        raise ValueError(f"{where}: f must be focal lengths in px between {1 / _LIMIT:g} and {_LIMIT:g}, "
+                         f"got {f.tolist()}")
+    off = float(np.abs(rot @ rot.T - np.eye(3)).max())
+    det = float(np.linalg.det(rot))
+    if off > _ROTATION_TOL or det <= 0:
+        raise ValueError(f"{where}: R is not a rotation (R R^T differs from I by up to {off:.3g}, det {det:.3g}; "
+                         f"allowed: {_ROTATION_TOL:g}, det +1)")
+    return rot, t, f, c
+
+
+def _usable_truth(world: np.ndarray, gt_cam: np.ndarray, gt_img: np.ndarray) -> bool:
+    """A frame is scored only when its joints are finite, in range, and all in front of the camera (Z > 0)."""
+    return bool(np.isfinite(world).all() and np.abs(world).max() <= _LIMIT and (gt_cam[:, 2] > 0).all()
+                and np.isfinite(gt_img).all())
 
 
 def _action_name(action_idx: int) -> str:
@@ -614,6 +720,12 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as terminal tables: summary, per joint (MPJPE), per group (H3.6M actions)."""
     lines = [f"{report['dataset']['name']}: {report['dataset']['people']} people, "
              f"flip test {'on' if report['flip_test'] else 'off'}; mm unless noted"]
+    bad_truth = report["dataset"].get("skipped_ground_truth", 0)
+    if bad_truth:
+        named = [str(i) for i in report["dataset"].get("skipped_ground_truth_images", [])]
+        lines.append(f"left out: {bad_truth} frame{'s' if bad_truth > 1 else ''} whose ground truth is unusable "
+                     f"(not finite, or a joint at Z <= 0): image {', '.join(named)}"
+                     f"{', ...' if bad_truth > len(named) else ''}")
     width = max([len(e["label"]) for e in report["engines"]] + [24])
     head = f"{'engine':<{width}} {'MPJPE':>9} {'PA-MPJPE':>9} {'PA(scale)':>9} {'2D px':>9} {'people':>7} " \
            f"{'failed':>6} {'img/s':>7}"

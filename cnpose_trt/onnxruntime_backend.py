@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends import importable, library_version
-from .engine import Engine, check_engine_io
+from .engine import Engine, check_engine_contents, check_engine_io
 from .errors import BuildError, EngineError
 
 if TYPE_CHECKING:
@@ -79,6 +79,22 @@ def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
     return OrtEngine(path, meta, **options)
 
 
+def check_engine_file(path: Path, meta: dict[str, Any]) -> None:
+    """The graph against its sidecar: its convolution weights are the spec's variant's, its tensors and
+    nodes its precision's (graph_facts reads them in about a millisecond, payloads skipped).
+
+    Raises:
+        EngineError: a file that is not an ONNX model, or one whose contents contradict the sidecar.
+    """
+    from .graph_facts import read_graph_facts
+
+    try:
+        facts = read_graph_facts(path)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"engine {path} cannot be read as an ONNX graph ({exc}); rebuild with --force") from None
+    check_engine_contents(path, meta, precision=facts.precision, conv_shapes=facts.conv_weight_shapes())
+
+
 class OrtEngine(Engine):
     """ONNX Runtime on the CPU: the embedded default backend."""
 
@@ -109,6 +125,7 @@ class OrtEngine(Engine):
                         input_shape=self.spec.input_shape, output_shape=self.spec.heatmap_shape,
                         max_batch=self.max_batch, input_dtype=self.input_dtype.name,
                         output_dtype=self.output_dtype.name)
+        check_engine_file(path, meta)
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         session = self.session

@@ -182,6 +182,33 @@ def match_variant(spec: VariantSpec) -> str | None:
     return None
 
 
+def conv_weight_shapes(spec: VariantSpec) -> dict[tuple[int, int, int, int], int]:
+    """How many convolution weights of each shape (out, in / groups, kh, kw) the network of spec has in
+    deploy form (BatchNorm folded, export.fuse_batchnorm): what every ONNX engine of it holds, whatever
+    its precision; the variant of an engine file is checked with it (model.py builds these layers)."""
+    counts: dict[tuple[int, int, int, int], int] = {}
+
+    def add(shape: tuple[int, int, int, int], n: int = 1) -> None:
+        counts[shape] = counts.get(shape, 0) + n
+
+    d = spec.dims
+    add((d[0], 3, 4, 4))  # stem
+    for i in range(1, 4):
+        add((d[i], d[i - 1], 2, 2))  # downsampling
+    for i in range(4):  # blocks: dwconv 7x7, pwconv1 (4x), pwconv2
+        add((d[i], 1, 7, 7), spec.depths[i])
+        add((4 * d[i], d[i], 1, 1), spec.depths[i])
+        add((d[i], 4 * d[i], 1, 1), spec.depths[i])
+    add((d[3], 1, 1, 1))  # the backbone's last BatchNorm, as a depthwise 1x1 conv
+    channels = d[3]
+    for _ in range(NUM_HEAD_LAYERS):  # head layers: dwconv 3x3, pwconv
+        add((channels, 1, 3, 3))
+        add((spec.head_channels, channels, 1, 1))
+        channels = spec.head_channels
+    add((spec.joints * spec.depth_dim, spec.head_channels, 1, 1))  # final layer
+    return counts
+
+
 def upsample_flags_for(depth_dim: int, input_size: int = INPUT_SIZE, heatmap_size: int | None = None
                        ) -> tuple[bool, bool, bool]:
     """Head upsample flags implied by a cubic heatmap volume (H = W = depth_dim).

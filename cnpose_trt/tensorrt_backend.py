@@ -802,6 +802,12 @@ def compile(job: BuildJob, built: Path) -> dict[str, Any]:
     return {"tensorrt_build": record}
 
 
+def check_engine_file(path: Path, meta: dict[str, Any]) -> None:
+    """Nothing to read cheaply: a plan's contents are only known once deserialized on a GPU, where
+    TrtEngine compares its I/O (names, shapes, dtypes, profile: the variant's head) with the sidecar.
+    Its sha256 and the sidecar's own consistency are checked before (engine.load_engine)."""
+
+
 def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
     return TrtEngine(path, meta, **options)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends import importable, library_version
-from .engine import Engine, check_engine_io
+from .engine import Engine, check_engine_io, engine_mismatch
 from .errors import EngineError
 
 if TYPE_CHECKING:
@@ -58,6 +58,35 @@ def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
     return TorchEngine(path, meta, **options)
 
 
+def check_engine_file(path: Path, meta: dict[str, Any]) -> None:
+    """The checkpoint against its sidecar: the spec it records and the hash of its weights.
+
+    Raises:
+        EngineError: an unreadable file, or one whose contents contradict the sidecar.
+    """
+    from .checkpoint import load_checkpoint
+    from .errors import CheckpointError
+
+    try:
+        state, stored = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise EngineError(f"{exc}; rebuild with --force") from None
+    _check_checkpoint(path, meta, state, stored)
+
+
+def _check_checkpoint(path: Path, meta: dict[str, Any], state: dict[str, Any], stored: Any) -> None:
+    from .checkpoint import weights_sha256
+    from .spec import VariantSpec
+
+    spec = VariantSpec.from_dict(meta["spec"])
+    if stored is None or not stored.same_architecture(spec):
+        held = "no spec" if stored is None else f"variant {stored.name} ({stored.head_tag})"
+        raise engine_mismatch(path, f"spec says variant {spec.name} ({spec.head_tag}), the file holds {held}")
+    want = (meta.get("weights") or {}).get("sha256")
+    if weights_sha256(state) != want:
+        raise engine_mismatch(path, f"weights.sha256 says {str(want)[:12]}..., the file's weights hash otherwise")
+
+
 class TorchEngine(Engine):
     """ConvNeXtPose in PyTorch. Thread-safe: calls are serialized by a lock (one model, and
     CUDA graphs with static buffers, are shared)."""
@@ -89,7 +118,8 @@ class TorchEngine(Engine):
             raise EngineError("cuda_graphs needs a CUDA device")
         if threads:
             torch.set_num_threads(threads)
-        state, _ = load_checkpoint(path)
+        state, stored = load_checkpoint(path)
+        _check_checkpoint(path, meta, state, stored)
         model = ConvNeXtPose(self.spec)
         model.load_state_dict(state)
         self.dtype = torch.float16 if self.precision == "fp16" else torch.float32

@@ -75,10 +75,16 @@ def test_sidecar_problems(xs_engine_path, tmp_path):
         with pytest.raises(EngineError, match=r"is damaged \(backend 'torch' loads \.pt engine files, but "
                                               r"engine_file .*\.onnx is onnxruntime's\); rebuild with --force"):
             load_engine(side)
+    # S has the same output shape as XS: its convolution weights tell them apart (issue 20, item 9; the
+    # sidecar was trusted there before).
     wrong = dict(meta["spec"], head_channels=256, name="S")
-    side.write_text(json.dumps({**meta, "spec": wrong, "output": dict(meta["output"], shape=["N", 1152, 64, 64])}))
-    load_engine(path)  # S has the same output shape as XS: the sidecar is trusted there
-    side.write_text(json.dumps({**meta, "spec": dict(meta["spec"], head_upsample=[True] * 3, depth_dim=64)}))
+    side.write_text(json.dumps({**meta, "spec": wrong, "variant": "S", "head": "2UP-256ch-D32"}))
+    with pytest.raises(EngineError, match=r"spec says variant S \(2UP-256ch-D32\), its convolution weights are "
+                                          r"another network's"):
+        load_engine(path)
+    deeper = dict(meta["spec"], head_upsample=[True] * 3, depth_dim=64)
+    side.write_text(json.dumps({**meta, "spec": deeper, "head": "3UP-128ch-D64",
+                                "output": dict(meta["output"], shape=["N", 1152, 64, 64])}))
     with pytest.raises(EngineError, match=r"output heatmaps has shape \(-1, 576, 32, 32\), "
                                           r"the metadata says \(-1, 1152, 64, 64\)"):
         load_engine(path)

@@ -547,3 +547,124 @@ def test_eval_argument_errors(xs_engine_path, tmp_path):
     with pytest.raises(ValueError, match="--count"):
         ev.run_eval(eval_args("--engine", xs_engine_path, "--count", 0))
     assert ev.main(["--engine", str(tmp_path / "nope.onnx"), "--count", "1"]) == 2
+
+
+# ---------------------------------------------------------------- inconsistent Human3.6M inputs
+
+def _edit(root: Path, subject: int, suffix: str, change) -> Path:
+    path = root / "annotations" / f"Human36M_subject{subject}_{suffix}.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("subject,change,match", [
+    # Image 11 relabelled 10: annotation 100 would be scored against frame 1's ground truth.
+    (9, lambda d: d["images"][1].update(id=10), r"subject9_data\.json: images\[1\]: id 10 repeats .*images\[0\]"),
+    # Subject 11's image carries subject 9's id: bbox-root and predictions are matched by id.
+    (11, lambda d: d["images"][0].update(id=12), r"subject11_data\.json: images\[0\]: id 12 repeats "
+                                                 r"Human36M_subject9_data\.json images\[2\]"),
+    (9, lambda d: d["annotations"][2].update(image_id=10),
+     r"subject9_data\.json: annotations\[2\]: image_id 10 repeats annotations\[0\]"),
+    (9, lambda d: d["images"][0].update(id=[10]), r"images\[0\]: id must be an integer"),
+])
+def test_h36m_repeated_image_ids_are_refused_by_file_and_index(h36m, subject, change, match):
+    root, _ = h36m
+    _edit(root, subject, "data", change)
+    with pytest.raises(ValueError, match=match):
+        ev.h36m_set(root, sampling=1)
+
+
+def _rootnet(path: Path, ids=(10, 12, 13, 20), **override) -> Path:
+    rows = [{"image_id": i, "bbox": [2.0, 1.0, 44.0, 44.0], "root_cam": [0.0, 0.0, 5000.0 + k]}
+            for k, i in enumerate(ids)]
+    for index, fields in override.items():
+        rows[int(index[1:])].update(fields)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("ids,override,match", [
+    ((10, 12, 13, 20, 12), {}, r"entry 4: image_id 12 repeats entry 1"),
+    ((10, 12, 13, 20, "12"), {}, r"entry 4: image_id '12' repeats entry 1"),
+    ((10, 12, 13, 20), {"e2": {"root_cam": [0.0, 5000.0]}}, r"entry 2 \(image_id 13\): root_cam must be 3 numbers"),
+    ((10, 12, 13, 20), {"e0": {"root_cam": 5000.0}}, r"entry 0 \(image_id 10\): root_cam must be 3 numbers"),
+    ((10, 12, 13, 20), {"e1": {"root_cam": [0.0, 0.0, -5.0]}}, r"entry 1 \(image_id 12\): root_cam .* Z > 0"),
+    ((10, 12, 13, 20), {"e1": {"root_cam": [0.0, 0.0, 1e300]}}, r"entry 1 \(image_id 12\): root_cam must be finite"),
+    ((10, 12, 13, 20), {"e3": {"bbox": [2.0, 1.0, 44.0]}}, r"entry 3 \(image_id 20\): bbox must be 4 numbers"),
+    ((10, 12, 13, 20), {"e3": {"bbox": 7}}, r"entry 3 \(image_id 20\): bbox must be 4 numbers"),
+    ((10, 12, 13, 20), {"e0": {"image_id": None}}, r"entry 0: image_id must be an integer"),
+])
+def test_h36m_bbox_root_inconsistent_entries_are_refused_by_entry_and_field(h36m, tmp_path, ids, override, match):
+    root, _ = h36m
+    path = _rootnet(tmp_path / "rootnet.json", ids, **override)
+    with pytest.raises(ValueError, match=rf"{path.name}: {match}"):
+        ev.h36m_set(root, bbox_root=path)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c["2"].update(R=(2 * np.eye(3)).tolist()), r"camera 2: R is not a rotation .*det 8"),
+    (lambda c: c["2"].update(R=np.diag([1.0, 1.0, -1.0]).tolist()), r"camera 2: R is not a rotation .*det -1"),
+    (lambda c: c["2"].update(R=(np.asarray(R) + 0.01).tolist()), r"camera 2: R is not a rotation"),
+    (lambda c: c["1"].update(R=[[1.0, 0.0], [0.0, 1.0]]), r"camera 1: R must be 3 x 3"),
+    (lambda c: c["1"].update(f=[1e-300, 1e-300]), r"camera 1: f must be focal lengths"),
+    (lambda c: c["1"].update(f=[1145.0, -1143.0]), r"camera 1: f must be focal lengths"),
+    (lambda c: c["1"].update(c=[1e300, 0.0]), r"camera 1: c must be finite"),
+    (lambda c: c["1"].update(t=[0.0, float("nan"), 0.0]), r"camera 1: t must be finite"),
+    (lambda c: c["1"].pop("t"), r"camera 1 needs R, t, f, c"),
+])
+def test_h36m_cameras_that_are_not_cameras_are_refused_by_name(h36m, change, match):
+    root, _ = h36m
+    path = _edit(root, 9, "camera", change)
+    with pytest.raises(ValueError, match=rf"{path.name}: {match}"):
+        ev.h36m_set(root)
+
+
+def test_h36m_a_rotation_written_with_few_decimals_is_a_rotation(h36m):
+    root, truth = h36m
+    rot = random_rotation(np.random.default_rng(3)).round(4)
+    _edit(root, 9, "camera", lambda c: c["1"].update(R=rot.tolist()))
+    s = ev.h36m_set(root)
+    assert [im.key for im in s.images] == ["10", "12", "20"]
+
+
+def test_h36m_frames_with_unusable_ground_truth_are_left_out_counted_and_said(h36m):
+    import warnings
+
+    root, truth = h36m
+
+    def spoil(doc):
+        doc["2"]["1"]["0"][3][1] = float("nan")  # image 10: one coordinate of one joint
+        doc["3"]["2"]["64"][5] = [0.0, -5200.0, 900.0]  # image 12: a joint on the camera plane (Z = y + 5200 = 0)
+
+    _edit(root, 9, "joint_3d", spoil)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy divide/overflow warning on the way
+        s = ev.h36m_set(root)
+    assert [im.key for im in s.images] == ["20"]
+    assert s.info["skipped_ground_truth"] == 2 and s.info["skipped_ground_truth_images"] == ["10", "12"]
+    gt_cam, gt_img, _ = s.ground_truth()
+    assert np.isfinite(gt_cam).all() and np.isfinite(gt_img).all()
+    np.testing.assert_allclose(gt_cam[0], truth[20]["cam"], atol=1e-9)
+    fake = FakeEstimator(planned_predictions(truth, [20]))
+    pred_cam, pred_img = ev.predict_set(fake, s.images)
+    m = ev.summarize(pred_cam, pred_img, gt_cam, gt_img)
+    assert math.isclose(m["mpjpe"], 10 / 17, rel_tol=1e-9) and math.isclose(m["px_2d"], 2 / 17, rel_tol=1e-9)
+    report = {"dataset": {"name": s.name, "people": s.people, **s.info}, "flip_test": True,
+              "protocol": {"joints": [JOINT_NAMES[j] for j in SCORED]},
+              "engines": [{"label": "fake", "metrics": m, "images_per_second": 1.0}]}
+    table = ev.format_report(report)
+    assert "left out: 2 frames whose ground truth is unusable" in table and "image 10, 12" in table
+    assert " - " not in table.splitlines()[4]  # the engine's row has numbers
+
+
+def test_eval_command_scores_the_frames_whose_ground_truth_is_usable(h36m, xs_engine_path, capsys):
+    root, _ = h36m
+    _edit(root, 9, "joint_3d", lambda d: d["2"]["1"]["0"][0].__setitem__(2, float("nan")))
+    assert ev.run_eval(eval_args("--engine", xs_engine_path, "--h36m", root, "--no-progress")) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("XS fp32"))
+    mpjpe, pa, pa_scaled, px = row.split()[2:6]
+    assert all(math.isfinite(float(v)) for v in (mpjpe, pa, pa_scaled, px)), row
+    assert "left out: 1 frame whose ground truth is unusable" in out and "image 10" in out

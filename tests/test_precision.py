@@ -119,6 +119,12 @@ def test_calibration_from_images_and_boxes(tmp_path):
     first = build_engine("XS", **kw)
     assert "6 crops from" in first.meta["int8"]["calibration"] and first.meta["int8"]["calib_method"] == "minmax"
     assert build_engine("XS", **kw).cached
+    # Same images, other boxes: other crops, so other ranges and another engine (issue 20: a held-out
+    # mutation dropping the boxes from the calibration hash passed the suite).
+    (tmp_path / "boxes.json").write_text(json.dumps({"img0.png": box, "img1.png": [box, [50, 20, 120, 200]]}))
+    moved = build_engine("XS", **kw)
+    assert not moved.cached and moved.path != first.path and not moved.meta["int8"]["ranges_reused"]
+    assert moved.meta["int8"]["ranges_file"] != first.meta["int8"]["ranges_file"]
     save_image(folder / "img2.png", img[::-1].copy())  # new calibration data -> new engine
     assert build_engine("XS", **kw).path != first.path
     (tmp_path / "bad.json").write_text("[1, 2")
@@ -159,3 +165,47 @@ def test_prefixes_that_match_no_node_are_refused(xs_fp32_graph, tmp_path):
     opts = PrecisionOptions(precision="int8", calib_synthetic=True, int8_exclude=("/backbone/stage.0/",))
     with pytest.raises(BuildError, match="int8_exclude prefixes .* Conv nodes are named like"):
         quantize_int8(xs_fp32_graph, tmp_path / "q.onnx", opts, tmp_path / "ranges")
+
+
+def test_calibration_hash_covers_the_boxes_of_each_image(tmp_path):
+    from cnpose_trt.precision import PrecisionOptions, calibration_set
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    img, box = demo_image()
+    for i in range(2):
+        save_image(folder / f"img{i}.png", np.roll(img, 40 * i, axis=1))
+    hashes = set()
+    for boxes in ({}, {"img0.png": box}, {"img0.png": [box]}, {"img0.png": box, "img1.png": box},
+                  {"img0.png": [box, [0, 0, 100, 200]]}, {"img0.png": [[0, 0, 100, 200], box]}):
+        (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+        opts = PrecisionOptions(precision="int8", calib_images=str(folder), calib_boxes=str(tmp_path / "boxes.json"))
+        items, digest = calibration_set(opts)
+        read = json.loads(json.dumps(boxes))
+        assert [b for _, b in items] == [read.get("img0.png"), read.get("img1.png")]
+        hashes.add(digest)
+    assert len(hashes) == 6  # every change of boxes (even their order) is another calibration set
+
+
+@pytest.mark.parametrize("count, batch", [(1, 8), (4, 8), (5, 2), (7, 3), (12, 4)])
+def test_calibration_yields_exactly_count_crops_when_images_hold_several_people(tmp_path, count, batch):
+    """Images with 3 and 2 boxes: the crops are the boxes' in order, cycling, cut at count (a held-out mutation
+    yielding every box of the last image passed the suite)."""
+    from cnpose_trt.precision import calibration_batches
+    from cnpose_trt.preprocess import load_image, prepare
+
+    img, box = demo_image()
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    save_image(paths[0], img)
+    save_image(paths[1], np.roll(img, 40, axis=1))
+    boxes = [[box, [0, 0, 100, 200], [30, 40, 80, 120]], [[10, 10, 60, 90], box]]
+    items = list(zip(paths, boxes, strict=True))
+    batches = list(calibration_batches(items, count, batch))
+    assert all(1 <= len(b) <= batch for b in batches) and all(len(b) == batch for b in batches[:-1])
+    crops = np.concatenate(batches)
+    assert len(crops) == count
+    expected = []
+    while len(expected) < count:  # the reference: every box of every image in turn, again from the start
+        for path, bxs in items:
+            expected.extend(prepare(load_image(path), np.asarray(bxs, np.float64), 256)[0])
+    np.testing.assert_array_equal(crops, np.stack(expected[:count]))

@@ -52,13 +52,17 @@ def test_load_options():
 
 def _tensorrt_sidecar(tmp_path: Path) -> Path:
     from cnpose_trt.cache import ENGINE_FORMAT, file_sha256
-    from cnpose_trt.spec import get_spec
+    from cnpose_trt.spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, get_spec
 
     engine = tmp_path / "xs.engine"
     engine.write_bytes(b"not a real plan")
+    spec = get_spec("XS")
     meta = {"engine_format": ENGINE_FORMAT, "engine_file": engine.name, "engine_sha256": file_sha256(engine),
-            "backend": "tensorrt", "max_batch": 4, "spec": get_spec("XS").to_dict(), "variant": "XS",
-            "input": {"name": "input", "dtype": "float32"}, "output": {"name": "heatmaps", "dtype": "float32"},
+            "backend": "tensorrt", "max_batch": 4, "spec": spec.to_dict(), "variant": "XS", "head": spec.head_tag,
+            "precision": "fp32",
+            "input": {"name": "input", "dtype": "float32", "shape": ["N", *spec.input_shape],
+                      "convention": INPUT_CONVENTION, "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
+            "output": {"name": "heatmaps", "dtype": "float32", "shape": ["N", *spec.heatmap_shape]},
             "weights": {}, "tensorrt_build": {"tensorrt": "10.16.1.11", "gpu": "X", "compute_capability": "9.0"}}
     (tmp_path / "xs.engine.json").write_text(json.dumps(meta))
     return engine
