@@ -1308,6 +1308,7 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
             engine_path = opts.resolve(say)
     elif use_ray:
         engine_path = Path(loaded_engine.path)
+    flip = _flip_rule(engine_path, loaded_engine, opts, flip, say)
     if engine_path is not None:
         meta = read_sidecar(engine_path)
         job = {"engine": meta["engine_file"], "flip": bool(flip)}
@@ -1358,6 +1359,22 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
 
     write_json(out / SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def _flip_rule(engine_path: Path | None, loaded: Any, opts: EngineOptions, flip: bool,
+               say: Callable[[str], None]) -> bool:
+    """shipped.flip_for on the job's engine (its sidecar, the loaded engine, or, for engines the Ray
+    workers build, the checkpoint file), saying so when a requested flip test is turned off."""
+    from .engine import read_sidecar
+    from .shipped import flip_for, is_shipped_checkpoint, record
+
+    meta = read_sidecar(engine_path) if engine_path is not None else getattr(loaded, "meta", None)
+    if meta is None and is_shipped_checkpoint(opts.checkpoint):
+        meta = {"weights": {"sha256": record()["weights_sha256"]}}
+    flip, notice = flip_for(meta, flip)
+    if notice:
+        say(notice)
+    return flip
 
 
 def _run_local(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, Any], engine: Any, flip: bool,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import os
 import platform
 import shutil
@@ -38,14 +40,18 @@ from .cache import (
     file_lock,
     file_sha256,
     is_no_space,
+    is_plain_name,
     remove_orphans,
     sidecar_path,
     temp_dir,
+    write_json,
 )
-from .errors import BuildError, EngineError
+from .errors import BuildError, CheckpointError, EngineError, need_torch
 from .interrupts import raise_if_stopped
 from .precision import DEFAULT_INT8_EXCLUDE, PrecisionOptions
 from .spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VARIANTS, SpecLike, VariantSpec, get_spec
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", *backends.NAMES)
 DEFAULT_MAX_BATCH = 32
@@ -127,6 +133,52 @@ def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed
         model = build_model(variant, state)
         source = str(checkpoint)
     return model, source, weights_sha256(model.state_dict())
+
+
+def _checkpoint_sha256(checkpoint: str | Path) -> str:
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
+    try:
+        return file_sha256(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
+
+
+class Request:
+    """What a caller asked build_engine for, without the weights as torch reads them: the checkpoint
+    file's sha256 and every other field of the cache key. requests/<key>.json in the engine folder maps
+    a request already served to its engine's handle and full key fields; a lookup then checks that
+    engine like any cache hit (_cached). A stale or unreadable record is a miss, never an error."""
+
+    FOLDER = "requests"
+
+    def __init__(self, out: Path, fields: dict[str, Any]) -> None:
+        self.path = out / self.FOLDER / f"{cache_key({'request': fields})[:32]}.json"
+
+    def lookup(self, module: Any, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+        try:
+            rec = json.loads(self.path.read_bytes()[:1 << 20])
+            handle = self.path.parent.parent / rec["handle"]
+            key, fields = rec["cache_key"], rec["key_fields"]
+            if not is_plain_name(rec["handle"]) or cache_key(fields) != key:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return None
+        hit = _cached(handle, key, fields, module, say)
+        if hit is not None:
+            _tidy(handle.parent, Path(rec["handle"]).stem, handle)
+        return hit
+
+    def remember(self, handle: Path, key: str, key_fields: dict[str, Any]) -> None:
+        fields = json.loads(json.dumps(key_fields))  # as the sidecar records them
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            write_json(self.path, {"handle": handle.name, "cache_key": key, "key_fields": fields})
+        except OSError as exc:  # a read-only cache still serves its engines, through the slow path
+            log.debug("cannot record the request %s: %s", self.path, exc)
 
 
 def _cached(handle: Path, key: str, key_fields: dict[str, Any], module: Any,
@@ -274,8 +326,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     Raises:
         ValueError: bad arguments. CheckpointError, BuildError: see their messages.
     """
-    from .export import DEFAULT_OPSET
     from .precision import calibration_set, inspect_graph
+    from .spec import DEFAULT_OPSET
 
     emit = progress or (lambda msg: None)
 
@@ -303,13 +355,31 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
         raise ValueError(f"the {backend_name} backend builds {', '.join(module.PRECISIONS)}, not {precision!r}")
     # Listed (and every image hashed) once: the hash keys the cache, the list feeds calibration.
     calib_items, calib_hash = calibration_set(opts, seed) if precision == "int8" else (None, None)
+    out = _engine_folder(Path(out_dir) if out_dir is not None else default_engine_dir())
+    # A request already served is found by the checkpoint file's own hash, without torch (the cache
+    # key needs the weights as torch reads them): a cache hit costs what loading the engine costs.
+    request = Request(out, {
+        "checkpoint_sha256": None if checkpoint is None else _checkpoint_sha256(checkpoint),
+        # With a checkpoint its tensors decide the variant (a given one is checked on the hit).
+        "seed": seed if checkpoint is None else None,
+        "variant": None if variant is None or checkpoint is not None else variant.to_dict(),
+        "precision": precision, "precision_options": opts.key_fields(calib_hash), "backend": backend_name,
+        "opset": opset, "max_batch": max_batch, "input_convention": INPUT_CONVENTION,
+        **module.key_fields(BuildJob(spec=variant, model=None, precision=precision, max_batch=max_batch,
+                                     opt_batch=opt_batch, trt=trt, out=out, say=say, show_progress=False))})
+    hit = None if force else request.lookup(module, say)
+    if hit is not None and variant is not None and not variant.same_architecture(VariantSpec(**hit[1]["spec"])):
+        hit = None  # the checkpoint holds another variant: the full path says which tensors disagree
+    if hit is not None:
+        say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
+        return BuildResult(hit[0], True, hit[1])
+    need_torch("building an engine (model definition and ONNX export)")
     versions = _versions()
 
     say("[1/5] preparing the model")
     model, source, wsha = _prepare_model(variant, checkpoint, seed)
     spec: VariantSpec = model.spec
     say(f"      variant {spec.name} ({spec.head_tag}), weights: {source}")
-    out = _engine_folder(Path(out_dir) if out_dir is not None else default_engine_dir())
     job = BuildJob(spec=spec, model=model, precision=precision, max_batch=max_batch, opt_batch=opt_batch, trt=trt,
                    out=out, say=say, show_progress=progress is not None)
     key_fields: dict[str, Any] = {
@@ -326,11 +396,13 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     if hit is not None:
         say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
         _tidy(out, stem, handle)
+        request.remember(handle, key, key_fields)
         return BuildResult(hit[0], True, hit[1])
     with _build_lock(out, stem):
         hit = None if force else _cached(handle, key, key_fields, module, lambda _: None)  # built meanwhile?
         if hit is not None:
             say(f"cached engine is up to date, reusing it (--force rebuilds): {hit[0]}")
+            request.remember(handle, key, key_fields)
             return BuildResult(hit[0], True, hit[1])
         clean_stale(out)
         remove_orphans(handle)
@@ -349,6 +421,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
             engine, meta = commit_engine(handle, built, lambda path, _sha: _sidecar(
                 path, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch, *io_dtypes, wsha,
                 source, checkpoint, versions, started, extra))
+    request.remember(handle, key, key_fields)
     return BuildResult(engine, False, meta)
 
 
@@ -396,7 +469,7 @@ def _sidecar(engine: Path, key: str, spec: VariantSpec, precision: str, opts: Pr
              wsha: str, source: str, checkpoint: Any, versions: dict[str, str], started: float,
              extra: dict[str, Any]) -> dict[str, Any]:
     """The engine's metadata: what the cache key covers, I/O contract, provenance."""
-    from .export import INPUT_NAME, OUTPUT_NAME
+    from .spec import INPUT_NAME, OUTPUT_NAME
 
     return {
         "engine_format": ENGINE_FORMAT, "cache_key": key, "engine_file": engine.name,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, need_torch
 from .spec import NUM_HEAD_LAYERS, VariantSpec, match_variant, upsample_flags_for
 
 FORMAT_KEY = "cnpose_trt_format"
@@ -132,7 +132,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], VariantSpec | Non
 
     Raises:
         CheckpointError: missing, truncated or otherwise unreadable file.
+        TorchMissingError: torch cannot be imported.
     """
+    need_torch("reading a checkpoint")
     import torch
 
     path = Path(path)

@@ -83,6 +83,16 @@ def _check_output_file(option: str, path: Path | None) -> None:
         raise ValueError(f"{option} {path}: {path.parent} {problem}")
 
 
+def flip_test(engine: Any, requested: bool) -> bool:
+    """The flip test a command runs on this engine (shipped.flip_for), saying so when it differs."""
+    from .shipped import flip_for
+
+    flip, notice = flip_for(getattr(engine, "meta", None), requested)
+    if notice:
+        print(notice, file=sys.stderr)
+    return flip
+
+
 def _engine_for(args: argparse.Namespace) -> Any:
     from .build import build_engine
     from .engine import load_engine
@@ -114,6 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_image_file(args.image)
     image = load_image(args.image)
     engine = _engine_for(args)
+    flip = flip_test(engine, args.flip)
     intr = None if args.focal is None else (*args.focal, *args.principal)
     crop_boxes = getattr(args, "crop_box", None)
     if (args.bbox is None) == (crop_boxes is None):
@@ -122,7 +133,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         result = estimate(engine, image, None if args.bbox is None else np.asarray(args.bbox),
                           crop_boxes=None if crop_boxes is None else np.asarray(crop_boxes),
-                          root_depth=args.root_depth, intrinsics=intr, flip=args.flip)
+                          root_depth=args.root_depth, intrinsics=intr, flip=flip)
     except ValueError as exc:  # name the option a bad box came from: boxes[1] is the second --bbox
         import re
 
@@ -130,7 +141,7 @@ def _predict(args: argparse.Namespace) -> int:
                                 lambda m: f"{'--crop-box' if m[1] else '--bbox'} #{int(m[2]) + 1}", str(exc))) from None
     doc = {"image": str(args.image), "width": image.shape[1], "height": image.shape[0],
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
-           "weights": engine.meta["weights"]["source"], "flip_test": args.flip,
+           "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "people": result.to_dict()}
     text = finite_json(doc)
     if args.output:
@@ -213,30 +224,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# The XS model shipped with the package: trained on synthetic people only (tools/train_xs.py; its
-# record is the .json beside it). The demo's default weights; not an official checkpoint.
-SHIPPED_XS = Path(__file__).parent / "data" / "convnextpose_xs_synthetic.pth.tar"
-
-
-def _shipped_weights(checkpoint: Path | None, engine: Path | None) -> bool:
-    """True when the demo runs the shipped synthetic model: the file itself, or an engine built from it."""
-    if not SHIPPED_XS.is_file():
-        return False
-    if checkpoint is not None:
-        from .cache import file_sha256
-
-        return Path(checkpoint).is_file() and file_sha256(checkpoint) == file_sha256(SHIPPED_XS)
-    if engine is not None:
-        try:
-            from .build import weights_fingerprint
-            from .engine import read_sidecar
-
-            return read_sidecar(engine)["weights"]["sha256"] == weights_fingerprint(SHIPPED_XS)
-        except Exception:  # no torch to read the shipped file, or no readable sidecar: not known to be it
-            return False
-    return False
-
-
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -248,18 +235,14 @@ def _demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out-dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    from .shipped import SHIPPED_XS
+
     checkpoint = args.checkpoint
     if checkpoint is None and args.engine is None and args.variant in (None, "XS") and SHIPPED_XS.is_file():
         checkpoint = SHIPPED_XS
         print(f"weights: the XS model shipped with cnpose_trt ({SHIPPED_XS.name}), trained on synthetic people "
               "only: a demonstration, not an official checkpoint (pass --checkpoint for real weights)",
               file=sys.stderr)
-    # The shipped model's synthetic people have left limbs cool-coloured and right limbs warm: a
-    # mirrored crop is not a mirrored person to it, so upstream's flip test would average in a
-    # wrong left/right guess (measured: MPJPE 88 mm without, 190 mm with it; data/README.md).
-    flip = not _shipped_weights(checkpoint, args.engine)
-    if not flip:
-        print("flip test off: the shipped model's training people are coloured left/right", file=sys.stderr)
     scene = synthesize(args.seed, width=640, height=480)
     image, box = scene.image, [float(v) for v in scene.boxes[0]]
     fx, fy, cx, cy = (float(v) for v in scene.intrinsics)
@@ -268,7 +251,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"root depth {scene.root_depth[0]:.0f} mm", file=sys.stderr)
     ns = argparse.Namespace(image=img_path, bbox=[box], crop_box=None, root_depth=float(scene.root_depth[0]),
                             focal=(fx, fy), principal=(cx, cy), engine=args.engine, variant=args.variant,
-                            checkpoint=checkpoint, engines=args.engines, flip=flip, output=out / "demo.json",
+                            checkpoint=checkpoint, engines=args.engines, flip=True, output=out / "demo.json",
                             draw=out / "demo_pose.png")
     _predict(ns)
     people = json.loads(ns.output.read_text())["people"]

@@ -15,3 +15,17 @@ class EngineError(CnposeError, RuntimeError):
 
 class BuildError(CnposeError, RuntimeError):
     """Exporting or compiling an engine failed, or a backend is not available."""
+
+
+class TorchMissingError(CnposeError, ImportError):
+    """A step that needs PyTorch (a build, reading a checkpoint) where torch cannot be imported."""
+
+
+def need_torch(what: str) -> None:
+    """Raise TorchMissingError (one line, with the install command) where torch cannot be imported."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise TorchMissingError(f"{what} needs PyTorch, which is not installed here: pip install torch==2.13.0 "
+                                "(the CPU build; see the README), or pass --engine with an engine built "
+                                "elsewhere") from None

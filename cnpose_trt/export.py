@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 from .model import Block, ConvNeXtPose, HeadLayer
+from .spec import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAME = "heatmaps"
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

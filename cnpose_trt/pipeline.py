@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -308,6 +309,7 @@ class PoseEstimator:
         # Re-entrant: one thread may interleave two predict_iter generators; other threads wait.
         self._lock = threading.RLock()
         self.timings = Timings()
+        self._flip_noticed = False
         # An engine on a GPU decodes where its output lives (Engine.infer_decode): the heatmaps
         # never come to the host. A CPU engine's heatmaps are decoded on the decode thread.
         self._on_device = bool(self.engine.on_device)
@@ -387,12 +389,23 @@ class PoseEstimator:
         raises, or an item is bad, every result before it is delivered first, then the error.
         """
         staged: dict[int, Any] = {}  # this run's images in the staging ring not freed yet (GPU path)
+        flip = self._flip(flip)
         try:
             yield from self._predict_iter(items, flip, staged)
         finally:  # after the prep threads stopped: free the ring regions of images that never ran
             for s in list(staged.values()):
                 if not s.region.attached:
                     s.region.attach(None)
+
+    def _flip(self, flip: bool) -> bool:
+        """shipped.flip_for: the shipped synthetic model runs without the flip test, said once per estimator."""
+        from .shipped import flip_for
+
+        flip, notice = flip_for(getattr(self.engine, "meta", None), bool(flip))
+        if notice and not self._flip_noticed:
+            self._flip_noticed = True
+            warnings.warn(notice, stacklevel=4)
+        return flip
 
     def _predict_iter(self, items: Iterable[Any], flip: bool, staged: dict[int, Any]) -> Iterator[PoseResult]:
         with self._lock, ThreadPoolExecutor(self.prep_threads, thread_name_prefix="cnpose-prep") as prep, \

@@ -20,6 +20,10 @@ INPUT_SIZE = 256
 # 0..255 values; the official weights were trained on that (inputs span about -2.1 .. 1136).
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+# The exported graph's contract (export.py writes it, every backend reads it): names and the oldest opset.
+DEFAULT_OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAME = "heatmaps"
 # Names this convention in engine metadata and cache keys: engines and INT8 ranges made under another
 # convention are never reused.
 INPUT_CONVENTION = "rgb-0..255-minus-mean-over-std"

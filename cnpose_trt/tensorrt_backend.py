@@ -788,7 +788,7 @@ def key_fields(job: BuildJob) -> dict[str, Any]:
 def compile(job: BuildJob, built: Path) -> dict[str, Any]:
     """Build the strongly typed engine from the precision graph; it is then run once on real crops
     and refused if its output is not finite (the record says so under build_check)."""
-    from .export import INPUT_NAME
+    from .spec import INPUT_NAME
     from .verify import accuracy_inputs
 
     job.say("[4/5] building the TensorRT engine (strongly typed)")

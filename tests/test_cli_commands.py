@@ -4,7 +4,6 @@ test_evaluate.py and test_batch.py)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -38,8 +37,8 @@ def test_batch_command(tmp_path, xs_engine_path):
 def test_demo_uses_the_shipped_model(tmp_path, capsys):
     pytest.importorskip("torch")
     from cnpose_trt.checkpoint import detect_variant, load_checkpoint
-    from cnpose_trt.cli import SHIPPED_XS
     from cnpose_trt.model import build_model
+    from cnpose_trt.shipped import SHIPPED_XS
 
     if not SHIPPED_XS.is_file():
         pytest.skip("no shipped XS model in this checkout")
@@ -53,27 +52,6 @@ def test_demo_uses_the_shipped_model(tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert doc["weights"].endswith(SHIPPED_XS.name) and len(doc["people"]) == 1
     assert (tmp_path / "out" / "demo_pose.png").stat().st_size > 1000
-
-
-def test_demo_knows_the_shipped_model_by_its_weights(tmp_path):
-    """The flip test is off for the shipped synthetic model however it is named: the file, a copy,
-    or an engine built from it; on for anything else."""
-    import shutil
-
-    pytest.importorskip("torch")
-    from cnpose_trt import build_engine
-    from cnpose_trt.cli import SHIPPED_XS, _shipped_weights
-
-    copy = tmp_path / "renamed.pth.tar"
-    shutil.copy(SHIPPED_XS, copy)
-    assert _shipped_weights(SHIPPED_XS, None) and _shipped_weights(copy, None)
-    assert not _shipped_weights(None, None)
-    other = next((Path(__file__).parent / "data" / "golden").glob("*.pth*"))
-    assert not _shipped_weights(other, None)
-    built = build_engine(checkpoint=SHIPPED_XS, out_dir=tmp_path, max_batch=2, progress=lambda _l: None)
-    assert _shipped_weights(None, built.path)
-    random = build_engine("XS", out_dir=tmp_path, max_batch=2, progress=lambda _l: None)
-    assert not _shipped_weights(None, random.path)
 
 
 def test_version():

@@ -38,7 +38,7 @@ def _cache_copy(built: dict[str, Path], tmp_path: Path) -> Path:
     """The built engines and sidecars in a folder of their own (the calibration ranges too)."""
     src = next(iter(built.values())).parent
     for p in src.iterdir():
-        if not p.name.startswith("."):
+        if p.is_file() and not p.name.startswith("."):
             shutil.copy(p, tmp_path / p.name)
     return tmp_path
 
