@@ -7,11 +7,14 @@
 Absolute timings on a shared 2-core machine move by half from run to run, so the gate never
 compares them. Each pair times a package path and a reference that does the same work without
 the package (a bare ONNX Runtime session, cv2 + NumPy, a memory copy), in alternating rounds of
-one process, and keeps the median of the per-round ratios. Noise that slows the whole machine
-slows both. `save` measures REPEATS blocks and stores, per pair, the median ratio and how far
-the blocks spread; `check` flags a pair whose ratio grew by more than its tolerance
-max(THRESHOLD, 3 x spread) (capped at MAX_TOLERANCE), and re-measures a flagged pair twice before
-judging it on the median of the three (a real regression persists; a burst of load does not).
+one process, everything on one thread (ORT, the crop and decode kernels, the estimator's prep):
+other processes then slow both sides alike, where a multi-threaded side would lose more of a busy
+machine than a one-threaded one. A block's ratio is the fastest package round over the fastest
+reference round (load only ever adds time). `save` measures REPEATS blocks and stores, per pair,
+the median ratio and how far the blocks spread; `check` flags a pair whose ratio grew by more than
+its tolerance max(THRESHOLD, 3 x spread) (capped at MAX_TOLERANCE), and re-measures a flagged pair
+twice before judging it on the median of the three (a real regression persists; a burst of load
+does not).
 
 CNPOSE_BENCH_SLOWDOWN_MS=N sleeps N ms in every package call (never in a reference): what a
 regression looks like, for `demo`. Environment: ROUNDS (per block, default 9), REPEATS (save's
@@ -34,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROUNDS = int(os.environ.get("ROUNDS", "9"))
+ROUNDS = int(os.environ.get("ROUNDS", "11"))
 REPEATS = int(os.environ.get("REPEATS", "3"))
 THRESHOLD = float(os.environ.get("THRESHOLD", "0.25").rstrip("%")) / (100 if "%" in os.environ.get(
     "THRESHOLD", "") else 1)
@@ -59,17 +62,14 @@ class Pair:
         self.inner = max(1, int(np.ceil(MIN_CALL_S / max(t, 1e-7))))
 
     def measure(self, rounds: int) -> float:
-        """Median over rounds of package time / reference time (order alternates per round)."""
-        ratios = []
+        """Fastest package round / fastest reference round, in alternating order."""
+        pkg, ref = [], []
         for r in range(rounds):
-            if r % 2:
-                ref = _time(self.reference, self.inner)
-                pkg = _time(self.package, self.inner)
-            else:
-                pkg = _time(self.package, self.inner)
-                ref = _time(self.reference, self.inner)
-            ratios.append(pkg / ref)
-        return float(statistics.median(ratios))
+            first, second = (self.package, self.reference) if r % 2 == 0 else (self.reference, self.package)
+            a, b = _time(first, self.inner), _time(second, self.inner)
+            pkg.append(a if r % 2 == 0 else b)
+            ref.append(b if r % 2 == 0 else a)
+        return min(pkg) / min(ref)
 
 
 def _time(fn: Callable[[], object], n: int) -> float:
@@ -93,7 +93,7 @@ def _slowed(fn: Callable[[], object]) -> Callable[[], object]:
 def _engine_path() -> Path:
     from cnpose_trt import build_engine
 
-    built = build_engine("XS", backend="onnxruntime", precision="fp32", max_batch=8,
+    built = build_engine("XS", backend="onnxruntime", precision="fp32", max_batch=2,
                          out_dir=GATE_DIR / "gate-engines")
     return Path(built.path)
 
@@ -111,14 +111,17 @@ def pairs() -> list[Pair]:
     from cnpose_trt.pipeline import PoseEstimator
     from cnpose_trt.spec import PIXEL_MEAN, PIXEL_STD
 
+    cv2.setNumThreads(1)
     path = _engine_path()
-    engine = load_engine(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    engine = load_engine(path, threads=1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)
-    x8 = rng.standard_normal((8, 3, 256, 256)).astype(np.float32)
-    est = PoseEstimator(engine)
+    x2 = rng.standard_normal((2, 3, 256, 256)).astype(np.float32)
+    est = PoseEstimator(engine, prep_threads=1)
     image, box = demo_image()
     boxes = [np.asarray([box], np.float64)]
 
@@ -140,11 +143,11 @@ def pairs() -> list[Pair]:
     return [
         Pair("e2e-XS-b1", _slowed(lambda: est.predict([image], boxes)), lambda: session.run(None, {name: x1}),
              "PoseEstimator.predict, 1 person / bare ORT session on a ready crop"),
-        Pair("engine-XS-b8", _slowed(lambda: engine.infer(x8)), lambda: session.run(None, {name: x8}),
-             "engine.infer / bare ORT session, batch 8"),
-        Pair("crop-P16", _slowed(lambda: crop_normalize(big, index, mats, 256, out=out)), cv2_crops,
+        Pair("engine-XS-b2", _slowed(lambda: engine.infer(x2)), lambda: session.run(None, {name: x2}),
+             "engine.infer / bare ORT session, batch 2"),
+        Pair("crop-P16", _slowed(lambda: crop_normalize(big, index, mats, 256, out=out, threads=1)), cv2_crops,
              "fused crop kernel / cv2.warpAffine + NumPy, 16 people from 1080p"),
-        Pair("decode-2UP-b8", _slowed(lambda: decode(heat, 18)), lambda: np.copyto(sink, heat),
+        Pair("decode-2UP-b8", _slowed(lambda: decode(heat, 18, threads=1)), lambda: np.copyto(sink, heat),
              "fused CPU decode / a copy of the same heatmaps"),
     ]
 

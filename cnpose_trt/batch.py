@@ -1229,7 +1229,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
             the CPU cores, at most 8; Ray actors their CPUs, at least 4 on a GPU).
         part_images, part_seconds: a part is committed every part_images images or part_seconds
             seconds, whichever comes first (a killed job redoes at most that much).
-        progress: progress bar on stderr (default: when stderr is a terminal).
+        progress: progress on stderr (default on: a bar on a terminal, else a line at least every 5 s).
         ray: None for a local run; True or "" for Ray's default cluster (RAY_ADDRESS, or a new
             local one), or a cluster address. A Ray session already initialised is used as it is.
         ray_actors: actor pool size (default: as many as the cluster's GPUs, or CPUs, allow).
@@ -1330,25 +1330,27 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
             f"checking their records (use another --out to redo them)")
     say(f"{total} images in the manifest, {total - todo} already done in {out}, {todo} to do"
         + (f" ({len(plan.redo)} of them redone)" if plan.redo else ""))
-    bar = Progress(todo, enabled=sys.stderr.isatty() if progress is None else progress)
+    bar = Progress(todo, enabled=True if progress is None else progress)
     started = time.perf_counter()
-    entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images or e.key in plan.redo)
-    if use_ray:
-        writer, mode = _run_ray(out, entries, done, job, opts, engine_path, flip, readers, part_images, part_seconds,
-                                bar, "" if ray is True else str(ray), ray_actors, ray_cpus, ray_gpus, ray_batch,
-                                ray_engine, todo)
-    else:
-        if loaded_engine is None:
-            assert engine_path is not None
-            loaded_engine = load_engine(engine_path)
-        # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
-        # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
-        local_readers = readers or max(1, min(8, (os.cpu_count() or 2) // 2))
-        writer = _run_local(out, entries, done, job, loaded_engine, flip, local_readers, part_images, part_seconds,
-                            bar)
-        mode = "local"
+    try:
+        entries = (e for e in read_manifest(**manifest_args) if e.key not in done.images or e.key in plan.redo)
+        if use_ray:
+            writer, mode = _run_ray(out, entries, done, job, opts, engine_path, flip, readers, part_images,
+                                    part_seconds, bar, "" if ray is True else str(ray), ray_actors, ray_cpus,
+                                    ray_gpus, ray_batch, ray_engine, todo)
+        else:
+            if loaded_engine is None:
+                assert engine_path is not None
+                loaded_engine = load_engine(engine_path)
+            # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
+            # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
+            local_readers = readers or max(1, min(8, (os.cpu_count() or 2) // 2))
+            writer = _run_local(out, entries, done, job, loaded_engine, flip, local_readers, part_images, part_seconds,
+                                bar)
+            mode = "local"
+    finally:
+        bar.close()  # stops its ticker however the job ends
     seconds = time.perf_counter() - started
-    bar.close()
     if plan.redo:
         drop_superseded(out)
     final = scan_output(out, job)

@@ -117,6 +117,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     if (args.focal is None) != (args.principal is None):
         raise ValueError("--focal and --principal go together (camera intrinsics fx,fy and cx,cy)")
+    if Path(args.image).is_dir():
+        return _predict_folder(args)
+    if getattr(args, "boxes", None) is not None:
+        raise ValueError("--boxes goes with a folder of images; for one image give --bbox or --crop-box")
     _check_output_file("--output", args.output)
     _check_output_file("--draw", args.draw)
     if args.draw:
@@ -153,6 +157,102 @@ def _predict(args: argparse.Namespace) -> int:
         joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
         save_image(args.draw, draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
         print(f"wrote {args.draw}", file=sys.stderr)
+    return 0
+
+
+FOLDER_HINT = ("predict FOLDER needs the people's boxes: --boxes FILE (JSON {file name: [x, y, w, h] or "
+               "[[x, y, w, h], ...]}) or --bbox/--crop-box for every image; for manifests with per-image depths and "
+               "intrinsics, resumable Parquet output or Ray, use `cnpose-trt batch`")
+
+
+def _folder_boxes(folder: Path, boxes_file: Path | None) -> tuple[list[Path], dict[str, Any]]:
+    """The folder's images (sorted) and the boxes file's entries, checked against each other."""
+    from .draw import IMAGE_SUFFIXES
+
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if boxes_file is None:
+        return images, {}
+    try:
+        table = json.loads(Path(boxes_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--boxes {boxes_file}: cannot be read as JSON ({exc})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"--boxes {boxes_file}: must be a JSON object {{file name: boxes}}, got "
+                         f"{type(table).__name__}")
+    unknown = sorted(set(table) - {p.name for p in images})
+    if unknown:
+        raise ValueError(f"--boxes {boxes_file} names {len(unknown)} file(s) that are not images of {folder}: "
+                         f"{', '.join(unknown[:5])}")
+    return images, table
+
+
+def _predict_folder(args: argparse.Namespace) -> int:
+    """predict FOLDER: every image of the folder, boxes from --boxes (per file) or --bbox/--crop-box (the
+    same for every image); one JSON document, and with --draw a folder of pictures."""
+    import collections
+
+    import numpy as np
+
+    from .draw import draw_poses_3d, pose_3d, save_image
+    from .pipeline import PoseEstimator
+    from .preprocess import load_image
+
+    folder = Path(args.image)
+    crop_boxes = getattr(args, "crop_box", None)
+    if args.boxes is None and args.bbox is None and crop_boxes is None:
+        raise ValueError(FOLDER_HINT)
+    if sum(x is not None for x in (args.boxes, args.bbox, crop_boxes)) > 1:
+        raise ValueError("give one of --boxes FILE, --bbox or --crop-box")
+    _check_output_file("--output", args.output)
+    if args.draw is not None and args.draw.exists() and not args.draw.is_dir():
+        raise ValueError(f"--draw {args.draw}: with a folder of images, --draw names a folder for the pictures")
+    images, table = _folder_boxes(folder, args.boxes)
+    engine = _engine_for(args)
+    flip = flip_test(engine, args.flip)
+    intr = None if args.focal is None else (*args.focal, *args.principal)
+    if args.draw is not None:
+        args.draw.mkdir(parents=True, exist_ok=True)
+
+    def items() -> Any:
+        for path in images:
+            if args.boxes is not None:
+                boxes = np.asarray(table.get(path.name, []), dtype=np.float64).reshape(-1, 4)
+                yield {"image": load_image(path), "boxes": boxes, "root_depth": args.root_depth, "intrinsics": intr}
+            else:
+                yield {"image": load_image(path), ("boxes" if args.bbox is not None else "crop_boxes"):
+                       np.asarray(args.bbox if args.bbox is not None else crop_boxes), "root_depth": args.root_depth,
+                       "intrinsics": intr}
+
+    docs, people = [], 0
+    pending: collections.deque[tuple[Path, Any]] = collections.deque()  # images read ahead, not yet estimated
+
+    def feed() -> Any:
+        for path, item in zip(images, items(), strict=True):
+            pending.append((path, item["image"]))
+            yield item
+
+    for result in PoseEstimator(engine).predict_iter(feed(), flip=flip):
+        path, image = pending.popleft()
+        docs.append({"image": path.name, "width": image.shape[1], "height": image.shape[0],
+                     "people": result.to_dict()})
+        people += len(result)
+        if args.draw is not None and len(result):
+            joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
+            save_image(args.draw / f"{path.stem}_pose.png",
+                       draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
+    doc = {"folder": str(folder), "engine": str(engine.path), "variant": engine.spec.name,
+           "precision": engine.precision, "weights": engine.meta["weights"]["source"], "flip_test": flip,
+           "images": docs}
+    text = finite_json(doc)
+    if args.output:
+        _write_text(args.output, text + "\n")
+        print(f"wrote {args.output} ({len(docs)} images, {people} people)", file=sys.stderr)
+    else:
+        print(text)
+    if args.draw is not None:
+        print(f"wrote the pictures to {args.draw}", file=sys.stderr)
     return 0
 
 
@@ -292,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="3D poses of the people in an image. OpenCV applies a JPEG's EXIF orientation "
                        "when it reads the file, so boxes refer to the rotated image (as a viewer shows it), not "
                        "to the stored pixel rows. A box wholly outside the image is an error.")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...), or a folder of them (with --boxes "
+                   "FILE, or --bbox/--crop-box for every image)")
+    p.add_argument("--boxes", type=Path, metavar="FILE", help="with a folder: JSON {file name: [x, y, w, h] or "
+                   "[[x, y, w, h], ...]}, person boxes per image (images it does not name have no people)")
     p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append",
                    metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "
                    "enlarged x1.25 by upstream's box rule")
@@ -301,12 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "output), cropped as it is; repeat for several people")
     p.add_argument("--root-depth", type=float, default=None, metavar="MM",
                    help="camera depth of the pelvis in mm (else depths are root-relative)")
-    p.add_argument("--focal", type=_floats(2, "--focal"), metavar="FX,FY")
-    p.add_argument("--principal", type=_floats(2, "--principal"), metavar="CX,CY")
+    p.add_argument("--focal", type=_floats(2, "--focal"), metavar="FX,FY",
+                   help="camera focal lengths in pixels (with --principal and --root-depth: camera-space mm)")
+    p.add_argument("--principal", type=_floats(2, "--principal"), metavar="CX,CY",
+                   help="camera principal point in pixels (with --focal)")
     engine_args(p)
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
     p.add_argument("--output", type=Path, help="JSON file (default: stdout)")
-    p.add_argument("--draw", type=Path, help="PNG of the skeletons over the image")
+    p.add_argument("--draw", type=Path, help="picture of the skeletons over the image, a 3D view beside it (PNG "
+                   "or JPEG); with a folder of images, a folder for one picture per image")
 
     bn = sub.add_parser("bench", help="throughput/latency table (engine only and end to end) and a plot")
     bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],

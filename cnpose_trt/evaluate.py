@@ -676,9 +676,11 @@ def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, lab
         bar = Progress(len(dataset.images), name, enabled=progress)
         started = time.perf_counter()
         engine_flip, notice = flip_for(getattr(engine, "meta", None), flip)
-        pred_cam, pred_img = predict_set(est, dataset.images, flip=engine_flip, progress=bar)
+        try:
+            pred_cam, pred_img = predict_set(est, dataset.images, flip=engine_flip, progress=bar)
+        finally:
+            bar.close()  # stops its ticker however the set ends
         seconds = time.perf_counter() - started
-        bar.close()
         entry = {"label": name, "engine": str(getattr(engine, "path", "")), "variant": engine.spec.name,
                  "flip_test": engine_flip, **({"flip_notice": notice} if notice else {}),
                  "precision": getattr(engine, "precision", "fp32"), "backend": getattr(engine, "backend", "?"),

@@ -87,6 +87,14 @@ class Timings:
         total = sum(self.seconds.values()) or 1.0
         return {k: v / total for k, v in self.seconds.items()}
 
+    def __repr__(self) -> str:
+        with self._lock:
+            seconds, images, people = dict(self.seconds), self.images, self.people
+        total = sum(seconds.values()) or 1.0
+        stages = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in seconds.items())
+        per = f", {seconds['infer'] / people * 1e3:.2f} ms infer per person" if people else ""
+        return f"Timings({images} images, {people} people: {stages}{per})"
+
 
 @dataclasses.dataclass
 class _Item:

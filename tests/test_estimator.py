@@ -348,3 +348,16 @@ def test_an_image_cut_into_parts_gives_the_poses_of_small_groups(xs_engine, flip
             np.testing.assert_allclose(getattr(got[0], name), np.concatenate([getattr(r, name) for r in small]),
                                        rtol=1e-6, atol=1e-4, err_msg=name)
         assert len(got[1]) == 1 and not got[0].root_relative
+
+
+def test_timings_read_as_text():
+    """Issue 21 item 6: est.timings printed `<Timings object at 0x...>`."""
+    from cnpose_trt.pipeline import Timings
+
+    t = Timings()
+    assert repr(t) == "Timings(0 images, 0 people: prepare 0.000 s (0%), infer 0.000 s (0%), decode 0.000 s (0%))"
+    t.add("prepare", 0.5, images=2, people=4)
+    t.add("infer", 1.0)
+    t.add("decode", 0.5)
+    assert repr(t) == ("Timings(2 images, 4 people: prepare 0.500 s (25%), infer 1.000 s (50%), decode 0.500 s "
+                       "(25%), 250.00 ms infer per person)")

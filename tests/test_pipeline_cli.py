@@ -117,3 +117,37 @@ def test_demo_command(tmp_path, capsys):
     doc = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert len(doc["people"]) == 1 and "camera_mm" in doc["people"][0]["joints"]["Head"]
     assert (tmp_path / "d" / "demo_pose.png").stat().st_size > 1000
+
+
+def test_predict_folder(xs_engine_path, tmp_path, capsys):
+    """Issue 21 item 7: `predict FOLDER` runs every image in it with a boxes file, or says what it expects."""
+    from cnpose_trt.synthetic import synthesize
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    table = {}
+    for seed in (3, 4, 5):
+        scene = synthesize(seed, width=320, height=240)
+        save_image(folder / f"f{seed}.png", scene.image)
+        if seed != 5:
+            table[f"f{seed}.png"] = [float(v) for v in scene.boxes[0]]
+    (folder / "notes.txt").write_text("not an image")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(table))
+    out, draw = tmp_path / "out.json", tmp_path / "pictures"
+    assert cli(["predict", str(folder), "--boxes", str(boxes), "--engine", str(xs_engine_path), "--output", str(out),
+                "--draw", str(draw)]) == 0
+    doc = json.loads(out.read_text())
+    assert [d["image"] for d in doc["images"]] == ["f3.png", "f4.png", "f5.png"]
+    assert [len(d["people"]) for d in doc["images"]] == [1, 1, 0]  # f5 is not in the boxes file: no people
+    assert sorted(p.name for p in draw.iterdir()) == ["f3_pose.png", "f4_pose.png"]
+    one = tmp_path / "one.json"
+    assert cli(["predict", str(folder / "f4.png"), "--bbox", ",".join(map(str, table["f4.png"])), "--engine",
+                str(xs_engine_path), "--output", str(one)]) == 0
+    assert json.loads(one.read_text())["people"] == doc["images"][1]["people"]  # the same as one by one
+    capsys.readouterr()
+    assert cli(["predict", str(folder), "--engine", str(xs_engine_path)]) == 2
+    assert "predict FOLDER needs the people's boxes: --boxes FILE" in capsys.readouterr().err
+    boxes.write_text(json.dumps({**table, "missing.png": [1, 2, 3, 4]}))
+    assert cli(["predict", str(folder), "--boxes", str(boxes), "--engine", str(xs_engine_path)]) == 2
+    assert "names 1 file(s) that are not images of" in capsys.readouterr().err
