@@ -94,11 +94,12 @@ def flip_test(engine: Any, requested: bool) -> bool:
 
 
 def _engine_for(args: argparse.Namespace) -> Any:
-    from .build import build_engine
     from .engine import load_engine
 
     if args.engine is not None:
         return load_engine(args.engine)
+    from .build import build_engine  # the build layer only where an engine is looked up or built
+
     result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
                           progress=say)
     if result.meta["weights"]["random"]:
@@ -363,35 +364,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _build_args(p: argparse.ArgumentParser) -> None:
     from .build_cli import add_build_arguments
-    from .spec import VARIANTS
 
-    parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
-    parser.add_argument("--version", action="version", version=f"cnpose-trt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_build_arguments(p)
 
-    b = sub.add_parser("build", help="export and compile an engine (same as python -m cnpose_trt.build)")
-    add_build_arguments(b)
 
-    i = sub.add_parser("inspect", help="describe a checkpoint (the configuration its tensors describe) or an "
-                                       "engine (variant, precision, backend, I/O, cache key)")
+def _inspect_args(i: argparse.ArgumentParser) -> None:
     i.add_argument("file", type=Path, help="a checkpoint (.pth/.pth.tar/.pt), or an engine file or its .json sidecar")
 
-    def engine_args(p: argparse.ArgumentParser) -> None:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--engine", type=Path, help="a built engine (file or .json sidecar)")
-        g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default=None,
-                       help="build (or reuse) the onnxruntime engine of this variant (default XS)")
-        p.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
-        p.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
 
-    p = sub.add_parser("predict", help="3D poses of the people in an image",
-                       description="3D poses of the people in an image. OpenCV applies a JPEG's EXIF orientation "
-                       "when it reads the file, so boxes refer to the rotated image (as a viewer shows it), not "
-                       "to the stored pixel rows. A box wholly outside the image is an error.")
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    from .spec import VARIANTS
+
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--engine", type=Path, help="a built engine (file or .json sidecar)")
+    g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default=None,
+                   help="build (or reuse) the onnxruntime engine of this variant (default XS)")
+    p.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
+    p.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...), or a folder of them (with --boxes "
                    "FILE, or --bbox/--crop-box for every image)")
     p.add_argument("--boxes", type=Path, metavar="FILE", help="with a folder: JSON {file name: [x, y, w, h] or "
@@ -408,13 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="camera focal lengths in pixels (with --principal and --root-depth: camera-space mm)")
     p.add_argument("--principal", type=_floats(2, "--principal"), metavar="CX,CY",
                    help="camera principal point in pixels (with --focal)")
-    engine_args(p)
+    _engine_args(p)
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
     p.add_argument("--output", type=Path, help="JSON file (default: stdout)")
     p.add_argument("--draw", type=Path, help="picture of the skeletons over the image, a 3D view beside it (PNG "
                    "or JPEG); with a folder of images, a folder for one picture per image")
 
-    bn = sub.add_parser("bench", help="throughput/latency table (engine only and end to end) and a plot")
+
+def _bench_args(bn: argparse.ArgumentParser) -> None:
+    from .spec import VARIANTS
+
     bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],
                     help="variants to measure (default XS)")
     bn.add_argument("--backend", nargs="+", choices=["onnxruntime", "tensorrt", "torch"], default=["onnxruntime"],
@@ -436,19 +433,56 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--plot", type=Path, help="PNG of end-to-end throughput against batch size")
     bn.add_argument("--json", type=Path, help="write the measurements as JSON")
 
-    d = sub.add_parser("demo", help="generate an image, build the default engine, predict and draw")
-    engine_args(d)
+
+def _demo_args(d: argparse.ArgumentParser) -> None:
+    _engine_args(d)
     d.add_argument("--out-dir", default="demo_output", help="where demo.png/json and demo_pose.png go "
                    "(default demo_output)")
     d.add_argument("--seed", type=int, default=7, help="the synthetic person's seed (default 7)")
 
-    from .batch import add_batch_arguments
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     from .evaluate import add_eval_arguments
 
-    add_eval_arguments(sub.add_parser("eval", help="MPJPE / PA-MPJPE of engines side by side on synthetic people "
-                                                   "or Human3.6M"))
-    add_batch_arguments(sub.add_parser("batch", help="3D poses for every person of a manifest of images, to "
-                                                     "Parquet; resumable; locally or on a Ray cluster (--ray)"))
+    add_eval_arguments(p)
+
+
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    from .batch import add_batch_arguments
+
+    add_batch_arguments(p)
+
+
+# Each command: its one-line help, its description (or None) and the function adding its options. A
+# command's options are added (and their modules imported) only for the command being run.
+COMMANDS: dict[str, tuple[str, str | None, Any]] = {
+    "build": ("export and compile an engine (same as python -m cnpose_trt.build)", None, _build_args),
+    "inspect": ("describe a checkpoint (the configuration its tensors describe) or an engine (variant, "
+                "precision, backend, I/O, cache key)", None, _inspect_args),
+    "predict": ("3D poses of the people in an image", "3D poses of the people in an image. OpenCV applies a "
+                "JPEG's EXIF orientation when it reads the file, so boxes refer to the rotated image (as a viewer "
+                "shows it), not to the stored pixel rows. A box wholly outside the image is an error.", _predict_args),
+    "bench": ("throughput/latency table (engine only and end to end) and a plot", None, _bench_args),
+    "demo": ("generate an image, build the default engine, predict and draw", None, _demo_args),
+    "eval": ("MPJPE / PA-MPJPE of engines side by side on synthetic people or Human3.6M", None, _eval_args),
+    "batch": ("3D poses for every person of a manifest of images, to Parquet; resumable; locally or on a Ray "
+              "cluster (--ray)", None, _batch_args),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `only`, the other commands get their help line but not their options (a
+    command imports no module another command needs)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
+    parser.add_argument("--version", action="version", version=f"cnpose-trt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, description, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=description)
+        if only is None or only == name:
+            add(p)
     return parser
 
 
@@ -469,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     import logging
 
-    args = build_parser().parse_args(_join_signed_values(argv))
+    command = next((a for a in argv if not a.startswith("-")), None)  # global options take no values
+    args = build_parser(command if command in COMMANDS else None).parse_args(_join_signed_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if getattr(args, "variant", None) is None and args.command in ("predict", "demo") and \
             getattr(args, "engine", None) is None and getattr(args, "checkpoint", None) is None:

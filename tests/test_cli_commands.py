@@ -107,3 +107,25 @@ def test_help_shows_defaults():
             if not re.search(r"default", a.help or "", re.I):
                 missing.append(f"{name} {a.option_strings[0]}")
     assert not missing, missing
+
+
+def test_predict_imports_only_what_it_runs(xs_engine_path, tmp_path):
+    """Issue 22 item 4: the command line imports per command; predict on an engine file loads neither the
+    build layer nor batch, eval or torch (they cost 50-150 ms each under load, torch seconds)."""
+    import subprocess
+    import sys
+
+    from cnpose_trt.draw import demo_image, save_image
+
+    img, box = demo_image()
+    image = save_image(tmp_path / "a.png", img)
+    code = ("import sys; from cnpose_trt.cli import main\n"
+            "assert main(sys.argv[1:]) == 0\n"
+            "heavy = ['cnpose_trt.build', 'cnpose_trt.build_cli', 'cnpose_trt.batch', 'cnpose_trt.evaluate',\n"
+            "         'cnpose_trt.precision', 'cnpose_trt.bench', 'torch', 'onnx']\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, "predict", str(image), "--bbox", ",".join(map(str, box)),
+                           "--engine", str(xs_engine_path), "--output", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
