@@ -84,17 +84,19 @@ def _check_output_file(option: str, path: Path | None) -> None:
 
 
 def _engine_for(args: argparse.Namespace) -> Any:
+    from .backends import session_options
     from .build import build_engine
     from .engine import load_engine
 
+    options = session_options(getattr(args, "threads", None), getattr(args, "spinning", None))
     if args.engine is not None:
-        return load_engine(args.engine)
+        return load_engine(args.engine, **options)
     result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
                           progress=say)
     if result.meta["weights"]["random"]:
         print("warning: the engine uses random weights: the poses are meaningless; "
               "pass --checkpoint for real ones", file=sys.stderr)
-    return load_engine(result.path)
+    return load_engine(result.path, **options)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -282,6 +284,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .backends import add_session_arguments
     from .build_cli import add_build_arguments
     from .spec import VARIANTS
 
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "when it reads the file, so boxes refer to the rotated image (as a viewer shows it), not "
                        "to the stored pixel rows. A box wholly outside the image is an error.")
     p.add_argument("image", type=Path)
+    add_session_arguments(p)
     p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append",
                    metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "
                    "enlarged x1.25 by upstream's box rule")
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--calib-images", type=Path, help="int8 calibration images (default: generated scenes)")
     bn.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
     bn.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: replay CUDA graphs")
+    add_session_arguments(bn)
     bn.add_argument("--plot", type=Path, help="PNG of end-to-end throughput against batch size")
     bn.add_argument("--json", type=Path, help="write the measurements as JSON")
 

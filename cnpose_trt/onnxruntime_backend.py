@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import importable, library_version
+from .backends import ORT_DEFAULT_SPINNING, ORT_DEFAULT_THREADS, importable, library_version
 from .engine import Engine, check_engine_contents, check_engine_io, engine_mismatch
 from .errors import BuildError, EngineError
 
@@ -35,10 +35,8 @@ ENGINE_SUFFIX = ".onnx"
 LOAD_OPTIONS = ("threads", "spinning")
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SCHEME = "ort-u8s8"
-# Session defaults (benchmarks/results/ort-threads-*): intra-op threads (0: one per core) and
-# whether idle intra-op threads spin.
-DEFAULT_THREADS = 0
-DEFAULT_SPINNING = True
+DEFAULT_THREADS = ORT_DEFAULT_THREADS
+DEFAULT_SPINNING = ORT_DEFAULT_SPINNING
 # Below this share of convolutions running as quantized kernels, an int8 build says so.
 MIN_QUANTIZED_CONV_SHARE = 0.9
 NO_VNNI_NOTICE = ("this CPU has no VNNI (avx512_vnni / avx_vnni): ONNX Runtime's INT8 convolutions may run "
