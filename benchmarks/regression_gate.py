@@ -113,7 +113,11 @@ def pairs() -> list[Pair]:
 
     path = _engine_path()
     engine = load_engine(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()  # the engine's session settings: threads and spinning are not the difference
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if engine.spinning else "0")
+    if engine.threads:
+        options.intra_op_num_threads = engine.threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)

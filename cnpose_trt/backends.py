@@ -24,10 +24,12 @@ _MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend"
 NAMES = tuple(_MODULES)
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
 AUTO_ORDER = ("tensorrt", "onnxruntime")
-# ONNX Runtime session defaults (onnxruntime_backend; measured in benchmarks/results/ort-threads-*):
-# intra-op threads (0: ONNX Runtime's own choice, one per core) and whether idle ones spin.
+# ONNX Runtime session defaults (onnxruntime_backend), from benchmarks/results/ort-threads-*: on the
+# 2-core machine spinning off was faster end to end in 10 of the 12 on/off pairs (not at threads 1
+# under load), quiet and under load (XS 1.47-1.65x, M 1.09-1.12x at threads 0); threads 1 helped M on the quiet
+# machine (1.27x) but cost it 0.81x under load, so threads stay ONNX Runtime's own choice (0: one per core).
 ORT_DEFAULT_THREADS = 0
-ORT_DEFAULT_SPINNING = True
+ORT_DEFAULT_SPINNING = False
 THREADS_HELP = (f"ONNX Runtime intra-op threads (torch engines: torch's CPU threads); 0: one per core (default "
                 f"{ORT_DEFAULT_THREADS})")
 SPINNING_HELP = (f"whether ONNX Runtime's idle threads spin waiting for work (default "
