@@ -114,8 +114,9 @@ def pairs() -> list[Pair]:
     cv2.setNumThreads(1)
     path = _engine_path()
     engine = load_engine(path, threads=1)
-    opts = ort.SessionOptions()
+    opts = ort.SessionOptions()  # the engine's session settings: threads and spinning are not the difference
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if engine.spinning else "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)

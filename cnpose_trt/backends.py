@@ -24,6 +24,44 @@ _MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend"
 NAMES = tuple(_MODULES)
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
 AUTO_ORDER = ("tensorrt", "onnxruntime")
+# ONNX Runtime session defaults (onnxruntime_backend), from benchmarks/results/ort-threads-*: on the
+# 2-core machine spinning off was faster end to end in 10 of the 12 on/off pairs (not at threads 1
+# under load), quiet and under load (XS 1.47-1.65x, M 1.09-1.12x at threads 0); threads 1 helped M on the quiet
+# machine (1.27x) but cost it 0.81x under load, so threads stay ONNX Runtime's own choice (0: one per core).
+ORT_DEFAULT_THREADS = 0
+ORT_DEFAULT_SPINNING = False
+THREADS_HELP = (f"ONNX Runtime intra-op threads (torch engines: torch's CPU threads); 0: one per core (default "
+                f"{ORT_DEFAULT_THREADS})")
+SPINNING_HELP = (f"whether ONNX Runtime's idle threads spin waiting for work (default "
+                 f"{'on' if ORT_DEFAULT_SPINNING else 'off'}; off leaves the cores to the pipeline's prep and "
+                 "decode threads and to other processes)")
+
+
+def add_session_arguments(p: Any) -> None:
+    """--threads and --spinning on|off of the commands that load engines (predict, eval, batch, bench)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    p.add_argument("--spinning", choices=("on", "off"), default=None, help=SPINNING_HELP)
+
+
+def session_options(threads: int | None = None, spinning: bool | str | None = None) -> dict[str, Any]:
+    """Load options for the given threads / spinning ("on"/"off" from the command line, or a bool);
+    None leaves each to the engine's default.
+
+    Raises:
+        ValueError: threads not an integer >= 0, spinning not a bool / on / off.
+    """
+    options: dict[str, Any] = {}
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
+        options["threads"] = threads
+    if spinning is not None:
+        if isinstance(spinning, str) and spinning in ("on", "off"):
+            spinning = spinning == "on"
+        if not isinstance(spinning, bool):
+            raise ValueError(f"spinning must be on or off (True or False), got {spinning!r}")
+        options["spinning"] = spinning
+    return options
 
 
 def importable(library: str) -> bool:

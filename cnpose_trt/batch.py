@@ -1087,8 +1087,8 @@ class RayPredictor:
     """Ray Data UDF: loads the engine once per actor; a batch of entries -> one row holding the
     batch's image keys and its output rows (Arrow IPC), which the driver commits."""
 
-    def __init__(self, engine: dict[str, Any], flip: bool, readers: int, threads: int | None, device: str | None
-                 ) -> None:
+    def __init__(self, engine: dict[str, Any], flip: bool, readers: int, threads: int | None, device: str | None,
+                 spinning: bool | None = None) -> None:
         from .engine import load_engine
         from .pipeline import PoseEstimator
 
@@ -1107,6 +1107,8 @@ class RayPredictor:
         backend = read_sidecar(path)["backend"]
         if backend == "onnxruntime" and threads:
             options["threads"] = threads
+        if backend == "onnxruntime" and spinning is not None:
+            options["spinning"] = spinning
         if backend == "torch" and device:
             options["device"] = device
         self.engine = load_engine(path, **options)
@@ -1214,7 +1216,8 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         readers: int | None = None, part_images: int = 1024, part_seconds: float = 60.0, progress: bool | None = None,
         ray: str | bool | None = None, ray_actors: int | None = None, ray_cpus_per_actor: float = 1,
         ray_gpus_per_actor: float | None = None, ray_batch_size: int = 64, ray_engine: str = "auto",
-        redo_changed: bool = False, retry_errors: bool = False, say: Callable[[str], None] | None = None) -> Summary:
+        redo_changed: bool = False, retry_errors: bool = False, threads: int | None = None,
+        spinning: bool | None = None, say: Callable[[str], None] | None = None) -> Summary:
     """3D poses of every person in a manifest, into Parquet parts in `out`; resumes a killed job.
 
     Args:
@@ -1244,6 +1247,9 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
             instead of refusing the run; their old rows are replaced.
         retry_errors: redo the done images whose rows are all error rows (a file missing or
             unreadable then); their old rows are replaced.
+        threads, spinning: the engine's session options (load_engine's: ONNX Runtime intra-op threads,
+            0 one per core, and whether idle threads spin; None: the defaults, and on Ray an onnxruntime
+            actor's threads are its CPUs). Not for an Engine passed in loaded.
         say: where progress messages (engine build) go.
     Returns:
         the Summary (also written to out/_summary.json).
@@ -1252,6 +1258,12 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
         cannot be used. EngineError/BuildError: the engine. ValueError: bad arguments.
     """
     _pyarrow()
+    from .backends import session_options
+
+    load_options = session_options(threads, spinning)
+    if load_options and engine is not None and not isinstance(engine, (str, Path)):
+        raise ValueError(f"{' and '.join(load_options)} apply where batch loads the engine; pass them to "
+                         "load_engine for an Engine that is already loaded")
     if readers is not None:
         _check_positive("readers", readers)
     _check_positive("part_images", part_images)
@@ -1279,7 +1291,7 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
             return _run_locked(out, manifest_args, engine, EngineOptions(
                 None, variant, checkpoint, precision, backend, max_batch, engine_dir), flip, readers, part_images,
                 part_seconds, progress, ray, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_batch_size,
-                ray_engine, bool(redo_changed), bool(retry_errors), say)
+                ray_engine, bool(redo_changed), bool(retry_errors), say, load_options)
     except BlockingIOError:
         raise BatchError(f"another batch job is writing to {out} (its lock {out / LOCK_FILE} is held)") from None
 
@@ -1287,7 +1299,8 @@ def run(manifest: str | Path, out: str | Path, *, engine: Any = None, variant: s
 def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: EngineOptions, flip: bool,
                 readers: int | None, part_images: int, part_seconds: float, progress: bool | None, ray: Any,
                 ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, ray_batch: int, ray_engine: str,
-                redo_changed: bool, retry_errors: bool, say: Callable[[str], None]) -> Summary:
+                redo_changed: bool, retry_errors: bool, say: Callable[[str], None],
+                load_options: dict[str, Any] | None = None) -> Summary:
     from .engine import Engine, load_engine, read_sidecar
 
     for tmp in out.iterdir():  # a killed run's uncommitted part: its images were never done
@@ -1337,11 +1350,11 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         if use_ray:
             writer, mode = _run_ray(out, entries, done, job, opts, engine_path, flip, readers, part_images,
                                     part_seconds, bar, "" if ray is True else str(ray), ray_actors, ray_cpus,
-                                    ray_gpus, ray_batch, ray_engine, todo)
+                                    ray_gpus, ray_batch, ray_engine, todo, load_options or {})
         else:
             if loaded_engine is None:
                 assert engine_path is not None
-                loaded_engine = load_engine(engine_path)
+                loaded_engine = load_engine(engine_path, **(load_options or {}))
             # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
             # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
             local_readers = readers or max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -1405,7 +1418,7 @@ def _run_local(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, 
 def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, Any], opts: EngineOptions,
              engine_path: Path | None, flip: bool, readers: int | None, part_images: int, part_seconds: float,
              bar: Progress, address: str, actors: int | None, cpus: float, gpus: float | None, batch_size: int,
-             ray_engine: str, todo: int) -> tuple[PartWriter, str]:
+             ray_engine: str, todo: int, load_options: dict[str, Any]) -> tuple[PartWriter, str]:
     try:
         import ray
         import ray.data
@@ -1449,7 +1462,7 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
             actors = int(resources.get("GPU", 0) // gpus) if gpus > 0 else int(resources.get("CPU", 1) // cpus)
             actors = max(1, actors)
         _check_positive("ray_actors", actors)
-        threads = max(1, int(cpus))
+        threads = load_options.get("threads") or max(1, int(cpus))
         device = "cuda" if gpus > 0 else "cpu"
         # Ray Data gives each actor task whole blocks (then calls the UDF on batch_size images at a time):
         # about four blocks per actor spread the work, at most 4096 entries each.
@@ -1473,7 +1486,7 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
             fn_constructor_kwargs={"engine": engine_spec, "flip": flip,
                                    "readers": readers or (max(4, threads) if gpus else threads), "threads": threads,
-                                   "device": device})
+                                   "device": device, "spinning": load_options.get("spinning")})
         del tables
         ok = False
         try:
@@ -1597,6 +1610,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readers", type=int, default=None,
                    help="threads reading and decoding images ahead (default: half the CPU cores, at most 8; "
                         "Ray: the actor's CPUs, at least 4 with a GPU)")
+    from .backends import add_session_arguments
+
+    add_session_arguments(e)
     p.add_argument("--part-images", type=int, default=1024, help="images per Parquet part (default 1024)")
     p.add_argument("--part-seconds", type=float, default=60.0,
                    help="commit a part at least this often (default 60 s): the most a killed job redoes")
@@ -1614,7 +1630,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ray-actors", type=int, default=None,
                    help="actor pool size (default: the cluster's GPUs, or CPUs / --ray-cpus-per-actor)")
     r.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
-                   help="CPUs per actor, also its onnxruntime threads (default 1)")
+                   help="CPUs per actor, also its onnxruntime threads unless --threads says (default 1)")
     r.add_argument("--ray-gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default 1 for TensorRT, and torch on a cluster with GPUs; else 0)")
     r.add_argument("--ray-batch-size", type=int, default=64, help="images per actor call (default 64)")
@@ -1647,7 +1663,7 @@ def run_batch(args: argparse.Namespace) -> int:
                       ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                       ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
                       ray_engine=args.ray_engine, redo_changed=args.redo_changed,
-                      retry_errors=args.retry_errors, say=say)
+                      retry_errors=args.retry_errors, threads=args.threads, spinning=args.spinning, say=say)
     except (CnposeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -150,14 +150,18 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
               *, iterations: int = 10, warmup: int = 2, engine_dir: Any = None, checkpoint: Any = None,
               calib_images: Any = None, cuda_graphs: bool = False, budget: float | None = None,
               include_slow: bool = False, progress: Callable[[str], None] | None = None,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None] | None = None, threads: int | None = None,
+              spinning: bool | str | None = None) -> list[dict[str, Any]]:
     """Measure every combination; unsupported ones are reported as skipped rows with the reason.
 
     Engine-only and end-to-end timings alternate iteration by iteration, on the same inputs. Each
     row goes to `on_row` as soon as it is measured (a run that is cut off keeps what it measured).
     With `budget` (seconds), a configuration whose estimated time would overrun it is skipped with
     the estimate; the estimate is rescaled by what the finished configurations really took.
+    threads, spinning: ONNX Runtime session options of the onnxruntime engines (threads also for
+    torch engines); None: the defaults.
     """
+    from .backends import session_options
     from .build import build_engine
     from .engine import load_engine
     from .errors import CnposeError
@@ -166,6 +170,7 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
 
     say = progress or (lambda m: None)
     emit = on_row or (lambda r: None)
+    session = session_options(threads, spinning)
     check_args(variants, batches, iterations, warmup)
     if budget is not None and (isinstance(budget, bool) or not budget > 0):
         raise ValueError(f"--budget must be a positive number of seconds, got {budget!r}")
@@ -203,7 +208,11 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
         try:
             built = build_engine(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
                                  max_batch=max(batches), **calib)
-            engine = load_engine(built.path, **({"cuda_graphs": True} if cuda_graphs and backend == "torch" else {}))
+            options = dict(session) if backend == "onnxruntime" else {k: v for k, v in session.items()
+                                                                       if k == "threads" and backend == "torch"}
+            if cuda_graphs and backend == "torch":
+                options["cuda_graphs"] = True
+            engine = load_engine(built.path, **options)
         except (CnposeError, ValueError) as exc:
             add({**base, "skipped": str(exc).splitlines()[0]})
             say(f"      skipped: {rows[-1]['skipped']}")
@@ -327,7 +336,7 @@ def main(args: Any) -> int:
         run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
                   warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
                   calib_images=args.calib_images, cuda_graphs=args.cuda_graphs, budget=args.budget,
-                  include_slow=args.all, progress=say, on_row=on_row)
+                  include_slow=args.all, progress=say, on_row=on_row, threads=args.threads, spinning=args.spinning)
     finally:
         if args.json and rows:
             print(f"wrote {args.json}", file=sys.stderr)

@@ -304,7 +304,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                  keep_fp32: Sequence[str] = (), fp16_output: bool = True,
                  calib_images: str | Path | None = None, calib_boxes: str | Path | None = None,
                  calib_count: int = 64, calib_method: str = "entropy", calib_synthetic: bool = False,
-                 int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE, trt: TrtOptions | None = None) -> BuildResult:
+                 int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE, int8_scheme: str | None = None,
+                 trt: TrtOptions | None = None) -> BuildResult:
     """Export and compile one engine, or reuse the cached one.
 
     Args:
@@ -317,6 +318,9 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
             heatmaps unless fp16_output=False) or "int8" (Q/DQ graph calibrated on calib_images
             with boxes from calib_boxes JSON, calib_count crops, calib_method entropy | minmax |
             percentile; int8_exclude node prefixes stay float; calib_synthetic for benchmarks).
+        int8_scheme: the INT8 graph's shape (precision.INT8_SCHEMES); None: the backend's own
+            ("ort-u8s8" for onnxruntime, whose CPU kernels fuse it; "trt-symmetric" for TensorRT).
+            Both schemes come from one calibration (the stored ranges are shared).
         max_batch: largest batch of one engine call (larger ones are chunked).
         out_dir: cache folder, default $CNPOSE_TRT_ENGINES or ./engines.
         force: rebuild even when a valid cached engine exists.
@@ -340,7 +344,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                             calib_method=calib_method, int8_exclude=tuple(int8_exclude),
                             calib_images=None if calib_images is None else str(calib_images),
                             calib_boxes=None if calib_boxes is None else str(calib_boxes),
-                            calib_count=calib_count, calib_synthetic=calib_synthetic)
+                            calib_count=calib_count, calib_synthetic=calib_synthetic,
+                            int8_scheme=int8_scheme or "trt-symmetric")
     trt = trt or TrtOptions()
     opt_batch = trt.opt_batch or max(1, max_batch // 2)
     _positive("opt_batch", opt_batch, max_batch)
@@ -351,6 +356,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
         variant = get_spec(variant)
     backend_name = resolve_backend(backend)
     module = backends.get(backend_name)
+    if int8_scheme is None:  # the graph the backend's kernels run quantized
+        opts = dataclasses.replace(opts, int8_scheme=getattr(module, "INT8_SCHEME", "trt-symmetric"))
     if precision not in module.PRECISIONS:
         raise ValueError(f"the {backend_name} backend builds {', '.join(module.PRECISIONS)}, not {precision!r}")
     # Listed (and every image hashed) once: the hash keys the cache, the list feeds calibration.
@@ -447,10 +454,11 @@ def _precision_graph(job: BuildJob, tmp: Path, opts: PrecisionOptions, opset: in
     elif job.precision == "int8":
         from .precision import quantize_int8
 
+        # One calibration for both INT8 schemes: the scheme is not part of the ranges' key.
         calib_key = cache_key({"spec": spec.to_dict(), "weights_sha256": wsha, "opset": opset,
-                               "input_convention": INPUT_CONVENTION, **opts.key_fields(calib_hash)})
+                               "input_convention": INPUT_CONVENTION, **opts.calibration_fields(calib_hash)})
         ranges = job.out / f"calib-{spec.name}-{calib_key[:12]}.json"
-        say(f"[3/5] INT8 Q/DQ graph ({opts.calib_method} calibration"
+        say(f"[3/5] INT8 Q/DQ graph, {opts.int8_scheme} ({opts.calib_method} calibration"
             f"{', synthetic scenes: for benchmarking only' if opts.calib_synthetic else ''}"
             f"{', reusing stored ranges' if ranges.is_file() else ''})")
         job.graph = tmp / "model.int8.onnx"

@@ -94,10 +94,12 @@ def flip_test(engine: Any, requested: bool) -> bool:
 
 
 def _engine_for(args: argparse.Namespace) -> Any:
+    from .backends import session_options
     from .engine import load_engine
 
+    options = session_options(getattr(args, "threads", None), getattr(args, "spinning", None))
     if args.engine is not None:
-        return load_engine(args.engine)
+        return load_engine(args.engine, **options)
     from .build import build_engine  # the build layer only where an engine is looked up or built
 
     result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
@@ -105,7 +107,7 @@ def _engine_for(args: argparse.Namespace) -> Any:
     if result.meta["weights"]["random"]:
         print("warning: the engine uses random weights: the poses are meaningless; "
               "pass --checkpoint for real ones", file=sys.stderr)
-    return load_engine(result.path)
+    return load_engine(result.path, **options)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -386,10 +388,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
+    from .backends import add_session_arguments
+
     p.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...), or a folder of them (with --boxes "
                    "FILE, or --bbox/--crop-box for every image)")
     p.add_argument("--boxes", type=Path, metavar="FILE", help="with a folder: JSON {file name: [x, y, w, h] or "
                    "[[x, y, w, h], ...]}, person boxes per image (images it does not name have no people)")
+    add_session_arguments(p)
     p.add_argument("--bbox", type=_floats(4, "--bbox"), action="append",
                    metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "
                    "enlarged x1.25 by upstream's box rule")
@@ -410,6 +415,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_args(bn: argparse.ArgumentParser) -> None:
+    from .backends import add_session_arguments
     from .spec import VARIANTS
 
     bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],
@@ -430,6 +436,7 @@ def _bench_args(bn: argparse.ArgumentParser) -> None:
     bn.add_argument("--calib-images", type=Path, help="int8 calibration images (default: generated scenes)")
     bn.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
     bn.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: replay CUDA graphs")
+    add_session_arguments(bn)
     bn.add_argument("--plot", type=Path, help="PNG of end-to-end throughput against batch size")
     bn.add_argument("--json", type=Path, help="write the measurements as JSON")
 

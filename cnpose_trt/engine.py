@@ -384,8 +384,8 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
             decides which engine file is loaded (Engine.path).
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
         variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
-        options: backend options: onnxruntime threads; torch device, cuda_graphs, threads;
-            tensorrt max_contexts. Others are refused naming the allowed ones.
+        options: backend options: onnxruntime threads, spinning (see onnxruntime_backend); torch device,
+            cuda_graphs, threads; tensorrt max_contexts. Others are refused naming the allowed ones.
     Raises:
         EngineError: missing/garbled sidecar, damaged or replaced engine file, unknown backend,
             an engine of another variant, precision or weights than expected, or (TensorRT) one

@@ -630,7 +630,8 @@ def engine_label(engine: Any) -> str:
 
 
 def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, labels: Sequence[str] | None = None,
-             progress: bool = True, keep_predictions: bool = False, **estimator_options: Any) -> dict[str, Any]:
+             progress: bool = True, keep_predictions: bool = False, threads: int | None = None,
+             spinning: bool | None = None, **estimator_options: Any) -> dict[str, Any]:
     """Evaluate engines side by side on one set.
 
     Args:
@@ -640,15 +641,18 @@ def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, lab
             model, which it misleads (shipped.flip_for: the entry's flip_test and flip_notice say so).
         labels: one name per engine (default: variant, precision, calibration method).
         keep_predictions: put each person's root-relative camera joints and image joints in the report.
+        threads, spinning: session options for the engines given as paths (load_engine's; None: defaults).
     Returns:
         the report: dataset info, protocol, machine, and per engine its metrics (summarize).
     """
+    from .backends import session_options
     from .engine import load_engine
     from .pipeline import PoseEstimator
 
     if not engines:
         raise ValueError("engines must name at least one engine")
-    loaded = [e if hasattr(e, "infer") else load_engine(e) for e in engines]
+    options = session_options(threads, spinning)
+    loaded = [e if hasattr(e, "infer") else load_engine(e, **options) for e in engines]
     names = list(labels) if labels is not None else [engine_label(e) for e in loaded]
     if len(names) != len(loaded):
         raise ValueError(f"labels must give one name per engine ({len(loaded)}), got {len(names)}")
@@ -787,7 +791,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate the fp32 onnxruntime engine of this variant (built or reused)")
     e.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random, meaningless)")
     e.add_argument("--engines", type=Path, default=None, help="engine cache folder for --variant (default ./engines)")
-    e.add_argument("--threads", type=int, default=None, help="onnxruntime threads per engine (default: all cores)")
+    from .backends import add_session_arguments
+
+    add_session_arguments(e)
     d = p.add_argument_group("data (default: synthetic people)")
     d.add_argument("--seed", type=int, default=DEFAULT_SYNTHETIC_SEED,
                    help=f"synthetic set seed (default {DEFAULT_SYNTHETIC_SEED}; training uses 0)")
@@ -824,9 +830,9 @@ def run_eval(args: argparse.Namespace) -> int:
         from .draw import check_image_suffix
 
         check_image_suffix(args.plot, "--plot")
-    options = {} if args.threads is None else {"threads": args.threads}
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    from .backends import session_options
+
+    options = session_options(args.threads, args.spinning)
     engines = [load_engine(path, **options) for path in args.engine]
     labels = list(args.label) if args.label else None
     if labels is not None and len(labels) != len(args.engine):

@@ -262,6 +262,10 @@ class PoseEstimator:
             prefetched, batching, enqueued), 64 MiB to 1 GiB.
             Images that find no room are staged per image (device_stats counts them; a warning is
             logged the first time).
+        threads, spinning: the engine's session options where PoseEstimator loads it (a variant
+            or an engine file): ONNX Runtime intra-op threads (0: one per core) and whether its idle
+            threads spin (see onnxruntime_backend; torch engines take threads). None: the engine's
+            default. An Engine passed in keeps the options it was loaded with.
         prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
             each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),
             between 1 and 16. Capped at max_batch x prefetch / prep_threads, so every prep thread
@@ -272,7 +276,8 @@ class PoseEstimator:
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
                  staging: str = "batched", staging_bytes: int | None = None, prep_chunk: int | None = None,
-                 **build_options: Any) -> None:
+                 threads: int | None = None, spinning: bool | None = None, **build_options: Any) -> None:
+        from .backends import session_options
         from .engine import load_engine
         from .preprocess import CROP_METHODS
         from .spec import VariantSpec
@@ -299,7 +304,11 @@ class PoseEstimator:
 
         if staging not in STAGINGS:  # checked before any engine is built, as crop_method is
             raise ValueError(f"staging must be one of {', '.join(STAGINGS)}, got {staging!r}")
+        load_options = session_options(threads, spinning)
         if isinstance(engine_or_variant, Engine):
+            if load_options:
+                raise ValueError(f"{' and '.join(load_options)} apply where PoseEstimator loads the engine; pass "
+                                 "them to load_engine for an Engine that is already loaded")
             self.engine = engine_or_variant
         elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
                 isinstance(engine_or_variant, VariantSpec) or not Path(str(engine_or_variant)).suffix):
@@ -308,9 +317,9 @@ class PoseEstimator:
             extra = {} if max_batch is None else {"max_batch": max_batch}
             built = build_engine(engine_or_variant, checkpoint, backend=backend, precision=precision,
                                  out_dir=engine_dir, **extra, **build_options)
-            self.engine = load_engine(built.path)
+            self.engine = load_engine(built.path, **load_options)
         else:
-            self.engine = load_engine(engine_or_variant)
+            self.engine = load_engine(engine_or_variant, **load_options)
         self.crop_method = crop_method
         self.prep_threads, self.prefetch, self.prep_chunk = prep_threads, prefetch, prep_chunk
         self.max_batch = self.engine.max_batch

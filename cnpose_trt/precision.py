@@ -8,10 +8,16 @@ FP16: onnxconverter-common's float16 conversion; the input stays float32 (the pr
 writes float32), the output is float16 by default (the decode reads it natively and it halves
 the bytes it reads), nodes listed in keep_fp32 stay float32.
 
-INT8: onnxruntime.quantization.quantize_static in QDQ format, TensorRT's rules: symmetric int8
-activations (zero point 0), per-channel symmetric int8 weights, float bias, Q/DQ only on Conv
-inputs (none around ReLU, Resize, Reshape, which TensorRT fuses), the final heatmap conv and the
-last head layer left in float by default.
+INT8: onnxruntime.quantization.quantize_static in QDQ format, in one of two schemes chosen by the
+backend that runs the graph (INT8_SCHEMES), both from the same calibration (one ranges file:
+Conv and Add tensors are calibrated once, symmetric ranges, whichever scheme builds first):
+- "trt-symmetric" (TensorRT): symmetric int8 activations (zero point 0), per-channel symmetric
+  int8 weights, float bias, Q/DQ only on Conv inputs (none around ReLU, Resize, Reshape, which
+  TensorRT fuses).
+- "ort-u8s8" (ONNX Runtime CPU): uint8 activations with a zero point, per-channel symmetric int8
+  weights, Q/DQ on Conv inputs and outputs and around Add, the shape ONNX Runtime's CPU kernels
+  fuse into QLinearConv and QLinearAdd (the TensorRT graph leaves most convolutions in float there).
+In both the final heatmap conv and the last head layer stay float by default.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ from .spec import INPUT_SIZE
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+INT8_SCHEMES = ("trt-symmetric", "ort-u8s8")
+# Op types whose tensors one calibration covers: the union of what the schemes quantize, so that
+# either scheme builds from ranges stored by the other.
+CALIBRATED_OPS = ("Conv", "Add")
 CALIB_METHODS = ("entropy", "minmax", "percentile")
 # Node-name prefixes (as torch.onnx names them) kept out of INT8 by default: pose heads lose
 # accuracy when the heatmap conv and the layer feeding it are quantized.
@@ -57,10 +67,13 @@ class PrecisionOptions:
     calib_count: int = 64
     calib_synthetic: bool = False
     calib_batch: int = 8
+    int8_scheme: str = "trt-symmetric"             # int8: INT8_SCHEMES, chosen by the backend
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.int8_scheme not in INT8_SCHEMES:
+            raise ValueError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}, got {self.int8_scheme!r}")
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(f"calib_method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
         if isinstance(self.calib_count, bool) or not isinstance(self.calib_count, int) or self.calib_count < 1:
@@ -78,7 +91,13 @@ class PrecisionOptions:
         if self.precision == "fp16":
             return {"fp16_output": self.fp16_output, "keep_fp32": list(self.keep_fp32)}
         return {"calib_method": self.calib_method, "int8_exclude": list(self.int8_exclude),
-                "calib_hash": calib_hash, "calib_synthetic": self.calib_synthetic}
+                "calib_hash": calib_hash, "calib_synthetic": self.calib_synthetic, "int8_scheme": self.int8_scheme}
+
+    def calibration_fields(self, calib_hash: str | None) -> dict[str, Any]:
+        """What the stored calibration ranges depend on: the INT8 key without the scheme (both schemes
+        share one calibration), with the op types calibrated."""
+        fields = {k: v for k, v in self.key_fields(calib_hash).items() if k != "int8_scheme"}
+        return {**fields, "calibrated_ops": list(CALIBRATED_OPS)}
 
 
 # ------------------------------------------------------------------------------------------ FP16
@@ -254,11 +273,11 @@ class _Reader:
 
 def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Path, *, show_progress: bool = True,
                   seed: int = 0, items: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
-    """Write an INT8 Q/DQ graph of an FP32 graph, calibrating (or reusing ranges_path).
+    """Write an INT8 Q/DQ graph of an FP32 graph in opts.int8_scheme, calibrating (or reusing ranges_path).
 
     items: the calibration_set(opts, seed) the caller already listed, if any.
 
-    Returns what was done: the calibration method that ran (read back from the ranges onnxruntime
+    Returns what was done: the scheme, the calibration method that ran (read back from the ranges onnxruntime
     stored, else the one the quantizer was called with), excluded nodes, whether the stored ranges
     were reused.
 
@@ -289,31 +308,45 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
         reader = _Reader(input_name, batches, opts.calib_count, show_progress)
     # onnxruntime's calibrators print to stdout; stdout of the build is reserved for engine paths.
     with contextlib.redirect_stdout(sys.stderr):
-        called = _quantize(quantize_static, src, dst, reader, excluded, method, kwargs)
+        called = _quantize(quantize_static, src, dst, reader, excluded, method, kwargs, opts.int8_scheme,
+                           [n.name for n in model.graph.node if n.op_type != "Conv"])
     ran = _method_that_ran(called, ranges_path if supports_cache else None)
     if ran != opts.calib_method:
         if supports_cache and not reused:  # filed under the asked method's name: never reuse these ranges
             ranges_path.unlink(missing_ok=True)
         raise BuildError(f"INT8 calibration ran with the {ran} method, but {opts.calib_method} was asked for: "
                          f"the quantizer did not receive or did not use calib_method (ranges: {ranges_path})")
-    return {"calib_method": ran, "int8_excluded_nodes": excluded, "ranges_reused": reused,
-            "ranges_file": ranges_path.name if supports_cache else None}
+    return {"int8_scheme": opts.int8_scheme, "calib_method": ran, "int8_excluded_nodes": excluded,
+            "ranges_reused": reused, "ranges_file": ranges_path.name if supports_cache else None}
 
 
 def _quantize(quantize_static: Any, src: Path, dst: Path, reader: Any, excluded: list[str], method: Any,
-              kwargs: dict[str, Any]) -> Any:
-    """Run the quantizer; returns the calibration method it was called with (its default if none was passed)."""
+              kwargs: dict[str, Any], scheme: str = "trt-symmetric", non_conv: Sequence[str] = ()) -> Any:
+    """Run the quantizer; returns the calibration method it was called with (its default if none was passed).
+
+    The calibrator covers the tensors of CALIBRATED_OPS in both schemes (the stored ranges serve
+    both); non_conv: the graph's other nodes, which the TensorRT scheme leaves unquantized.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    call: dict[str, Any] = dict(
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=excluded, calibrate_method=method,
+    if scheme == "trt-symmetric":
         # Q/DQ only where a Conv reads: no pair on Conv outputs, so none lands around ReLU or
-        # Resize (TensorRT fuses Conv+ReLU and quantizes at the next Conv's input).
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                       "CalibTensorRangeSymmetric": True, "OpTypesToExcludeOutputQuantization": ["Conv"]},
-        **kwargs)
+        # Resize (TensorRT fuses Conv+ReLU and quantizes at the next Conv's input); Add is
+        # calibrated (for the other scheme) but not quantized.
+        activation = QuantType.QInt8
+        exclude = [*excluded, *non_conv]
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                 "CalibTensorRangeSymmetric": True, "OpTypesToExcludeOutputQuantization": ["Conv"]}
+    else:
+        # uint8 activations with a zero point, Conv outputs and Add quantized: ONNX Runtime's CPU
+        # provider fuses DQ -> Conv -> Q into QLinearConv and DQ -> Add -> Q into QLinearAdd.
+        activation = QuantType.QUInt8
+        exclude = list(excluded)
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True}
+    call: dict[str, Any] = dict(
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(CALIBRATED_OPS),
+        per_channel=True, reduce_range=False, activation_type=activation, weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra, **kwargs)
     quantize_static(str(src), str(dst), reader, **call)
     if "calibrate_method" in call:
         return call["calibrate_method"]

@@ -74,6 +74,7 @@ CUDA_PYTHON_HINT = ("cuda-python (cuda.bindings.runtime, 12.6.1 or newer) is not
 NAME = "tensorrt"
 ENGINE_SUFFIX = ".engine"
 PRECISIONS = ("fp32", "fp16", "int8")
+INT8_SCHEME = "trt-symmetric"  # strongly typed: the symmetric Q/DQ graph (precision.py)
 NEEDS_GRAPH = True
 
 # Options TrtEngine takes (load_engine(path, **options)); backends.check_options refuses the rest.

@@ -23,6 +23,8 @@ BUILDS = {  # name: build_engine arguments (max_batch 4 as the session's xs_engi
     "XS fp32": dict(variant="XS"),
     "XS fp16": dict(variant="XS", precision="fp16"),
     "XS int8": dict(variant="XS", precision="int8", calib_synthetic=True, calib_count=8),
+    "XS int8 trt": dict(variant="XS", precision="int8", calib_synthetic=True, calib_count=8,
+                        int8_scheme="trt-symmetric"),
     "S fp32": dict(variant="S"),
 }
 
@@ -141,6 +143,11 @@ SWAPS = [  # (sidecar of, bytes of, message)
     ("XS fp32", "XS int8", r"precision says 'fp32', its graph is int8 \(quantize/dequantize nodes\)"),
     ("XS int8", "XS fp32", r"precision says 'int8', its graph is fp32 \(no float16 tensors, no quantize"),
     ("XS fp16", "XS fp32", r"precision says 'fp16', its graph is fp32 \(no float16 tensors, no quantize"),
+    # Issue 22: the onnxruntime int8 graph (ort-u8s8) and the TensorRT-shaped one are both int8.
+    ("XS int8", "XS int8 trt", r"int8_kernels.engine_file says 12 QLinearAdd, 45 QLinearConv \(int8_scheme "
+                               r"'ort-u8s8'\), its graph holds 0 QLinearAdd, 3 QLinearConv"),
+    ("XS int8 trt", "XS int8", r"int8_kernels.engine_file says 0 QLinearAdd, 3 QLinearConv \(int8_scheme "
+                               r"'trt-symmetric'\), its graph holds 12 QLinearAdd, 45 QLinearConv"),
 ]
 
 

@@ -209,3 +209,93 @@ def test_calibration_yields_exactly_count_crops_when_images_hold_several_people(
         for path, bxs in items:
             expected.extend(prepare(load_image(path), np.asarray(bxs, np.float64), 256)[0])
     np.testing.assert_array_equal(crops, np.stack(expected[:count]))
+
+
+# ------------------------------------------------- issue 22 item 1: the INT8 graph follows the backend
+
+def test_onnxruntime_int8_engine_runs_its_convolutions_quantized(int8_engine):
+    """The onnxruntime engine is the ort-u8s8 graph, and ONNX Runtime's optimised model of it runs
+    (nearly) every convolution as QLinearConv and the residual Adds as QLinearAdd."""
+    from cnpose_trt.onnxruntime_backend import kernel_counts
+
+    meta = int8_engine.meta
+    assert meta["precision_options"]["int8_scheme"] == "ort-u8s8" and meta["int8"]["int8_scheme"] == "ort-u8s8"
+    counted = kernel_counts(load_engine(int8_engine.path).path)
+    assert counted["quantized_convs"] / (counted["quantized_convs"] + counted["float_convs"]) >= 0.9, counted
+    assert counted["float_convs"] <= len(meta["int8"]["int8_excluded_nodes"]), counted
+    assert counted["QLinearAdd"] >= 1 and counted["DequantizeLinear"] < counted["quantized_convs"], counted
+    recorded = {k: v for k, v in meta["int8_kernels"].items() if k not in ("cpu_vnni", "engine_file")}
+    assert recorded == counted
+
+
+def test_tensorrt_int8_graph_is_unchanged_and_shares_the_calibration(int8_engine, tmp_path):
+    """The trt-symmetric graph built from the ranges the onnxruntime build stored is node for node and
+    tensor for tensor the graph quantize_static made before issue 22 (Conv only, calibrated afresh)."""
+    import contextlib
+    import sys
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from cnpose_trt.export import export_onnx
+    from cnpose_trt.precision import PrecisionOptions, _Reader, calibration_batches, calibration_set, quantize_int8
+
+    src = export_onnx(make_model("XS"), tmp_path / "xs.onnx")
+    ranges = tmp_path / "ranges.json"
+    ranges.write_bytes(next(int8_engine.path.parent.glob("calib-XS-*.json")).read_bytes())
+    opts = PrecisionOptions(precision="int8", calib_synthetic=True, calib_count=16)
+    assert opts.int8_scheme == "trt-symmetric"
+    info = quantize_int8(src, tmp_path / "trt.onnx", opts, ranges)
+    assert info["ranges_reused"] and info["int8_scheme"] == "trt-symmetric"
+    items, _ = calibration_set(opts)
+    with contextlib.redirect_stdout(sys.stderr):
+        quantize_static(str(src), str(tmp_path / "old.onnx"), _Reader("image", calibration_batches(items, 16, 8), 16,
+                                                                      False),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+                        reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=info["int8_excluded_nodes"], calibrate_method=CalibrationMethod.Entropy,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                       "CalibTensorRangeSymmetric": True,
+                                       "OpTypesToExcludeOutputQuantization": ["Conv"]})
+    new, old = (onnx.load(str(tmp_path / f"{n}.onnx")).graph for n in ("trt", "old"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in new.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in old.node]
+    new_init = {t.name: numpy_helper.to_array(t) for t in new.initializer}
+    old_init = {t.name: numpy_helper.to_array(t) for t in old.initializer}
+    assert new_init.keys() == old_init.keys()
+    for name, value in old_init.items():
+        assert new_init[name].dtype == value.dtype and np.array_equal(new_init[name], value), name
+
+
+def test_int8_schemes_are_keyed_apart_and_recorded(int8_engine, monkeypatch):
+    import cnpose_trt.precision as prec
+
+    monkeypatch.setattr(prec, "_Reader", lambda *a, **k: pytest.fail("recalibrated: one calibration serves both"))
+    trt = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16, out_dir=int8_engine.path.parent,
+                       max_batch=4, int8_scheme="trt-symmetric")
+    assert not trt.cached and trt.path != int8_engine.path and trt.meta["int8"]["ranges_reused"]
+    assert trt.meta["int8"]["ranges_file"] == int8_engine.meta["int8"]["ranges_file"]
+    assert trt.meta["precision_options"]["int8_scheme"] == "trt-symmetric"
+    assert trt.meta["int8_kernels"]["quantized_conv_share"] < 0.5 <= int8_engine.meta["int8_kernels"][
+        "quantized_conv_share"]
+    again = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16,
+                         out_dir=int8_engine.path.parent, max_batch=4)
+    assert again.cached and again.path == int8_engine.path
+    with pytest.raises(ValueError, match="int8_scheme must be one of trt-symmetric, ort-u8s8, got 'u8'"):
+        build_engine("XS", precision="int8", calib_synthetic=True, out_dir=int8_engine.path.parent, int8_scheme="u8")
+
+
+def test_int8_build_without_vnni_warns_once_and_still_works(int8_engine, monkeypatch, caplog):
+    import logging
+
+    import cnpose_trt.onnxruntime_backend as ortb
+
+    monkeypatch.setattr(ortb, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.onnxruntime_backend"):
+        built = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16,
+                             out_dir=int8_engine.path.parent, max_batch=3)
+    notices = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]
+    assert notices == [ortb.NO_VNNI_NOTICE] and "\n" not in notices[0] and "slower than FP32" in notices[0]
+    assert built.meta["int8_kernels"]["cpu_vnni"] is False
+    load_engine(built.path).infer(accuracy_inputs(load_engine(built.path).spec, 3))
+    monkeypatch.setattr(ortb, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    assert ortb.cpu_has_vnni()

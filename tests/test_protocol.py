@@ -44,7 +44,7 @@ def test_protocol_refusals(xs_engine, xs_engine_path):
     with pytest.raises(EngineError, match="runs on the CPU"):
         xs_engine.infer_device(x)
     assert not xs_engine.on_device and xs_engine.device == "cpu"
-    with pytest.raises(ValueError, match="takes the option threads, got max_contexts \\(max_contexts is an option "
+    with pytest.raises(ValueError, match="takes the options threads, spinning, got max_contexts \\(max_contexts is an option "
                                          "of tensorrt\\)"):
         load_engine(xs_engine_path, max_contexts=2)
     with load_engine(xs_engine_path, threads=1) as engine:
