@@ -465,11 +465,25 @@ def _precision_graph(job: BuildJob, tmp: Path, opts: PrecisionOptions, opset: in
         with file_lock(job.out / f".{ranges.name}.lock"):
             extra["int8"] = quantize_int8(job.fp32_graph, job.graph, opts, ranges,
                                           show_progress=progress is not None, seed=seed, items=calib_items)
-        extra["int8"]["calibration"] = ("synthetic scenes (for benchmarking only)" if opts.calib_synthetic
-                                        else f"{opts.calib_count} crops from {opts.calib_images}")
+        extra["int8"]["calibration"] = _calibration_words(opts, calib_items, say)
     else:
         say("[3/5] FP32 graph")
     return extra
+
+
+def _calibration_words(opts: PrecisionOptions, items: Any, say: Callable[[str], None]) -> str:
+    """What the calibration used, for the sidecar; says so when calib_count crops cycle fewer distinct ones."""
+    from .precision import distinct_crops
+
+    if opts.calib_synthetic:
+        return f"{opts.calib_count} generated scenes (synthetic: for benchmarking only)"
+    distinct = distinct_crops(items)
+    words = f"{opts.calib_count} crops of {distinct} distinct people in {len(items)} images of {opts.calib_images}"
+    if opts.calib_count > distinct:
+        words += f" (each used about {opts.calib_count / distinct:.1f} times)"
+        say(f"      note: --calib-count {opts.calib_count} asks for more crops than the {distinct} people in "
+            f"{opts.calib_images}: the same crops are used again; more images give better ranges")
+    return words
 
 
 def _sidecar(engine: Path, key: str, spec: VariantSpec, precision: str, opts: PrecisionOptions,

@@ -221,6 +221,45 @@ def calibration_set(opts: PrecisionOptions, seed: int = 0) -> tuple[list[tuple[A
     return items, h.hexdigest()
 
 
+def distinct_crops(items: list[tuple[Any, Any]]) -> int:
+    """How many different crops calibration_batches can make from items before it cycles: one per box
+    (the whole image where an image has no boxes), one per generated scene."""
+    total = 0
+    for _src, boxes in items:
+        try:
+            total += max(1, len(np.asarray(boxes, np.float64).reshape(-1, 4))) if isinstance(boxes, list) else 1
+        except ValueError:  # a malformed entry is refused when its crop is made
+            total += 1
+    return total
+
+
+@contextlib.contextmanager
+def quantizer_log(path: Path) -> Iterator[list[int]]:
+    """Keep onnxruntime's quantizer output (histogram prints, logging records, warnings) in `path` instead
+    of the console; yields [lines written] once the block is done."""
+    import logging
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    written = [0]
+    with open(path, "w") as f:
+        handler = logging.StreamHandler(f)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.handlers = [handler]
+        root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+        try:
+            with contextlib.redirect_stdout(f), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield written
+        finally:
+            root.handlers, root.level = handlers, level
+            for w in caught:
+                f.write(f"warning: {w.message}\n")
+    written[0] = sum(1 for _ in open(path))
+
+
 def calibration_batches(items: list[tuple[Any, Any]], count: int, batch: int, size: int = INPUT_SIZE
                         ) -> Iterator[np.ndarray]:
     """Normalised crops (B, 3, S, S) float32, `count` in all, cycling through items."""
@@ -306,10 +345,14 @@ def quantize_int8(src: Path, dst: Path, opts: PrecisionOptions, ranges_path: Pat
             items, _ = calibration_set(opts, seed)
         batches = calibration_batches(items, opts.calib_count, opts.calib_batch)
         reader = _Reader(input_name, batches, opts.calib_count, show_progress)
-    # onnxruntime's calibrators print to stdout; stdout of the build is reserved for engine paths.
-    with contextlib.redirect_stdout(sys.stderr):
+    # onnxruntime's quantizer prints histograms and logs warnings by the hundred: kept in a log beside the
+    # ranges (stdout of the build is reserved for engine paths), and said in one line.
+    log_path = ranges_path.parent / "logs" / f"{ranges_path.stem}-{opts.int8_scheme}.log"
+    with quantizer_log(log_path) as lines:
         called = _quantize(quantize_static, src, dst, reader, excluded, method, kwargs, opts.int8_scheme,
                            [n.name for n in model.graph.node if n.op_type != "Conv"])
+    if show_progress and lines[0]:
+        print(f"      quantizer output: {lines[0]} lines in {log_path}", file=sys.stderr)
     ran = _method_that_ran(called, ranges_path if supports_cache else None)
     if ran != opts.calib_method:
         if supports_cache and not reused:  # filed under the asked method's name: never reuse these ranges
