@@ -151,12 +151,16 @@ class Request:
     """What a caller asked build_engine for, without the weights as torch reads them: the checkpoint
     file's sha256 and every other field of the cache key. requests/<key>.json in the engine folder maps
     a request already served to its engine's handle and full key fields; a lookup then checks that
-    engine like any cache hit (_cached). A stale or unreadable record is a miss, never an error."""
+    engine like any cache hit (_cached). Without a record (a cache an older version filled, a copied
+    folder) the sidecars are searched for an engine of the same checkpoint file (weights.checkpoint_sha256;
+    for the shipped model, its recorded weights hash) whose cache key these fields reproduce. A stale or
+    unreadable record is a miss, never an error."""
 
     FOLDER = "requests"
 
-    def __init__(self, out: Path, fields: dict[str, Any]) -> None:
-        self.path = out / self.FOLDER / f"{cache_key({'request': fields})[:32]}.json"
+    def __init__(self, out: Path, fields: dict[str, Any], backend_fields: dict[str, Any]) -> None:
+        self.out, self.fields, self.backend_fields = out, fields, backend_fields
+        self.path = out / self.FOLDER / f"{cache_key({'request': {**fields, **backend_fields}})[:32]}.json"
 
     def lookup(self, module: Any, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
         try:
@@ -165,12 +169,48 @@ class Request:
             key, fields = rec["cache_key"], rec["key_fields"]
             if not is_plain_name(rec["handle"]) or cache_key(fields) != key:
                 return None
+        except FileNotFoundError:
+            return self._search(module, say)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         hit = _cached(handle, key, fields, module, say)
         if hit is not None:
             _tidy(handle.parent, Path(rec["handle"]).stem, handle)
         return hit
+
+    def _weights_match(self, weights: dict[str, Any]) -> bool:
+        from .shipped import record
+
+        wanted = self.fields["checkpoint_sha256"]
+        if wanted is None:
+            return False  # random weights: their hash needs torch
+        if weights.get("checkpoint_sha256") == wanted:
+            return True
+        shipped = record()
+        return wanted == shipped.get("file_sha256") and weights.get("sha256") == shipped.get("weights_sha256")
+
+    def _search(self, module: Any, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+        from .engine import read_sidecar
+
+        for side in sorted(self.out.glob(f"*{module.ENGINE_SUFFIX}.json")):
+            try:
+                meta = read_sidecar(side)
+            except (EngineError, OSError):
+                continue
+            if not self._weights_match(meta.get("weights") or {}):
+                continue
+            fields = {**_recorded_key_fields(meta), **self.backend_fields}
+            if any(fields.get(k) != self.fields[k] for k in ("precision", "precision_options", "backend", "opset",
+                                                               "max_batch", "input_convention")):
+                continue
+            if cache_key(fields) != meta.get("cache_key"):
+                continue  # built with other backend settings (version, TensorRT options)
+            handle = side.with_suffix("")
+            hit = _cached(handle, meta["cache_key"], fields, module, say)
+            if hit is not None:
+                self.remember(handle, meta["cache_key"], fields)
+                return hit
+        return None
 
     def remember(self, handle: Path, key: str, key_fields: dict[str, Any]) -> None:
         fields = json.loads(json.dumps(key_fields))  # as the sidecar records them
@@ -365,15 +405,16 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
     out = _engine_folder(Path(out_dir) if out_dir is not None else default_engine_dir())
     # A request already served is found by the checkpoint file's own hash, without torch (the cache
     # key needs the weights as torch reads them): a cache hit costs what loading the engine costs.
+    checkpoint_sha256 = None if checkpoint is None else _checkpoint_sha256(checkpoint)
     request = Request(out, {
-        "checkpoint_sha256": None if checkpoint is None else _checkpoint_sha256(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256,
         # With a checkpoint its tensors decide the variant (a given one is checked on the hit).
         "seed": seed if checkpoint is None else None,
         "variant": None if variant is None or checkpoint is not None else variant.to_dict(),
         "precision": precision, "precision_options": opts.key_fields(calib_hash), "backend": backend_name,
-        "opset": opset, "max_batch": max_batch, "input_convention": INPUT_CONVENTION,
-        **module.key_fields(BuildJob(spec=variant, model=None, precision=precision, max_batch=max_batch,
-                                     opt_batch=opt_batch, trt=trt, out=out, say=say, show_progress=False))})
+        "opset": opset, "max_batch": max_batch, "input_convention": INPUT_CONVENTION},
+        module.key_fields(BuildJob(spec=variant, model=None, precision=precision, max_batch=max_batch,
+                                   opt_batch=opt_batch, trt=trt, out=out, say=say, show_progress=False)))
     hit = None if force else request.lookup(module, say)
     if hit is not None and variant is not None and not variant.same_architecture(VariantSpec(**hit[1]["spec"])):
         hit = None  # the checkpoint holds another variant: the full path says which tensors disagree
@@ -425,6 +466,8 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
             built = tmp / ("engine" + module.ENGINE_SUFFIX)
             extra.update(module.compile(job, built))
             raise_if_stopped()
+            if checkpoint_sha256 is not None:  # finds the engine by the file's bytes, without torch (Request)
+                extra["checkpoint_sha256"] = checkpoint_sha256
             engine, meta = commit_engine(handle, built, lambda path, _sha: _sidecar(
                 path, key, spec, precision, opts, calib_hash, backend_name, opset, max_batch, *io_dtypes, wsha,
                 source, checkpoint, versions, started, extra))
@@ -502,9 +545,11 @@ def _sidecar(engine: Path, key: str, spec: VariantSpec, precision: str, opts: Pr
         "input": {"name": INPUT_NAME, "dtype": in_dtype, "shape": ["N", *spec.input_shape],
                   "convention": INPUT_CONVENTION, "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
         "output": {"name": OUTPUT_NAME, "dtype": out_dtype, "shape": ["N", *spec.heatmap_shape]},
-        "weights": {"sha256": wsha, "source": source, "random": checkpoint is None},
+        "weights": {"sha256": wsha, "source": source, "random": checkpoint is None,
+                    **({"checkpoint_sha256": extra["checkpoint_sha256"]} if "checkpoint_sha256" in extra else {})},
         "versions": versions, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "build_seconds": round(time.time() - started, 2), **extra,
+        "build_seconds": round(time.time() - started, 2),
+        **{k: v for k, v in extra.items() if k != "checkpoint_sha256"},
     }
 
 

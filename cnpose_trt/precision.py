@@ -257,7 +257,8 @@ def quantizer_log(path: Path) -> Iterator[list[int]]:
             root.handlers, root.level = handlers, level
             for w in caught:
                 f.write(f"warning: {w.message}\n")
-    written[0] = sum(1 for _ in open(path))
+    with open(path) as f:
+        written[0] = sum(1 for _ in f)
 
 
 def calibration_batches(items: list[tuple[Any, Any]], count: int, batch: int, size: int = INPUT_SIZE

@@ -37,6 +37,7 @@ class Bar:
         self.started = self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closed = False  # set under the lock: no line is drawn after the final one
         if enabled and not self.tty and log_interval > 0:
             threading.Thread(target=_tick, args=(weakref.ref(self), self._stop, log_interval), daemon=True,
                              name="cnpose-progress").start()
@@ -54,6 +55,9 @@ class Bar:
 
     def _show(self, final: bool) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = final
             self._last = time.monotonic()
             self._draw(final)
 
@@ -73,6 +77,8 @@ class Bar:
         self._stop.set()
         if self.enabled and (self.done or self.tty):
             self._show(final=True)
+        with self._lock:
+            self._closed = True
 
 
 def _tick(ref: Any, stop: threading.Event, every: float) -> None:

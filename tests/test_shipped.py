@@ -137,3 +137,42 @@ def test_cache_hits_need_no_torch_and_misses_say_so(shipped_engines, scene_file,
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
         assert "needs PyTorch, which is not installed here: pip install torch==2.13.0" in lines[0]
+
+
+def test_engines_of_a_cache_without_request_records_are_found_without_torch(shipped_engines, scene_file, tmp_path):
+    """A cache filled by an older version, or copied without engines/requests/: the sidecars are searched
+    by the checkpoint file's hash (recorded in weights.checkpoint_sha256; the shipped model's weights hash
+    for older sidecars), so torch is still not needed (a review found this case exit 2)."""
+    import json
+    import shutil
+
+    from conftest import make_model, write_official
+    from torchless import cli_without_torch
+
+    from cnpose_trt import build_engine
+    from cnpose_trt.cache import file_sha256
+
+    folder, _, _ = shipped_engines
+    image, box = scene_file
+    copy = tmp_path / "copied"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("requests"))
+    for side in copy.glob("*.json"):  # as an older version wrote them: no checkpoint_sha256
+        meta = json.loads(side.read_text())
+        if "weights" in meta:
+            meta["weights"].pop("checkpoint_sha256", None)
+            side.write_text(json.dumps(meta))
+    args = ["predict", image, "--bbox", ",".join(map(str, box)), "--checkpoint", shipped.SHIPPED_XS, "--engines",
+            copy, "--output", tmp_path / "p.json"]
+    done = cli_without_torch(args)
+    assert done.returncode == 0, done.stderr
+    assert list((copy / "requests").iterdir())  # found once, recorded for the next time
+    ckpt = write_official(tmp_path / "mine.pth.tar", make_model("XS", seed=3))
+    built = build_engine(checkpoint=ckpt, out_dir=tmp_path / "mine", max_batch=2)
+    assert built.meta["weights"]["checkpoint_sha256"] == file_sha256(ckpt)
+    shutil.rmtree(tmp_path / "mine" / "requests")
+    done = cli_without_torch(["build", "--checkpoint", ckpt, "--max-batch", "2", "--out", tmp_path / "mine"])
+    assert done.returncode == 0 and "cached engine is up to date" in done.stderr, done.stderr
+    ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # other bytes: not that engine, and reading it needs torch
+    done = cli_without_torch(["build", "--checkpoint", ckpt, "--max-batch", "2", "--out", tmp_path / "mine"])
+    assert done.returncode == 2 and "needs PyTorch" in done.stderr
+
