@@ -188,6 +188,17 @@ def _folder_boxes(folder: Path, boxes_file: Path | None) -> tuple[list[Path], di
     if unknown:
         raise ValueError(f"--boxes {boxes_file} names {len(unknown)} file(s) that are not images of {folder}: "
                          f"{', '.join(unknown[:5])}")
+    import numpy as np
+
+    for name, value in table.items():  # each entry checked before any work, by file name
+        try:
+            boxes = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            boxes = None
+        if boxes is None or not (boxes.shape == (4,) or (boxes.ndim == 2 and boxes.shape[1] == 4) or boxes.size == 0) \
+                or not np.isfinite(boxes).all():
+            raise ValueError(f"--boxes {boxes_file}, entry {name!r}: must be a box [x, y, w, h] or a list of them "
+                             f"(finite numbers), got {str(value)[:80]}")
     return images, table
 
 
@@ -236,7 +247,15 @@ def _predict_folder(args: argparse.Namespace) -> int:
             pending.append((path, item["image"]))
             yield item
 
-    for result in PoseEstimator(engine).predict_iter(feed(), flip=flip):
+    results = PoseEstimator(engine).predict_iter(feed(), flip=flip)
+    while True:
+        try:
+            result = next(results)
+        except StopIteration:
+            break
+        except ValueError as exc:  # a box this image cannot use: name the image (and the option its boxes came from)
+            option = "--boxes" if args.boxes is not None else "--bbox" if args.bbox is not None else "--crop-box"
+            raise ValueError(f"{pending[0][0].name} ({option}): {exc}") from None
         path, image = pending.popleft()
         docs.append({"image": path.name, "width": image.shape[1], "height": image.shape[0],
                      "people": result.to_dict()})

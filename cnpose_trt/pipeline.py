@@ -194,9 +194,10 @@ def _image_list(images: Any) -> tuple[bool, list[Any]]:
         raise ValueError(f"images must be {_IMAGES_WANTED}, got a numpy array of shape {images.shape}{hint}")
     if isinstance(images, (str, Path)):
         return True, [images]
-    if not isinstance(images, (list, tuple)):
+    if hasattr(images, "detach") or isinstance(images, (dict, bytes)) or not hasattr(images, "__iter__"):
         raise TypeError(f"images must be {_IMAGES_WANTED}, got {type(images).__module__}.{type(images).__name__}"
                         f"{' (convert it with .cpu().numpy())' if hasattr(images, 'detach') else ''}")
+    images = list(images)  # any iterable of images, a generator included (as before issue 20)
     for i, im in enumerate(images):
         if not isinstance(im, (np.ndarray, str, Path)):
             raise TypeError(f"images[{i}] must be a numpy array (H, W, 3) or an image file path ({_IMAGES_WANTED}), "
@@ -437,6 +438,16 @@ class PoseEstimator:
             chunk = min(max(1, window // self.prep_threads),
                         self.prep_chunk or max(1, min(16, window // (2 * self.prep_threads))))
             capacity = self._per_call(flip)  # people per engine call
+            # The window counts images; their crops are what costs memory. Images read ahead are capped
+            # at window / (people per image seen so far), so crops in flight stay about one window
+            # whether images hold one person or hundreds (a few images until the first is seen).
+            seen = [0, 0]  # people of the first parts taken, images taken
+
+            def ahead() -> int:
+                if not seen[1]:
+                    return min(window, max(self.prefetch, self.prep_threads))
+                return max(self.prefetch, min(window, int(window * seen[1] / max(seen[0], seen[1]))))
+
             exhausted = False
             failure: BaseException | None = None
             # The GPU path needs room for a crop and its mirror in one engine call.
@@ -450,10 +461,11 @@ class PoseEstimator:
             def refill() -> None:
                 """Top the window up, once a whole run of items fits (or nothing is pending)."""
                 nonlocal exhausted, failure
-                if pending and len(pending) > window - chunk:
+                limit = ahead()
+                if pending and len(pending) > limit - chunk:
                     return
                 run: list[Any] = []
-                while not exhausted and len(pending) + len(run) < window:
+                while not exhausted and len(pending) + len(run) < limit:
                     try:
                         nxt = next(source, _END)
                     except Exception as exc:  # delivered after everything before it
@@ -470,10 +482,12 @@ class PoseEstimator:
 
             def advance(item: _Item) -> None:
                 """Drop the taken item from the window; the rest of its image's people come next."""
-                pending.popleft()
+                if not pending.popleft().rest:  # an image's first part
+                    seen[0] += len(item.boxes)
+                    seen[1] += 1
                 if item.rest is not None:
                     fut = prep.submit(self._prepare_rest, item.rest, flip, gpu)
-                    pending.appendleft(_Slot(fut, 0))
+                    pending.appendleft(_Slot(fut, 0, rest=True))
 
             def take() -> _Item | None:
                 """The next prepared item, or None (and failure set) when it failed."""
@@ -756,10 +770,10 @@ class PoseEstimator:
 class _Slot:
     """One pending item: entry i of a prep run's result (an _Item, or the exception it raised)."""
 
-    __slots__ = ("future", "i")
+    __slots__ = ("future", "i", "rest")
 
-    def __init__(self, future: Future[list[Any]], i: int) -> None:
-        self.future, self.i = future, i
+    def __init__(self, future: Future[list[Any]], i: int, rest: bool = False) -> None:
+        self.future, self.i, self.rest = future, i, rest  # rest: a later part of an image already counted
 
     def result(self) -> _Item:
         got = self.future.result()[self.i]

@@ -361,3 +361,49 @@ def test_timings_read_as_text():
     t.add("decode", 0.5)
     assert repr(t) == ("Timings(2 images, 4 people: prepare 0.500 s (25%), infer 1.000 s (50%), decode 0.500 s "
                        "(25%), 250.00 ms infer per person)")
+
+
+@pytest.mark.parametrize("people, bound", [(12, "window"), (1, "reads ahead")])
+def test_crops_read_ahead_stay_about_one_window(xs_engine, monkeypatch, people, bound):
+    """Images read ahead are capped by the people seen per image: with 12 people per image the crops made
+    but not yet sent to the engine stay near one window (max_batch x prefetch), not window x max_batch
+    (a review measured +1.1 GB for 40 images of 600 people); with one person per image the whole window
+    is still read ahead."""
+    import threading
+
+    import cnpose_trt.pipeline as pipeline
+
+    img, box = demo_image()
+    rng = np.random.default_rng(5)
+    est = PoseEstimator(xs_engine, prep_threads=2, prefetch=2)
+    counting = _Counting(xs_engine, fake=True)
+    monkeypatch.setattr(est, "engine", counting)
+    lock, made, ahead = threading.Lock(), [0], []
+    crop_people = pipeline.crop_people
+
+    def counted(image, crop_boxes, *args, **kwargs):
+        out = crop_people(image, crop_boxes, *args, **kwargs)
+        with lock:
+            made[0] += len(crop_boxes)
+            ahead.append(made[0] - sum(counting.calls))
+        return out
+
+    monkeypatch.setattr(pipeline, "crop_people", counted)
+    items = [(img, np.column_stack([rng.uniform(0, 400, people), rng.uniform(0, 300, people),
+                                    np.full(people, 80.0), np.full(people, 120.0)])) for _ in range(30)]
+    got = list(est.predict_iter(items))
+    assert [len(r) for r in got] == [people] * 30
+    window = xs_engine.max_batch * est.prefetch
+    if bound == "window":
+        assert max(ahead) <= window + xs_engine.max_batch, ahead  # was up to window x max_batch
+    else:
+        assert max(ahead) >= window - xs_engine.max_batch, ahead  # one-person images: the full window
+
+
+def test_predict_takes_any_iterable_of_images(xs_engine):
+    """A generator of images worked before issue 20's stricter checks and must keep working (review)."""
+    img, box = demo_image()
+    got = PoseEstimator(xs_engine).predict((im for im in [img, img]), [[box], [box]])
+    assert [len(r) for r in got] == [1, 1]
+    with pytest.raises(TypeError, match="images must be one"):
+        PoseEstimator(xs_engine).predict({"image": img}, [[box]])

@@ -151,3 +151,25 @@ def test_predict_folder(xs_engine_path, tmp_path, capsys):
     boxes.write_text(json.dumps({**table, "missing.png": [1, 2, 3, 4]}))
     assert cli(["predict", str(folder), "--boxes", str(boxes), "--engine", str(xs_engine_path)]) == 2
     assert "names 1 file(s) that are not images of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("abc", r"--boxes .*, entry 'f1.png': must be a box \[x, y, w, h\] or a list of them \(finite numbers\), got abc"),
+    ([1, 2, 3], r"entry 'f1.png': must be a box .* got \[1, 2, 3\]"),
+    ([-1e6, -1e6, 10, 10], r"^error: f1.png \(--boxes\): boxes\[0\] = .* lies outside the 320x240 image"),
+])
+def test_predict_folder_names_the_file_of_a_bad_box(xs_engine_path, tmp_path, capsys, entry, message):
+    """Review: a bad box in a folder run said neither the file nor the option."""
+    import re
+
+    from cnpose_trt.synthetic import synthesize
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for seed in (0, 1):
+        save_image(folder / f"f{seed}.png", synthesize(seed, width=320, height=240).image)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"f0.png": [10, 10, 80, 120], "f1.png": entry}))
+    assert cli(["predict", str(folder), "--boxes", str(boxes), "--engine", str(xs_engine_path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err, re.M), err
