@@ -136,6 +136,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
 def cpu_has_vnni() -> bool:
     """True when the processor has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), which
     ONNX Runtime's quantized convolutions need to beat FP32."""
@@ -223,6 +232,8 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         threads, spinning = session_threads(threads, spinning)
+        if self.precision == "int8" and not cpu_has_vnni():  # a cached INT8 engine brought to such a CPU too
+            _warn_once(f"{path}: {NO_VNNI_NOTICE}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
