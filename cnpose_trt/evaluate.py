@@ -342,6 +342,7 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
 
     images: list[EvalImage] = []
     skipped = 0
+    outside = 0  # ground-truth boxes wholly outside their image: refused here (issue 20), not upstream
     failed_boxes: list[str] = []  # RootNet boxes the estimator cannot use (wholly outside the image, ...)
     bad_truth: list[str] = []  # frames left out: unusable ground truth (_usable_truth)
     seen_ids: dict[Any, str] = {}  # image id -> where it was first listed, over all subjects' files
@@ -392,8 +393,11 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
                 box = np.asarray(ann["bbox"], np.float64)
                 try:
                     process_boxes(box, (width, height))
-                except ValueError:
-                    skipped += 1  # upstream: process_bbox returned None -> `continue`
+                except ValueError as exc:
+                    if "lies outside" in str(exc):  # upstream would shift it into the image and score it
+                        outside += 1
+                    else:
+                        skipped += 1  # upstream: process_bbox returned None -> `continue`
                     continue
                 root_depth, is_crop, failed = float(gt_cam[ROOT_JOINT, 2]), False, None
             path = root / "images" / file_name
@@ -408,7 +412,7 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
     if missing:
         raise FileNotFoundError(f"{len(missing)} Human3.6M images are missing, e.g. {', '.join(map(str, missing[:3]))}")
     info = {"kind": "human36m", "root": str(root), "protocol": protocol, "subjects": list(subject_list),
-            "sampling": sampling, "limit": limit, "skipped_boxes": skipped,
+            "sampling": sampling, "limit": limit, "skipped_boxes": skipped, "outside_boxes": outside,
             "skipped_ground_truth": len(bad_truth), "skipped_ground_truth_images": bad_truth[:_NAMED],
             "boxes": "RootNet (used as crop boxes)" if rootnet is not None else "ground truth, upstream's box rule",
             "root_depth": f"RootNet ({bbox_root})" if rootnet is not None else "ground truth"}
@@ -743,6 +747,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"left out: {bad_truth} frame{'s' if bad_truth > 1 else ''} whose ground truth is unusable "
                      f"(not finite, or a joint at Z <= 0): image {', '.join(named)}"
                      f"{', ...' if bad_truth > len(named) else ''}")
+    outside = report["dataset"].get("outside_boxes", 0)
+    if outside:
+        lines.append(f"left out: {outside} ground-truth box{'es' if outside > 1 else ''} wholly outside the image "
+                     "(upstream's process_bbox would shift such a box into the image and score it)")
     width = max([len(e["label"]) for e in report["engines"]] + [24])
     head = f"{'engine':<{width}} {'MPJPE':>9} {'PA-MPJPE':>9} {'PA(scale)':>9} {'2D px':>9} {'people':>7} " \
            f"{'failed':>6} {'img/s':>7}"

@@ -668,3 +668,24 @@ def test_eval_command_scores_the_frames_whose_ground_truth_is_usable(h36m, xs_en
     mpjpe, pa, pa_scaled, px = row.split()[2:6]
     assert all(math.isfinite(float(v)) for v in (mpjpe, pa, pa_scaled, px)), row
     assert "left out: 1 frame whose ground truth is unusable" in out and "image 10" in out
+
+
+def test_h36m_ground_truth_box_wholly_outside_is_counted_apart(h36m):
+    """A ground-truth box wholly outside its image is refused (issue 20), where upstream's process_bbox would
+    shift it in and score it: counted apart from upstream's own skips, and said in the table (review)."""
+    import json
+
+    root, _ = h36m
+    data = next(p for p in (root / "annotations").glob("*_data.json")
+                if any(a["image_id"] == 12 for a in json.loads(p.read_text())["annotations"]))
+    doc = json.loads(data.read_text())
+    ann = next(a for a in doc["annotations"] if a["image_id"] == 12)
+    ann["bbox"] = [-500.0, 10.0, 100.0, 100.0]
+    data.write_text(json.dumps(doc))
+    s = ev.h36m_set(root)
+    assert [im.key for im in s.images] == ["10", "20"]
+    assert s.info["skipped_boxes"] == 1 and s.info["outside_boxes"] == 1
+    report = {"dataset": {"name": "h", "people": 2, **s.info}, "flip_test": False, "engines": [],
+              "protocol": {"joints": []}}
+    assert "left out: 1 ground-truth box wholly outside the image (upstream's process_bbox would shift" in \
+        ev.format_report(report)
