@@ -35,6 +35,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ import numpy as np
 from .errors import CnposeError
 from .interrupts import held_stops, raise_if_stopped
 from .progress import Bar
+from .watchdog import alive, ray_descendants, start_time
 
 log = logging.getLogger(__name__)
 
@@ -1432,13 +1434,16 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
         writer.close()
         return writer, "ray, nothing to do"
     started_here = not ray.is_initialized()
+    watchdog = None
     if started_here:
         before = set(_ray_processes().items())
+        watchdog = _start_watchdog()  # a kill -9 of this process leaves no cluster behind
         try:  # a Ctrl-C waits for ray.init, then the session (and a local cluster) is shut down
             held_stops(ray.init, address=address or None, include_dashboard=False, log_to_driver=False,
                        configure_logging=False)
         except BaseException:
             _shutdown_ray(ray, before)
+            _stop_watchdog(watchdog)
             raise
     try:
         resources = ray.cluster_resources()
@@ -1507,40 +1512,29 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
     finally:
         if started_here:
             _shutdown_ray(ray, before)
+            _stop_watchdog(watchdog)
 
 
 def _ray_processes() -> dict[int, bytes]:
-    """This process's descendants that run Ray (pid -> start time, so that a reused pid is not taken
-    for one), from /proc; empty where there is none."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    started: dict[int, bytes] = {}
-    with contextlib.suppress(OSError):
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            children[int(fields[1])].append(int(name))  # fields after the name: state, ppid, ...
-            started[int(name)] = fields[19]
-    found: dict[int, bytes] = {}
-    todo = [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found[child] = started[child]
-                todo.append(child)
-    return {pid: t for pid, t in found.items() if _runs_ray(pid)}
+    """This process's descendants that run Ray (pid -> start time)."""
+    return ray_descendants(os.getpid())
 
 
-def _runs_ray(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"ray" in f.read()
-    except OSError:
-        return False
+def _start_watchdog() -> subprocess.Popen[bytes] | None:
+    """The watchdog that ends the cluster's processes if this process dies without ending them (watchdog.py)."""
+    start = start_time(os.getpid())
+    if start is None:  # no /proc: nothing to watch with
+        return None
+    return subprocess.Popen([sys.executable, "-m", "cnpose_trt.watchdog", str(os.getpid()), start.decode()],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop_watchdog(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
 
 
 def _shutdown_ray(ray: Any, before: set[tuple[int, bytes]], grace: float = 10.0) -> None:
@@ -1552,7 +1546,7 @@ def _shutdown_ray(ray: Any, before: set[tuple[int, bytes]], grace: float = 10.0)
     held_stops(ray.shutdown)
     deadline = time.monotonic() + grace
     while ours:
-        ours = {pid: t for pid, t in ours.items() if _alive(pid, t)}
+        ours = {pid: t for pid, t in ours.items() if alive(pid, t)}
         if not ours:
             break
         if time.monotonic() > deadline:
@@ -1561,17 +1555,6 @@ def _shutdown_ray(ray: Any, before: set[tuple[int, bytes]], grace: float = 10.0)
                     os.kill(pid, 9)
             break
         time.sleep(0.05)
-
-
-def _alive(pid: int, start: bytes) -> bool:
-    """The process pid, started at `start`, still runs (a zombie, waiting for its parent, does not)."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        if fields[19] == start and fields[0] not in (b"Z", b"X"):
-            return True
-        return False
-    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1023,3 +1023,47 @@ def test_ctrl_c_during_ray_start_up(scenes, tmp_path, xs_engine_path, moment):
     assert "Traceback" not in err
     assert not left, f"Ray processes left: {[Path(f'/proc/{p}/cmdline').read_bytes()[:60] for p in left]}"
     assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_kill_9_of_a_ray_job_leaves_no_ray_process(scenes, tmp_path, xs_engine_path):
+    """Issue 20 item 8: `kill -9` of the driver left 12 Ray processes. A watchdog in a session of its own
+    (cnpose_trt/watchdog.py) ends the local cluster's processes once the driver is gone."""
+    pytest.importorskip("ray.data")
+    if not Path("/proc/self/environ").is_file():
+        pytest.skip("needs /proc")
+    folder, records, _ = scenes
+    manifest = _write_jsonl(tmp_path / "many.jsonl", records * 40)  # long enough to be killed mid-job
+    many = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, rec in enumerate(many):  # every image listed once: copies under other names
+        src = folder / rec["image"]
+        dst = tmp_path / f"{i:04d}{src.suffix}"
+        dst.write_bytes(src.read_bytes())
+        rec["image"] = str(dst)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in many))
+    tag = f"cnpose-test-kill9-{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(CNPOSE_TEST_TAG=tag, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(batch.__file__).parents[1]),
+                                                                              env.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "cnpose_trt.batch", str(manifest), "--out", str(tmp_path / "out"),
+                             "--engine", str(xs_engine_path), "--ray", "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(_tagged(tag)) < 5:  # the driver, its watchdog and the local cluster's processes
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never started its cluster"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30  # the watchdog polls, then SIGTERM, SIGKILL after 3 s
+        left = _tagged(tag)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _tagged(tag)
+    finally:
+        for pid in _tagged(tag):  # leave none behind for the next tests, whatever the verdict
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"left after kill -9: {[Path(f'/proc/{p}/cmdline').read_bytes()[:60] for p in left]}"
