@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .errors import BuildError, CheckpointError, CnposeError, EngineError
 
 # The decode API is bound eagerly (it needs numpy only); its module is `ops.decoding`, so that the
@@ -16,8 +17,6 @@ from .errors import BuildError, CheckpointError, CnposeError, EngineError
 # nn, backends, runtime, build, pipeline, batch, eval, cli) and their import direction: README "Layout".
 from .ops.decoding import Decoded, DeviceArray, decode, soft_argmax_reference
 from .spec import FLIP_PAIRS, JOINT_NAMES, SKELETON, VARIANTS, VariantSpec, custom_spec, get_spec
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "build_model": "nn.model", "count_parameters": "nn.model",

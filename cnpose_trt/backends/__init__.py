@@ -17,19 +17,23 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import BuildError, EngineError
+from .base import (  # noqa: F401  (the registry's helpers live below the backend modules)
+    LOAD_OPTIONS,
+    ORT_DEFAULT_SPINNING,
+    ORT_DEFAULT_THREADS,
+    check_options,
+    importable,
+    library_version,
+)
 
 log = logging.getLogger(__name__)
 
 _MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend", "torch": "torch_backend"}
 NAMES = tuple(_MODULES)
+BACKENDS = ("auto", *NAMES)  # what the commands that build offer
+DEFAULT_MAX_BATCH = 32  # the largest batch an engine is built for unless told otherwise
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
 AUTO_ORDER = ("tensorrt", "onnxruntime")
-# ONNX Runtime session defaults (onnxruntime_backend), from benchmarks/results/ort-threads-*: on the
-# 2-core machine spinning off was faster end to end in 10 of the 12 on/off pairs (not at threads 1
-# under load), quiet and under load (XS 1.47-1.65x, M 1.09-1.12x at threads 0); threads 1 helped M on the quiet
-# machine (1.27x) but cost it 0.81x under load, so threads stay ONNX Runtime's own choice (0: one per core).
-ORT_DEFAULT_THREADS = 0
-ORT_DEFAULT_SPINNING = False
 THREADS_HELP = (f"ONNX Runtime intra-op threads (torch engines: torch's CPU threads); 0: one per core (default "
                 f"{ORT_DEFAULT_THREADS})")
 SPINNING_HELP = (f"whether ONNX Runtime's idle threads spin waiting for work (default "
@@ -62,20 +66,6 @@ def session_options(threads: int | None = None, spinning: bool | str | None = No
             raise ValueError(f"spinning must be on or off (True or False), got {spinning!r}")
         options["spinning"] = spinning
     return options
-
-
-def importable(library: str) -> bool:
-    """True when the library a backend runs on can be imported (a backend's available())."""
-    try:
-        importlib.import_module(library)
-    except ImportError:
-        return False
-    return True
-
-
-def library_version(library: str) -> str:
-    """The library's __version__ (a backend's version(), part of the engine cache key)."""
-    return str(importlib.import_module(library).__version__)
 
 
 def get(name: str, what: str = "") -> ModuleType:
@@ -117,22 +107,3 @@ def resolve(requested: str) -> str:
         except EngineError:
             continue
     raise BuildError("no backend is available: install onnxruntime")
-
-
-def check_options(module: ModuleType, options: dict[str, Any]) -> None:
-    """Refuse load options the backend does not take, naming the ones it does."""
-    unknown = sorted(set(options) - set(module.LOAD_OPTIONS))
-    if unknown:
-        owners = {opt: [n for n in NAMES if n != module.NAME and opt in _load_options(n)] for opt in unknown}
-        notes = [f"{opt} is an option of {' and '.join(who)}" for opt, who in owners.items() if who]
-        allowed = module.LOAD_OPTIONS
-        raise ValueError(f"the {module.NAME} backend takes the option{'s' if len(allowed) > 1 else ''} "
-                         f"{', '.join(allowed) or '(none)'}, got {', '.join(unknown)}"
-                         + (f" ({'; '.join(notes)})" if notes else ""))
-
-
-def _load_options(name: str) -> tuple[str, ...]:
-    try:
-        return tuple(get(name).LOAD_OPTIONS)
-    except EngineError:
-        return ()

@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BuildError, EngineError
-from ..runtime.engine import Engine, check_engine_contents, check_engine_io, engine_mismatch
-from . import ORT_DEFAULT_SPINNING, ORT_DEFAULT_THREADS, importable, library_version
+from .base import (
+    ORT_DEFAULT_SPINNING,
+    ORT_DEFAULT_THREADS,
+    Engine,
+    check_engine_contents,
+    check_engine_io,
+    engine_mismatch,
+    importable,
+    library_version,
+)
 
 if TYPE_CHECKING:
     from ..build.builder import BuildJob

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BuildError, CnposeError, EngineError
-from ..runtime.engine import Engine, check_engine_io
+from .base import Engine, check_engine_io, check_options
 
 if TYPE_CHECKING:
     from ..build.builder import BuildJob
@@ -312,7 +312,7 @@ def check_plan_compatible(built: dict[str, Any], runtime_version: str, here: dic
                           "(or build with --hardware-compatible on an Ampere or newer GPU)")
 
 
-# The I/O check every backend shares (engine.py); TensorRT fills in profiles, format and location.
+# The I/O check every backend shares (backends/base.py); TensorRT fills in profiles, format and location.
 check_io = check_engine_io
 
 
@@ -943,9 +943,7 @@ class _Done:
 
 def _load_options(options: dict[str, Any]) -> int:
     """max_contexts from load_engine's options; anything else is refused naming what is allowed."""
-    from .. import backends
-
-    backends.check_options(sys.modules[__name__], options)
+    check_options(sys.modules[__name__], options)
     value = options.get("max_contexts", DEFAULT_MAX_CONTEXTS)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONTEXTS_LIMIT:
         raise ValueError(f"max_contexts must be an integer in 1..{MAX_CONTEXTS_LIMIT}, got {value!r}")

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EngineError
-from ..runtime.engine import Engine, check_engine_io, engine_mismatch
-from . import importable, library_version
+from .base import Engine, check_engine_io, engine_mismatch, importable, library_version
 
 if TYPE_CHECKING:
     from ..build.builder import BuildJob
@@ -100,7 +99,7 @@ class TorchEngine(Engine):
         import torch
 
         from ..nn.checkpoint import load_checkpoint
-        from ..nn.model import ConvNeXtPose
+        from ..nn.network import ConvNeXtPose
 
         try:
             self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

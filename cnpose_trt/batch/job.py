@@ -1580,7 +1580,7 @@ def _alive(pid: int, start: bytes) -> bool:
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     """The `cnpose-trt batch` options."""
-    from ..build.builder import BACKENDS, DEFAULT_MAX_BATCH
+    from ..backends import BACKENDS, DEFAULT_MAX_BATCH
     from ..spec import VARIANTS
 
     p.add_argument("manifest", type=Path, help="JSON Lines, CSV or Parquet (image, boxes or crop_boxes, optional "

@@ -6,9 +6,8 @@ from here (a re-export of build.builder, nothing else). `python -m cnpose_trt.bu
 build/__main__.py (the command line lives in cli/build.py).
 """
 
-from .builder import (  # noqa: F401  (re-exports: the old module path)
-    BACKENDS,
-    DEFAULT_MAX_BATCH,
+from ..backends import BACKENDS, DEFAULT_MAX_BATCH  # noqa: F401  (re-exports: the old module path)
+from .builder import (  # noqa: F401
     NEARLY_FULL_BYTES,
     BuildJob,
     BuildResult,

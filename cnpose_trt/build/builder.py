@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, backends
+from .. import backends
+from .._version import __version__
+from ..backends import DEFAULT_MAX_BATCH
 from ..cache import (
     ENGINE_FORMAT,
     ENV_ENGINE_DIR,
@@ -52,8 +54,6 @@ from .precision import DEFAULT_INT8_EXCLUDE, PrecisionOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", *backends.NAMES)
-DEFAULT_MAX_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)

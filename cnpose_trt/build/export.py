@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.model import Block, ConvNeXtPose, HeadLayer
+from ..nn.network import Block, ConvNeXtPose, HeadLayer
 from ..spec import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)

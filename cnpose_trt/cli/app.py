@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cache import finite_json
 from ..errors import CnposeError
 from ..progress import say
 
@@ -49,19 +50,6 @@ def _join_signed_values(argv: Sequence[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
-
-
-def finite_json(doc: Any) -> str:
-    """Indented JSON in which NaN and infinities (not JSON) are written as null."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return v if math.isfinite(v) else None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(doc), indent=2, allow_nan=False)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -480,7 +468,7 @@ COMMANDS: dict[str, tuple[str, str | None, Any]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line; with `only`, the other commands get their help line but not their options (a
     command imports no module another command needs)."""
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
     parser.add_argument("--version", action="version", version=f"cnpose-trt {__version__}")

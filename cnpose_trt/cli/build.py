@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..backends import BACKENDS, DEFAULT_MAX_BATCH
 from ..build import builder
-from ..build.builder import BACKENDS, DEFAULT_MAX_BATCH, TrtOptions
+from ..build.builder import TrtOptions
 from ..build.precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS
 from ..errors import CnposeError
 from ..progress import say

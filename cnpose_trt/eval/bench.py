@@ -312,7 +312,7 @@ def machine_name() -> str:
 def main(args: Any) -> int:
     """`cnpose-trt bench`: the table row by row as each configuration finishes, the JSON rewritten after
     every row and the plot written at the end, also when the run is stopped or runs out of budget."""
-    from ..cli.app import finite_json
+    from ..cache import finite_json
 
     machine = machine_name()
     rows: list[dict[str, Any]] = []

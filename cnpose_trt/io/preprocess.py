@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ops.arrays import compiled
+from ..ops.cropping import check_image
 from ..ops.geometry import check_crop_boxes, crop_matrices, process_boxes
 from ..spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 
@@ -63,27 +64,6 @@ def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
     if image is None:
         raise ValueError(f"image {path} is not an image file OpenCV can decode (png, jpg, bmp, ...)")
     return image if rgb_flag is not None else np.ascontiguousarray(image[:, :, ::-1])
-
-
-def check_image(image: object, name: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8 or float RGB with values in 0..255; errors name the argument `name`."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array (H, W, 3) RGB, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{name} must have shape (H, W, 3) RGB, got {image.shape}")
-    if image.dtype != np.uint8 and image.dtype.kind != "f":
-        raise TypeError(f"{name} must be uint8 or float (0..255), got {image.dtype}")
-    if min(image.shape[:2]) < 1:
-        raise ValueError(f"{name} must not be empty, got shape {image.shape}")
-    if image.dtype.kind == "f":
-        lo, hi = float(np.min(image)), float(np.max(image))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-            raise ValueError(f"{name} values must be finite and in 0..255, got a {image.dtype} image spanning "
-                             f"{lo} .. {hi}")
-        if 0 < hi <= 1:
-            raise ValueError(f"{name} values must be in 0..255, got a {image.dtype} image with maximum {hi}: it looks "
-                             "scaled to 0..1 (multiply by 255, or pass uint8)")
-    return image
 
 
 CROP_METHODS = ("auto", "opencv", "fused")

@@ -46,6 +46,27 @@ _CV2_MAX_BYTES = 2**31 - 1
 _CV2_MAX_SIDE = 32767
 
 
+def check_image(image: object, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 or float RGB with values in 0..255; errors name the argument `name`."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array (H, W, 3) RGB, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name} must have shape (H, W, 3) RGB, got {image.shape}")
+    if image.dtype != np.uint8 and image.dtype.kind != "f":
+        raise TypeError(f"{name} must be uint8 or float (0..255), got {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"{name} must not be empty, got shape {image.shape}")
+    if image.dtype.kind == "f":
+        lo, hi = float(np.min(image)), float(np.max(image))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise ValueError(f"{name} values must be finite and in 0..255, got a {image.dtype} image spanning "
+                             f"{lo} .. {hi}")
+        if 0 < hi <= 1:
+            raise ValueError(f"{name} values must be in 0..255, got a {image.dtype} image with maximum {hi}: it looks "
+                             "scaled to 0..1 (multiply by 255, or pass uint8)")
+    return image
+
+
 def _compiled():
     return compiled()
 
@@ -214,7 +235,6 @@ def _crop_host(imgs: list[Any], index: Any, affines: Any, size: int, flip: Any, 
 
 def _check_fallback_args(images: list[np.ndarray], index: Any, affines: Any, size: int, flip: Any, dtype: str | None,
                          out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    from ..io.preprocess import check_image
 
     for i, im in enumerate(images):
         check_image(im, f"images[{i}]")
