@@ -15,8 +15,9 @@ from functools import partial
 
 import numpy as np
 
-from cnpose_trt import bench, build_engine, load_engine
-from cnpose_trt.pipeline import PoseEstimator
+from cnpose_trt import build_engine, load_engine
+from cnpose_trt.eval import bench
+from cnpose_trt.pipeline.estimator import PoseEstimator
 
 BATCH = 8
 

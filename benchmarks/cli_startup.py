@@ -51,9 +51,9 @@ def main() -> None:
     first = next(iter(roots.values()))
     sys.path.insert(0, str(first))
     from cnpose_trt import build_engine
-    from cnpose_trt.draw import save_image
+    from cnpose_trt.io.draw import save_image
+    from cnpose_trt.io.synthetic import synthesize
     from cnpose_trt.shipped import SHIPPED_XS
-    from cnpose_trt.synthetic import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="cnpose-cli-startup-"))
     engines = work / "engines"
@@ -61,7 +61,7 @@ def main() -> None:
     scene = synthesize(7, width=640, height=480)
     image = save_image(work / "scene.png", scene.image)
     box = ",".join(f"{v:.1f}" for v in scene.boxes[0])
-    cli = ["-c", "import sys; from cnpose_trt.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cli = ["-c", "import sys; from cnpose_trt.cli.app import main; sys.exit(main(sys.argv[1:]))"]
     commands = {
         "predict --engine": [*cli, "predict", str(image), "--bbox", box, "--engine", str(built.path)],
         "predict --checkpoint (cached)": [*cli, "predict", str(image), "--bbox", box, "--checkpoint",

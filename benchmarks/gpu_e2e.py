@@ -94,8 +94,8 @@ def end_to_end(estimator, items: list, batch: int, reps: int) -> dict:
 def jpeg_decode(paths: list[Path], device: str) -> dict:
     import torch
 
-    from cnpose_trt.gpu_stage import Uploader
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.preprocess import load_image
+    from cnpose_trt.pipeline.gpu_stage import Uploader
 
     up = Uploader(device, staging="per_image")  # files OpenCV decodes: uploaded, as before
     for p in paths[:4]:
@@ -122,7 +122,7 @@ def staging(items: list, device: str, threads: int) -> dict:
 
     import torch
 
-    from cnpose_trt.gpu_stage import Staged, Uploader
+    from cnpose_trt.pipeline.gpu_stage import Staged, Uploader
 
     images = [img for img, _ in items]
     rounds = 4
@@ -171,7 +171,7 @@ def main() -> int:
     import torch
 
     from cnpose_trt import build_engine, load_engine
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     items = images_with_boxes(64)
 

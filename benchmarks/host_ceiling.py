@@ -42,7 +42,7 @@ class _Taken:
 
 def stub_engine(inner):
     """inner with enqueue_device taking calls and enqueuing nothing (labelled stand-in)."""
-    from cnpose_trt.engine import Engine
+    from cnpose_trt.runtime.engine import Engine
 
     class NothingEnqueued(Engine):
         def __init__(self) -> None:
@@ -80,8 +80,9 @@ def main() -> int:
     from conftest import cpu_name
     from gpu_e2e import images_with_boxes
 
-    from cnpose_trt import build_engine, gpu_stage, load_engine
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt import build_engine, load_engine
+    from cnpose_trt.pipeline import gpu_stage
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, 2, min(8, os.cpu_count() or 2)}))

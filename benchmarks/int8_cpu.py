@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import cpu_name  # noqa: E402
 
 from cnpose_trt import build_engine, load_engine  # noqa: E402
-from cnpose_trt.onnxruntime_backend import cpu_flags, cpu_has_vnni  # noqa: E402
+from cnpose_trt.backends.onnxruntime_backend import cpu_flags, cpu_has_vnni  # noqa: E402
 
 
 def settings() -> dict[str, Any]:
@@ -48,7 +48,7 @@ def settings() -> dict[str, Any]:
 
 def held_out_crops(dataset: Any, count: int, size: int) -> np.ndarray:
     """Normalised crops of the first `count` people of the held-out set."""
-    from cnpose_trt.preprocess import prepare
+    from cnpose_trt.io.preprocess import prepare
 
     crops = []
     for im in dataset.images:
@@ -74,9 +74,9 @@ def interleaved(runs: dict[str, Any], x: np.ndarray, rounds: int) -> dict[str, l
 
 
 def run(out_dir: Path, cfg: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    from cnpose_trt.evaluate import evaluate, synthetic_set
+    from cnpose_trt.build.verify import joint_error
+    from cnpose_trt.eval.evaluate import evaluate, synthetic_set
     from cnpose_trt.shipped import SHIPPED_XS
-    from cnpose_trt.verify import joint_error
 
     batch, rounds = cfg["batch"], cfg["rounds"]
     dataset = synthetic_set(count=cfg["people"])

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import cpu_name  # noqa: E402
 
 from cnpose_trt import build_engine, load_engine  # noqa: E402
-from cnpose_trt.pipeline import PoseEstimator  # noqa: E402
+from cnpose_trt.pipeline.estimator import PoseEstimator  # noqa: E402
 
 
 def settings() -> dict[str, Any]:
@@ -47,7 +47,7 @@ def settings() -> dict[str, Any]:
 def scenes(batch: int) -> tuple[list[Any], list[Any]]:
     import numpy as np
 
-    from cnpose_trt.synthetic import synthesize
+    from cnpose_trt.io.synthetic import synthesize
 
     shots = [synthesize((1, i), width=640, height=480) for i in range(batch)]
     return [s.image for s in shots], [np.asarray(s.boxes, np.float64) for s in shots]

@@ -104,11 +104,11 @@ def pairs() -> list[Pair]:
     import onnxruntime as ort
 
     from cnpose_trt import load_engine
-    from cnpose_trt.cropping import crop_normalize
-    from cnpose_trt.decoding import decode
-    from cnpose_trt.draw import demo_image
-    from cnpose_trt.geometry import crop_matrices
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.io.draw import demo_image
+    from cnpose_trt.ops.cropping import crop_normalize
+    from cnpose_trt.ops.decoding import decode
+    from cnpose_trt.ops.geometry import crop_matrices
+    from cnpose_trt.pipeline.estimator import PoseEstimator
     from cnpose_trt.spec import PIXEL_MEAN, PIXEL_STD
 
     cv2.setNumThreads(1)

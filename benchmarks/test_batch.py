@@ -47,8 +47,8 @@ def _engine(out_dir: str):
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, bench_engine_dir):
     """(engine, manifest, output root, decoded items): IMAGES JPEG files of 640x480 with one person."""
-    from cnpose_trt.draw import demo_image, save_image
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.draw import demo_image, save_image
+    from cnpose_trt.io.preprocess import load_image
 
     folder = tmp_path_factory.mktemp("batch_bench")
     base, box = demo_image()
@@ -75,7 +75,7 @@ def _fresh(root):
 
 
 def test_batch_predict_iter_baseline(benchmark, job):
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     engine, _, _, items = job
     est = PoseEstimator(engine)
@@ -87,8 +87,8 @@ def test_batch_predict_iter_baseline(benchmark, job):
 
 
 def test_batch_local(benchmark, job):
-    from cnpose_trt import batch
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.batch import job as batch
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     engine, manifest, root, items = job
     est = PoseEstimator(engine)
@@ -139,7 +139,7 @@ def ray_cluster():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_batch_ray_local_cluster(benchmark, job, ray_cluster):
-    from cnpose_trt import batch
+    from cnpose_trt.batch import job as batch
 
     engine, manifest, root, _ = job
     summaries: list = []

@@ -23,7 +23,7 @@ import pytest
 from conftest import compiled_or_skip as _C
 from conftest import cuda_or_skip as _cuda
 
-from cnpose_trt.decoding import decode, soft_argmax_torch
+from cnpose_trt.ops.decoding import decode, soft_argmax_torch
 
 CPU_BATCH = int(os.environ.get("CNPOSE_BENCH_CPU_BATCH", "8"))
 THREADS = int(os.environ.get("CNPOSE_BENCH_THREADS", "0"))  # 0: all cores

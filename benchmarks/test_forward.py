@@ -26,14 +26,14 @@ def _group(name: str) -> str:
 
 
 def _images(name: str) -> np.ndarray:
-    from cnpose_trt.verify import accuracy_inputs
+    from cnpose_trt.build.verify import accuracy_inputs
 
     return accuracy_inputs(VARIANTS[name], BATCH)  # real crops in upstream's input convention
 
 
 @pytest.mark.parametrize("name", VARIANT_LIST)
 def test_torch_eager(benchmark, name):
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

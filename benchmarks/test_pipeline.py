@@ -22,7 +22,7 @@ import pytest
 from conftest import slowdown
 
 from cnpose_trt import VARIANTS
-from cnpose_trt.verify import accuracy_inputs
+from cnpose_trt.build.verify import accuracy_inputs
 
 torch = pytest.importorskip("torch")
 VARIANT_LIST = os.environ.get("CNPOSE_BENCH_VARIANTS", "XS,S,M,L").split(",")
@@ -35,7 +35,7 @@ CANDIDATES = ["onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "torch
 @functools.cache
 def scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`batch` generated 480x640 images with one person each (one batch of people)."""
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()
     rng = np.random.default_rng(batch)
@@ -46,7 +46,7 @@ def scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 @functools.cache
 def engine_for(name: str, backend: str, precision: str, out_dir: str, max_batch: int):
     from cnpose_trt import build_engine, load_engine
-    from cnpose_trt.tensorrt_backend import available as tensorrt_available
+    from cnpose_trt.backends.tensorrt_backend import available as tensorrt_available
 
     if backend == "tensorrt" and not tensorrt_available():
         pytest.skip("TensorRT or a CUDA device is not present")
@@ -62,9 +62,9 @@ def engine_for(name: str, backend: str, precision: str, out_dir: str, max_batch:
 
 def upstream_predict(model, images, boxes):
     """The reference-code way: crops, PyTorch eager forward, PyTorch soft-argmax, NumPy geometry."""
-    from cnpose_trt.decoding import soft_argmax_torch
-    from cnpose_trt.geometry import cells_to_image
-    from cnpose_trt.preprocess import prepare
+    from cnpose_trt.io.preprocess import prepare
+    from cnpose_trt.ops.decoding import soft_argmax_torch
+    from cnpose_trt.ops.geometry import cells_to_image
 
     crops, crop_boxes = zip(*(prepare(img, b) for img, b in zip(images, boxes, strict=True)), strict=True)
     with torch.inference_mode():
@@ -85,7 +85,7 @@ def _split(candidate: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_preprocess(benchmark, batch):
-    from cnpose_trt.preprocess import prepare
+    from cnpose_trt.io.preprocess import prepare
 
     images, boxes = scenes(batch)
     benchmark.group = f"preprocess-b{batch}"
@@ -97,7 +97,7 @@ def test_preprocess(benchmark, batch):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", VARIANT_LIST)
 def test_engine_torch_eager_baseline(benchmark, name, batch):
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     with pytest.warns(UserWarning):
         model = build_model(name)
@@ -127,7 +127,7 @@ def test_engine(benchmark, name, batch, candidate, bench_engine_dir):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", VARIANT_LIST)
 def test_e2e_upstream_baseline(benchmark, name, batch):
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     with pytest.warns(UserWarning):
         model = build_model(name)
@@ -142,7 +142,7 @@ def test_e2e_upstream_baseline(benchmark, name, batch):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", VARIANT_LIST)
 def test_e2e(benchmark, name, batch, candidate, bench_engine_dir):
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     backend, precision = _split(candidate)
     est = PoseEstimator(engine_for(name, backend, precision, str(bench_engine_dir), max(BATCHES)))

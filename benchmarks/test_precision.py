@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from cnpose_trt import VARIANTS, load_engine
-from cnpose_trt.build import build_engine
-from cnpose_trt.verify import accuracy_inputs, joint_error
+from cnpose_trt.build.builder import build_engine
+from cnpose_trt.build.verify import accuracy_inputs, joint_error
 
 BATCH = int(os.environ.get("CNPOSE_BENCH_BATCH", "8"))
 VARIANT_LIST = os.environ.get("CNPOSE_BENCH_VARIANTS", "XS,S,M,L").split(",")

@@ -1,5 +1,5 @@
 """Preprocessing throughput (people/s): the fused crop-and-normalise kernel vs the cv2 + NumPy path
-(cnpose_trt.preprocess.crop_people: cv2.warpAffine per person, then normalise and transpose in
+(cnpose_trt.io.preprocess.crop_people: cv2.warpAffine per person, then normalise and transpose in
 NumPy), measured in the same run.
 
     python -m pytest benchmarks/test_preprocess.py --benchmark-only              # CPU (and GPU if present)
@@ -26,8 +26,8 @@ import pytest
 from conftest import compiled_or_skip as _C
 from conftest import cuda_or_skip as _cuda
 
-from cnpose_trt.cropping import crop_normalize
-from cnpose_trt.geometry import crop_matrices
+from cnpose_trt.ops.cropping import crop_normalize
+from cnpose_trt.ops.geometry import crop_matrices
 
 PEOPLE = int(os.environ.get("CNPOSE_BENCH_PEOPLE", "16"))
 ROUNDS = int(os.environ.get("CNPOSE_BENCH_ROUNDS", "7"))
@@ -54,7 +54,7 @@ GROUP_CPU = f"preprocess-cpu-P{PEOPLE}-S{SIZE}"
 def test_cpu_cv2_numpy(benchmark):
     import cv2
 
-    from cnpose_trt.preprocess import crop_people
+    from cnpose_trt.io.preprocess import crop_people
 
     if THREADS:
         cv2.setNumThreads(THREADS)
@@ -115,7 +115,7 @@ def test_cuda_cv2_numpy_then_upload(benchmark):
     torch = _cuda()
     import cv2
 
-    from cnpose_trt.preprocess import crop_people
+    from cnpose_trt.io.preprocess import crop_people
 
     image, boxes, _ = _scene()
     dst = torch.empty(PEOPLE, 3, SIZE, SIZE, device="cuda")

@@ -9,22 +9,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# The decode API is bound eagerly (it needs numpy only); its module is `decoding`, so that the
-# function cnpose_trt.decode is never shadowed by a submodule of the same name.
-from .decoding import Decoded, DeviceArray, decode, soft_argmax_reference
+from ._version import __version__
 from .errors import BuildError, CheckpointError, CnposeError, EngineError
+
+# The decode API is bound eagerly (it needs numpy only); its module is `ops.decoding`, so that the
+# function cnpose_trt.decode is never shadowed by a submodule of the same name. The rooms (ops, io,
+# nn, backends, runtime, build, pipeline, batch, eval, cli) and their import direction: README "Layout".
+from .ops.decoding import Decoded, DeviceArray, decode, soft_argmax_reference
 from .spec import FLIP_PAIRS, JOINT_NAMES, SKELETON, VARIANTS, VariantSpec, custom_spec, get_spec
 
-__version__ = "0.1.0"
-
 _LAZY = {
-    "build_model": "model", "count_parameters": "model",
-    "load_checkpoint": "checkpoint", "detect_variant": "checkpoint", "detect_spec": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "export_onnx": "export", "build_engine": "build",
-    "load_engine": "engine", "Engine": "engine",
-    "estimate": "pipeline", "PoseResult": "pipeline", "PoseEstimator": "pipeline",
-    "crop_normalize": "cropping",
+    "build_model": "nn.model", "count_parameters": "nn.model",
+    "load_checkpoint": "nn.checkpoint", "detect_variant": "nn.checkpoint", "detect_spec": "nn.checkpoint",
+    "save_checkpoint": "nn.checkpoint",
+    "export_onnx": "build.export", "build_engine": "build.builder",
+    "load_engine": "runtime.engine", "Engine": "runtime.engine",
+    "estimate": "pipeline.estimator", "PoseResult": "pipeline.estimator", "PoseEstimator": "pipeline.estimator",
+    "crop_normalize": "ops.cropping",
 }
 
 __all__ = ["decode", "Decoded", "DeviceArray", "soft_argmax_reference",

@@ -32,6 +32,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -160,6 +161,19 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
         os.close(fd)
     _fsync_dir(path.parent)
     return path
+
+
+def finite_json(doc: Any) -> str:
+    """Indented JSON in which NaN and infinities (not JSON) are written as null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(doc), indent=2, allow_nan=False)
 
 
 def write_json(path: str | Path, obj: Mapping[str, Any]) -> Path:

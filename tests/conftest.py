@@ -48,7 +48,7 @@ def pytest_runtest_call(item):
 
 def make_model(variant, seed=0):
     need_torch()
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,14 +71,14 @@ def engine_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xs_engine_path(engine_dir) -> Path:
     need_torch()
-    from cnpose_trt.build import build_engine
+    from cnpose_trt.build.builder import build_engine
 
     return build_engine("XS", out_dir=engine_dir, max_batch=4).path
 
 
 @pytest.fixture(scope="session")
 def xs_engine(xs_engine_path):
-    from cnpose_trt.engine import load_engine
+    from cnpose_trt.runtime.engine import load_engine
 
     return load_engine(xs_engine_path)
 

@@ -1,4 +1,4 @@
-"""Batch jobs (cnpose_trt.batch): manifests, results equal to PoseEstimator's, error rows, resume after
+"""Batch jobs (cnpose_trt.batch.job): manifests, results equal to PoseEstimator's, error rows, resume after
 SIGKILL (between and during part writes), the folder lock, and the same job on a local Ray cluster."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from conftest import signal_swallowed
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from cnpose_trt import batch  # noqa: E402
-from cnpose_trt.draw import demo_image, save_image  # noqa: E402
-from cnpose_trt.pipeline import PoseEstimator  # noqa: E402
-from cnpose_trt.preprocess import load_image  # noqa: E402
+from cnpose_trt.batch import job as batch  # noqa: E402
+from cnpose_trt.io.draw import demo_image, save_image  # noqa: E402
+from cnpose_trt.io.preprocess import load_image  # noqa: E402
+from cnpose_trt.pipeline.estimator import PoseEstimator  # noqa: E402
 
 K = [900.0, 910.0, 320.0, 240.0]
 
@@ -339,7 +339,7 @@ class _FastEngine:
     thousands of people costs only their crops. Records every call's batch size."""
 
     def __new__(cls, real):
-        from cnpose_trt.engine import Engine
+        from cnpose_trt.runtime.engine import Engine
 
         class Fast(Engine):
             backend = real.backend
@@ -750,7 +750,7 @@ _KILLABLE = textwrap.dedent("""
         return result
 
     cache.install_file = install_then_stop
-    from cnpose_trt.batch import main
+    from cnpose_trt.batch.job import main
     sys.exit(main(sys.argv[4:]))
 """)
 
@@ -959,7 +959,7 @@ _RAY_STARTUP = textwrap.dedent("""
         return result
 
     node.Node.start_ray_processes = start_ray_processes
-    from cnpose_trt.batch import main
+    from cnpose_trt.batch.job import main
     mark("main")
     sys.exit(main(sys.argv[2:]))
 """)
@@ -1027,7 +1027,7 @@ def test_ctrl_c_during_ray_start_up(scenes, tmp_path, xs_engine_path, moment):
 
 def test_kill_9_of_a_ray_job_leaves_no_ray_process(scenes, tmp_path, xs_engine_path):
     """Issue 20 item 8: `kill -9` of the driver left 12 Ray processes. A watchdog in a session of its own
-    (cnpose_trt/watchdog.py) ends the local cluster's processes once the driver is gone."""
+    (cnpose_trt/batch/watchdog.py) ends the local cluster's processes once the driver is gone."""
     pytest.importorskip("ray.data")
     if not Path("/proc/self/environ").is_file():
         pytest.skip("needs /proc")

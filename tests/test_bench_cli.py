@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cnpose_trt.cli import main as cli
+from cnpose_trt.cli.app import main as cli
 
 
 def test_bench_cli_table_json_plot(tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_bench_cli_bad_args(tmp_path, capsys, monkeypatch, args, message):
     """Issue 10, item 13: `bench --batch 100000` printed "skipped" and exited 0."""
     import re
 
-    from cnpose_trt import bench
+    from cnpose_trt.eval import bench
 
     monkeypatch.setattr(bench, "_physical_memory", lambda: 16 << 30)  # the same verdict on every machine
     assert cli(["bench", *args, "--engines", str(tmp_path)]) == 2
@@ -60,7 +60,7 @@ def test_bench_keeps_what_it_measured_when_stopped(tmp_path, capsys, monkeypatch
     """Issue 21, item 5: a run cut off after its first configuration still leaves its table rows, JSON and plot."""
     import re
 
-    from cnpose_trt import build
+    from cnpose_trt.build import builder as build
 
     real = build.build_engine
     calls = []
@@ -86,7 +86,7 @@ def test_bench_keeps_what_it_measured_when_stopped(tmp_path, capsys, monkeypatch
 
 def test_bench_budget_skips_what_would_overrun(tmp_path, capsys, monkeypatch):
     """--budget: a configuration estimated past the budget is skipped with the estimate; the rest run."""
-    from cnpose_trt import bench
+    from cnpose_trt.eval import bench
 
     guesses = {"fp32": 1.0, "fp16": 1e6}
     monkeypatch.setattr(bench, "estimate_seconds", lambda v, b, p, *a: guesses[p])

@@ -7,9 +7,9 @@ import pytest
 from conftest import make_model, write_official
 
 from cnpose_trt import BuildError, load_engine
-from cnpose_trt.build import TrtOptions, build_engine
-from cnpose_trt.build import main as build_main
+from cnpose_trt.build.builder import TrtOptions, build_engine
 from cnpose_trt.cache import sidecar_path
+from cnpose_trt.cli.build import main as build_main
 
 
 def test_build_writes_engine_and_sidecar(xs_engine_path):

@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 from onnx import numpy_helper
 
-import cnpose_trt.build as build_mod
+import cnpose_trt.build.builder as build_mod
 from cnpose_trt import BuildError, load_engine, save_checkpoint
-from cnpose_trt.build import build_engine
-from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE
+from cnpose_trt.build.builder import build_engine
+from cnpose_trt.build.precision import DEFAULT_INT8_EXCLUDE
 
 INT8 = {"precision": "int8", "calib_synthetic": True, "calib_count": 2}
 
@@ -202,8 +202,8 @@ def test_int8_quantizer_ignoring_the_method_is_refused(tmp_path, monkeypatch):
 
 
 def test_keep_fp32_keeps_those_convolutions_in_float32(tmp_path):
-    from cnpose_trt.export import export_onnx
-    from cnpose_trt.precision import convert_fp16
+    from cnpose_trt.build.export import export_onnx
+    from cnpose_trt.build.precision import convert_fp16
 
     src = export_onnx(make_model("XS"), tmp_path / "xs.onnx")
     info = convert_fp16(src, tmp_path / "kept.onnx", keep_fp32=["/head/final_layer/"], fp16_output=False)

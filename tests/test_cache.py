@@ -26,7 +26,10 @@ from cnpose_trt.cache import clean_stale, sidecar_path, temp_dir
 WRITER = r"""
 import os, signal, sys, uuid
 import onnx
-from cnpose_trt import build, cache, export, onnxruntime_backend
+from cnpose_trt import cache
+from cnpose_trt.build import builder as build
+from cnpose_trt.build import export
+from cnpose_trt.backends import onnxruntime_backend
 
 out, kill_at, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real_optimise = onnxruntime_backend.optimise
@@ -242,8 +245,8 @@ def _read_only(folder: Path):
 
 
 def test_read_only_cache_serves_its_engines(engines, capsys):
-    from cnpose_trt.cli import main as cli
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.cli.app import main as cli
+    from cnpose_trt.io.draw import demo_image, save_image
 
     folder, handle, before = engines
     for lock in folder.glob(".*.lock"):
@@ -277,7 +280,7 @@ def test_disk_full_is_a_clear_build_error(engines, monkeypatch):
     with pytest.raises(BuildError, match="no space left on the device holding the engine cache"):
         build_engine("XS", out_dir=folder, max_batch=2, force=True)
     monkeypatch.undo()
-    from cnpose_trt import export
+    from cnpose_trt.build import export
 
     monkeypatch.setattr(export, "export_onnx", full)
     with pytest.raises(BuildError, match="no space left|is full"):
@@ -312,7 +315,7 @@ def test_full_tmpfs_keeps_the_previous_engine(base_cache, tmp_path):
 
 
 def test_cache_paths_of_the_wrong_type(tmp_path, monkeypatch, capsys):
-    from cnpose_trt.cli import main as cli
+    from cnpose_trt.cli.app import main as cli
 
     not_a_folder = tmp_path / "engines.txt"
     not_a_folder.write_text("")
@@ -322,7 +325,7 @@ def test_cache_paths_of_the_wrong_type(tmp_path, monkeypatch, capsys):
     with pytest.raises(BuildError, match=r"is a file, not a folder \(from --out / --engines or \$CNPOSE_TRT_ENG"):
         build_engine("XS", backend="torch")
     image = tmp_path / "x.png"
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.io.draw import demo_image, save_image
 
     save_image(image, demo_image()[0])
     assert cli(["predict", str(image), "--bbox", "1,1,50,50"]) == 2
@@ -350,7 +353,7 @@ def test_cache_paths_of_the_wrong_type(tmp_path, monkeypatch, capsys):
 def test_load_retries_when_a_rebuild_commits_meanwhile(engines, monkeypatch):
     """The reader's side of item 1, made deterministic: the engine file named by the sidecar it read
     is deleted by a commit before the reader opens it."""
-    from cnpose_trt import engine as engine_mod
+    from cnpose_trt.runtime import engine as engine_mod
 
     folder, handle, before = engines
     new = folder / cache_mod.engine_file_name(handle, "f" * 64)
@@ -382,8 +385,8 @@ def test_build_cli_stop_swallowed_by_library_code_still_stops(engines, monkeypat
     """copyreg._slotnames wraps a line in a bare except: a Ctrl-C landing there (during the model's
     deepcopy) was lost and the build replaced the engine (seen in CI). The stop is remembered and
     raised again at the next step, before anything is committed."""
-    from cnpose_trt import export as export_mod
-    from cnpose_trt.build_cli import main as build_main
+    from cnpose_trt.build import export as export_mod
+    from cnpose_trt.cli.build import main as build_main
 
     folder, handle, before = engines
     real = export_mod.export_onnx

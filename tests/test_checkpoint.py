@@ -4,9 +4,9 @@ torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model, write_official
 
 from cnpose_trt import VARIANTS, CheckpointError, custom_spec, detect_variant
-from cnpose_trt.checkpoint import detect_spec, load_checkpoint, save_checkpoint, weights_sha256
-from cnpose_trt.cli import main as cli
-from cnpose_trt.model import build_model
+from cnpose_trt.cli.app import main as cli
+from cnpose_trt.nn.checkpoint import detect_spec, load_checkpoint, save_checkpoint, weights_sha256
+from cnpose_trt.nn.model import build_model
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -111,7 +111,7 @@ def test_empty_and_folder_checkpoints(tmp_path, capsys):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, capsys):
     """Issue 10, item 10: NaN/inf weights built an engine whose joints were all NaN."""
-    from cnpose_trt.build import build_engine
+    from cnpose_trt.build.builder import build_engine
 
     model = make_model("XS")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cnpose_trt.cli import main as cli
+from cnpose_trt.cli.app import main as cli
 
 
 def test_eval_command(tmp_path, xs_engine_path, capsys):
@@ -22,7 +22,7 @@ def test_eval_command(tmp_path, xs_engine_path, capsys):
 
 def test_batch_command(tmp_path, xs_engine_path):
     pytest.importorskip("pyarrow")
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.io.draw import demo_image, save_image
 
     img, box = demo_image()
     save_image(tmp_path / "a.png", img)
@@ -36,8 +36,8 @@ def test_batch_command(tmp_path, xs_engine_path):
 
 def test_demo_uses_the_shipped_model(tmp_path, capsys):
     pytest.importorskip("torch")
-    from cnpose_trt.checkpoint import detect_variant, load_checkpoint
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.checkpoint import detect_variant, load_checkpoint
+    from cnpose_trt.nn.model import build_model
     from cnpose_trt.shipped import SHIPPED_XS
 
     if not SHIPPED_XS.is_file():
@@ -70,7 +70,7 @@ def test_inspect_describes_an_engine_without_torch(xs_engine_path, tmp_path):
     from torchless import cli_without_torch
 
     from cnpose_trt.cache import sidecar_path
-    from cnpose_trt.engine import read_sidecar
+    from cnpose_trt.runtime.engine import read_sidecar
 
     meta = read_sidecar(xs_engine_path)
     side = sidecar_path(xs_engine_path)
@@ -95,7 +95,7 @@ def test_help_shows_defaults():
     """Issue 21 item 7: every option with a default says it in --help."""
     import re
 
-    from cnpose_trt.cli import build_parser
+    from cnpose_trt.cli.app import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
@@ -115,14 +115,14 @@ def test_predict_imports_only_what_it_runs(xs_engine_path, tmp_path):
     import subprocess
     import sys
 
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.io.draw import demo_image, save_image
 
     img, box = demo_image()
     image = save_image(tmp_path / "a.png", img)
-    code = ("import sys; from cnpose_trt.cli import main\n"
+    code = ("import sys; from cnpose_trt.cli.app import main\n"
             "assert main(sys.argv[1:]) == 0\n"
-            "heavy = ['cnpose_trt.build', 'cnpose_trt.build_cli', 'cnpose_trt.batch', 'cnpose_trt.evaluate',\n"
-            "         'cnpose_trt.precision', 'cnpose_trt.bench', 'torch', 'onnx']\n"
+            "heavy = ['cnpose_trt.build.builder', 'cnpose_trt.cli.build', 'cnpose_trt.batch.job', 'cnpose_trt.eval.evaluate',\n"
+            "         'cnpose_trt.build.precision', 'cnpose_trt.eval.bench', 'torch', 'onnx']\n"
             "print(sorted(m for m in heavy if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code, "predict", str(image), "--bbox", ",".join(map(str, box)),
                            "--engine", str(xs_engine_path), "--output", str(tmp_path / "o.json")],

@@ -10,11 +10,11 @@ import zlib
 import numpy as np
 import pytest
 
-from cnpose_trt import cli as cli_mod
-from cnpose_trt.cli import _join_signed_values, finite_json
-from cnpose_trt.cli import main as cli
-from cnpose_trt.draw import demo_image, save_image
-from cnpose_trt.imageio_guard import check_image_file, image_size
+from cnpose_trt.cli import app as cli_mod
+from cnpose_trt.cli.app import _join_signed_values, finite_json
+from cnpose_trt.cli.app import main as cli
+from cnpose_trt.io.draw import demo_image, save_image
+from cnpose_trt.io.imageio_guard import check_image_file, image_size
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_unwritable_outputs_fail_before_any_work(xs_engine_path, scene, tmp_path
                                                  option, name, message):
     import re
 
-    from cnpose_trt import engine as engine_mod
+    from cnpose_trt.runtime import engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "load_engine", lambda *a, **k: pytest.fail("should fail before loading"))
     target = tmp_path / name
@@ -150,7 +150,7 @@ def test_image_size_of_real_files(tmp_path, suffix):
 
 def test_json_output_never_holds_nan(xs_engine_path, scene, tmp_path, monkeypatch, capsys):
     """Issue 10, item 10: NaN joints (a NaN heatmap decodes to NaN) were written as NaN tokens."""
-    from cnpose_trt.onnxruntime_backend import OrtEngine
+    from cnpose_trt.backends.onnxruntime_backend import OrtEngine
 
     def nan_heatmaps(self, images):
         return np.full((len(images), *self.spec.heatmap_shape), np.nan, self.output_dtype)

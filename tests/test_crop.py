@@ -27,7 +27,7 @@ from crop_reference import MEAN, STD, box_affine, random_affine, reference, refe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnpose_trt.cropping import crop_normalize
+from cnpose_trt.ops.cropping import crop_normalize
 
 _C = pytest.importorskip("cnpose_trt._C", reason="compiled extension not built")
 cv2 = pytest.importorskip("cv2")
@@ -215,8 +215,8 @@ def test_round_pixels_reproduces_upstream_crops_and_joints():
     from pathlib import Path
 
     torch = pytest.importorskip("torch")
-    from cnpose_trt.decoding import decode
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
+    from cnpose_trt.ops.decoding import decode
 
     golden = Path(__file__).parent / "data" / "golden"
     g = dict(np.load(golden / "upstream_golden_xs.npz"))
@@ -294,7 +294,7 @@ def test_several_images_torch_io_and_zero_people(rng):
 
 def test_numpy_fallback_matches_compiled(monkeypatch, rng):
     """Without the extension (or for float images) crop_normalize keeps the contract through cv2."""
-    import cnpose_trt.cropping as cropping
+    import cnpose_trt.ops.cropping as cropping
 
     img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
     mats = np.stack([box_affine(-20, 10, 90, 90, 64), box_affine(100, 80, 90, 70, 64), random_affine(rng, 120, 160, 64, True)])
@@ -436,7 +436,7 @@ def test_bad_input_python_api(call, error, message):
 
 @pytest.mark.skipif(_C.built_with_cuda, reason="this build has CUDA")
 def test_cuda_request_without_cuda_build():
-    from cnpose_trt.decoding import DeviceArray
+    from cnpose_trt.ops.decoding import DeviceArray
 
     with pytest.raises(RuntimeError, match="built without CUDA"):
         _C.crop_device([1 << 20], [(8, 8)], [24], [0], M1, size=4, mean=MEAN, std=STD, out=1 << 21)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from crop_reference import STD, box_affine, random_affine, reference
 
-from cnpose_trt.cropping import crop_normalize
-from cnpose_trt.decoding import DeviceArray
+from cnpose_trt.ops.cropping import crop_normalize
+from cnpose_trt.ops.decoding import DeviceArray
 
 pytestmark = pytest.mark.cuda
 torch = pytest.importorskip("torch")
@@ -145,7 +145,7 @@ def test_bad_device_inputs():
 
 
 def test_decode_out_overlapping_heatmaps_is_refused():
-    from cnpose_trt.decoding import decode
+    from cnpose_trt.ops.decoding import decode
 
     hm = torch.randn(1, 36, 10, 10, device="cuda")
     with pytest.raises(ValueError, match="out must not overlap heatmaps"):

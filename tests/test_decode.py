@@ -3,7 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 
-from cnpose_trt.decoding import soft_argmax_reference, soft_argmax_torch
+from cnpose_trt.ops.decoding import soft_argmax_reference, soft_argmax_torch
 
 
 def torch_reference(heatmaps, joints, depth_dim):

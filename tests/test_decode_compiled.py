@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnpose_trt.decoding import DeviceArray, decode, soft_argmax_reference
-from cnpose_trt.geometry import cells_to_image, flip_back, image_to_camera
+from cnpose_trt.ops.decoding import DeviceArray, decode, soft_argmax_reference
+from cnpose_trt.ops.geometry import cells_to_image, flip_back, image_to_camera
 
 _C = pytest.importorskip("cnpose_trt._C", reason="compiled extension not built")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -176,7 +176,7 @@ def test_cuda_request_without_cuda_build():
 
 def test_numpy_fallback_matches_compiled(monkeypatch, rng):
     """Without the extension, decode() keeps the same contract through the NumPy oracle."""
-    import cnpose_trt.decoding as dec
+    import cnpose_trt.ops.decoding as dec
 
     n, j, d = 3, 18, 4
     hm = (rng.standard_normal((n, j * d, 8, 8)) * 3).astype(np.float32)
@@ -246,7 +246,7 @@ def test_depth_range_must_fit_float32(monkeypatch):
             _C.decode_host(hm, 18, boxes=[[0, 0, 10, 10]], depth_range_mm=value)
     out = _C.decode_host(hm, 18, boxes=[[0, 0, 10, 10]], depth_range_mm=3e38)
     assert np.isfinite(out[..., 6]).all()
-    import cnpose_trt.decoding as dec
+    import cnpose_trt.ops.decoding as dec
 
     monkeypatch.setattr(dec, "compiled", lambda: None)
     with pytest.raises(ValueError, match="depth_range_mm must be a positive number that fits float32"):

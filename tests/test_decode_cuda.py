@@ -4,7 +4,7 @@ build of cnpose_trt._C are present (benchmarks/gpu_check.sh); skipped elsewhere.
 import numpy as np
 import pytest
 
-from cnpose_trt.decoding import DeviceArray, decode, soft_argmax_reference
+from cnpose_trt.ops.decoding import DeviceArray, decode, soft_argmax_reference
 
 pytestmark = pytest.mark.cuda
 torch = pytest.importorskip("torch")

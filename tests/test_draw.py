@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnpose_trt.draw import draw_3d, draw_poses_3d, eval_chart, pose_3d
+from cnpose_trt.io.draw import draw_3d, draw_poses_3d, eval_chart, pose_3d
 from cnpose_trt.spec import JOINT_NAMES, NUM_JOINTS
 
 
@@ -78,7 +78,7 @@ def test_eval_chart_bar_lengths_follow_the_errors():
 
 
 def test_eval_plot_command(tmp_path, xs_engine_path, capsys):
-    from cnpose_trt.cli import main as cli
+    from cnpose_trt.cli.app import main as cli
 
     out = tmp_path / "eval.png"
     assert cli(["eval", "--engine", str(xs_engine_path), "--count", "2", "--no-progress", "--plot", str(out)]) == 0

@@ -107,7 +107,7 @@ def test_runtime_does_not_need_torch(xs_engine_path):
 
 
 def test_package_api_names_survive_submodule_imports():
-    code = ("import cnpose_trt.decoding, cnpose_trt.pipeline, cnpose_trt as cp, sys\n"
+    code = ("import cnpose_trt.ops.decoding, cnpose_trt.pipeline.estimator, cnpose_trt as cp, sys\n"
             "assert callable(cp.decode) and callable(cp.estimate) and callable(cp.load_engine)\n"
             "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'import cnpose_trt is not light'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -155,8 +155,8 @@ def test_hostile_sidecars_are_damaged_metadata(xs_engine_path, tmp_path, edit, m
 
 
 def test_engine_refuses_damaged_metadata_given_directly(xs_engine_path):
-    from cnpose_trt.engine import read_sidecar
-    from cnpose_trt.onnxruntime_backend import OrtEngine
+    from cnpose_trt.backends.onnxruntime_backend import OrtEngine
+    from cnpose_trt.runtime.engine import read_sidecar
 
     meta = read_sidecar(xs_engine_path)
     with pytest.raises(EngineError, match="max_batch must be an integer in 1..65536, got 0"):

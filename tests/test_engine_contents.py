@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from cnpose_trt import EngineError, load_engine
-from cnpose_trt.build import build_engine
+from cnpose_trt.backends.graph_facts import read_graph_facts
+from cnpose_trt.build.builder import build_engine
 from cnpose_trt.cache import file_sha256, sidecar_path
-from cnpose_trt.graph_facts import read_graph_facts
 from cnpose_trt.spec import VARIANTS, conv_weight_shapes
 
 BUILDS = {  # name: build_engine arguments (max_batch 4 as the session's xs_engine_path)
@@ -89,7 +89,7 @@ def test_conv_weight_shapes_are_the_deploy_models_for_every_variant():
     from conftest import make_model
     from torch import nn
 
-    from cnpose_trt.export import fuse_batchnorm
+    from cnpose_trt.build.export import fuse_batchnorm
 
     for name, spec in VARIANTS.items():
         fused = fuse_batchnorm(make_model(name))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cnpose_trt import estimate
-from cnpose_trt.draw import demo_image
-from cnpose_trt.pipeline import PoseEstimator
+from cnpose_trt.io.draw import demo_image
+from cnpose_trt.pipeline.estimator import PoseEstimator
 
 
 def _scenes(n, seed=0):
@@ -112,7 +112,7 @@ def test_variant_as_a_keyword(tmp_path, xs_engine_path):
 def test_unusable_images_and_values_are_refused_in_one_line(estimator, xs_engine):
     """What predict cannot use is refused naming the argument and what it wants, not misread
     as a list of 480 images or overflowed to inf."""
-    from cnpose_trt.decoding import decode
+    from cnpose_trt.ops.decoding import decode
 
     img, box = demo_image()
     wanted = "one \\(H, W, 3\\) RGB image \\(uint8, or float in 0..255\\) or a list of them"
@@ -283,7 +283,7 @@ class _Counting:
 def test_many_people_in_one_image_are_cut_into_engine_calls(xs_engine, monkeypatch, flip):
     """600 people in one image: engine calls of at most max_batch crops, and crops made at most
     one call's people at a time (memory bounded by max_batch, not by the image's people)."""
-    import cnpose_trt.pipeline as pipeline
+    import cnpose_trt.pipeline.estimator as pipeline
 
     img, box = demo_image()
     rng = np.random.default_rng(3)
@@ -314,7 +314,7 @@ def test_many_people_in_one_image_are_cut_into_engine_calls(xs_engine, monkeypat
 def test_an_image_cut_into_parts_gives_the_poses_of_small_groups(xs_engine, flip):
     """The parts of an image with many people, joined, equal the poses of its people estimated
     three at a time, on the host path and on an on-device engine's (infer_decode) path."""
-    from cnpose_trt.engine import Engine
+    from cnpose_trt.runtime.engine import Engine
 
     class OnDevice(Engine):  # the device path (infer_decode on the engine's device), computed on the CPU
         device = "cuda:0"
@@ -352,7 +352,7 @@ def test_an_image_cut_into_parts_gives_the_poses_of_small_groups(xs_engine, flip
 
 def test_timings_read_as_text():
     """Issue 21 item 6: est.timings printed `<Timings object at 0x...>`."""
-    from cnpose_trt.pipeline import Timings
+    from cnpose_trt.pipeline.estimator import Timings
 
     t = Timings()
     assert repr(t) == "Timings(0 images, 0 people: prepare 0.000 s (0%), infer 0.000 s (0%), decode 0.000 s (0%))"
@@ -371,7 +371,7 @@ def test_crops_read_ahead_stay_about_one_window(xs_engine, monkeypatch, people, 
     is still read ahead."""
     import threading
 
-    import cnpose_trt.pipeline as pipeline
+    import cnpose_trt.pipeline.estimator as pipeline
 
     img, box = demo_image()
     rng = np.random.default_rng(5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnpose_trt import evaluate as ev
+from cnpose_trt.eval import evaluate as ev
 from cnpose_trt.spec import JOINT_NAMES, NUM_JOINTS
 
 J = {name: i for i, name in enumerate(JOINT_NAMES)}
@@ -74,7 +74,7 @@ def random_rotation(rng):
 
 def random_poses(rng, n):
     """Plausible-scale poses: skeletons from the synthetic sampler, placed ~5 m in front of a camera."""
-    from cnpose_trt.synthetic import sample_pose
+    from cnpose_trt.io.synthetic import sample_pose
 
     return np.stack([sample_pose(rng).joints @ random_rotation(rng).T + [0, 0, 5000] for _ in range(n)])
 
@@ -233,7 +233,7 @@ R = [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]
 
 def _world_pose(rng):
     """17 Human3.6M joints in world mm (z up), no Thorax."""
-    from cnpose_trt.synthetic import sample_pose
+    from cnpose_trt.io.synthetic import sample_pose
 
     j = sample_pose(rng).joints[:17]  # body frame: y up
     return np.stack([j[:, 0], j[:, 2], j[:, 1] + 900.0], axis=1) + rng.normal(0, 30, 3)
@@ -462,8 +462,8 @@ def eval_args(*argv):
 
 def test_eval_command_on_h36m_files_reproduces_hand_numbers_from_its_predictions(h36m, xs_engine_path, xs_engine,
                                                                                  tmp_path, capsys):
-    from cnpose_trt.pipeline import PoseEstimator
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.preprocess import load_image
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     root, truth = h36m
     out = tmp_path / "report.json"
@@ -495,8 +495,8 @@ def test_eval_command_on_h36m_files_reproduces_hand_numbers_from_its_predictions
 
 
 def test_eval_with_rootnet_boxes_runs_the_estimator_on_crop_boxes(h36m, xs_engine, tmp_path):
-    from cnpose_trt.pipeline import PoseEstimator
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.preprocess import load_image
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     if "crop_boxes" not in inspect.signature(PoseEstimator.predict).parameters:
         pytest.skip("PoseEstimator.predict has no crop_boxes yet (RootNet boxes need it)")
@@ -514,8 +514,8 @@ def test_eval_with_rootnet_boxes_runs_the_estimator_on_crop_boxes(h36m, xs_engin
 
 
 def test_eval_on_synthetic_people_matches_a_direct_estimate(xs_engine, xs_engine_path, tmp_path):
-    from cnpose_trt.pipeline import PoseEstimator
-    from cnpose_trt.synthetic import synthesize
+    from cnpose_trt.io.synthetic import synthesize
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     out = tmp_path / "syn.json"
     args = eval_args("--engine", xs_engine_path, "--engine", xs_engine_path, "--seed", 4, "--count", 3,

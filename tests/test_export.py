@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 
 from cnpose_trt import VARIANTS
-from cnpose_trt.export import export_onnx, fuse_batchnorm
+from cnpose_trt.build.export import export_onnx, fuse_batchnorm
 
 
 def _rel(a, b):

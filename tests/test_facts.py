@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from cnpose_trt import decode
-from cnpose_trt.pipeline import PoseEstimator
-from cnpose_trt.preprocess import load_image, prepare
+from cnpose_trt.io.preprocess import load_image, prepare
+from cnpose_trt.pipeline.estimator import PoseEstimator
 from cnpose_trt.spec import FLIP_PAIRS, JOINT_NAMES, PIXEL_MEAN, PIXEL_STD, SKELETON
 
 # The card's values, copied by hand.
@@ -109,7 +109,7 @@ def _hot_voxels(joints, d, h, w, where):
 @pytest.fixture(params=["compiled", "numpy"])
 def decoder(request, monkeypatch):
     """decode() through the compiled kernel (when built) and through the NumPy path (geometry.py)."""
-    import cnpose_trt.decoding as dec
+    import cnpose_trt.ops.decoding as dec
 
     if request.param == "numpy":
         monkeypatch.setattr(dec, "compiled", lambda: None)

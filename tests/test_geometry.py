@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cnpose_trt.geometry import (
+from cnpose_trt.io.preprocess import check_image, crop_people, load_image, prepare
+from cnpose_trt.ops.geometry import (
     cells_to_image,
     check_crop_boxes,
     check_inside,
@@ -13,7 +14,6 @@ from cnpose_trt.geometry import (
     image_to_camera,
     process_boxes,
 )
-from cnpose_trt.preprocess import check_image, crop_people, load_image, prepare
 from cnpose_trt.spec import FLIP_PAIRS
 
 
@@ -95,7 +95,7 @@ def test_non_square_crop_box_scales_x_and_y_apart(rng, method):
     -> the crop's centre, right and bottom edge midpoints), through cv2.getAffineTransform."""
     import cv2
 
-    from cnpose_trt.arrays import compiled
+    from cnpose_trt.ops.arrays import compiled
 
     if method == "fused" and compiled() is None:
         pytest.skip("the fused crop needs the compiled extension")
@@ -219,7 +219,7 @@ def test_image_checks(tmp_path):
 
 def test_huge_images_crop_by_region(rng, monkeypatch):
     """Over 2^31 bytes OpenCV's warp crashes: only the region a crop reads is warped (issue 10, item 8)."""
-    import cnpose_trt.preprocess as pre
+    import cnpose_trt.io.preprocess as pre
 
     img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
     boxes = [[-50, -30, 120, 200], [100, 80, 150, 100], [350, 250, 80, 80], [5, 5, 390, 290]]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnpose_trt.decoding import decode
-from cnpose_trt.geometry import crop_matrices, process_boxes
-from cnpose_trt.preprocess import prepare
+from cnpose_trt.io.preprocess import prepare
+from cnpose_trt.ops.decoding import decode
+from cnpose_trt.ops.geometry import crop_matrices, process_boxes
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CHECKPOINT = GOLDEN / "snapshot_xs_random.pth.tar"
@@ -61,7 +61,7 @@ def test_the_old_conventions_would_fail(golden):
 
 def test_network_heatmaps(golden):
     torch = pytest.importorskip("torch")
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     model = build_model("XS", CHECKPOINT)
     with torch.no_grad():
@@ -82,8 +82,8 @@ def test_decode_of_upstream_heatmaps(golden):
 @pytest.fixture(scope="module", params=["onnxruntime", "torch"])
 def golden_engine(request, tmp_path_factory):
     pytest.importorskip("torch")
-    from cnpose_trt.build import build_engine
-    from cnpose_trt.engine import load_engine
+    from cnpose_trt.build.builder import build_engine
+    from cnpose_trt.runtime.engine import load_engine
 
     out = tmp_path_factory.mktemp(f"golden-{request.param}")
     return load_engine(build_engine(None, CHECKPOINT, backend=request.param, out_dir=out, max_batch=4).path)
@@ -136,7 +136,7 @@ def test_fused_crop_kernel_end_to_end(golden, golden_engine, flip):
 @pytest.mark.parametrize("flip", [False, True])
 def test_pose_estimator_end_to_end(golden, golden_engine, flip):
     """Batches of max_batch 4 people, so the five people span two engine calls and several images."""
-    from cnpose_trt.pipeline import PoseEstimator
+    from cnpose_trt.pipeline.estimator import PoseEstimator
 
     est = PoseEstimator(golden_engine, prep_threads=2, crop_method="opencv")
     image, boxes = golden["image_rgb"], golden["boxes"]

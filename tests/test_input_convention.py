@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cnpose_trt.cache import sidecar_path
-from cnpose_trt.cli import main as cli
-from cnpose_trt.draw import demo_image, save_image
+from cnpose_trt.cli.app import main as cli
 from cnpose_trt.errors import EngineError
+from cnpose_trt.io.draw import demo_image, save_image
 
 
 def test_cli_crop_box_is_used_as_it_is(tmp_path, xs_engine_path, capsys):
@@ -36,8 +36,8 @@ def test_cli_crop_box_is_used_as_it_is(tmp_path, xs_engine_path, capsys):
 
 def test_format_1_engines_are_refused_and_rebuilt(tmp_path):
     pytest.importorskip("torch")
-    from cnpose_trt.build import build_engine
-    from cnpose_trt.engine import load_engine
+    from cnpose_trt.build.builder import build_engine
+    from cnpose_trt.runtime.engine import load_engine
 
     first = build_engine("XS", out_dir=tmp_path, max_batch=2)
     side = sidecar_path(first.path)

@@ -4,7 +4,7 @@ torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 from conftest import make_model
 
 from cnpose_trt import VARIANTS, custom_spec
-from cnpose_trt.model import build_model, count_parameters
+from cnpose_trt.nn.model import build_model, count_parameters
 
 PARAMS = {"XS": 3_528_008, "S": 7_438_976, "M": 7_587_008, "L": 8_380_352}
 WITH_STATS = {"XS": 3_534_120, "S": 7_448_928, "M": 7_596_960, "L": 8_391_328}

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-import cnpose_trt.engine as engine_module
+import cnpose_trt.runtime.engine as engine_module
 from cnpose_trt import load_engine
 from cnpose_trt.backends import ORT_DEFAULT_SPINNING, ORT_DEFAULT_THREADS, session_options
-from cnpose_trt.pipeline import PoseEstimator
+from cnpose_trt.pipeline.estimator import PoseEstimator
 
 SPIN_KEY = "session.intra_op.allow_spinning"
 
@@ -78,8 +78,8 @@ def loads(monkeypatch):
 
 
 def test_predict_and_eval_commands_pass_threads_and_spinning(xs_engine_path, tmp_path, loads, capsys):
-    from cnpose_trt.cli import main as cli
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.cli.app import main as cli
+    from cnpose_trt.io.draw import demo_image, save_image
 
     img, box = demo_image()
     save_image(tmp_path / "a.png", img)
@@ -99,8 +99,9 @@ def test_predict_and_eval_commands_pass_threads_and_spinning(xs_engine_path, tmp
 
 def test_batch_and_bench_pass_threads_and_spinning(xs_engine_path, tmp_path, loads):
     pytest.importorskip("pyarrow")
-    from cnpose_trt import batch, bench
-    from cnpose_trt.draw import demo_image, save_image
+    from cnpose_trt.batch import job as batch
+    from cnpose_trt.eval import bench
+    from cnpose_trt.io.draw import demo_image, save_image
 
     img, box = demo_image()
     save_image(tmp_path / "a.png", img)
@@ -117,7 +118,7 @@ def test_batch_and_bench_pass_threads_and_spinning(xs_engine_path, tmp_path, loa
 
 
 def test_ray_actor_loads_with_threads_and_spinning(xs_engine_path):
-    from cnpose_trt.batch import RayPredictor
+    from cnpose_trt.batch.job import RayPredictor
 
     spec = {"mode": "build", "build": {"variant": "XS", "checkpoint": None, "backend": "onnxruntime",
                                        "out_dir": str(xs_engine_path.parent), "max_batch": 4}}

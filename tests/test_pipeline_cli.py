@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from cnpose_trt import JOINT_NAMES, estimate
-from cnpose_trt.cli import main as cli
-from cnpose_trt.draw import demo_image, save_image
-from cnpose_trt.preprocess import load_image
+from cnpose_trt.cli.app import main as cli
+from cnpose_trt.io.draw import demo_image, save_image
+from cnpose_trt.io.preprocess import load_image
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_demo_command(tmp_path, capsys):
 
 def test_predict_folder(xs_engine_path, tmp_path, capsys):
     """Issue 21 item 7: `predict FOLDER` runs every image in it with a boxes file, or says what it expects."""
-    from cnpose_trt.synthetic import synthesize
+    from cnpose_trt.io.synthetic import synthesize
 
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -9,17 +9,17 @@ from conftest import make_model
 from onnx import numpy_helper
 
 from cnpose_trt import load_engine
-from cnpose_trt.build import build_engine
-from cnpose_trt.build import main as build_main
+from cnpose_trt.build.builder import build_engine
+from cnpose_trt.build.precision import DEFAULT_INT8_EXCLUDE, convert_fp16, inspect_graph
+from cnpose_trt.build.verify import accuracy_inputs, joint_error
 from cnpose_trt.cache import sidecar_path
-from cnpose_trt.draw import demo_image, save_image
-from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE, convert_fp16, inspect_graph
-from cnpose_trt.verify import accuracy_inputs, joint_error
+from cnpose_trt.cli.build import main as build_main
+from cnpose_trt.io.draw import demo_image, save_image
 
 
 @pytest.fixture(scope="module")
 def xs_fp32_graph(tmp_path_factory):
-    from cnpose_trt.export import export_onnx
+    from cnpose_trt.build.export import export_onnx
 
     return export_onnx(make_model("XS"), tmp_path_factory.mktemp("g") / "xs.onnx")
 
@@ -50,8 +50,8 @@ def test_int8_graph_follows_tensorrt_rules(int8_engine, tmp_path):
     assert meta["int8"]["calib_method"] == "entropy"
     assert set(meta["int8"]["int8_excluded_nodes"]) >= {"/head/final_layer/Conv", "/head/deconv_layers_3/pwconv/Conv"}
     # Inspect the Q/DQ graph before onnxruntime's own fusions: rebuild it from the stored ranges.
-    from cnpose_trt.export import export_onnx
-    from cnpose_trt.precision import PrecisionOptions, quantize_int8
+    from cnpose_trt.build.export import export_onnx
+    from cnpose_trt.build.precision import PrecisionOptions, quantize_int8
 
     src = export_onnx(make_model("XS"), tmp_path / "xs.onnx")
     ranges = next(int8_engine.path.parent.glob("calib-XS-*.json"))
@@ -82,7 +82,7 @@ def test_int8_graph_follows_tensorrt_rules(int8_engine, tmp_path):
 
 
 def test_int8_ranges_stored_and_reused(int8_engine, tmp_path, monkeypatch):
-    import cnpose_trt.precision as prec
+    import cnpose_trt.build.precision as prec
 
     out = int8_engine.path.parent
     assert not int8_engine.meta["int8"]["ranges_reused"]
@@ -154,7 +154,7 @@ def test_cli_fp16_int8_and_all(tmp_path, capsys, monkeypatch):
     assert build_main(["--variant", "XS", "--int8", "--out", str(tmp_path)]) == 2
     assert "never calibrates on noise silently" in capsys.readouterr().err
 
-    import cnpose_trt.build as b
+    import cnpose_trt.build.builder as b
 
     calls = []
     monkeypatch.setattr(b, "build_engine", lambda v, c, **k: calls.append((v, k["precision"])) or
@@ -165,8 +165,8 @@ def test_cli_fp16_int8_and_all(tmp_path, capsys, monkeypatch):
 
 
 def test_prefixes_that_match_no_node_are_refused(xs_fp32_graph, tmp_path):
+    from cnpose_trt.build.precision import PrecisionOptions, quantize_int8
     from cnpose_trt.errors import BuildError
-    from cnpose_trt.precision import PrecisionOptions, quantize_int8
 
     with pytest.raises(BuildError, match=r"keep_fp32 prefixes \['/head/final/'\] match no node"):
         convert_fp16(xs_fp32_graph, tmp_path / "x.onnx", keep_fp32=["/head/final_layer/", "/head/final/"])
@@ -176,7 +176,7 @@ def test_prefixes_that_match_no_node_are_refused(xs_fp32_graph, tmp_path):
 
 
 def test_calibration_hash_covers_the_boxes_of_each_image(tmp_path):
-    from cnpose_trt.precision import PrecisionOptions, calibration_set
+    from cnpose_trt.build.precision import PrecisionOptions, calibration_set
 
     folder = tmp_path / "calib"
     folder.mkdir()
@@ -199,8 +199,8 @@ def test_calibration_hash_covers_the_boxes_of_each_image(tmp_path):
 def test_calibration_yields_exactly_count_crops_when_images_hold_several_people(tmp_path, count, batch):
     """Images with 3 and 2 boxes: the crops are the boxes' in order, cycling, cut at count (a held-out mutation
     yielding every box of the last image passed the suite)."""
-    from cnpose_trt.precision import calibration_batches
-    from cnpose_trt.preprocess import load_image, prepare
+    from cnpose_trt.build.precision import calibration_batches
+    from cnpose_trt.io.preprocess import load_image, prepare
 
     img, box = demo_image()
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -224,7 +224,7 @@ def test_calibration_yields_exactly_count_crops_when_images_hold_several_people(
 def test_onnxruntime_int8_engine_runs_its_convolutions_quantized(int8_engine):
     """The onnxruntime engine is the ort-u8s8 graph, and ONNX Runtime's optimised model of it runs
     (nearly) every convolution as QLinearConv and the residual Adds as QLinearAdd."""
-    from cnpose_trt.onnxruntime_backend import kernel_counts
+    from cnpose_trt.backends.onnxruntime_backend import kernel_counts
 
     meta = int8_engine.meta
     assert meta["precision_options"]["int8_scheme"] == "ort-u8s8" and meta["int8"]["int8_scheme"] == "ort-u8s8"
@@ -244,8 +244,14 @@ def test_tensorrt_int8_graph_is_unchanged_and_shares_the_calibration(int8_engine
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from cnpose_trt.export import export_onnx
-    from cnpose_trt.precision import PrecisionOptions, _Reader, calibration_batches, calibration_set, quantize_int8
+    from cnpose_trt.build.export import export_onnx
+    from cnpose_trt.build.precision import (
+        PrecisionOptions,
+        _Reader,
+        calibration_batches,
+        calibration_set,
+        quantize_int8,
+    )
 
     src = export_onnx(make_model("XS"), tmp_path / "xs.onnx")
     ranges = tmp_path / "ranges.json"
@@ -275,7 +281,7 @@ def test_tensorrt_int8_graph_is_unchanged_and_shares_the_calibration(int8_engine
 
 
 def test_int8_schemes_are_keyed_apart_and_recorded(int8_engine, monkeypatch):
-    import cnpose_trt.precision as prec
+    import cnpose_trt.build.precision as prec
 
     monkeypatch.setattr(prec, "_Reader", lambda *a, **k: pytest.fail("recalibrated: one calibration serves both"))
     trt = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16, out_dir=int8_engine.path.parent,
@@ -295,10 +301,10 @@ def test_int8_schemes_are_keyed_apart_and_recorded(int8_engine, monkeypatch):
 def test_int8_build_without_vnni_warns_once_and_still_works(int8_engine, monkeypatch, caplog):
     import logging
 
-    import cnpose_trt.onnxruntime_backend as ortb
+    import cnpose_trt.backends.onnxruntime_backend as ortb
 
     monkeypatch.setattr(ortb, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.onnxruntime_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.onnxruntime_backend"):
         built = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16,
                              out_dir=int8_engine.path.parent, max_batch=3)
     notices = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]

@@ -10,12 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
-from cnpose_trt import backends, gpu_stage
-from cnpose_trt.decoding import decode
-from cnpose_trt.engine import Engine, load_engine
+from cnpose_trt import backends
+from cnpose_trt.build.verify import accuracy_inputs
 from cnpose_trt.errors import EngineError
-from cnpose_trt.pipeline import PoseEstimator
-from cnpose_trt.verify import accuracy_inputs
+from cnpose_trt.ops.decoding import decode
+from cnpose_trt.pipeline import gpu_stage
+from cnpose_trt.pipeline.estimator import PoseEstimator
+from cnpose_trt.runtime.engine import Engine, load_engine
 
 
 def test_infer_decode_equals_infer_then_decode(xs_engine):
@@ -90,7 +91,7 @@ class _OnDevice(Engine):
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_pose_estimator_uses_the_device_path(xs_engine, flip):
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()
     x, y, w, h = box
@@ -139,8 +140,8 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
     """PoseEstimator's device path (uploads, kernel rows, host-cropped float images between them,
     the flip test's mirrored half) gives the host path's results; the kernel runs on the host."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt import gpu_stage
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
+    from cnpose_trt.pipeline import gpu_stage
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -154,7 +155,7 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
     engine = _FillsInput(xs_engine)
     est = PoseEstimator(engine, staging=staging)
     assert est.device_crops
-    import cnpose_trt.pipeline as pipeline
+    import cnpose_trt.pipeline.estimator as pipeline
 
     host_crops = pipeline.crop_people
 
@@ -184,8 +185,8 @@ def test_device_crop_path_cuts_many_people_into_calls(xs_engine, monkeypatch, tm
     float images cropped on the host in parts): every engine call takes at most max_batch
     inputs, and the poses are the host path's."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
-    from cnpose_trt.pipeline import call_chunks
+    from cnpose_trt.io.draw import demo_image
+    from cnpose_trt.pipeline.estimator import call_chunks
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -224,7 +225,7 @@ def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_regi
     pytest.importorskip("cnpose_trt._C")
     import cv2 as _cv2
 
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -239,7 +240,7 @@ def test_batched_staging_with_a_small_ring_wraps_falls_back_and_frees_every_regi
     est = PoseEstimator(_FillsInput(xs_engine), staging_bytes=int(2.5 * img.nbytes), prep_threads=2)
     assert est.device_stats == {"staging": "batched", "ring_bytes": None, "staging_fallbacks": 0,
                                 "gpu_jpeg_decoded": 0, "gpu_jpeg_failures": 0}
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.gpu_stage"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.pipeline.gpu_stage"):
         got = list(est.predict_iter(items))
         list(est.predict_iter(items))
     warned = [r.getMessage() for r in caplog.records if "no room" in r.getMessage()]
@@ -267,7 +268,7 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     """The default ring (room for (prefetch + 4) x max_batch images) holds everything in flight:
     regions are freed after each engine call and reused, so no image is staged per image."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -314,7 +315,7 @@ def test_a_failing_upload_frees_the_regions_of_its_run_and_keeps_the_items_befor
     taken for the run are freed (they would otherwise block the ring for good), and the items
     before the failing one are still delivered, then the error."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()
     stager = _UploadFails("cuda:0 (stand-in)", ring_bytes=int(2.5 * img.nbytes))
@@ -343,7 +344,7 @@ def test_prep_runs_never_leave_prep_threads_idle(xs_engine):
         return real(entries, *args)
 
     est._prepare_run = spy
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()
     assert len(list(est.predict_iter((img, [box]) for _ in range(16)))) == 16
@@ -353,7 +354,7 @@ def test_prep_runs_never_leave_prep_threads_idle(xs_engine):
 def test_gpu_path_keeps_two_batches_enqueued(xs_engine, monkeypatch):
     """The host waits for batch k's result only after batches k+1 and k+2 are enqueued."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -389,7 +390,7 @@ def test_ring_regions_wait_for_the_last_call_that_reads_them(xs_engine, monkeypa
     when the engine fails before the second call's fill ran, the first call's event still guards
     the region (it is not freed while the first call's crop kernel may be pending)."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -433,7 +434,7 @@ def test_a_file_with_nobody_in_it_frees_its_ring_region_at_once(xs_engine, monke
     region is freed at once, not held until the run ends (which made every later image that
     reached it fall back to per-image staging)."""
     pytest.importorskip("cnpose_trt._C")
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -454,8 +455,9 @@ def test_a_file_with_nobody_in_it_frees_its_ring_region_at_once(xs_engine, monke
 
 
 def test_device_path_with_room_for_one_crop_falls_back_to_host_crops_for_the_flip_test(tmp_path, monkeypatch):
-    from cnpose_trt import build_engine, gpu_stage
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt import build_engine
+    from cnpose_trt.io.draw import demo_image
+    from cnpose_trt.pipeline import gpu_stage
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -472,7 +474,7 @@ def test_device_path_with_room_for_one_crop_falls_back_to_host_crops_for_the_fli
 
 
 def test_write_rows_refuses_a_layout_that_does_not_fill_the_rows():
-    from cnpose_trt import gpu_stage
+    from cnpose_trt.pipeline import gpu_stage
 
     dest = np.zeros((3, 3, 8, 8), np.float32)
     img = np.zeros((16, 16, 3), np.uint8)
@@ -484,8 +486,8 @@ def test_write_rows_refuses_a_layout_that_does_not_fill_the_rows():
 def test_rotated_jpegs_are_not_given_to_the_gpu_decoder():
     import struct
 
-    from cnpose_trt import gpu_stage
-    from cnpose_trt.imageio_guard import jpeg_orientation
+    from cnpose_trt.io.imageio_guard import jpeg_orientation
+    from cnpose_trt.pipeline import gpu_stage
 
     ok, buf = cv2.imencode(".jpg", np.zeros((40, 100, 3), np.uint8))
     plain = buf.tobytes()
@@ -505,7 +507,7 @@ def test_rotated_jpegs_are_not_given_to_the_gpu_decoder():
 
 
 def test_cpu_engines_have_no_device_input(xs_engine):
-    from cnpose_trt import gpu_stage
+    from cnpose_trt.pipeline import gpu_stage
 
     with pytest.raises(EngineError, match="runs on the CPU"):
         xs_engine.enqueue_device(lambda inputs, stream: None, 1)
@@ -517,7 +519,7 @@ def test_cpu_engines_have_no_device_input(xs_engine):
 
 
 def test_jpeg_orientation_survives_damaged_headers():
-    from cnpose_trt.imageio_guard import jpeg_orientation
+    from cnpose_trt.io.imageio_guard import jpeg_orientation
 
     rng = np.random.default_rng(0)
     ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
@@ -535,8 +537,8 @@ def test_jpeg_orientation_survives_damaged_headers():
 
 @pytest.mark.parametrize("chunk", [None, 1, 4])
 def test_device_path_delivers_earlier_results_before_a_bad_item(xs_engine, monkeypatch, chunk):
-    from cnpose_trt import gpu_stage
-    from cnpose_trt.draw import demo_image
+    from cnpose_trt.io.draw import demo_image
+    from cnpose_trt.pipeline import gpu_stage
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -574,7 +576,7 @@ class _CopyDone:
 
 
 def test_pinned_ring_never_hands_out_bytes_still_being_copied():
-    from cnpose_trt.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.gpu_stage import PinnedRing
 
     ring = PinnedRing(np.zeros(1 << 14, np.uint8))  # a few regions at a time: they wrap often
     assert ring.take(0) is None and ring.take((1 << 14) + 1) is None
@@ -613,7 +615,7 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
     """A region without an event belongs to an image still on its way to the engine: waiting for
     it could wait forever (the engine call that attaches it may be behind the waiting thread), so
     take() gives None instead; once attached, the region is waited for and reused."""
-    from cnpose_trt.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.gpu_stage import PinnedRing
 
     ring = PinnedRing(np.zeros(4096, np.uint8))
     a, b = ring.take(2048), ring.take(2048)
@@ -634,7 +636,7 @@ def test_attaching_a_region_never_waits_for_a_prep_thread_waiting_on_the_gpu():
     (it would stop enqueuing work, and the GPU would run dry)."""
     import threading
 
-    from cnpose_trt.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.gpu_stage import PinnedRing
 
     ring = PinnedRing(np.zeros(1024, np.uint8))
     a, b = ring.take(512), ring.take(512)
@@ -664,7 +666,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
     """Images staged together get adjacent regions even while other threads stage theirs (one copy
     brings them over), wrapping to the ring's start at most once."""
 
-    from cnpose_trt.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.gpu_stage import StagingRing
 
     ring = StagingRing(np.zeros(4 << 20, np.uint8), np.zeros(4 << 20, np.uint8))
     bad, errors = [], []
@@ -692,7 +694,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
 
 
 def test_spans_merge_adjacent_regions_and_never_copy_gaps():
-    from cnpose_trt.gpu_stage import Staged, _Region, spans
+    from cnpose_trt.pipeline.gpu_stage import Staged, _Region, spans
 
     def staged(start, end):
         return Staged(_Region(start, end), (1, 1, 3), 3)
@@ -706,7 +708,7 @@ def test_spans_merge_adjacent_regions_and_never_copy_gaps():
 def test_staging_ring_round_trip_and_sizes():
     """put copies any uint8 image (strided views too) into the ring; copy_in brings exactly the
     staged ranges to the mirror; view gives the image back from the mirror."""
-    from cnpose_trt.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.gpu_stage import StagingRing
 
     rng = np.random.default_rng(3)
     host, mirror = np.zeros(1 << 16, np.uint8), np.full(1 << 16, 7, np.uint8)

@@ -25,8 +25,8 @@ torch = pytest.importorskip("torch", reason="needs PyTorch (the export extra)")
 F = torch.nn.functional
 
 from cnpose_trt import load_engine, save_checkpoint
-from cnpose_trt.build import build_engine
-from cnpose_trt.model import build_model
+from cnpose_trt.build.builder import build_engine
+from cnpose_trt.nn.model import build_model
 from cnpose_trt.spec import custom_spec
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which the upstream model uses

@@ -14,7 +14,7 @@ def test_record_hashes_are_the_files_own():
     assert shipped.record()["file_sha256"] == file_sha256(shipped.SHIPPED_XS)
     assert shipped.record()["bytes"] == shipped.SHIPPED_XS.stat().st_size
     pytest.importorskip("torch")
-    from cnpose_trt.build import weights_fingerprint
+    from cnpose_trt.build.builder import weights_fingerprint
 
     assert shipped.record()["weights_sha256"] == weights_fingerprint(shipped.SHIPPED_XS)
 
@@ -49,8 +49,8 @@ def shipped_engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scene_file(tmp_path_factory):
-    from cnpose_trt.draw import save_image
-    from cnpose_trt.synthetic import synthesize
+    from cnpose_trt.io.draw import save_image
+    from cnpose_trt.io.synthetic import synthesize
 
     scene = synthesize(7, width=320, height=240)
     path = save_image(tmp_path_factory.mktemp("scene") / "scene.png", scene.image)
@@ -63,7 +63,7 @@ def test_estimator_turns_the_flip_test_off_for_the_shipped_model_once(shipped_en
     import numpy as np
 
     from cnpose_trt import PoseEstimator, load_engine
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.preprocess import load_image
 
     _, built, random = shipped_engines
     image = load_image(scene_file[0])

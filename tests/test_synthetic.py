@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from cnpose_trt import synthetic as syn
+from cnpose_trt.io import synthetic as syn
 from cnpose_trt.spec import FLIP_PAIRS, JOINT_NAMES, NUM_JOINTS
 
 J = {name: i for i, name in enumerate(JOINT_NAMES)}
@@ -212,6 +212,6 @@ def test_speed_thousands_per_minute_on_one_core():
 
 
 def test_synthetic_does_not_import_torch():
-    code = ("import sys; import cnpose_trt.synthetic as s; s.synthesize(0); list(s.dataset(1, 2)); "
+    code = ("import sys; import cnpose_trt.io.synthetic as s; s.synthesize(0); list(s.dataset(1, 2)); "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -13,13 +13,14 @@ import threading
 import numpy as np
 import pytest
 
-from cnpose_trt import load_engine, tensorrt_backend
-from cnpose_trt.build import TrtOptions, build_engine
+from cnpose_trt import load_engine
+from cnpose_trt.backends import tensorrt_backend
+from cnpose_trt.build.builder import TrtOptions, build_engine
+from cnpose_trt.build.verify import ACCURACY_SAMPLES, accuracy_inputs, joint_error
 from cnpose_trt.cache import sidecar_path
-from cnpose_trt.decoding import decode
 from cnpose_trt.errors import BuildError, EngineError
+from cnpose_trt.ops.decoding import decode
 from cnpose_trt.spec import get_spec
-from cnpose_trt.verify import ACCURACY_SAMPLES, accuracy_inputs, joint_error
 
 pytestmark = pytest.mark.tensorrt
 pytest.importorskip("tensorrt", reason="TensorRT is not installed")

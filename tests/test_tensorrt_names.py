@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pytest
 
-import cnpose_trt.tensorrt_backend as backend
+import cnpose_trt.backends.tensorrt_backend as backend
 
 DATA = Path(__file__).parent / "data" / "tensorrt_names"
 RELEASES = ("10.16", "11.1")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tomllib
 
-import cnpose_trt.tensorrt_backend as backend
+import cnpose_trt.backends.tensorrt_backend as backend
 from cnpose_trt.errors import BuildError, EngineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -705,7 +705,7 @@ def test_one_forwarding_logger_per_process(monkeypatch, caplog):
     monkeypatch.setattr(backend, "_logger", None)
     first = backend.trt_logger(trt)
     assert backend.trt_logger(trt) is first and isinstance(first, ILogger)
-    with caplog.at_level(logging.DEBUG, logger="cnpose_trt.tensorrt_backend.trt"):
+    with caplog.at_level(logging.DEBUG, logger="cnpose_trt.backends.tensorrt_backend.trt"):
         first.log(ILogger.WARNING, "timing cache mismatch")
         first.log(ILogger.VERBOSE, "tactic 7")
         first.log(ILogger.INTERNAL_ERROR, "boom")
@@ -741,16 +741,16 @@ def test_unusable_device_is_explained_once(monkeypatch, caplog):
     ok, why = backend.availability()
     assert not ok and why.startswith("TensorRT 10.16.1.11 is installed but no CUDA device is usable: "
                                      "cudaGetDeviceCount failed with") and text in why
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.tensorrt_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt_backend"):
         assert backend.available() is False
         assert backend.available() is False
     assert [r.getMessage() for r in caplog.records] == [f"not using TensorRT: {why}"]
     # ... and `--backend auto` resolves to onnxruntime with that warning, not silently.
-    from cnpose_trt.build import resolve_backend
+    from cnpose_trt.build.builder import resolve_backend
 
     monkeypatch.setattr(backend, "_warned", set())
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.tensorrt_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt_backend"):
         assert resolve_backend("auto") == "onnxruntime"
     assert text in caplog.text
 

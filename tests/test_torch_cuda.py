@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from cnpose_trt import build_engine, load_engine
-from cnpose_trt.draw import demo_image
-from cnpose_trt.pipeline import PoseEstimator
-from cnpose_trt.verify import accuracy_inputs, joint_error
+from cnpose_trt.build.verify import accuracy_inputs, joint_error
+from cnpose_trt.io.draw import demo_image
+from cnpose_trt.pipeline.estimator import PoseEstimator
 
 pytestmark = pytest.mark.cuda
 torch = pytest.importorskip("torch")
@@ -79,7 +79,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     """GPU crops into the engine's input give the joints host crops give on the same engine, with
     images staged in the ring (copied over once per engine call), per image, or both (a ring with
     room for about three images: those that find no room are staged per image)."""
-    import cnpose_trt.pipeline as pipeline
+    import cnpose_trt.pipeline.estimator as pipeline
 
     eng = gpu_engines[name]
     items = _scenes(13, seed=1 if flip else 2)
@@ -113,8 +113,8 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
     held back ~10 ms before each call's crop kernel (torch.cuda._sleep): regions are reused only
     after the crop kernels that read them (the prep threads wait for their events), so the poses
     equal the host path's; a region freed early would be overwritten before its kernel ran."""
-    from cnpose_trt import gpu_stage
-    from cnpose_trt._device import torch_stream
+    from cnpose_trt.ops._device import torch_stream
+    from cnpose_trt.pipeline import gpu_stage
 
     if not hasattr(torch.cuda, "_sleep"):
         pytest.skip("torch.cuda._sleep is not in this torch")
@@ -157,7 +157,7 @@ def test_crop_kernel_waits_for_a_slow_upload_stream(gpu_engines, monkeypatch, st
     on the upload stream (torch.cuda._sleep), the ring's device mirror filled with 7s first: the
     crop kernel on the engine's stream waits for the copies (their events), so the poses equal the
     host path's. A kernel not ordered after them would read the 7s (or an older image)."""
-    from cnpose_trt import gpu_stage
+    from cnpose_trt.pipeline import gpu_stage
 
     if not hasattr(torch.cuda, "_sleep"):
         pytest.skip("torch.cuda._sleep is not in this torch")
@@ -238,8 +238,8 @@ def test_device_path_reads_jpeg_files(gpu_engines, tmp_path):
     fed with the files gives exactly what it gives for the GPU-decoded pixels passed as arrays."""
     import cv2
 
-    from cnpose_trt.gpu_stage import Uploader
-    from cnpose_trt.preprocess import load_image
+    from cnpose_trt.io.preprocess import load_image
+    from cnpose_trt.pipeline.gpu_stage import Uploader
 
     items = [it for it in _scenes(8, seed=5) if len(it["boxes"])]
     files, decoded = [], []
@@ -270,7 +270,7 @@ def test_device_path_reads_jpeg_files(gpu_engines, tmp_path):
 def test_torch_stream_maps_raw_handles_to_the_streams_they_name():
     """Handle 0 is the legacy default stream (torch.cuda.ExternalStream(0) would be a new pool
     stream); the current stream's handle gives the current stream; others wrap the handle."""
-    from cnpose_trt._device import torch_stream
+    from cnpose_trt.ops._device import torch_stream
 
     dev = torch.device("cuda", torch.cuda.current_device())
     assert torch_stream(0, dev) == torch.cuda.default_stream(dev)

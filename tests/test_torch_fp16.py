@@ -14,10 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cnpose_trt.model import build_model  # noqa: E402
+from cnpose_trt.backends.torch_backend import _half_body_fp32_stem  # noqa: E402
+from cnpose_trt.build.verify import accuracy_inputs, joint_error  # noqa: E402
+from cnpose_trt.nn.model import build_model  # noqa: E402
 from cnpose_trt.spec import get_spec  # noqa: E402
-from cnpose_trt.torch_backend import _half_body_fp32_stem  # noqa: E402
-from cnpose_trt.verify import accuracy_inputs, joint_error  # noqa: E402
 
 
 def test_fp16_body_with_a_float32_stem_keeps_joints():

@@ -25,9 +25,9 @@ def train():
 
 
 def test_target_decodes_back_to_the_joints(train):
-    from cnpose_trt.geometry import cells_to_image
-    from cnpose_trt.preprocess import prepare
-    from cnpose_trt.synthetic import synthesize
+    from cnpose_trt.io.preprocess import prepare
+    from cnpose_trt.io.synthetic import synthesize
+    from cnpose_trt.ops.geometry import cells_to_image
 
     for i in range(5):
         s = synthesize((3, i), width=200, height=160)
@@ -80,7 +80,7 @@ def test_learning_rate_schedule(train):
 
 
 def test_shipped_state_is_half_precision_except_batchnorm_and_loads_as_float32(train, tmp_path):
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     model = build_model("XS", warn_random=False)
     train.init_for_training(model, 0)

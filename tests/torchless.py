@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 _PRELUDE = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-            "from cnpose_trt.cli import main\n"
+            "from cnpose_trt.cli.app import main\n"
             "code = main(sys.argv[1:])\n"
             "assert sys.modules['torch'] is None, 'torch was imported'\n"
             "sys.exit(code)\n")

@@ -3,7 +3,7 @@
 For each group of convolutions (each downsampling layer, the stem being downsample_layers.0, each
 stage, the backbone's closing norm, each head layer) two INT8 engines are built from the same
 calibration (synthetic people): one with only that group kept out of INT8 ("exclude one"), and
-one where that group alone is quantised ("only one"). Each is evaluated with `cnpose_trt.evaluate`
+one where that group alone is quantised ("only one"). Each is evaluated with `cnpose_trt.eval.evaluate`
 on held-out synthetic people (no flip test unless --flip) beside FP32, all-INT8 and the default
 exclusion (precision.DEFAULT_INT8_EXCLUDE), and the table says how many mm of the INT8 loss each
 group carries. A prefix that matches no node stops the build (precision._matching).
@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnpose_trt import build_engine, load_engine  # noqa: E402
-from cnpose_trt.evaluate import evaluate, machine_info, synthetic_set  # noqa: E402
-from cnpose_trt.precision import DEFAULT_INT8_EXCLUDE  # noqa: E402
+from cnpose_trt.build.precision import DEFAULT_INT8_EXCLUDE  # noqa: E402
+from cnpose_trt.eval.evaluate import evaluate, machine_info, synthetic_set  # noqa: E402
 from cnpose_trt.spec import get_spec  # noqa: E402
 
 

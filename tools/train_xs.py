@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train the real ConvNeXtPose XS network on synthetic people (cnpose_trt.synthetic) with upstream's loss.
+"""Train the real ConvNeXtPose XS network on synthetic people (cnpose_trt.io.synthetic) with upstream's loss.
 
     .venv/bin/python tools/train_xs.py --out runs/xs --steps 20000 [--batch 32] [--threads 2]
     .venv/bin/python tools/train_xs.py --out runs/xs --steps 20000 --device cuda --workers 12 --amp
     .venv/bin/python tools/train_xs.py --out runs/xs --finalize      # write the small file from the last checkpoint
 
 What upstream does (medialab-ku/ConvNeXtPose main/model.py, data/dataset.py, common/base.py), and so does this:
-- input: the person box through upstream's box rule and the crop/normalisation of cnpose_trt.preprocess.prepare
+- input: the person box through upstream's box rule and the crop/normalisation of cnpose_trt.io.preprocess.prepare
   (0..255 pixels, (p - mean) / std);
 - target per joint, in heatmap units: x, y = the joint's position in the crop / crop size * heatmap size;
   z = ((depth - root depth) / (2000 mm / 2) + 1) / 2 * depth_dim; joints outside the crop or the 2 m depth
@@ -21,7 +21,7 @@ scale augmentation, synthetic occluders instead of its random-noise rectangles.
 
 Data are deterministic: training sample i is synthesize((seed, i)); step k uses samples k*batch .. (k+1)*batch-1,
 so a resumed run sees exactly what an uninterrupted one would. The held-out evaluation set uses seed 1
-(cnpose_trt.evaluate's default); training uses seed 0.
+(cnpose_trt.eval.evaluate's default); training uses seed 0.
 
 Outputs in --out: last.pth.tar (resumable: model, optimizer, step; written atomically every --save-every
 steps), train_log.txt (one line per logged step), and at the end the shipped file
@@ -80,8 +80,8 @@ class SyntheticPeople(torch.utils.data.Dataset):
         return 2 ** 62  # indexed by the sampler; never iterated to the end
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from cnpose_trt.preprocess import prepare
-        from cnpose_trt.synthetic import synthesize
+        from cnpose_trt.io.preprocess import prepare
+        from cnpose_trt.io.synthetic import synthesize
 
         scene = synthesize((self.seed, int(index)), width=self.size, height=self.size, occluder_prob=self.occluders)
         rng = np.random.default_rng((self.seed, int(index), 1))
@@ -186,7 +186,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
-    from cnpose_trt.evaluate import machine_info
+    from cnpose_trt.eval.evaluate import machine_info
 
     info = machine_info()
     info.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads()})
@@ -200,10 +200,10 @@ def machine() -> dict[str, Any]:
 @torch.no_grad()
 def heldout_mpjpe(model: nn.Module, device: torch.device, count: int, size: int) -> dict[str, float]:
     """MPJPE / PA-MPJPE (mm) of the PyTorch model on `count` held-out synthetic people (seed 1), no flip."""
-    from cnpose_trt.evaluate import DEFAULT_SYNTHETIC_SEED, joint_errors
-    from cnpose_trt.geometry import cells_to_image, image_to_camera
-    from cnpose_trt.preprocess import prepare
-    from cnpose_trt.synthetic import dataset
+    from cnpose_trt.eval.evaluate import DEFAULT_SYNTHETIC_SEED, joint_errors
+    from cnpose_trt.io.preprocess import prepare
+    from cnpose_trt.io.synthetic import dataset
+    from cnpose_trt.ops.geometry import cells_to_image, image_to_camera
 
     was_training = model.training
     model.eval()
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k in ("batch", "lr", "min_lr", "weight_decay", "size", "occluders", "jitter", "seed", "init_seed")}
 
-    from cnpose_trt.model import build_model
+    from cnpose_trt.nn.model import build_model
 
     model = build_model(SPEC, warn_random=False)
     init_for_training(model, args.init_seed)
@@ -384,11 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     # The shipped file: official layout, small; then its own held-out score, as loaded back (float16 weights).
     state = official_state(model, half=not args.fp32_final)
     save_atomic({"epoch": step, "network": state, "optimizer": {}}, final)
-    from cnpose_trt.model import build_model as load_model
+    from cnpose_trt.nn.model import build_model as load_model
 
     shipped = load_model(SPEC, final).to(device)
     m = heldout_mpjpe(shipped, device, args.eval_count, args.size)
-    record = {"file": final.name, "what": "ConvNeXtPose XS trained on synthetic people only (cnpose_trt.synthetic); "
+    record = {"file": final.name, "what": "ConvNeXtPose XS trained on synthetic people only (cnpose_trt.io.synthetic); "
                                           "not trained on real images", "variant": "XS",
               "storage": "float32" if args.fp32_final else "float16 convolutions, float32 BatchNorm",
               "bytes": final.stat().st_size, "steps": step, "images": images, "batch": args.batch,

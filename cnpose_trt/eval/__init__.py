@@ -1,0 +1,1 @@
+"""Measuring: accuracy (evaluate: MPJPE on synthetic people or Human3.6M) and speed (bench)."""

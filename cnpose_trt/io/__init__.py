@@ -1,0 +1,3 @@
+"""Images in and out: loading and checking image files (preprocess, imageio_guard), the crops a
+network takes (preprocess), synthetic people with ground truth (synthetic), drawing (draw).
+Imports spec, errors and ops."""
