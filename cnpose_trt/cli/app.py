@@ -98,10 +98,28 @@ def _engine_for(args: argparse.Namespace) -> Any:
     return load_engine(result.path, **options)
 
 
+def _emit(output: Path | None, doc: dict[str, Any], what: str) -> None:
+    """predict's JSON document: to the --output file (saying what it holds), else to stdout."""
+    text = finite_json(doc)
+    if output:
+        _write_text(output, text + "\n")
+        print(f"wrote {output} ({what})", file=sys.stderr)
+    else:
+        print(text)
+
+
+def _draw(path: Path, image: Any, result: Any) -> None:
+    """The overlay with the 3D view beside it, for one image's PoseResult."""
+    from ..io.draw import draw_poses_3d, pose_3d, save_image
+
+    joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
+    save_image(path, draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
+
+
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..io.draw import check_image_suffix, draw_poses_3d, pose_3d, save_image
+    from ..io.draw import check_image_suffix
     from ..io.imageio_guard import check_image_file
     from ..io.preprocess import load_image
     from ..pipeline.estimator import estimate
@@ -138,15 +156,9 @@ def _predict(args: argparse.Namespace) -> int:
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "people": result.to_dict()}
-    text = finite_json(doc)
-    if args.output:
-        _write_text(args.output, text + "\n")
-        print(f"wrote {args.output} ({len(result)} people)", file=sys.stderr)
-    else:
-        print(text)
+    _emit(args.output, doc, f"{len(result)} people")
     if args.draw:
-        joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
-        save_image(args.draw, draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
+        _draw(args.draw, image, result)
         print(f"wrote {args.draw}", file=sys.stderr)
     return 0
 
@@ -197,7 +209,6 @@ def _predict_folder(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..io.draw import draw_poses_3d, pose_3d, save_image
     from ..io.preprocess import load_image
     from ..pipeline.estimator import PoseEstimator
 
@@ -249,18 +260,11 @@ def _predict_folder(args: argparse.Namespace) -> int:
                      "people": result.to_dict()})
         people += len(result)
         if args.draw is not None and len(result):
-            joints_mm, title = pose_3d(result.image, result.crop_boxes, result.camera)
-            save_image(args.draw / f"{path.stem}_pose.png",
-                       draw_poses_3d(image, result.image, result.boxes, joints_mm, title))
+            _draw(args.draw / f"{path.stem}_pose.png", image, result)
     doc = {"folder": str(folder), "engine": str(engine.path), "variant": engine.spec.name,
            "precision": engine.precision, "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "images": docs}
-    text = finite_json(doc)
-    if args.output:
-        _write_text(args.output, text + "\n")
-        print(f"wrote {args.output} ({len(docs)} images, {people} people)", file=sys.stderr)
-    else:
-        print(text)
+    _emit(args.output, doc, f"{len(docs)} images, {people} people")
     if args.draw is not None:
         print(f"wrote the pictures to {args.draw}", file=sys.stderr)
     return 0
