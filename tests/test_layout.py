@@ -370,8 +370,5 @@ def test_backend_name_scan_sees_a_comparison():
     assert not any(_names_compared(n) for n in ast.walk(tree) if isinstance(n, ast.Compare))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23 phase 2: backend names are still compared outside backends/ "
-                                       "(batch/job.py 1108, 1110, 1112, 1316, 1460; eval/bench.py 136, 192, "
-                                       "211-213); the capability flags that replace them come with open_engine")
 def test_backend_names_are_compared_only_inside_backends():
     assert backend_name_comparisons() == []

@@ -54,6 +54,11 @@ ENGINE_FILE_FUSED_OPS = ("QLinearConv", "QLinearAdd")
 _QUANTIZED_CONV_OPS = ("QLinearConv", "ConvInteger", "NhwcQLinearConv")
 _FLOAT_CONV_OPS = ("Conv", "FusedConv")
 NEEDS_GRAPH = True
+# Capabilities callers ask instead of comparing names: no GPU; an engine file runs on any machine with
+# this ONNX Runtime; a real engine on the CPU.
+GPU = "never"
+PORTABLE_ENGINE = True
+CPU_IS_REFERENCE = False
 # Rel. L2 error between an FP32 engine and PyTorch above which the build is refused: FP32
 # graphs agree to ~1e-6, so 1e-3 only trips on a broken export.
 PARITY_LIMIT = 1e-3

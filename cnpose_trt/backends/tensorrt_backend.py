@@ -76,6 +76,11 @@ ENGINE_SUFFIX = ".engine"
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SCHEME = "trt-symmetric"  # strongly typed: the symmetric Q/DQ graph (precision.py)
 NEEDS_GRAPH = True
+# Capabilities callers ask instead of comparing names: a GPU is required; a plan is built for one GPU
+# model and TensorRT version (built on each worker, not shipped); no CPU path.
+GPU = "required"
+PORTABLE_ENGINE = False
+CPU_IS_REFERENCE = False
 
 # Options TrtEngine takes (load_engine(path, **options)); backends.check_options refuses the rest.
 DEFAULT_MAX_CONTEXTS = 2

@@ -28,6 +28,11 @@ ENGINE_SUFFIX = ".pt"
 LOAD_OPTIONS = ("device", "cuda_graphs", "threads")
 PRECISIONS = ("fp32", "fp16")
 NEEDS_GRAPH = False
+# Capabilities callers ask instead of comparing names: a GPU where present; the checkpoint runs anywhere;
+# on the CPU it is the PyTorch reference, not an engine (benchmarks make it opt-in there).
+GPU = "optional"
+PORTABLE_ENGINE = True
+CPU_IS_REFERENCE = True
 
 
 def available() -> bool:

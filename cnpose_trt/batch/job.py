@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backends
 from ..errors import CnposeError
 from ..interrupts import held_stops, raise_if_stopped
 from ..progress import Bar
@@ -1106,13 +1107,9 @@ class RayPredictor:
             path = build_engine(kw.pop("variant"), kw.pop("checkpoint"), **kw).path
         from ..runtime.engine import read_sidecar
 
-        backend = read_sidecar(path)["backend"]
-        if backend == "onnxruntime" and threads:
-            options["threads"] = threads
-        if backend == "onnxruntime" and spinning is not None:
-            options["spinning"] = spinning
-        if backend == "torch" and device:
-            options["device"] = device
+        takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
+        given = {"threads": threads or None, "spinning": spinning, "device": device or None}
+        options.update({k: v for k, v in given.items() if k in takes and v is not None})
         self.engine = load_engine(path, **options)
         self.estimator = PoseEstimator(self.engine)
         self.flip, self.readers = flip, readers
@@ -1315,7 +1312,7 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
         opts.engine = engine
         backend = opts.backend
         if use_ray and ray_engine == "auto":  # TensorRT engines are built for one GPU model: on the workers
-            ray_engine = "build" if engine is None and backend == "tensorrt" else "ship"
+            ray_engine = "build" if engine is None and not _capability(backend, "PORTABLE_ENGINE", True) else "ship"
         if use_ray and ray_engine == "build":
             if engine is not None:
                 raise ValueError("ray_engine='build' builds from the variant options; an engine file is shipped")
@@ -1376,6 +1373,11 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
 
     write_json(out / SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def _capability(backend: str, name: str, default: Any) -> Any:
+    """A named backend's capability (backends/*_backend.py); `default` for "auto", which has none yet."""
+    return getattr(backends.get(backend), name) if backend in backends.NAMES else default
 
 
 def _flip_rule(engine_path: Path | None, loaded: Any, opts: EngineOptions, flip: bool,
@@ -1462,7 +1464,8 @@ def _run_ray(out: Path, entries: Iterator[Entry], done: _Done, job: dict[str, An
             engine_spec = {"mode": "build", "build": opts.build_kwargs()}
             eid = job["engine"]
         if gpus is None:
-            gpus = 1.0 if backend == "tensorrt" or (backend == "torch" and resources.get("GPU", 0) > 0) else 0.0
+            gpu = _capability(backend, "GPU", "never")
+            gpus = 1.0 if gpu == "required" or (gpu == "optional" and resources.get("GPU", 0) > 0) else 0.0
         if actors is None:
             actors = int(resources.get("GPU", 0) // gpus) if gpus > 0 else int(resources.get("CPU", 1) // cpus)
             actors = max(1, actors)

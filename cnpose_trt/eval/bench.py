@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backends
 from ..progress import say
 
 MAX_BATCH = 4096  # the largest engine profile build_engine makes
@@ -131,9 +132,14 @@ def estimate_seconds(variant: str, backend: str, precision: str, batches: Sequen
     return BUILD_S.get(precision, 20.0) + people * per_image * 1.15
 
 
+def _takes(backend: str) -> tuple[str, ...]:
+    """The load options a named backend takes (none for "auto")."""
+    return backends.get(backend).LOAD_OPTIONS if backend in backends.NAMES else ()
+
+
 def _slow_reason(variant: str, backend: str) -> str | None:
     """Configurations that measure nothing a CPU user runs, opt-in with --all."""
-    if backend != "torch" or variant in ("XS", "S"):
+    if backend not in backends.NAMES or not backends.get(backend).CPU_IS_REFERENCE or variant in ("XS", "S"):
         return None
     try:
         import torch
@@ -189,7 +195,7 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     started, spent, guessed = time.perf_counter(), 0.0, 0.0
     for k, ((spec, backend, precision), guess) in enumerate(zip(combos, guesses, strict=True), 1):
         base = {"variant": spec.name, "head": spec.head_tag, "precision": precision,
-                "backend": backend + ("+graphs" if cuda_graphs and backend == "torch" else "")}
+                "backend": backend + ("+graphs" if cuda_graphs and "cuda_graphs" in _takes(backend) else "")}
         slow = None if include_slow else _slow_reason(spec.name, backend)
         scale = spent / guessed if guessed else 1.0
         elapsed = time.perf_counter() - started
@@ -208,9 +214,8 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
         try:
             built = build_engine(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
                                  max_batch=max(batches), **calib)
-            options = dict(session) if backend == "onnxruntime" else {k: v for k, v in session.items()
-                                                                       if k == "threads" and backend == "torch"}
-            if cuda_graphs and backend == "torch":
+            options = {k: v for k, v in session.items() if k in _takes(backend)}
+            if cuda_graphs and "cuda_graphs" in _takes(backend):
                 options["cuda_graphs"] = True
             engine = load_engine(built.path, **options)
         except (CnposeError, ValueError) as exc:
