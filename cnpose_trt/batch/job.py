@@ -784,14 +784,20 @@ def _superseded(parts: list[tuple[Path, dict[str, Any]]]) -> dict[Path, set[str]
     return {path: keys for path, keys in stale.items() if keys}
 
 
+def _without(table: Any, images: set[str]) -> Any:
+    """table less the rows of these images (the old rows of redone images)."""
+    pa, _ = _pyarrow()
+    import pyarrow.compute as pc
+
+    return table.filter(pc.invert(pc.is_in(table["image"], value_set=pa.array(sorted(images), pa.string()))))
+
+
 def drop_superseded(out: Path) -> int:
     """Remove the old rows of redone images from the earlier parts that hold them (each such part is
     rewritten and renamed into place, or deleted when nothing of it is left); returns the images
     dropped. Run after the parts that redo them are committed: killed at any point, every image is
     still in a part (the last one that lists it wins in read_results), and the next run finishes."""
-    pa, pq = _pyarrow()
-    import pyarrow.compute as pc
-
+    _, pq = _pyarrow()
     from ..cache import _fsync_dir
 
     dropped = 0
@@ -803,8 +809,7 @@ def drop_superseded(out: Path) -> int:
             path.unlink()
             _fsync_dir(out)
             continue
-        table = pq.read_table(path).replace_schema_metadata(None)
-        table = table.filter(pc.invert(pc.is_in(table["image"], value_set=pa.array(sorted(stale), pa.string()))))
+        table = _without(pq.read_table(path).replace_schema_metadata(None), stale)
         people = table.column("error").null_count
         new = {**doc, "images": [doc["images"][i] for i in keep], "people": people, "errors": table.num_rows - people}
         if isinstance(doc.get("records"), list) and len(doc["records"]) == len(doc["images"]):
@@ -830,18 +835,13 @@ def read_results(out: str | Path) -> Any:
     """All committed rows of an output folder as one pyarrow Table (parts in order), every image once:
     the rows of a redone image are those of the last part that lists it."""
     pa, pq = _pyarrow()
-    import pyarrow.compute as pc
-
     out = Path(out)
     parts = _parts(out)
     stale = _superseded(parts)
     tables = []
     for path, _ in parts:
         table = pq.read_table(path).replace_schema_metadata(None)
-        if path in stale:
-            table = table.filter(pc.invert(pc.is_in(table["image"],
-                                                    value_set=pa.array(sorted(stale[path]), pa.string()))))
-        tables.append(table)
+        tables.append(_without(table, stale[path]) if path in stale else table)
     if not tables:
         return output_schema(18).empty_table()
     return pa.concat_tables(tables)
@@ -1320,9 +1320,9 @@ def _run_locked(out: Path, manifest_args: dict[str, Any], engine: Any, opts: Eng
             engine_path = opts.resolve(say)
     elif use_ray:
         engine_path = Path(loaded_engine.path)
-    flip = _flip_rule(engine_path, loaded_engine, opts, flip, say)
+    meta = read_sidecar(engine_path) if engine_path is not None else getattr(loaded_engine, "meta", None)
+    flip = _flip_rule(meta, opts, flip, say)
     if engine_path is not None:
-        meta = read_sidecar(engine_path)
         job = {"engine": meta["engine_file"], "flip": bool(flip)}
         if meta.get("weights", {}).get("random"):
             say("warning: the engine uses random weights: the poses are meaningless; pass a checkpoint for real ones")
@@ -1380,14 +1380,11 @@ def _capability(backend: str, name: str, default: Any) -> Any:
     return getattr(backends.get(backend), name) if backend in backends.NAMES else default
 
 
-def _flip_rule(engine_path: Path | None, loaded: Any, opts: EngineOptions, flip: bool,
-               say: Callable[[str], None]) -> bool:
-    """shipped.flip_for on the job's engine (its sidecar, the loaded engine, or, for engines the Ray
-    workers build, the checkpoint file), saying so when a requested flip test is turned off."""
-    from ..runtime.engine import read_sidecar
+def _flip_rule(meta: dict[str, Any] | None, opts: EngineOptions, flip: bool, say: Callable[[str], None]) -> bool:
+    """shipped.flip_for on the job's engine (its metadata, or, for engines the Ray workers build, the
+    checkpoint file), saying so when a requested flip test is turned off."""
     from ..shipped import flip_for, is_shipped_checkpoint, record
 
-    meta = read_sidecar(engine_path) if engine_path is not None else getattr(loaded, "meta", None)
     if meta is None and is_shipped_checkpoint(opts.checkpoint):
         meta = {"weights": {"sha256": record()["weights_sha256"]}}
     flip, notice = flip_for(meta, flip)
