@@ -873,8 +873,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if not dataset.images:
         raise ValueError(f"{dataset.name}: no people to evaluate (check the subjects, sampling and files)")
     for e in engines:
-        if args.flip and flip_for(getattr(e, "meta", None), True)[1]:
-            print(f"{e.path}: {flip_for(e.meta, True)[1]}", file=sys.stderr)
+        notice = flip_for(getattr(e, "meta", None), args.flip)[1]
+        if notice:
+            print(f"{e.path}: {notice}", file=sys.stderr)
     report = evaluate(engines, dataset, flip=args.flip, labels=labels, progress=args.progress,
                       keep_predictions=args.predictions)
     print(format_report(report))
