@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "cnpose_trt"
 BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
 
 # The rooms, lowest first. A module of a room imports its own room and the rooms listed for it.
-BASE = {"errors", "spec", "progress", "interrupts", "cache", "shipped", "_C", "_version"}
+BASE = {"errors", "spec", "checks", "progress", "interrupts", "cache", "shipped", "_C", "_version"}
 # Old module paths kept for the README (each is the moved module itself, see the module docstrings).
 SHIMS = {"decoding": "ops", "preprocess": "io", "synthetic": "io", "evaluate": "eval"}
 ALLOWED = {
