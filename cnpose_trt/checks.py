@@ -46,7 +46,9 @@ def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None,
     if value is None and none:
         return None
     if not is_integer(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        allowed = f"an integer{_bounds(lo, hi)}" + (f" ({hint})" if hint else "") + (" or None" if none else "")
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(lo) if hi is None else None
+        allowed = (kind or f"an integer{_bounds(lo, hi)}") + (f" ({hint})" if hint else "")
+        allowed += " or None" if none else ""
         raise error(f"{name} must be {allowed}, got {value!r}")
     return int(value)
 

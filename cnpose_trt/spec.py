@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import checks
+
 NUM_HEAD_LAYERS = 3
 BACKBONE_STRIDE = 32
 INPUT_SIZE = 256
@@ -56,16 +58,14 @@ def _positive_int_tuple(name: str, value: Any, length: int) -> tuple[int, ...]:
         raise ValueError(f"{name} must have {length} entries, got {len(items)}: {items!r}")
     out = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+        if not checks.is_integer(item) or item <= 0:
             raise ValueError(f"{name} must hold positive integers, got {items!r}")
         out.append(int(item))
     return tuple(out)
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return checks.integer(name, value, 1)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,15 @@ def test_integer_refuses_and_names_the_argument(value):
 
 def test_integer_bounds_hint_none_and_error_type():
     assert checks.integer("t", None, 0, none=True) is None
-    with pytest.raises(ValueError, match=r"t must be an integer >= 0 \(0: one per core\) or None, got -1"):
+    with pytest.raises(ValueError, match=r"t must be a non-negative integer \(0: one per core\) or None, got -1"):
         checks.integer("t", -1, 0, none=True, hint="0: one per core")
     with pytest.raises(TypeError, match=r"s must be an integer <= 3, got 4"):
         checks.integer("s", 4, hi=3, error=TypeError)
     assert checks.integer("big", 2**40) == 2**40
+    with pytest.raises(ValueError, match=r"^p must be a positive integer, got 0$"):
+        checks.integer("p", 0, 1)
+    with pytest.raises(ValueError, match=r"^q must be an integer >= 2, got 1$"):
+        checks.integer("q", 1, 2)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, "1", None, 0.0])

@@ -196,7 +196,7 @@ def test_failures_deliver_everything_before_them(xs_engine, chunk):
 def test_prep_chunk_and_staging_bytes_are_checked(xs_engine):
     """Checked on any engine, before anything is built (as crop_method and staging are)."""
     for bad in (0, -1, 2.5, True, "4"):
-        with pytest.raises(ValueError, match="prep_chunk must be an integer >= 1 or None"):
+        with pytest.raises(ValueError, match="prep_chunk must be a positive integer or None"):
             PoseEstimator(xs_engine, prep_chunk=bad)
     for bad in (0, 255, -1, 1e9, True, "1G"):
         with pytest.raises(ValueError, match="staging_bytes must be an integer >= 256"):

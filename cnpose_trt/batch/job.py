@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends
+from .. import backends, checks
 from ..errors import CnposeError
 from ..interrupts import held_stops, raise_if_stopped
 from ..progress import Bar
@@ -141,8 +141,7 @@ def _fail(where: str, field: str | None, message: str) -> ManifestError:
     return ManifestError(f"{where}{f', field {field!r}' if field else ''}: {message}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_number = checks.is_number
 
 
 def _floats(values: Any, where: str, field: str) -> np.ndarray:
@@ -396,7 +395,7 @@ def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id
 
 def _is_image_id(value: Any) -> bool:
     # not bool: True == 1 would match image 1
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    return checks.identifier(value)
 
 
 def manifest_format(path: str | Path, fmt: str = "auto") -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends
+from .. import backends, checks
 from .._version import __version__
 from ..backends import DEFAULT_MAX_BATCH
 from ..cache import (
@@ -330,12 +330,6 @@ def _tidy(out: Path, stem: str, handle: Path) -> None:
         remove_orphans(handle)
 
 
-def _positive(name: str, value: Any, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
-    return value
-
-
 def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None = None, *,
                  backend: str = "auto", precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH,
                  out_dir: str | Path | None = None, force: bool = False, opset: int | None = None,
@@ -378,7 +372,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
         raise_if_stopped()  # each step first raises a stop request that library code swallowed
         emit(msg)
 
-    _positive("max_batch", max_batch, 4096)
+    checks.integer("max_batch", max_batch, 1, 4096)
     opts = PrecisionOptions(precision=precision, fp16_output=fp16_output, keep_fp32=tuple(keep_fp32),
                             calib_method=calib_method, int8_exclude=tuple(int8_exclude),
                             calib_images=None if calib_images is None else str(calib_images),
@@ -387,7 +381,7 @@ def build_engine(variant: SpecLike | None = None, checkpoint: str | Path | None 
                             int8_scheme=int8_scheme or "trt-symmetric")
     trt = trt or TrtOptions()
     opt_batch = trt.opt_batch or max(1, max_batch // 2)
-    _positive("opt_batch", opt_batch, max_batch)
+    checks.integer("opt_batch", opt_batch, 1, max_batch)
     opset = DEFAULT_OPSET if opset is None else opset
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset must be {DEFAULT_OPSET} or newer, got {opset}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends
+from .. import backends, checks
 from ..progress import say
 
 MAX_BATCH = 4096  # the largest engine profile build_engine makes
@@ -44,12 +44,12 @@ def check_args(variants: Sequence[str], batches: Sequence[int], iterations: int,
     """
     from ..spec import get_spec
 
-    bad = [b for b in batches if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH]
+    bad = [b for b in batches if not checks.is_integer(b) or not 1 <= b <= MAX_BATCH]
     if bad or not batches:
         raise ValueError(f"--batch must be integers in 1..{MAX_BATCH}, got {bad or list(batches)}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if not checks.is_integer(iterations) or iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {iterations!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not checks.is_integer(warmup) or warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup!r}")
     memory = _physical_memory()
     if memory is None:
@@ -178,7 +178,7 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     emit = on_row or (lambda r: None)
     session = session_options(threads, spinning)
     check_args(variants, batches, iterations, warmup)
-    if budget is not None and (isinstance(budget, bool) or not budget > 0):
+    if budget is not None and not (checks.is_number(budget) and budget > 0):
         raise ValueError(f"--budget must be a positive number of seconds, got {budget!r}")
     rows: list[dict[str, Any]] = []
 

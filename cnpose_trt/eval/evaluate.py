@@ -35,6 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .. import checks
 from ..progress import Bar, say
 from ..shipped import flip_for
 from ..spec import JOINT_NAMES, NUM_JOINTS, ROOT_JOINT
@@ -333,10 +334,8 @@ def h36m_set(root: str | Path, *, protocol: int = 2, subjects: Sequence[int] | N
     subject_list = tuple(int(s) for s in (subjects if subjects is not None else H36M_PROTOCOLS[protocol][0]))
     if not subject_list:
         raise ValueError("subjects must name at least one subject")
-    if isinstance(sampling, bool) or not isinstance(sampling, int) or sampling < 1:
-        raise ValueError(f"sampling must be a positive integer, got {sampling!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    checks.integer("sampling", sampling, 1)
+    checks.integer("limit", limit, 1, none=True)
     annot = root / "annotations"
     rootnet = None if bbox_root is None else _read_bbox_root(Path(bbox_root))
 
@@ -454,7 +453,7 @@ def _read_bbox_root(path: Path) -> dict[str, dict[str, np.ndarray]]:
         if not isinstance(r, dict) or not all(k in r for k in ("image_id", "bbox", "root_cam")):
             raise ValueError(f"{path}: entry {i}: every entry needs image_id, bbox, root_cam")
         image_id = r["image_id"]
-        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        if not checks.identifier(image_id):
             raise ValueError(f"{path}: entry {i}: image_id must be an integer or a string, got {image_id!r}")
         key = str(image_id)
         if key in first:
@@ -491,7 +490,7 @@ def _index_h36m_data(data: Any, path: Path, seen_ids: dict[Any, str]) -> tuple[d
     by_id: dict[Any, dict] = {}
     for i, img in enumerate(data["images"]):
         image_id = img.get("id") if isinstance(img, dict) else None
-        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        if not checks.identifier(image_id):
             raise ValueError(f"{path}: images[{i}]: id must be an integer or a string, got {image_id!r}")
         if image_id in seen_ids:
             raise ValueError(f"{path}: images[{i}]: id {image_id!r} repeats {seen_ids[image_id]} "
@@ -501,7 +500,7 @@ def _index_h36m_data(data: Any, path: Path, seen_ids: dict[Any, str]) -> tuple[d
     first: dict[Any, int] = {}
     for i, ann in enumerate(data["annotations"]):
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        if not checks.identifier(image_id):
             raise ValueError(f"{path}: annotations[{i}]: image_id must be an integer or a string, got {image_id!r}")
         if image_id in first:
             raise ValueError(f"{path}: annotations[{i}]: image_id {image_id!r} repeats annotations[{first[image_id]}] "

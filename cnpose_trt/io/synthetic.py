@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import checks
 from ..spec import JOINT_NAMES, NUM_JOINTS
 
 # Joint indices (spec.JOINT_NAMES order).
@@ -490,8 +491,7 @@ def synthesize(seed: int | Sequence[int], *, width: int = 256, height: int = 256
 
     seeds = _seed_tuple(seed)
     for name, v, lo, hi in (("width", width, 16, 4096), ("height", height, 16, 4096), ("people", people, 1, 8)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-            raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+        checks.integer(name, v, lo, hi)
     z_lo, z_hi = _check_range("depth_range", depth_range, 500.0, 1e6)
     h_lo, h_hi = _check_range("person_height", person_height, 0.05, 2.0)
     if not 0.0 <= float(occluder_prob) <= 1.0:
@@ -566,8 +566,7 @@ def synthesize(seed: int | Sequence[int], *, width: int = 256, height: int = 256
 
 def dataset(seed: int, count: int, **options: object) -> Iterator[SyntheticScene]:
     """`count` scenes; scene i is synthesize((seed, i), **options), so any one can be re-made alone."""
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    checks.integer("count", count, 0)
     seeds = _seed_tuple(seed)
     for i in range(int(count)):
         yield synthesize((*seeds, i), **options)  # type: ignore[arg-type]

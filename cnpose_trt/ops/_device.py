@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled
 from .arrays import flip_perm as _flip_perm
 from .arrays import is_cupy as _is_cupy
@@ -169,8 +170,7 @@ def decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fl
     n = hm.shape[0]
     if stream is None:
         stream = _default_stream(hm)
-    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
-        raise TypeError(f"stream must be an integer CUDA stream handle (0: default stream), got {stream!r}")
+    checks.integer("stream", stream, 0, hint="a CUDA stream handle, 0: default stream", error=TypeError)
     fl = None
     if flipped is not None:
         fl = _Buf(flipped, "flipped")
@@ -259,8 +259,7 @@ def crop_device(images: list[Any], index: Any, affines: Any, size: int, flip: An
     first = ims[0]  # what the stream and allocation helpers read: obj, lib, ptr
     if stream is None:
         stream = _default_stream(first)
-    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
-        raise TypeError(f"stream must be an integer CUDA stream handle (0: default stream), got {stream!r}")
+    checks.integer("stream", stream, 0, hint="a CUDA stream handle, 0: default stream", error=TypeError)
     p = int(np.shape(index)[0]) if np.ndim(index) == 1 else -1
     if out is None:
         name = dtype or "float32"

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..spec import FLIP_PAIRS
 
 OUT_FIELDS = 10  # packed output: x, y, z (cells), confidence, x_px, y_px, depth_mm, X, Y, Z (camera mm)
@@ -68,8 +69,7 @@ class DeviceArray:
     _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2", "uint8": "|u1"}
 
     def __init__(self, ptr: int, shape: tuple[int, ...], dtype: str = "float32") -> None:
-        if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)) or ptr <= 0:
-            raise ValueError(f"ptr must be a positive integer device address, got {ptr!r}")
+        checks.integer("ptr", ptr, 1, hint="a device address")
         if dtype not in self._TYPESTR:
             raise TypeError(f"dtype must be one of {', '.join(self._TYPESTR)}, got {dtype!r}")
         self.ptr, self.shape, self.dtype = int(ptr), tuple(int(s) for s in shape), dtype

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 from .arrays import compiled
 from .arrays import is_cupy as _is_cupy
@@ -148,13 +149,11 @@ def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPU
             raise ValueError(f"image_index may be left out only with one image, got {len(imgs)} images")
         n_aff = np.shape(affines)[0] if np.ndim(affines) == 3 else 1
         image_index = np.zeros(n_aff, np.int64)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise TypeError(f"size must be an integer, got {size!r}")
+    checks.integer("size", size, error=TypeError)
     name = None if dtype is None else _dtype_name(dtype)
     if threads is None:
         threads = 0
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise TypeError(f"threads must be an integer >= 0 or None, got {threads!r}")
+    checks.integer("threads", threads, error=TypeError, hint="0: one per core")
     flip_arg = _flip_arg(flip)
     if not isinstance(round_pixels, (bool, np.bool_)):
         raise TypeError(f"round_pixels must be a bool, got {round_pixels!r}")

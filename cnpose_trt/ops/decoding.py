@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..spec import BBOX_3D_DEPTH_MM, FLIP_PAIRS, NUM_JOINTS
 from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled, is_cupy
 from .arrays import flip_perm as _flip_perm
@@ -34,13 +35,12 @@ def check_heatmaps(heatmaps: np.ndarray, joints: int, depth_dim: int | None) -> 
         raise ValueError(f"heatmaps must have 4 dimensions (N, J*D, H, W), got {heatmaps.ndim}")
     if heatmaps.dtype.kind != "f":
         raise TypeError(f"heatmaps must be float32, float16 or float64, got {heatmaps.dtype}")
-    if isinstance(joints, bool) or not isinstance(joints, (int, np.integer)) or joints <= 0:
-        raise ValueError(f"joints must be a positive integer, got {joints!r}")
+    checks.integer("joints", joints, 1)
     n, c, h, w = heatmaps.shape
     if c % joints:
         raise ValueError(f"heatmaps channels ({c}) must be divisible by joints ({joints})")
     d = c // joints if depth_dim is None else depth_dim
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0 or d * joints != c:
+    if not checks.is_integer(d) or d <= 0 or d * joints != c:
         raise ValueError(f"depth_dim must be a positive integer with joints * depth_dim == {c} channels, "
                          f"got depth_dim={depth_dim!r}, joints={joints}")
     if min(n, h, w) <= 0:
@@ -213,8 +213,7 @@ def _host_out(out: Any) -> np.ndarray | None:
 
 def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
                  depth_range_mm, threads) -> Decoded:
-    if not isinstance(joints, (int, np.integer)) or isinstance(joints, bool):
-        raise ValueError(f"joints must be a positive integer, got {joints!r}")
+    checks.integer("joints", joints, 1)
     n = heatmaps.shape[0] if heatmaps.ndim else 0
     _check_post_values(root_depth, intrinsics)
     b = _per_image("boxes", boxes, n, (4,))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..io.preprocess import check_image, crop_people, load_image, resolve_crop_boxes
 from ..ops.decoding import decode
 from ..ops.geometry import as_array, check_intrinsics, check_root_depth, crop_matrices, per_person
@@ -293,12 +294,8 @@ class PoseEstimator:
             engine_or_variant = "XS"
         if prep_threads < 1 or prefetch < 1:
             raise ValueError(f"prep_threads and prefetch must be >= 1, got {prep_threads}, {prefetch}")
-        if prep_chunk is not None and (isinstance(prep_chunk, bool) or not isinstance(prep_chunk, int)
-                                       or prep_chunk < 1):
-            raise ValueError(f"prep_chunk must be an integer >= 1 or None, got {prep_chunk!r}")
-        if staging_bytes is not None and (isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int)
-                                          or staging_bytes < 256):
-            raise ValueError(f"staging_bytes must be an integer >= 256 (bytes) or None, got {staging_bytes!r}")
+        checks.integer("prep_chunk", prep_chunk, 1, none=True)
+        checks.integer("staging_bytes", staging_bytes, 256, none=True, hint="bytes")
         if crop_method not in CROP_METHODS:
             raise ValueError(f"crop_method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
         from .gpu_stage import STAGINGS
