@@ -23,7 +23,8 @@ _LAZY = {
     "load_checkpoint": "nn.checkpoint", "detect_variant": "nn.checkpoint", "detect_spec": "nn.checkpoint",
     "save_checkpoint": "nn.checkpoint",
     "export_onnx": "build.export", "build_engine": "build.builder",
-    "load_engine": "runtime.engine", "Engine": "runtime.engine",
+    "BuildConfig": "config", "EngineRequest": "config", "TrtOptions": "config",
+    "load_engine": "runtime.engine", "Engine": "runtime.engine", "open_engine": "runtime.open",
     "estimate": "pipeline.estimator", "PoseResult": "pipeline.estimator", "PoseEstimator": "pipeline.estimator",
     "crop_normalize": "ops.cropping",
 }

@@ -65,11 +65,11 @@ def test_bench_keeps_what_it_measured_when_stopped(tmp_path, capsys, monkeypatch
     real = build.build_engine
     calls = []
 
-    def build_then_stop(*args, **kwargs):
-        calls.append(kwargs["precision"])
+    def build_then_stop(config, **kwargs):  # open_engine hands build_engine a BuildConfig
+        calls.append(config.precision)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(config, **kwargs)
 
     monkeypatch.setattr(build, "build_engine", build_then_stop)
     assert cli(["bench", "--precision", "fp32", "fp16", "--batch", "1", "--iterations", "2", "--warmup", "0",

@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "cnpose_trt"
 BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
 
 # The rooms, lowest first. A module of a room imports its own room and the rooms listed for it.
-BASE = {"errors", "spec", "checks", "progress", "interrupts", "cache", "shipped", "_C", "_version"}
+BASE = {"errors", "spec", "checks", "config", "progress", "interrupts", "cache", "shipped", "_C", "_version"}
 # Old module paths kept for the README (each is the moved module itself, see the module docstrings).
 SHIMS = {"decoding": "ops", "preprocess": "io", "synthetic": "io", "evaluate": "eval"}
 ALLOWED = {
@@ -40,15 +40,11 @@ ALLOWED = {
     # cnpose_trt/__init__.py: the public API, bound eagerly (base, ops) or lazily by name.
     "api": {"base", "ops", "nn", "runtime", "pipeline", "build"},
 }
-# The places below cli that reach the build today, each named by (module, function): they build the
-# engine a command asks for when it is not cached (the build-or-load entries that one open_engine is
-# to replace), and the backends' compile steps, which run inside build_engine. Nothing else may.
+# The places below cli that reach the build, each named by (module, function): runtime.open's build
+# (open_engine: every caller that builds the engine it asks for when it is not cached goes through it),
+# and the backends' compile steps, which run inside build_engine. Nothing else may.
 REACH_BUILD = {
-    ("cnpose_trt.pipeline.estimator", "PoseEstimator.__init__", "cnpose_trt.build.builder"),
-    ("cnpose_trt.batch.job", "EngineOptions.resolve", "cnpose_trt.build.builder"),
-    ("cnpose_trt.batch.job", "RayPredictor.__init__", "cnpose_trt.build.builder"),
-    ("cnpose_trt.eval.evaluate", "run_eval", "cnpose_trt.build.builder"),
-    ("cnpose_trt.eval.bench", "run_bench", "cnpose_trt.build.builder"),
+    ("cnpose_trt.runtime.open", "build", "cnpose_trt.build.builder"),
     ("cnpose_trt.backends.onnxruntime_backend", "compile", "cnpose_trt.build.verify"),
     ("cnpose_trt.backends.tensorrt_backend", "compile", "cnpose_trt.build.verify"),
 }
@@ -256,8 +252,8 @@ def test_the_graph_sees_function_level_and_registry_imports():
     seen = {(e.src, e.dst, e.how) for e in EDGES}
     assert ("cnpose_trt.backends", "cnpose_trt.backends.tensorrt_backend", "registry") in seen
     assert ("cnpose_trt", "cnpose_trt.pipeline.estimator", "lazy") in seen
-    assert any(e.src == "cnpose_trt.pipeline.estimator" and e.dst == "cnpose_trt.build.builder"
-               and e.where == "PoseEstimator.__init__" for e in EDGES)
+    assert any(e.src == "cnpose_trt.runtime.open" and e.dst == "cnpose_trt.build.builder"
+               and e.where == "build" for e in EDGES)
 
 
 def test_the_load_options_table_is_each_backends_own():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cnpose_trt.runtime.engine as engine_module
+import cnpose_trt.runtime.open as open_module
 from cnpose_trt import load_engine
 from cnpose_trt.backends import ORT_DEFAULT_SPINNING, ORT_DEFAULT_THREADS, session_options
 from cnpose_trt.pipeline.estimator import PoseEstimator
@@ -74,6 +75,7 @@ def loads(monkeypatch):
         return engine
 
     monkeypatch.setattr(engine_module, "load_engine", spy)
+    monkeypatch.setattr(open_module, "load_engine", spy)  # open_engine's own binding (runtime/open.py)
     return seen
 
 

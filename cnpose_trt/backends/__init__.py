@@ -16,6 +16,7 @@ import logging
 from types import ModuleType
 from typing import Any
 
+from ..config import DEFAULT_MAX_BATCH  # noqa: F401  (the registry's callers ask it here)
 from ..errors import BuildError, EngineError
 from .base import (  # noqa: F401  (the registry's helpers live below the backend modules)
     LOAD_OPTIONS,
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 _MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend", "torch": "torch_backend"}
 NAMES = tuple(_MODULES)
 BACKENDS = ("auto", *NAMES)  # what the commands that build offer
-DEFAULT_MAX_BATCH = 32  # the largest batch an engine is built for unless told otherwise
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
 AUTO_ORDER = ("tensorrt", "onnxruntime")
 THREADS_HELP = (f"ONNX Runtime intra-op threads (torch engines: torch's CPU threads); 0: one per core (default "

@@ -47,9 +47,11 @@ from typing import Any
 import numpy as np
 
 from .. import backends, checks
+from ..config import BuildConfig, EngineRequest
 from ..errors import CnposeError
 from ..interrupts import held_stops, raise_if_stopped
 from ..progress import Bar
+from ..runtime.open import engine_path
 from .watchdog import alive, ray_descendants, start_time
 
 log = logging.getLogger(__name__)
@@ -1040,14 +1042,15 @@ class EngineOptions:
                 "backend": self.backend, "precision": self.precision, "max_batch": self.max_batch,
                 "out_dir": None if self.engine_dir is None else os.path.abspath(self.engine_dir)}
 
+    def request(self) -> EngineRequest:
+        """The engine file given, or a build of the variant (paths absolute), as runtime.open_engine takes it."""
+        if self.engine is not None:
+            return EngineRequest(engine=self.engine)
+        return EngineRequest(build=BuildConfig(**self.build_kwargs()))
+
     def resolve(self, progress: Callable[[str], None] | None = None) -> Path:
         """The engine file: the given one, or built (or reused) by build_engine."""
-        if self.engine is not None:
-            return Path(self.engine)
-        from ..build.builder import build_engine
-
-        kw = self.build_kwargs()
-        return build_engine(kw.pop("variant"), kw.pop("checkpoint"), progress=progress, **kw).path
+        return engine_path(self.request(), progress)
 
 
 def engine_id(engine: Any) -> str:
@@ -1100,10 +1103,7 @@ class RayPredictor:
 
             path = install_shipped_engine(ray.get(engine["files"]))
         else:
-            from ..build.builder import build_engine
-
-            kw = dict(engine["build"])
-            path = build_engine(kw.pop("variant"), kw.pop("checkpoint"), **kw).path
+            path = engine_path(EngineRequest(build=BuildConfig(**engine["build"])))
         from ..runtime.engine import read_sidecar
 
         takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS

@@ -35,21 +35,18 @@ from typing import Any
 
 import numpy as np
 
+from ..config import DEFAULT_INT8_EXCLUDE, PRECISIONS
 from ..errors import BuildError
 from ..progress import Bar
 from ..spec import INPUT_SIZE
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SCHEMES = ("trt-symmetric", "ort-u8s8")
 # Op types whose tensors one calibration covers: the union of what the schemes quantize, so that
 # either scheme builds from ranges stored by the other.
 CALIBRATED_OPS = ("Conv", "Add")
 CALIB_METHODS = ("entropy", "minmax", "percentile")
-# Node-name prefixes (as torch.onnx names them) kept out of INT8 by default: pose heads lose
-# accuracy when the heatmap conv and the layer feeding it are quantized.
-DEFAULT_INT8_EXCLUDE = ("/head/final_layer/", "/head/deconv_layers_3/")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 

@@ -83,19 +83,18 @@ def flip_test(engine: Any, requested: bool) -> bool:
 
 def _engine_for(args: argparse.Namespace) -> Any:
     from ..backends import session_options
-    from ..runtime.engine import load_engine
+    from ..config import BuildConfig, EngineRequest
+    from ..runtime.open import open_engine
 
     options = session_options(getattr(args, "threads", None), getattr(args, "spinning", None))
     if args.engine is not None:
-        return load_engine(args.engine, **options)
-    from ..build.builder import build_engine  # the build layer only where an engine is looked up or built
-
-    result = build_engine(args.variant, args.checkpoint, out_dir=args.engines,
-                          progress=say)
-    if result.meta["weights"]["random"]:
+        return open_engine(EngineRequest(engine=args.engine, load=options))
+    engine = open_engine(EngineRequest(build=BuildConfig(args.variant, args.checkpoint, out_dir=args.engines),
+                                       load=options), progress=say)
+    if engine.meta["weights"]["random"]:
         print("warning: the engine uses random weights: the poses are meaningless; "
               "pass --checkpoint for real ones", file=sys.stderr)
-    return load_engine(result.path, **options)
+    return engine
 
 
 def _emit(output: Path | None, doc: dict[str, Any], what: str) -> None:

@@ -168,10 +168,10 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     torch engines); None: the defaults.
     """
     from ..backends import session_options
-    from ..build.builder import build_engine
+    from ..config import BuildConfig, EngineRequest
     from ..errors import CnposeError
     from ..pipeline.estimator import PoseEstimator
-    from ..runtime.engine import load_engine
+    from ..runtime.open import open_engine
     from ..spec import get_spec
 
     say = progress or (lambda m: None)
@@ -212,12 +212,12 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
         if precision == "int8":
             calib = {"calib_images": calib_images} if calib_images else {"calib_synthetic": True, "calib_count": 16}
         try:
-            built = build_engine(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
-                                 max_batch=max(batches), **calib)
             options = {k: v for k, v in session.items() if k in _takes(backend)}
             if cuda_graphs and "cuda_graphs" in _takes(backend):
                 options["cuda_graphs"] = True
-            engine = load_engine(built.path, **options)
+            config = BuildConfig(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
+                                 max_batch=max(batches), **calib)
+            engine = open_engine(EngineRequest(build=config, load=options))
         except (CnposeError, ValueError) as exc:
             add({**base, "skipped": str(exc).splitlines()[0]})
             say(f"      skipped: {rows[-1]['skipped']}")

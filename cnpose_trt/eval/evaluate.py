@@ -845,11 +845,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if labels is not None and len(labels) != len(args.engine):
         raise ValueError(f"--label must be given once per --engine ({len(args.engine)}), got {len(labels)}")
     if args.variant is not None:
-        from ..build.builder import build_engine
+        from ..config import BuildConfig, EngineRequest
+        from ..runtime.open import open_engine
 
-        built = build_engine(args.variant, args.checkpoint, backend="onnxruntime", out_dir=args.engines,
-                             progress=say)
-        engines.append(load_engine(built.path, **options))
+        config = BuildConfig(args.variant, args.checkpoint, backend="onnxruntime", out_dir=args.engines)
+        engines.append(open_engine(EngineRequest(build=config, load=options), progress=say))
         if labels is not None:
             labels.append(f"{args.variant} fp32 (built)")
     elif args.checkpoint is not None:

@@ -280,8 +280,9 @@ class PoseEstimator:
                  staging: str = "batched", staging_bytes: int | None = None, prep_chunk: int | None = None,
                  threads: int | None = None, spinning: bool | None = None, **build_options: Any) -> None:
         from ..backends import session_options
+        from ..config import BuildConfig, EngineRequest
         from ..io.preprocess import CROP_METHODS
-        from ..runtime.engine import load_engine
+        from ..runtime.open import open_engine
         from ..spec import VariantSpec
 
         if "variant" in build_options:  # PoseEstimator(variant="M"): the keyword it looks like
@@ -308,16 +309,18 @@ class PoseEstimator:
                 raise ValueError(f"{' and '.join(load_options)} apply where PoseEstimator loads the engine; pass "
                                  "them to load_engine for an Engine that is already loaded")
             self.engine = engine_or_variant
+        elif isinstance(engine_or_variant, EngineRequest):
+            if load_options:
+                raise ValueError(f"{' and '.join(load_options)} go in the EngineRequest's load options")
+            self.engine = open_engine(engine_or_variant)
         elif isinstance(engine_or_variant, (str, Path, VariantSpec)) and (
                 isinstance(engine_or_variant, VariantSpec) or not Path(str(engine_or_variant)).suffix):
-            from ..build.builder import build_engine
-
             extra = {} if max_batch is None else {"max_batch": max_batch}
-            built = build_engine(engine_or_variant, checkpoint, backend=backend, precision=precision,
+            config = BuildConfig(engine_or_variant, checkpoint, backend=backend, precision=precision,
                                  out_dir=engine_dir, **extra, **build_options)
-            self.engine = load_engine(built.path, **load_options)
+            self.engine = open_engine(EngineRequest(build=config, load=load_options))
         else:
-            self.engine = load_engine(engine_or_variant, **load_options)
+            self.engine = open_engine(EngineRequest(engine=engine_or_variant, load=load_options))
         self.crop_method = crop_method
         self.prep_threads, self.prefetch, self.prep_chunk = prep_threads, prefetch, prep_chunk
         self.max_batch = self.engine.max_batch
