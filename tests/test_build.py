@@ -44,6 +44,17 @@ def test_cache_reuse_and_rebuild(tmp_path):
     load_engine(first.path)
 
 
+def test_a_cached_engine_with_one_changed_weight_byte_is_rebuilt(tmp_path):
+    """The engine's contents still parse and match the sidecar (check_engine_file cannot tell), but its
+    bytes are not the ones built: the recorded sha256 decides, and the engine is rebuilt."""
+    first = build_engine("XS", out_dir=tmp_path, max_batch=2)
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights: the graph still loads
+    first.path.write_bytes(bytes(data))
+    again = build_engine("XS", out_dir=tmp_path, max_batch=2)
+    assert not again.cached and again.path.read_bytes() != bytes(data)
+
+
 def test_checkpoint_decides_variant(tmp_path):
     ckpt = write_official(tmp_path / "ConvNeXtPose_L.tar", make_model("S", seed=9))
     result = build_engine(checkpoint=ckpt, out_dir=tmp_path)

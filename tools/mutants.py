@@ -392,7 +392,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'if meta.get("cache_key") != key or file_sha256(engine) != meta["engine_sha256"]:',
            'if meta.get("cache_key") != key:',
            "a damaged cached engine is served instead of rebuilt",
-           ("tests/test_build.py::test_cache_reuse_and_rebuild",)),
+           ("tests/test_build.py::test_cache_reuse_and_rebuild",
+            "tests/test_build.py::test_a_cached_engine_with_one_changed_weight_byte_is_rebuilt")),
 
     # ----------------------------------------------------------------------------- checkpoint
     Mutant("checkpoint-module-prefix-kept", "cnpose_trt/nn/checkpoint.py",
