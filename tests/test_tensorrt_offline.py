@@ -731,6 +731,19 @@ def test_native_handle_of_a_stream(monkeypatch):
     assert device.native_handle(stream) == 0xBEEF and device._native_getter is int
 
 
+def test_owned_device_array_is_a_device_array_that_keeps_its_buffer():
+    """infer_device's result (device.OwnedDeviceArray): the kernels read it as a DeviceArray, and it
+    holds the memory it points to until it is collected."""
+    from cnpose_trt.ops.arrays import DeviceArray
+
+    buffer = types.SimpleNamespace(ptr=0x7F0000001000, nbytes=2 * 8 * 2)
+    array = device.OwnedDeviceArray(buffer, (2, 8), "float16")
+    assert isinstance(array, DeviceArray) and array._buffer is buffer
+    assert (array.ptr, array.shape, array.dtype) == (buffer.ptr, (2, 8), "float16")
+    assert array.__cuda_array_interface__ == {"shape": (2, 8), "typestr": "<f2", "data": (buffer.ptr, False),
+                                              "strides": None, "version": 3}
+
+
 def test_unusable_device_is_explained_once(monkeypatch, caplog):
     """TensorRT importable (a stand-in module) but no usable device: available() says why, with the
     real cuda-python's error string, once."""
