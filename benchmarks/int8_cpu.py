@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import cpu_name  # noqa: E402
 
 from cnpose_trt import build_engine, load_engine  # noqa: E402
-from cnpose_trt.backends.onnxruntime_backend import cpu_flags, cpu_has_vnni  # noqa: E402
+from cnpose_trt.backends.onnxruntime.runtime import cpu_flags, cpu_has_vnni  # noqa: E402
 
 
 def settings() -> dict[str, Any]:

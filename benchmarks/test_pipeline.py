@@ -46,7 +46,7 @@ def scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 @functools.cache
 def engine_for(name: str, backend: str, precision: str, out_dir: str, max_batch: int):
     from cnpose_trt import build_engine, load_engine
-    from cnpose_trt.backends.tensorrt_backend import available as tensorrt_available
+    from cnpose_trt.backends.tensorrt import available as tensorrt_available
 
     if backend == "tensorrt" and not tensorrt_available():
         pytest.skip("TensorRT or a CUDA device is not present")

@@ -29,10 +29,10 @@ import onnx
 from cnpose_trt import cache
 from cnpose_trt.build import builder as build
 from cnpose_trt.build import export
-from cnpose_trt.backends import onnxruntime_backend
+from cnpose_trt.backends.onnxruntime import compiler as ort_compiler
 
 out, kill_at, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real_optimise = onnxruntime_backend.optimise
+real_optimise = ort_compiler.optimise
 
 def optimise(src, dst):
     real_optimise(src, dst)
@@ -40,7 +40,7 @@ def optimise(src, dst):
     model.doc_string = uuid.uuid4().hex
     onnx.save(model, str(dst))
 
-onnxruntime_backend.optimise = optimise
+ort_compiler.optimise = optimise
 if kill_at != "none":
     module = export if kill_at == "export_onnx" else cache
     real = getattr(module, kill_at)

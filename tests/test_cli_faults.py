@@ -150,7 +150,7 @@ def test_image_size_of_real_files(tmp_path, suffix):
 
 def test_json_output_never_holds_nan(xs_engine_path, scene, tmp_path, monkeypatch, capsys):
     """Issue 10, item 10: NaN joints (a NaN heatmap decodes to NaN) were written as NaN tokens."""
-    from cnpose_trt.backends.onnxruntime_backend import OrtEngine
+    from cnpose_trt.backends.onnxruntime.runtime import OrtEngine
 
     def nan_heatmaps(self, images):
         return np.full((len(images), *self.spec.heatmap_shape), np.nan, self.output_dtype)

@@ -155,7 +155,7 @@ def test_hostile_sidecars_are_damaged_metadata(xs_engine_path, tmp_path, edit, m
 
 
 def test_engine_refuses_damaged_metadata_given_directly(xs_engine_path):
-    from cnpose_trt.backends.onnxruntime_backend import OrtEngine
+    from cnpose_trt.backends.onnxruntime.runtime import OrtEngine
     from cnpose_trt.runtime.engine import read_sidecar
 
     meta = read_sidecar(xs_engine_path)

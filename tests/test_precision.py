@@ -224,7 +224,7 @@ def test_calibration_yields_exactly_count_crops_when_images_hold_several_people(
 def test_onnxruntime_int8_engine_runs_its_convolutions_quantized(int8_engine):
     """The onnxruntime engine is the ort-u8s8 graph, and ONNX Runtime's optimised model of it runs
     (nearly) every convolution as QLinearConv and the residual Adds as QLinearAdd."""
-    from cnpose_trt.backends.onnxruntime_backend import kernel_counts
+    from cnpose_trt.backends.onnxruntime.compiler import kernel_counts
 
     meta = int8_engine.meta
     assert meta["precision_options"]["int8_scheme"] == "ort-u8s8" and meta["int8"]["int8_scheme"] == "ort-u8s8"
@@ -301,17 +301,17 @@ def test_int8_schemes_are_keyed_apart_and_recorded(int8_engine, monkeypatch):
 def test_int8_build_without_vnni_warns_once_and_still_works(int8_engine, monkeypatch, caplog):
     import logging
 
-    import cnpose_trt.backends.onnxruntime_backend as ortb
+    import cnpose_trt.backends.onnxruntime.runtime as ortb
 
     monkeypatch.setattr(ortb, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.onnxruntime_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.onnxruntime"):
         built = build_engine("XS", precision="int8", calib_synthetic=True, calib_count=16,
                              out_dir=int8_engine.path.parent, max_batch=3)
     notices = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]
     assert notices == [ortb.NO_VNNI_NOTICE] and "\n" not in notices[0] and "slower than FP32" in notices[0]
     assert built.meta["int8_kernels"]["cpu_vnni"] is False
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.onnxruntime_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.onnxruntime"):
         engine = load_engine(built.path)  # a cached INT8 engine loaded on such a CPU says so too, once
         load_engine(built.path).infer(accuracy_inputs(engine.spec, 3))
     assert [r.getMessage() for r in caplog.records] == [f"{built.path}: {ortb.NO_VNNI_NOTICE}"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cnpose_trt import load_engine
-from cnpose_trt.backends import tensorrt_backend
+from cnpose_trt.backends import tensorrt as tensorrt_backend
 from cnpose_trt.build.builder import TrtOptions, build_engine
 from cnpose_trt.build.verify import ACCURACY_SAMPLES, accuracy_inputs, joint_error
 from cnpose_trt.cache import sidecar_path

@@ -1,4 +1,4 @@
-"""Every (class, attribute) of TensorRT that cnpose_trt/tensorrt_backend.py uses exists in TensorRT 10.16 and 11.1.
+"""Every (class, attribute) of TensorRT that cnpose_trt/backends/tensorrt/ uses exists in TensorRT 10.16 and 11.1.
 
 TensorRT cannot be installed here, so its Python API is checked against (class, attribute)
 pairs extracted from NVIDIA's pybind11 binding sources (tests/data/tensorrt_names/*.pairs,
@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import pytest
 
-import cnpose_trt.backends.tensorrt_backend as backend
+import cnpose_trt.backends.device as device_layer
+import cnpose_trt.backends.tensorrt as backend
 
 DATA = Path(__file__).parent / "data" / "tensorrt_names"
 RELEASES = ("10.16", "11.1")
@@ -105,7 +106,17 @@ def problems(source: str, pairs: Pairs) -> list[str]:
     return out
 
 
-BACKEND_SOURCE = Path(backend.__file__).read_text()
+# The TensorRT package's modules and the device layer it runs on (cuda-python), each by its path.
+BACKEND_SOURCES = {path.name if path.parent.name == "tensorrt" else f"../{path.name}": path.read_text()
+                   for path in sorted([*Path(backend.__file__).parent.glob("*.py"), Path(device_layer.__file__)])}
+
+
+def uses_of_backend(classes: set[str]) -> list[Use]:
+    return [u for source in BACKEND_SOURCES.values() for u in uses(source, classes)]
+
+
+def backend_problems(pairs: Pairs) -> list[str]:
+    return [f"{name} {problem}" for name, source in BACKEND_SOURCES.items() for problem in problems(source, pairs)]
 
 
 @pytest.fixture(scope="module", params=RELEASES)
@@ -129,7 +140,7 @@ def test_pair_files_name_their_source():
 
 def test_backend_uses_only_pairs_the_release_has(release):
     version, pairs = release
-    found = uses(BACKEND_SOURCE, set(pairs))
+    found = uses_of_backend(set(pairs))
     used_classes = {u.cls for u in found}
     # The scan sees the backend's whole TensorRT surface.
     assert {"tensorrt", "Builder", "IBuilderConfig", "OnnxParser", "IOptimizationProfile", "ITimingCache", "Runtime",
@@ -137,7 +148,7 @@ def test_backend_uses_only_pairs_the_release_has(release):
             "HardwareCompatibilityLevel", "MemoryPoolType"} <= used_classes, sorted(used_classes)
     assert len({(u.cls, u.attr) for u in found}) > 50
     assert any(u.keywords for u in found)  # keyword arguments are seen, so checked
-    missing = problems(BACKEND_SOURCE, pairs)
+    missing = backend_problems(pairs)
     assert not missing, f"TensorRT {version} lacks:\n" + "\n".join(missing)
 
 
@@ -172,7 +183,7 @@ def test_checker_knows_what_11_removed():
 
 def test_backend_never_uses_removed_precision_flags():
     for banned in ("BuilderFlag.FP16", "BuilderFlag.INT8", "IInt8", "int8_calibrator", "EXPLICIT_BATCH"):
-        assert banned not in BACKEND_SOURCE, banned
+        assert not any(banned in source for source in BACKEND_SOURCES.values()), banned
 
 
 def test_backend_names_exist_in_the_11_4_wheel():
@@ -183,7 +194,7 @@ def test_backend_names_exist_in_the_11_4_wheel():
     names = {line for line in lines if line and not line.startswith("#")}
     tails = {n[i:] for n in names for i in range(1, len(n) - 1)}
     pairs, _ = load_pairs("11.1")
-    used = {u.attr for u in uses(BACKEND_SOURCE, set(pairs))}
+    used = {u.attr for u in uses_of_backend(set(pairs))}
     missing = sorted(n for n in used if n not in names and n not in tails and not n.startswith("__"))
     assert not missing, missing
 
@@ -191,17 +202,17 @@ def test_backend_names_exist_in_the_11_4_wheel():
 def test_cuda_python_names_exist():
     """cuda-python installs and imports without a GPU: check the runtime API the backend uses."""
     cudart = pytest.importorskip("cuda.bindings.runtime")
-    tree = ast.parse(BACKEND_SOURCE)
+    trees = [ast.parse(source) for source in BACKEND_SOURCES.values()]
 
-    def is_cudart(node):  # `cudart.X` or `_cudart().X`
+    def is_cudart(node):  # `cudart.X` or `cuda_runtime().X`
         return (isinstance(node, ast.Name) and node.id == "cudart") or (
-            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_cudart")
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cuda_runtime")
 
-    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_cudart(n.value)}
+    used = {n.attr for tree in trees for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_cudart(n.value)}
     assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamCreate", "cudaStreamSynchronize", "cudaGetErrorName",
             "cudaDriverGetVersion", "cudaRuntimeGetVersion"} <= used
     missing = sorted(n for n in used if not hasattr(cudart, n))
     assert not missing, f"cuda.bindings.runtime lacks {missing}"
-    for kind in re.findall(r'"(cudaMemcpy\w+)"', BACKEND_SOURCE):  # looked up by name in _Slot.copy
+    for kind in re.findall(r'"(cudaMemcpy\w+)"', "".join(BACKEND_SOURCES.values())):  # by name in Stream.copy
         assert hasattr(cudart.cudaMemcpyKind, kind), kind
     assert hasattr(cudart.cudaError_t, "cudaSuccess")

@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 import tomllib
 
-import cnpose_trt.backends.tensorrt_backend as backend
+import cnpose_trt.backends.tensorrt as backend
+from cnpose_trt.backends import base, device
+from cnpose_trt.backends.tensorrt import compiler, diagnostics, runtime
+from cnpose_trt.backends.tensorrt import session as trt_session
 from cnpose_trt.errors import BuildError, EngineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +40,17 @@ NULLPTR = TypeError("factory function returned nullptr")
 
 
 def test_load_options():
-    assert backend._load_options({}) == backend.DEFAULT_MAX_CONTEXTS == 2
-    assert backend._load_options({"max_contexts": 5}) == 5
-    assert backend.TrtEngine.options == ("max_contexts",)
+    assert runtime._load_options({}) == runtime.DEFAULT_MAX_CONTEXTS == 2
+    assert runtime._load_options({"max_contexts": 5}) == 5
+    assert runtime.TrtEngine.options == ("max_contexts",)
     with pytest.raises(ValueError, match=r"takes the option max_contexts, got threads \(threads is an option of "
                                          r"onnxruntime and torch\)"):
-        backend._load_options({"threads": 4})
+        runtime._load_options({"threads": 4})
     with pytest.raises(ValueError, match="got cuda_graphs, speed .*cuda_graphs is an option of torch"):
-        backend._load_options({"speed": 1, "cuda_graphs": True})
+        runtime._load_options({"speed": 1, "cuda_graphs": True})
     for bad in (0, -1, 65, True, 1.5, "2", None):
         with pytest.raises(ValueError, match=r"max_contexts must be an integer in 1\.\.64"):
-            backend._load_options({"max_contexts": bad})
+            runtime._load_options({"max_contexts": bad})
 
 
 def _tensorrt_sidecar(tmp_path: Path) -> Path:
@@ -87,9 +90,9 @@ def test_nullptr_factory_becomes_project_error():
         raise NULLPTR
 
     with pytest.raises(BuildError, match=r"could not create a builder \(factory function returned nullptr\): "):
-        backend._create(factory, "a builder", BuildError, "logger")
+        diagnostics.create(factory, "a builder", BuildError, "logger")
     with pytest.raises(EngineError, match="could not create a runtime"):
-        backend._create(factory, "a runtime", EngineError)
+        diagnostics.create(factory, "a runtime", EngineError)
 
 
 def test_other_type_errors_are_not_masked():
@@ -97,8 +100,8 @@ def test_other_type_errors_are_not_masked():
         raise TypeError("__init__(): incompatible constructor arguments")
 
     with pytest.raises(TypeError, match="incompatible constructor"):
-        backend._create(factory, "a builder", BuildError)
-    assert backend._create(lambda a, b: (a, b), "x", BuildError, 1, 2) == (1, 2)
+        diagnostics.create(factory, "a builder", BuildError)
+    assert diagnostics.create(lambda a, b: (a, b), "x", BuildError, 1, 2) == (1, 2)
 
 
 def test_runtime_nullptr_while_deserializing(monkeypatch):
@@ -107,9 +110,9 @@ def test_runtime_nullptr_while_deserializing(monkeypatch):
             raise NULLPTR
 
     trt = types.SimpleNamespace(Runtime=Runtime)
-    monkeypatch.setattr(backend, "trt_logger", lambda trt: "logger")
+    monkeypatch.setattr(runtime, "trt_logger", lambda trt: "logger")
     with pytest.raises(EngineError, match="could not create a runtime"):
-        backend._deserialize(trt, b"plan", False, "x.engine")
+        runtime.deserialize(trt, b"plan", False, "x.engine")
 
 
 def test_version_compatible_plans_allow_host_code(monkeypatch):
@@ -125,12 +128,12 @@ def test_version_compatible_plans_allow_host_code(monkeypatch):
             return None if plan == b"bad" else "engine"
 
     trt = types.SimpleNamespace(Runtime=Runtime)
-    monkeypatch.setattr(backend, "trt_logger", lambda trt: "logger")
-    assert backend._deserialize(trt, b"plan", True, "x")[1] == "engine"
-    assert backend._deserialize(trt, b"plan", False, "x")[1] == "engine"
+    monkeypatch.setattr(runtime, "trt_logger", lambda trt: "logger")
+    assert runtime.deserialize(trt, b"plan", True, "x")[1] == "engine"
+    assert runtime.deserialize(trt, b"plan", False, "x")[1] == "engine"
     assert seen == [True, False]
     with pytest.raises(EngineError, match="could not deserialize x .*rebuild with --force"):
-        backend._deserialize(trt, b"bad", True, "x")
+        runtime.deserialize(trt, b"bad", True, "x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,24 +161,24 @@ T4 = {"gpu": "Tesla T4", "compute_capability": "7.5"}
 def test_plan_compatibility(flags, runtime, here, refused):
     built = {**BUILT, **flags}
     if refused is None:
-        backend.check_plan_compatible(built, runtime, here, "e.engine")
+        diagnostics.check_plan_compatible(built, runtime, here, "e.engine")
     else:
         with pytest.raises(EngineError, match=refused):
-            backend.check_plan_compatible(built, runtime, here, "e.engine")
+            diagnostics.check_plan_compatible(built, runtime, here, "e.engine")
 
 
 def test_plan_without_version_is_refused():
     with pytest.raises(EngineError, match="lacks the TensorRT version"):
-        backend.check_plan_compatible({"gpu": "X"}, "10.16.1.11", H100, "e.engine")
+        diagnostics.check_plan_compatible({"gpu": "X"}, "10.16.1.11", H100, "e.engine")
 
 
 def test_hardware_compatible_build_needs_ampere():
-    backend.check_build_options(True, A10)
-    backend.check_build_options(True, {"gpu": "A100", "compute_capability": "8.0"})
-    backend.check_build_options(False, T4)
+    diagnostics.check_build_options(True, A10)
+    diagnostics.check_build_options(True, {"gpu": "A100", "compute_capability": "8.0"})
+    diagnostics.check_build_options(False, T4)
     with pytest.raises(BuildError, match="only be built on compute capability 8.0 or newer; this GPU, Tesla T4, "
                                          "is sm 7.5: build without --hardware-compatible"):
-        backend.check_build_options(True, T4)
+        diagnostics.check_build_options(True, T4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def _found(**change):
 
 
 def _check_io(found):
-    backend.check_io(found, "e.engine", input_name="input", output_name="heatmaps", input_shape=IN,
+    base.check_engine_io(found, "e.engine", input_name="input", output_name="heatmaps", input_shape=IN,
                      output_shape=OUT, max_batch=4, input_dtype="float32", output_dtype="float16")
 
 
@@ -234,19 +237,19 @@ def test_engine_io_against_sidecar(change, refused):
 def test_check_finite_summary_and_refusals():
     rng = np.random.default_rng(7)
     heat = (rng.standard_normal((8, 36, 4, 4)) * 30).astype(np.float16)
-    summary = backend.check_finite(heat)
+    summary = compiler.check_finite(heat)
     assert summary == {"inputs": 8, "finite": True, "min": float(heat.astype(np.float64).min()),
                        "max": float(heat.astype(np.float64).max())}
     bad = heat.copy()
     bad[3, 5, 1, 2] = np.nan
     with pytest.raises(BuildError, match=r"non-finite heatmaps on the 8 accuracy inputs \(1 NaN, 0 inf of 4608 "
                                          r"values\); the engine is not cached"):
-        backend.check_finite(bad)
+        compiler.check_finite(bad)
     overflow = heat.copy()
     with np.errstate(over="ignore"):
         overflow[0, 0, 0, :2] = np.float16(60000) * np.float16(2)  # float16 overflow: inf
     with pytest.raises(BuildError, match=r"\(0 NaN, 2 inf"):
-        backend.check_finite(overflow)
+        compiler.check_finite(overflow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def _pool(size, events, fail_sync=()):
         made.append(slot)
         return slot
 
-    return backend._SlotPool(make, size), made
+    return trt_session.SlotPool(make, size), made
 
 
 def test_pool_is_bounded_under_many_threads():
@@ -340,7 +343,7 @@ def test_pool_recovers_from_a_failed_make():
             raise EngineError("cudaMalloc failed: out of memory")
         return FakeSlot([], "ok")
 
-    pool = backend._SlotPool(make, 1)
+    pool = trt_session.SlotPool(make, 1)
     with pytest.raises(EngineError, match="out of memory"), pool.use():
         pass
     assert pool.created == 0
@@ -404,10 +407,10 @@ class SessionSlot(FakeSlot):
 
 
 def _session(slot):
-    session = backend._Session("runtime", "engine", input_name="input", output_name="heatmaps",
+    session = trt_session.Session("runtime", "engine", input_name="input", output_name="heatmaps",
                                input_shape=(3, 4, 4), output_shape=(5,), max_batch=2,
                                input_dtype=np.float32, output_dtype=np.float32, max_contexts=1)
-    session.pool = backend._SlotPool(lambda: slot, 1)
+    session.pool = trt_session.SlotPool(lambda: slot, 1)
     return session
 
 
@@ -471,19 +474,19 @@ class StandInConfig:
 def test_timing_cache_created_reused_or_replaced(tmp_path, caplog):
     path = tmp_path / "tensorrt.timing-cache"
     config = StandInConfig(accepts={b"ours"})
-    cache, status = backend._attach_timing_cache(config, path)
+    cache, status = compiler._attach_timing_cache(config, path)
     assert status == "created" and cache.data == b"" and config.calls == [("create", b""), ("set", b"", False)]
 
     path.write_bytes(b"ours")
     config = StandInConfig(accepts={b"ours"})
-    cache, status = backend._attach_timing_cache(config, path)
+    cache, status = compiler._attach_timing_cache(config, path)
     assert status == "reused" and cache.data == b"ours" and config.calls == [("create", b"ours"), ("set", b"ours", False)]
 
     for foreign in (b"other gpu", b"garbage"):
         path.write_bytes(foreign)
         config = StandInConfig(accepts={b"ours"})
         with caplog.at_level(logging.WARNING):
-            cache, status = backend._attach_timing_cache(config, path)
+            cache, status = compiler._attach_timing_cache(config, path)
         assert status == "replaced" and cache.data == b""  # this build's cache overwrites the file
         assert config.calls[-2:] == [("create", b""), ("set", b"", False)]
         assert "made by another GPU or TensorRT version" in caplog.text
@@ -620,22 +623,22 @@ def _stand_in_trt(builder=StandInBuilder):
 @pytest.fixture
 def stand_in_build(monkeypatch, tmp_path):
     runs = []
-    monkeypatch.setattr(backend, "gpu_identity", lambda: dict(H100))
-    monkeypatch.setattr(backend, "trt_logger", lambda trt: "logger")
+    monkeypatch.setattr(compiler, "gpu_identity", lambda: dict(H100))
+    monkeypatch.setattr(compiler, "trt_logger", lambda trt: "logger")
 
     def fake_run(trt, plan, version_compatible, input_name, input_shape, max_batch, inputs):
         runs.append((plan, version_compatible, input_name, input_shape, max_batch, inputs))
         return {"inputs": len(inputs), "finite": True}
 
-    monkeypatch.setattr(backend, "_run_built_plan", fake_run)
+    monkeypatch.setattr(compiler, "_run_built_plan", fake_run)
     inputs = np.zeros((8, 3, 256, 256), np.float32)
 
     def run(trt, **kw):
-        monkeypatch.setattr(backend, "import_trt", lambda: trt)
+        monkeypatch.setattr(compiler, "import_trt", lambda: trt)
         args = dict(input_name="input", input_shape=(4, 3, 256, 256), max_batch=4, opt_batch=2, workspace_mb=64,
                     opt_level=3, timing_cache=tmp_path / "tensorrt.timing-cache", version_compatible=False,
                     hardware_compatible=False, check_inputs=inputs, show_progress=False)
-        return backend.build(tmp_path / "model.onnx", tmp_path / "engine.bin", **{**args, **kw})
+        return compiler.build(tmp_path / "model.onnx", tmp_path / "engine.bin", **{**args, **kw})
 
     return run, runs, inputs, tmp_path
 
@@ -671,7 +674,7 @@ def test_build_clears_tf32_unless_asked(stand_in_build):
 
 def test_build_refuses_before_touching_tensorrt(stand_in_build, monkeypatch):
     run, runs, _, _ = stand_in_build
-    monkeypatch.setattr(backend, "gpu_identity", lambda: dict(T4))
+    monkeypatch.setattr(compiler, "gpu_identity", lambda: dict(T4))
     before = StandInBuilder.instances
     with pytest.raises(BuildError, match="compute capability 8.0 or newer"):
         run(_stand_in_trt(), hardware_compatible=True)
@@ -702,10 +705,10 @@ def test_one_forwarding_logger_per_process(monkeypatch, caplog):
             pass
 
     trt = types.SimpleNamespace(ILogger=ILogger)
-    monkeypatch.setattr(backend, "_logger", None)
-    first = backend.trt_logger(trt)
-    assert backend.trt_logger(trt) is first and isinstance(first, ILogger)
-    with caplog.at_level(logging.DEBUG, logger="cnpose_trt.backends.tensorrt_backend.trt"):
+    monkeypatch.setattr(diagnostics, "_logger", None)
+    first = diagnostics.trt_logger(trt)
+    assert diagnostics.trt_logger(trt) is first and isinstance(first, ILogger)
+    with caplog.at_level(logging.DEBUG, logger="cnpose_trt.backends.tensorrt.trt"):
         first.log(ILogger.WARNING, "timing cache mismatch")
         first.log(ILogger.VERBOSE, "tactic 7")
         first.log(ILogger.INTERNAL_ERROR, "boom")
@@ -720,12 +723,25 @@ def test_one_forwarding_logger_per_process(monkeypatch, caplog):
 def test_native_handle_of_a_stream(monkeypatch):
     cudart = pytest.importorskip("cuda.bindings.runtime")
     stream = cudart.cudaStream_t(init_value=0xBEEF)
-    monkeypatch.setattr(backend, "_native_getter", None)
-    assert backend.native_handle(stream) == 0xBEEF
+    monkeypatch.setattr(device, "_native_getter", None)
+    assert device.native_handle(stream) == 0xBEEF
     # Bindings older than 12.9.1 have no cuda.bindings.utils.get_cuda_native_handle: int() is used.
-    monkeypatch.setattr(backend, "_native_getter", None)
+    monkeypatch.setattr(device, "_native_getter", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings.utils", None)
-    assert backend.native_handle(stream) == 0xBEEF and backend._native_getter is int
+    assert device.native_handle(stream) == 0xBEEF and device._native_getter is int
+
+
+def test_owned_device_array_is_a_device_array_that_keeps_its_buffer():
+    """infer_device's result (device.OwnedDeviceArray): the kernels read it as a DeviceArray, and it
+    holds the memory it points to until it is collected."""
+    from cnpose_trt.ops.arrays import DeviceArray
+
+    buffer = types.SimpleNamespace(ptr=0x7F0000001000, nbytes=2 * 8 * 2)
+    array = device.OwnedDeviceArray(buffer, (2, 8), "float16")
+    assert isinstance(array, DeviceArray) and array._buffer is buffer
+    assert (array.ptr, array.shape, array.dtype) == (buffer.ptr, (2, 8), "float16")
+    assert array.__cuda_array_interface__ == {"shape": (2, 8), "typestr": "<f2", "data": (buffer.ptr, False),
+                                              "strides": None, "version": 3}
 
 
 def test_unusable_device_is_explained_once(monkeypatch, caplog):
@@ -737,20 +753,20 @@ def test_unusable_device_is_explained_once(monkeypatch, caplog):
     err = cudart.cudaGetDeviceCount()[0]
     text = cudart.cudaGetErrorString(err)[1].decode()
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.16.1.11"))
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(diagnostics, "_warned", set())
     ok, why = backend.availability()
     assert not ok and why.startswith("TensorRT 10.16.1.11 is installed but no CUDA device is usable: "
                                      "cudaGetDeviceCount failed with") and text in why
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt"):
         assert backend.available() is False
         assert backend.available() is False
     assert [r.getMessage() for r in caplog.records] == [f"not using TensorRT: {why}"]
     # ... and `--backend auto` resolves to onnxruntime with that warning, not silently.
     from cnpose_trt.build.builder import resolve_backend
 
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(diagnostics, "_warned", set())
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt_backend"):
+    with caplog.at_level(logging.WARNING, logger="cnpose_trt.backends.tensorrt"):
         assert resolve_backend("auto") == "onnxruntime"
     assert text in caplog.text
 
@@ -780,7 +796,7 @@ def test_broken_install_is_explained(monkeypatch, caplog):
 
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(diagnostics, "_warned", set())
     with caplog.at_level(logging.WARNING):
         assert backend.available() is False
     assert "TensorRT is installed but cannot be imported: libnvinfer.so.10" in caplog.text
@@ -820,7 +836,9 @@ class StandInCudart:
                    r"13\.0, cuda-python is built for CUDA 13\.4\)$"),
 ])
 def test_driver_too_old_for_the_bindings(monkeypatch, driver, bindings, says):
-    monkeypatch.setattr(backend, "_cudart", lambda: StandInCudart(driver, bindings))
+    stand_in = StandInCudart(driver, bindings)
+    monkeypatch.setattr(diagnostics, "cuda_runtime", lambda: stand_in)
+    monkeypatch.setattr(device, "cuda_runtime", lambda: stand_in)
     assert re.search(says, backend.cuda_problem())
 
 

@@ -1,4 +1,4 @@
-"""The torch fp16 engine keeps the stem in float32 (torch_backend._half_body_fp32_stem).
+"""The torch fp16 engine keeps the stem in float32 (backends/torch/runtime.py, _half_body_fp32_stem).
 
 PyTorch's CPU float16 math stands in for the GPU's here: the failure it guards against is
 float16 rounding of the stem BatchNorm's running means (about 1020 under upstream's 0..255
@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cnpose_trt.backends.torch_backend import _half_body_fp32_stem  # noqa: E402
+from cnpose_trt.backends.torch.runtime import _half_body_fp32_stem  # noqa: E402
 from cnpose_trt.build.verify import accuracy_inputs, joint_error  # noqa: E402
 from cnpose_trt.nn.model import build_model  # noqa: E402
 from cnpose_trt.spec import get_spec  # noqa: E402

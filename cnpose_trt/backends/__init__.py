@@ -1,11 +1,14 @@
-"""The backend registry: each backend is one module that owns its availability, version,
-compile step and engine loading; adding a backend means one module and one line here.
+"""The backend registry: each backend is one subpackage that owns its availability, version,
+compile step and engine loading; adding a backend means one subpackage and one line here.
 
-A backend module defines NAME, ENGINE_SUFFIX, LOAD_OPTIONS, PRECISIONS, NEEDS_GRAPH (whether it
-compiles the ONNX precision graph or the PyTorch model), available(), version(),
-key_fields(job) (its part of the engine cache key), compile(job, built_file) -> sidecar extras,
-check_engine_file(path, meta) (what the engine file's contents show against its sidecar, read cheaply:
-EngineError on a contradiction; a cached engine that fails it is rebuilt), and
+A backend package (onnxruntime/, tensorrt/, torch/) keeps its runtime (runtime.py: the Engine,
+never importing torch except the torch backend's own) apart from its build step (compiler.py,
+imported only by the package's thin compile() when an engine is built). Its __init__ defines
+NAME, ENGINE_SUFFIX, LOAD_OPTIONS, PRECISIONS, NEEDS_GRAPH (whether it compiles the ONNX precision
+graph or the PyTorch model), its capabilities (GPU, PORTABLE_ENGINE, CPU_IS_REFERENCE), available(),
+version(), key_fields(job) (its part of the engine cache key), compile(job, built_file) -> sidecar
+extras, check_engine_file(path, meta) (what the engine file's contents show against its sidecar,
+read cheaply: EngineError on a contradiction; a cached engine that fails it is rebuilt), and
 load(path, meta, **options) -> Engine (which runs the same checks on what it loads).
 """
 
@@ -16,6 +19,7 @@ import logging
 from types import ModuleType
 from typing import Any
 
+from ..checks import flag, integer
 from ..config import DEFAULT_MAX_BATCH  # noqa: F401  (the registry's callers ask it here)
 from ..errors import BuildError, EngineError
 from .base import (  # noqa: F401  (the registry's helpers live below the backend modules)
@@ -29,7 +33,7 @@ from .base import (  # noqa: F401  (the registry's helpers live below the backen
 
 log = logging.getLogger(__name__)
 
-_MODULES = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend", "torch": "torch_backend"}
+_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}  # name -> subpackage
 NAMES = tuple(_MODULES)
 BACKENDS = ("auto", *NAMES)  # what the commands that build offer
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
@@ -56,15 +60,9 @@ def session_options(threads: int | None = None, spinning: bool | str | None = No
     """
     options: dict[str, Any] = {}
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
-        options["threads"] = threads
+        options["threads"] = integer("threads", threads, 0, hint="0: one per core")
     if spinning is not None:
-        if isinstance(spinning, str) and spinning in ("on", "off"):
-            spinning = spinning == "on"
-        if not isinstance(spinning, bool):
-            raise ValueError(f"spinning must be on or off (True or False), got {spinning!r}")
-        options["spinning"] = spinning
+        options["spinning"] = flag("spinning", spinning, words=True)
     return options
 
 
@@ -80,7 +78,7 @@ def get(name: str, what: str = "") -> ModuleType:
                           f"{', '.join(NAMES)}")
     try:
         return importlib.import_module(f".{module}", __package__)
-    except ImportError as exc:  # torch_backend needs torch
+    except ImportError as exc:  # a backend package whose own imports need a missing library
         raise EngineError(f"{what + ': ' if what else ''}the {name} backend needs {exc.name or exc}, which is "
                           "not installed") from None
 

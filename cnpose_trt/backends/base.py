@@ -12,7 +12,7 @@ the same calls, checked the same way:
   stream (the pipeline's GPU crop kernel), the network and the fused decode follow on that
   stream, and a handle's result() gives the (P, J, 10) floats; nothing else crosses to the host;
 - close() and `with engine:`.
-Backends live one per module (onnxruntime_backend, tensorrt_backend, torch_backend), found
+Backends live one per subpackage (onnxruntime/, tensorrt/, torch/), found
 through the registry (backends/__init__.py); runtime/engine.py's load_engine loads engine files.
 This module is below both (it imports neither), so no backend imports the runtime or the registry.
 """
@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from ..cache import sidecar_path
+from ..checks import integer, is_integer
 from ..errors import EngineError
 from ..spec import VariantSpec, conv_weight_shapes
 
 MAX_ENGINE_BATCH = 1 << 16
 IO_DTYPES = ("float32", "float16")
 PRECISIONS = ("fp32", "fp16", "int8")
-# ONNX Runtime session defaults (onnxruntime_backend), from benchmarks/results/ort-threads-*: on the
+# ONNX Runtime session defaults (onnxruntime/runtime.py), from benchmarks/results/ort-threads-*: on the
 # 2-core machine spinning off was faster end to end in 10 of the 12 on/off pairs (not at threads 1
 # under load), quiet and under load (XS 1.47-1.65x, M 1.09-1.12x at threads 0); threads 1 helped M on the quiet
 # machine (1.27x) but cost it 0.81x under load, so threads stay ONNX Runtime's own choice (0: one per core).
@@ -106,7 +107,7 @@ def check_engine_contents(path: Any, meta: dict[str, Any], *, precision: str | N
 
 
 def _max_batch(value: Any, where: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ENGINE_BATCH:
+    if not is_integer(value) or not 1 <= value <= MAX_ENGINE_BATCH:
         raise _damaged(where, f"max_batch must be an integer in 1..{MAX_ENGINE_BATCH}, got {value!r}")
     return value
 
@@ -242,11 +243,10 @@ class Engine:
     def _device_call(self, n: int, flip: bool, boxes: Any, root_depth: Any, intrinsics: Any
                      ) -> tuple[int, dict[str, np.ndarray | None]]:
         """enqueue_device's arguments checked: (people, post-processing inputs)."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_batch:
-            raise ValueError(f"n must be an integer in 1..{self.max_batch} (the engine's max_batch), got {n!r}")
+        n = integer("n", n, 1, self.max_batch, hint="the engine's max_batch")
         if flip and n % 2:
             raise ValueError(f"with flip, n must be even (P crops, then their P mirrors), got n = {n}")
-        people = n // 2 if flip else int(n)
+        people = n // 2 if flip else n
         return people, _post_arrays(people, boxes, root_depth, intrinsics)
 
     def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What an ONNX engine file says about itself, read without the onnx package (the runtime has none).
 
-Loading checks an engine against its sidecar with these facts (onnxruntime_backend.check_engine_file):
+Loading checks an engine against its sidecar with these facts (onnxruntime.runtime.check_engine_file):
 the convolution weights' shapes give the variant, float16 tensors and quantize/dequantize nodes give
 the precision. They are read from the protobuf wire format of the ModelProto directly, walking the
 graph's nodes and initializers and skipping every tensor payload, so a load pays about a millisecond

@@ -266,7 +266,7 @@ class PoseEstimator:
             logged the first time).
         threads, spinning: the engine's session options where PoseEstimator loads it (a variant
             or an engine file): ONNX Runtime intra-op threads (0: one per core) and whether its idle
-            threads spin (see onnxruntime_backend; torch engines take threads). None: the engine's
+            threads spin (see backends/onnxruntime; torch engines take threads). None: the engine's
             default. An Engine passed in keeps the options it was loaded with.
         prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
             each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),

@@ -125,7 +125,7 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
             decides which engine file is loaded (Engine.path).
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
         variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
-        options: backend options: onnxruntime threads, spinning (see onnxruntime_backend); torch device,
+        options: backend options: onnxruntime threads, spinning (see backends/onnxruntime); torch device,
             cuda_graphs, threads; tensorrt max_contexts. Others are refused naming the allowed ones.
     Raises:
         EngineError: missing/garbled sidecar, damaged or replaced engine file, unknown backend,

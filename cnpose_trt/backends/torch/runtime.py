@@ -1,10 +1,12 @@
-"""PyTorch backend: the network served by PyTorch, on the CPU or a CUDA GPU.
+"""PyTorch at run time: TorchEngine serves the network from this package's checkpoint format
+(spec + state_dict), on the CPU or a CUDA GPU.
 
-The baseline on the CPU and the GPU path for users without TensorRT. On CUDA it runs in fp16
-(precision "fp16") or fp32, channels-last, and optionally replays CUDA graphs captured per batch
-size. The engine file is this package's checkpoint format (spec + state_dict). On CUDA the
-heatmaps stay on the device: infer_decode runs the fused CUDA decode on them on the current
-stream and copies back only the (P, J, 10) result.
+Unlike the other backends' runtimes this one needs torch by nature (it is PyTorch serving the
+network); torch is imported when an engine is loaded or run, so the registry can still ask
+available() without it. On CUDA it runs in fp16 (precision "fp16") or fp32, channels-last, and
+optionally replays CUDA graphs captured per batch size. On CUDA the heatmaps stay on the device:
+infer_decode runs the fused CUDA decode on them on the current stream and copies back only the
+(P, J, 10) result.
 """
 
 from __future__ import annotations
@@ -13,26 +15,19 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..errors import EngineError
-from .base import Engine, check_engine_io, engine_mismatch, importable, library_version
-
-if TYPE_CHECKING:
-    from ..build.builder import BuildJob
+from ...errors import CheckpointError, EngineError
+from ...nn.checkpoint import load_checkpoint, weights_sha256
+from ...ops.decoding import OUT_FIELDS, decode
+from ...spec import VariantSpec
+from ..base import Engine, check_engine_io, engine_mismatch, importable, library_version
 
 NAME = "torch"
 ENGINE_SUFFIX = ".pt"
 LOAD_OPTIONS = ("device", "cuda_graphs", "threads")
-PRECISIONS = ("fp32", "fp16")
-NEEDS_GRAPH = False
-# Capabilities callers ask instead of comparing names: a GPU where present; the checkpoint runs anywhere;
-# on the CPU it is the PyTorch reference, not an engine (benchmarks make it opt-in there).
-GPU = "optional"
-PORTABLE_ENGINE = True
-CPU_IS_REFERENCE = True
 
 
 def available() -> bool:
@@ -41,19 +36,6 @@ def available() -> bool:
 
 def version() -> str:
     return library_version("torch")
-
-
-def key_fields(job: BuildJob) -> dict[str, Any]:
-    return {"backend_version": version()}
-
-
-def compile(job: BuildJob, built: Path) -> dict[str, Any]:
-    """Write the torch 'engine': this package's checkpoint format (spec + state_dict)."""
-    from ..nn.checkpoint import save_checkpoint
-
-    job.say("[2/2] saving the PyTorch model (served by torch; fp16 runs on CUDA)")
-    save_checkpoint(job.model, built)
-    return {}
 
 
 def load(path: Path, meta: dict[str, Any], **options: Any) -> Engine:
@@ -68,9 +50,6 @@ def check_engine_file(path: Path, meta: dict[str, Any]) -> None:
     Raises:
         EngineError: an unreadable file, or one whose contents contradict the sidecar.
     """
-    from ..errors import CheckpointError
-    from ..nn.checkpoint import load_checkpoint
-
     try:
         state, stored = load_checkpoint(path)
     except CheckpointError as exc:
@@ -79,9 +58,6 @@ def check_engine_file(path: Path, meta: dict[str, Any]) -> None:
 
 
 def _check_checkpoint(path: Path, meta: dict[str, Any], state: dict[str, Any], stored: Any) -> None:
-    from ..nn.checkpoint import weights_sha256
-    from ..spec import VariantSpec
-
     spec = VariantSpec.from_dict(meta["spec"])
     if stored is None or not stored.same_architecture(spec):
         held = "no spec" if stored is None else f"variant {stored.name} ({stored.head_tag})"
@@ -103,8 +79,7 @@ class TorchEngine(Engine):
         super().__init__(path, meta)
         import torch
 
-        from ..nn.checkpoint import load_checkpoint
-        from ..nn.network import ConvNeXtPose
+        from ...nn.network import ConvNeXtPose
 
         try:
             self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -227,7 +202,7 @@ class TorchEngine(Engine):
     def _capture(self, static: Any) -> tuple[Any, Any]:
         import torch
 
-        from ..ops._device import GRAPH_CAPTURE_LOCK
+        from ...ops._device import GRAPH_CAPTURE_LOCK
 
         side = torch.cuda.Stream(self.torch_device, priority=-1)  # never torch's (default-priority) capture stream
         side.wait_stream(torch.cuda.current_stream(self.torch_device))
@@ -248,8 +223,6 @@ class TorchEngine(Engine):
         network (CUDA graph replay with cuda_graphs) and the fused decode follow, and the (P, J, 10)
         result is copied to pinned host memory behind an event; the host does not wait here."""
         import torch
-
-        from ..ops.decoding import OUT_FIELDS, decode
 
         if not self.on_device:
             return super().enqueue_device(fill, n, flip=flip, boxes=boxes, root_depth=root_depth,
@@ -281,8 +254,6 @@ class TorchEngine(Engine):
 
     def _infer_decode(self, images: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
         import torch
-
-        from ..ops.decoding import decode
 
         if not self.on_device:
             return super()._infer_decode(images, post, flip)
