@@ -25,9 +25,9 @@
 #define CNPOSE_X86 1
 #endif
 
-#include "cpu_parallel.h"
-#include "decode_common.h"
-#include "softargmax.h"
+#include "common/cpu_parallel.h"
+#include "decode/decode_common.h"
+#include "decode/softargmax.h"
 
 namespace cnpose {
 namespace {
