@@ -1,9 +1,10 @@
 """Builds the compiled extension cnpose_trt._C from csrc/ (metadata lives in pyproject.toml).
 
-Sources: every csrc/*.cpp (the CPU kernels, decode and crop-and-normalise, with their AVX-512 /
-AVX2 / portable versions picked at run time, and the pybind11 bindings) and, with CUDA, every
-csrc/*.cu. The CPU kernels are always built. The CUDA kernels are built when nvcc is found, or
-forced:
+Sources: every .cpp under csrc/ (module.cpp, the pybind11 module; common/, the shared argument
+checks, processor and thread helpers; decode/ and crop/, each op's CPU kernels, with their
+AVX-512 / AVX2 / portable versions picked at run time, and its bindings) and, with CUDA, every
+.cu under csrc/. Includes name paths from csrc/ ("common/checks.h"). The CPU kernels are always
+built. The CUDA kernels are built when nvcc is found, or forced:
     CNPOSE_TRT_CUDA=1   build with CUDA, fail if nvcc is missing
     CNPOSE_TRT_CUDA=0   build without CUDA
     CNPOSE_TRT_CUDA_ARCH="80;90"   GPU architectures (default 75;80;90, plus PTX for the newest)
@@ -77,7 +78,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             # Rebuild when a header or CUDA source changes, or the CUDA mode does (an in-place
             # build would otherwise keep a module of the other mode: the .cpp files look unchanged).
-            ext.depends += [str(stamp), *map(str, sorted(CSRC.glob("*.h"))), *map(str, sorted(CSRC.glob("*.cu")))]
+            ext.depends += [str(stamp), *map(str, sorted(CSRC.rglob("*.h"))), *map(str, sorted(CSRC.rglob("*.cu")))]
             if use_cuda:
                 self._add_cuda(ext, *found)
         say(f"building cnpose_trt._C {'WITH' if use_cuda else 'WITHOUT'} CUDA ({why})")
@@ -99,12 +100,13 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objects = []
-        for src in sorted(CSRC.glob("*.cu")):
-            obj = out_dir / (src.stem + ".o")
+        for src in sorted(CSRC.rglob("*.cu")):
+            obj = out_dir / src.relative_to(CSRC).with_suffix(".o")  # decode/x.o: names may repeat across folders
+            obj.parent.mkdir(parents=True, exist_ok=True)
             cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                    "-Xcompiler", "-fvisibility=hidden", "-I", str(CSRC), "-I", pybind11.get_include(),
                    "--expt-relaxed-constexpr", "-lineinfo", *gencode_flags(arch)]
-            say(f"nvcc {src.name} for sm {arch}")
+            say(f"nvcc {src.relative_to(CSRC)} for sm {arch}")
             subprocess.run(cmd, check=True)
             objects.append(str(obj))
         ext.extra_objects += objects
@@ -117,7 +119,7 @@ class BuildExt(build_ext):
 
 ext = Pybind11Extension(
     "cnpose_trt._C",
-    sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
+    sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp")),
     include_dirs=[str(CSRC)],
     cxx_std=17,
     extra_compile_args=["-O3"],

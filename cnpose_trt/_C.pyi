@@ -1,7 +1,7 @@
 """cnpose_trt._C: the compiled kernels of csrc/, the fused soft-argmax decode and the fused
 crop-and-normalise. Use cnpose_trt.decode() and cnpose_trt.cropping.crop_normalize() normally.
 
-Contract (csrc/softargmax.h): heatmaps (N, J*D, H, W), C-contiguous, float32 / float16 /
+Contract (csrc/decode/softargmax.h): heatmaps (N, J*D, H, W), C-contiguous, float32 / float16 /
 bfloat16. For image n and joint j the D*H*W logits form one softmax p; the decode writes a
 float32 (N, J, 10) array per joint:
     [0:3] x, y, z in heatmap cells (expectations of w, h, d; 0-based)
@@ -12,7 +12,7 @@ One pass over the data (streaming softmax). A joint whose volume holds NaN or +i
 -inf, decodes to NaN. Every argument is validated before any pointer is touched: ValueError
 for shapes and values, TypeError for types.
 
-Crop contract (csrc/crop.h): person p is cut from images[image_index[p]] (uint8 RGB, HWC) with
+Crop contract (csrc/crop/crop.h): person p is cut from images[image_index[p]] (uint8 RGB, HWC) with
 the inverse of affines[p] (image px -> crop px): out[p, c, v, u] = (bilinear sample of channel
 c at M^-1 (u', v), black outside - mean[c]) / std[c], u' = S - 1 - u when flipped; the sample
 convention of cv2.warpAffine(INTER_LINEAR, BORDER_CONSTANT 0), in floating point.

@@ -1,5 +1,5 @@
 """The crop tests' float64 reference (tests/test_crop.py, tests/test_crop_cuda.py): written from
-the contract in csrc/crop.h, independently of the kernels and of OpenCV."""
+the contract in csrc/crop/crop.h, independently of the kernels and of OpenCV."""
 
 import numpy as np
 

@@ -3,7 +3,7 @@ torch with CUDA and a CUDA build of cnpose_trt._C are present (benchmarks/gpu_ch
 skipped elsewhere.
 
 Tolerance: the CUDA kernel computes sample positions in float32 as offsets from the image
-position of the crop centre (csrc/crop.h): a position is off by at most ~4 float32 roundings of
+position of the crop centre (csrc/crop/crop.h): a position is off by at most ~4 float32 roundings of
 the offset, 4 * 2^-24 * (half the crop's footprint + 1) px per axis, which moves a bilinear value
 by at most 255 grey levels per px of position in each axis; plus the float32 arithmetic of the
 CPU kernels (5e-4 in normalised units).

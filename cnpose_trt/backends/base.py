@@ -198,7 +198,7 @@ class Engine:
             flip: the flip test: average each crop's joints with its mirror's.
         Returns:
             (P, J, 10) float32 on the host: cells (3), confidence, image px + depth mm (3),
-            camera mm (3); fields not requested are NaN (the kernels' contract, csrc/softargmax.h).
+            camera mm (3); fields not requested are NaN (the kernels' contract, csrc/decode/softargmax.h).
         """
         images = self.check_input(images)
         n = len(images)

@@ -1,6 +1,6 @@
 """Image -> network input in one pass: crop each person, warp to S x S, normalise, NCHW.
 
-`crop_normalize` runs the fused kernel of cnpose_trt._C (csrc/crop.h): on the CPU (AVX-512 /
+`crop_normalize` runs the fused kernel of cnpose_trt._C (csrc/crop/crop.h): on the CPU (AVX-512 /
 AVX2 / portable, threads, GIL released) for host images, on the GPU (the caller's stream, no
 host sync) for device images, writing straight into a caller-given buffer such as the
 engine's input binding. Per person p, cut from images[image_index[p]] with the affine map

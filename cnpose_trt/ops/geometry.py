@@ -12,7 +12,7 @@ import numpy as np
 from ..spec import BBOX_3D_DEPTH_MM, BOX_SCALE, FLIP_PAIRS
 
 # Crop boxes must lie within this many px of the image origin: the crop kernel's limit
-# (csrc/crop.h kMaxCropCoord), far beyond any image.
+# (csrc/crop/crop.h kMaxCropCoord), far beyond any image.
 MAX_CROP_COORD = 2.0**30
 # A crop box narrower or lower than this samples one point of the image, not a crop of it (and
 # 1e-300 becomes 0 in the float32 decode).

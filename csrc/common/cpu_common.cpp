@@ -1,7 +1,7 @@
 // Definitions shared by the CPU kernels: the instruction-set switch and the thread-creation
 // testing hook (cpu_isa.h, cpu_parallel.h).
-#include "cpu_isa.h"
-#include "cpu_parallel.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define CNPOSE_X86 1

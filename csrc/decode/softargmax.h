@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "cpu_isa.h"
+#include "common/cpu_isa.h"
 
 #if defined(__CUDACC__)
 #define CNPOSE_HD __host__ __device__ __forceinline__
@@ -68,9 +68,5 @@ int64_t decode_cpu_isa(const DecodeArgs& args, int64_t threads, Isa isa);
 // Throws std::runtime_error on a launch failure. Defined only when built with CUDA.
 constexpr int64_t kMaxFlipJoints = 128;
 void decode_cuda(const DecodeArgs& args, void* stream);
-// Device ordinal of a device (or managed) pointer; std::invalid_argument naming `what` for
-// host or unknown pointers.
-int cuda_pointer_device(const void* ptr, const char* what);
-int cuda_device_count();
 
 }  // namespace cnpose

@@ -16,8 +16,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "decode_common.h"
-#include "softargmax.h"
+#include "common/cuda_device.h"
+#include "decode/decode_common.h"
+#include "decode/softargmax.h"
 
 namespace cnpose {
 namespace {
@@ -216,17 +217,13 @@ __global__ void __launch_bounds__(kThreads) softargmax_kernel(DecodeArgs a, Flip
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 template <typename T>
 void launch(const DecodeArgs& a, const FlipPerm& perm, cudaStream_t stream) {
   constexpr int VN = Vec<T>::N;
   const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vector_ok = a.width % VN == 0 && aligned(a.heatmaps) && aligned(a.flipped);
   softargmax_kernel<T><<<static_cast<unsigned>(a.n * a.joints), kThreads, 0, stream>>>(a, perm, vector_ok);
-  check(cudaGetLastError(), "cnpose_trt decode kernel launch");
+  cuda_check(cudaGetLastError(), "cnpose_trt decode kernel launch");
 }
 
 }  // namespace
@@ -237,9 +234,9 @@ void decode_cuda(const DecodeArgs& a, void* stream_handle) {
     for (int64_t j = 0; j < a.joints; ++j) perm.j[j] = static_cast<int16_t>(a.flip_perm[j]);
   }
   int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
   const int want = cuda_pointer_device(a.heatmaps, "heatmaps");
-  if (want != dev) check(cudaSetDevice(want), "cudaSetDevice");
+  if (want != dev) cuda_check(cudaSetDevice(want), "cudaSetDevice");
   auto stream = static_cast<cudaStream_t>(stream_handle);
   try {
     switch (a.dtype) {
@@ -251,29 +248,7 @@ void decode_cuda(const DecodeArgs& a, void* stream_handle) {
     if (want != dev) cudaSetDevice(dev);
     throw;
   }
-  if (want != dev) check(cudaSetDevice(dev), "cudaSetDevice");
-}
-
-int cuda_pointer_device(const void* ptr, const char* what) {
-  cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error state of this call
-    throw std::invalid_argument(std::string(what) + " is not a CUDA device pointer (" + cudaGetErrorString(err) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw std::invalid_argument(std::string(what) +
-                                " must be GPU memory, got a host pointer (pass host arrays to the CPU decode)");
-  return attr.device;
-}
-
-int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
+  if (want != dev) cuda_check(cudaSetDevice(dev), "cudaSetDevice");
 }
 
 }  // namespace cnpose

@@ -17,8 +17,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "crop.h"
-#include "softargmax.h"
+#include "common/cuda_device.h"
+#include "crop/crop.h"
 
 namespace cnpose {
 namespace {
@@ -101,10 +101,6 @@ __global__ void __launch_bounds__(kBlockX) crop_kernel(Batch b, Common k) {
   store(out + 2 * plane, (acc2 - k.mean[2]) * k.inv_std[2]);
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 DevPerson to_device_record(const CropPerson& q, int64_t S) {
   DevPerson d{};
   d.image = q.image;
@@ -127,9 +123,9 @@ DevPerson to_device_record(const CropPerson& q, int64_t S) {
 void crop_cuda(const CropArgs& a, void* stream_handle) {
   if (a.people == 0) return;
   int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
   const int want = cuda_pointer_device(a.out, "out");
-  if (want != dev) check(cudaSetDevice(want), "cudaSetDevice");
+  if (want != dev) cuda_check(cudaSetDevice(want), "cudaSetDevice");
   auto stream = static_cast<cudaStream_t>(stream_handle);
   Common k{};
   k.out = a.out;
@@ -149,13 +145,13 @@ void crop_cuda(const CropArgs& a, void* stream_handle) {
       } else {
         crop_kernel<__half><<<grid, kBlockX, 0, stream>>>(b, k);
       }
-      check(cudaGetLastError(), "cnpose_trt crop kernel launch");
+      cuda_check(cudaGetLastError(), "cnpose_trt crop kernel launch");
     }
   } catch (...) {
     if (want != dev) cudaSetDevice(dev);
     throw;
   }
-  if (want != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+  if (want != dev) cuda_check(cudaSetDevice(dev), "cudaSetDevice");
 }
 
 }  // namespace cnpose

@@ -25,9 +25,9 @@
 #define CNPOSE_X86 1
 #endif
 
-#include "cpu_parallel.h"
-#include "decode_common.h"
-#include "softargmax.h"
+#include "common/cpu_parallel.h"
+#include "decode/decode_common.h"
+#include "decode/softargmax.h"
 
 namespace cnpose {
 namespace {
@@ -231,6 +231,39 @@ struct Avx512 {
 // the running max grows, an exp pass into float vector sums, one flush into doubles per chunk.
 constexpr int64_t kChunk = 512;
 
+// The max pass over rows r0..r1 (W logits each, the first wv of them in whole vectors), NaN
+// ignored. Four independent max chains: one chain waits for each max's latency (4 cycles a
+// vector), which made this pass as slow as the exp pass.
+template <class V, DType DT>
+__attribute__((always_inline)) inline float chunk_max(const void* vol, int64_t r0, int64_t r1, int64_t W,
+                                                      int64_t wv) {
+  using vec = typename V::vec;
+  constexpr int N = V::N;
+  vec m0 = V::set1(kNegInf), m1 = m0, m2 = m0, m3 = m0;
+  float cmax = kNegInf;
+  if (wv == W) {  // whole rows of vectors: the chunk is one contiguous run
+    int64_t i = r0 * W;
+    const int64_t end = r1 * W;
+    for (; i + 4 * N <= end; i += 4 * N) {
+      m0 = V::max_ignore_nan(V::template load<DT>(vol, i), m0);
+      m1 = V::max_ignore_nan(V::template load<DT>(vol, i + N), m1);
+      m2 = V::max_ignore_nan(V::template load<DT>(vol, i + 2 * N), m2);
+      m3 = V::max_ignore_nan(V::template load<DT>(vol, i + 3 * N), m3);
+    }
+    for (; i < end; i += N) m0 = V::max_ignore_nan(V::template load<DT>(vol, i), m0);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t w = 0; w < wv; w += N) m0 = V::max_ignore_nan(V::template load<DT>(vol, r * W + w), m0);
+      for (int64_t w = wv; w < W; ++w) {
+        const float v = load_scalar<DT>(vol, r * W + w);
+        cmax = v > cmax ? v : cmax;
+      }
+    }
+  }
+  const vec vmax = V::max_ignore_nan(V::max_ignore_nan(m0, m1), V::max_ignore_nan(m2, m3));
+  return std::max(cmax, V::hmax(vmax));
+}
+
 template <class V, DType DT>
 __attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, int64_t D, int64_t H, int64_t W,
                                                                 const float* wtab) {
@@ -242,31 +275,7 @@ __attribute__((always_inline)) inline JointMoments reduce_simd(const void* vol, 
   const int64_t chunk_rows = std::max<int64_t>(1, kChunk / W);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
     const int64_t r1 = std::min(rows, r0 + chunk_rows);
-    // Four independent max chains: one chain waits for each max's latency (4 cycles a vector),
-    // which made this pass as slow as the exp pass.
-    vec m0 = V::set1(kNegInf), m1 = m0, m2 = m0, m3 = m0;
-    float cmax = kNegInf;
-    if (wv == W) {  // whole rows of vectors: the chunk is one contiguous run
-      int64_t i = r0 * W;
-      const int64_t end = r1 * W;
-      for (; i + 4 * N <= end; i += 4 * N) {
-        m0 = V::max_ignore_nan(V::template load<DT>(vol, i), m0);
-        m1 = V::max_ignore_nan(V::template load<DT>(vol, i + N), m1);
-        m2 = V::max_ignore_nan(V::template load<DT>(vol, i + 2 * N), m2);
-        m3 = V::max_ignore_nan(V::template load<DT>(vol, i + 3 * N), m3);
-      }
-      for (; i < end; i += N) m0 = V::max_ignore_nan(V::template load<DT>(vol, i), m0);
-    } else {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t w = 0; w < wv; w += N) m0 = V::max_ignore_nan(V::template load<DT>(vol, r * W + w), m0);
-        for (int64_t w = wv; w < W; ++w) {
-          const float v = load_scalar<DT>(vol, r * W + w);
-          cmax = v > cmax ? v : cmax;
-        }
-      }
-    }
-    const vec vmax = V::max_ignore_nan(V::max_ignore_nan(m0, m1), V::max_ignore_nan(m2, m3));
-    cmax = std::max(cmax, V::hmax(vmax));
+    const float cmax = chunk_max<V, DT>(vol, r0, r1, W, wv);
     if (cmax == kNegInf) {  // no mass here: only -inf, or NaN, which must still poison the joint
       for (int64_t i = r0 * W; i < r1 * W && !acc.bad; ++i) acc.bad = std::isnan(load_scalar<DT>(vol, i));
       continue;

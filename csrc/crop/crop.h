@@ -21,7 +21,7 @@
 
 #include <cstdint>
 
-#include "cpu_isa.h"
+#include "common/cpu_isa.h"
 
 namespace cnpose {
 

@@ -24,9 +24,9 @@
 #define CNPOSE_X86 1
 #endif
 
-#include "cpu_isa.h"
-#include "cpu_parallel.h"
-#include "crop.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
+#include "crop/crop.h"
 
 namespace cnpose {
 namespace {

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "softargmax.h"
+#include "decode/softargmax.h"
 
 namespace cnpose {
 
