@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..backends import BACKENDS, DEFAULT_MAX_BATCH
 from ..build import builder
-from ..build.builder import TrtOptions
 from ..build.precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS
+from ..config import BuildConfig, TrtOptions
 from ..progress import say
 from ..spec import VARIANTS
 from .errors import run
@@ -76,18 +76,14 @@ def run_build(args: argparse.Namespace) -> int:
     trt = TrtOptions(opt_batch=args.opt_batch, workspace_mb=args.workspace_mb, opt_level=args.opt_level,
                      version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
                      tf32=args.tf32)
-    paths = []
-    for variant in variants:
-        for precision in precisions:
-            result = builder.build_engine(
-                variant, args.checkpoint, backend=args.backend, precision=precision, max_batch=args.max_batch,
-                out_dir=args.out, force=args.force, opset=args.opset, seed=args.seed,
-                progress=say, keep_fp32=args.keep_fp32,
-                fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
-                calib_count=args.calib_count, calib_method=args.calib_method,
-                calib_synthetic=args.calib_synthetic,
-                int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
-            paths.append(result.path)
+    options = dict(checkpoint=args.checkpoint, backend=args.backend, max_batch=args.max_batch, out_dir=args.out,
+                   force=args.force, opset=args.opset, seed=args.seed, keep_fp32=args.keep_fp32,
+                   fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
+                   calib_count=args.calib_count, calib_method=args.calib_method,
+                   calib_synthetic=args.calib_synthetic,
+                   int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
+    paths = [builder.build_engine(BuildConfig(variant, precision=precision, **options), progress=say).path
+             for variant in variants for precision in precisions]
     if args.checkpoint is None:
         print("warning: built with random weights; pass --checkpoint for real poses", file=sys.stderr)
     for path in paths:
