@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from cnpose_trt.cli import app as cli_mod
-from cnpose_trt.cli.app import _join_signed_values, finite_json
+from cnpose_trt.cli import finite_json
+from cnpose_trt.cli import predict as predict_mod
 from cnpose_trt.cli.app import main as cli
+from cnpose_trt.cli.common import join_signed_values
 from cnpose_trt.io.draw import demo_image, save_image
 from cnpose_trt.io.imageio_guard import check_image_file, image_size
 
@@ -31,7 +33,7 @@ def _one_error_line(err: str) -> str:
 
 def test_negative_box_coordinates_parse(xs_engine_path, scene, capsys):
     path, _, _ = scene
-    args = cli_mod.build_parser().parse_args(_join_signed_values(
+    args = cli_mod.build_parser().parse_args(join_signed_values(
         ["predict", str(path), "--bbox", "-50,-50,200,300", "--root-depth", "-3e3", "--principal", "-10,-2.5"]))
     assert args.bbox == [(-50, -50, 200, 300)] and args.root_depth == -3000 and args.principal == (-10, -2.5)
     assert cli(["predict", str(path), "--bbox", "-50,-50,200,300", "--bbox", "-1.5e1,20,100,150",
@@ -41,10 +43,10 @@ def test_negative_box_coordinates_parse(xs_engine_path, scene, capsys):
 
 
 def test_join_signed_values():
-    assert _join_signed_values(["predict", "a.png", "--bbox", "-5,-6,7,8", "--focal", "1,2", "--root-depth", "-1e3",
-                                "--", "--bbox", "-1,2,3,4"]) == \
+    assert join_signed_values(["predict", "a.png", "--bbox", "-5,-6,7,8", "--focal", "1,2", "--root-depth", "-1e3",
+                               "--", "--bbox", "-1,2,3,4"]) == \
         ["predict", "a.png", "--bbox=-5,-6,7,8", "--focal", "1,2", "--root-depth=-1e3", "--", "--bbox", "-1,2,3,4"]
-    assert _join_signed_values(["--bbox", "--flip"]) == ["--bbox", "--flip"]  # not a value: argparse says so
+    assert join_signed_values(["--bbox", "--flip"]) == ["--bbox", "--flip"]  # not a value: argparse says so
 
 
 @pytest.mark.parametrize("box", ["nan,1,2,3", "1,inf,2,3"])
@@ -182,7 +184,7 @@ def test_interrupted_commands_end_with_one_line(scene, monkeypatch, capsys, sigi
         os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
         raise AssertionError("the signal should have interrupted")
 
-    monkeypatch.setattr(cli_mod, "_predict", interrupted)
+    monkeypatch.setattr(predict_mod, "run_predict", interrupted)
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     assert cli(["predict", str(scene[0]), "--bbox", "1,1,5,5"]) == status
     captured = capsys.readouterr()

@@ -157,8 +157,8 @@ def test_cli_fp16_int8_and_all(tmp_path, capsys, monkeypatch):
     import cnpose_trt.build.builder as b
 
     calls = []
-    monkeypatch.setattr(b, "build_engine", lambda v, c, **k: calls.append((v, k["precision"])) or
-                        b.BuildResult(tmp_path / f"{v}-{k['precision']}", False, {}))
+    monkeypatch.setattr(b, "build_engine", lambda config, **k: calls.append((config.variant, config.precision)) or
+                        b.BuildResult(tmp_path / f"{config.variant}-{config.precision}", False, {}))
     assert build_main(["--all", "--fp16", "--precision", "fp32", "--out", str(tmp_path)]) == 0
     assert calls == [(v, p) for v in ("XS", "S", "M", "L") for p in ("fp16", "fp32")]
     assert build_main(["--all", "--checkpoint", "x.pth"]) == 2

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from ..backends import BACKENDS, DEFAULT_MAX_BATCH
 from ..build import builder
-from ..build.builder import TrtOptions
 from ..build.precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS
-from ..errors import CnposeError
+from ..config import BuildConfig, TrtOptions
 from ..progress import say
 from ..spec import VARIANTS
+from .errors import run
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,36 +65,25 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    """Build (or reuse) the engines the options ask for and print their paths; an error is raised for the
+    one boundary (cli.errors) to report, also where a later engine fails after earlier ones were built."""
     if args.variant is None and args.checkpoint is None and not args.all:
-        print("error: give --variant (XS, S, M, L), --all or --checkpoint", file=sys.stderr)
-        return 2
+        raise ValueError("give --variant (XS, S, M, L), --all or --checkpoint")
     if args.all and args.checkpoint is not None:
-        print("error: --all builds every variant with random weights; a checkpoint holds one variant", file=sys.stderr)
-        return 2
+        raise ValueError("--all builds every variant with random weights; a checkpoint holds one variant")
     precisions = list(dict.fromkeys(args.precision or ["fp32"]))
     variants = list(VARIANTS) if args.all else [args.variant]
     trt = TrtOptions(opt_batch=args.opt_batch, workspace_mb=args.workspace_mb, opt_level=args.opt_level,
                      version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
                      tf32=args.tf32)
-    paths = []
-    try:
-        for variant in variants:
-            for precision in precisions:
-                result = builder.build_engine(
-                    variant, args.checkpoint, backend=args.backend, precision=precision, max_batch=args.max_batch,
-                    out_dir=args.out, force=args.force, opset=args.opset, seed=args.seed,
-                    progress=say, keep_fp32=args.keep_fp32,
-                    fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
-                    calib_count=args.calib_count, calib_method=args.calib_method,
-                    calib_synthetic=args.calib_synthetic,
-                    int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
-                paths.append(result.path)
-    except (CnposeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # outside the engine cache (its errors are BuildErrors), e.g. a checkpoint folder
-        print(f"error: {exc.strerror}: {exc.filename}" if exc.filename else f"error: {exc}", file=sys.stderr)
-        return 2
+    options = dict(checkpoint=args.checkpoint, backend=args.backend, max_batch=args.max_batch, out_dir=args.out,
+                   force=args.force, opset=args.opset, seed=args.seed, keep_fp32=args.keep_fp32,
+                   fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
+                   calib_count=args.calib_count, calib_method=args.calib_method,
+                   calib_synthetic=args.calib_synthetic,
+                   int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
+    paths = [builder.build_engine(BuildConfig(variant, precision=precision, **options), progress=say).path
+             for variant in variants for precision in precisions]
     if args.checkpoint is None:
         print("warning: built with random weights; pass --checkpoint for real poses", file=sys.stderr)
     for path in paths:
@@ -106,6 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnpose_trt.build",
                                      description="Export and compile a ConvNeXtPose engine, or reuse the cached one.")
     add_build_arguments(parser)
-    from ..interrupts import run_command
-
-    return run_command(run_build, parser.parse_args(argv))
+    return run(run_build, parser.parse_args(argv))

@@ -1,0 +1,118 @@
+"""What several commands share: the option parsers and argv fix-up for numbers (boxes, camera values
+that may start with '-'), the engine options and the engine they open (runtime.open_engine), the flip
+test rule's notice, and the checks and writes of output files. Light at import: the heavy modules
+(numpy, the runtime) are imported by the functions that use them, so `cnpose-trt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..progress import say
+
+
+def floats(n: int, what: str):
+    """An argparse type: `n` comma-separated finite numbers, named `what` when refused."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            vals = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+        if not all(math.isfinite(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
+        return vals
+    return parse
+
+
+# Options whose value may start with '-': argparse reads `--bbox -50,-50,200,300` as two options.
+_SIGNED_VALUE_OPTIONS = ("--bbox", "--crop-box", "--focal", "--principal", "--root-depth")
+_SIGNED_NUMBERS = re.compile(r"-\.?\d[\d.eE+\-]*(,[+\-]?\.?\d[\d.eE+\-]*)*")
+
+
+def join_signed_values(argv: Sequence[str]) -> list[str]:
+    """`--bbox -50,-50,200,300` -> `--bbox=-50,-50,200,300`, which argparse reads as intended."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + list(argv[i:])
+        if argv[i] in _SIGNED_VALUE_OPTIONS and i + 1 < len(argv) and _SIGNED_NUMBERS.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:  # name the file even where the OS does not (a failed write: disk full, ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def check_output_file(option: str, path: Path | None) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        problem = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise ValueError(f"{option} {path}: {path.parent} {problem}")
+
+
+def flip_test(engine: Any, requested: bool) -> bool:
+    """The flip test a command runs on this engine (shipped.flip_for), saying so when it differs."""
+    from ..shipped import flip_for
+
+    flip, notice = flip_for(getattr(engine, "meta", None), requested)
+    if notice:
+        print(notice, file=sys.stderr)
+    return flip
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--engine FILE, or --variant (with --checkpoint, --engines) to build or reuse one: predict and demo."""
+    from ..spec import VARIANTS
+
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--engine", type=Path, help="a built engine (file or .json sidecar)")
+    g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default=None,
+                   help="build (or reuse) the onnxruntime engine of this variant (default XS)")
+    p.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
+    p.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
+
+
+def default_variant(args: argparse.Namespace) -> None:
+    """--variant's default (XS) where neither --engine nor --checkpoint says which engine."""
+    if args.variant is None and args.engine is None and args.checkpoint is None:
+        args.variant = "XS"
+
+
+def engine_for(args: argparse.Namespace) -> Any:
+    """The engine of add_engine_arguments' options (built or reused when not given as a file), through
+    runtime.open_engine; a warning on stderr when its weights are random."""
+    from ..backends import session_options
+    from ..config import BuildConfig, EngineRequest
+    from ..runtime.open import open_engine
+
+    options = session_options(getattr(args, "threads", None), getattr(args, "spinning", None))
+    if args.engine is not None:
+        return open_engine(EngineRequest(engine=args.engine, load=options))
+    engine = open_engine(EngineRequest(build=BuildConfig(args.variant, args.checkpoint, out_dir=args.engines),
+                                       load=options), progress=say)
+    if engine.meta["weights"]["random"]:
+        print("warning: the engine uses random weights: the poses are meaningless; "
+              "pass --checkpoint for real ones", file=sys.stderr)
+    return engine
