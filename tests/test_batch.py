@@ -1,5 +1,6 @@
-"""Batch jobs (cnpose_trt.batch.job): manifests, results equal to PoseEstimator's, error rows, resume after
-SIGKILL (between and during part writes), the folder lock, and the same job on a local Ray cluster."""
+"""Batch jobs (cnpose_trt.batch; its command line, cnpose_trt.cli.batch): manifests, results equal to
+PoseEstimator's, error rows, resume after SIGKILL (between and during part writes), the folder lock,
+and the same job on a local Ray cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,9 @@ from conftest import signal_swallowed
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from cnpose_trt.batch import job as batch  # noqa: E402
+from cnpose_trt import batch  # noqa: E402
+from cnpose_trt.batch import job as batch_job  # noqa: E402
+from cnpose_trt.cli import batch as batch_cli  # noqa: E402
 from cnpose_trt.io.draw import demo_image, save_image  # noqa: E402
 from cnpose_trt.io.preprocess import load_image  # noqa: E402
 from cnpose_trt.pipeline.estimator import PoseEstimator  # noqa: E402
@@ -172,7 +176,7 @@ def test_changed_records_are_refused_then_redone(scenes, xs_engine, xs_engine_pa
         batch.run(manifest, out, engine=xs_engine_path, part_images=2, progress=False)
     # --redo-changed, killed (in effect) after the new parts were committed, before the old rows were dropped:
     # read_results already shows each image once, with its new rows
-    monkeypatch.setattr(batch, "drop_superseded", lambda out: 0)
+    monkeypatch.setattr(batch_job, "drop_superseded", lambda out: 0)
     summary = batch.run(manifest, out, engine=xs_engine_path, part_images=2, redo_changed=True, progress=False)
     assert summary.this_run_images == summary.redone == 2 and summary.skipped == 4 and summary.images == 6
     assert sorted(_listed(out)) != sorted(r["image"] for r in edited)  # the old parts still list them
@@ -214,13 +218,13 @@ def test_retry_errors_redoes_failed_images(tmp_path, xs_engine, xs_engine_path, 
     manifest = _write_jsonl(tmp_path / "m.jsonl", records)
     out = tmp_path / "out"
     parser = argparse.ArgumentParser()
-    batch.add_batch_arguments(parser)
+    batch_cli.add_batch_arguments(parser)
     argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--no-progress", "--part-images", "2"]
-    assert batch.run_batch(parser.parse_args(argv)) == 0
+    assert batch_cli.run_batch(parser.parse_args(argv)) == 0
     assert "rerun with --retry-errors to redo the images whose rows are all errors" in capsys.readouterr().out
     save_image(tmp_path / "late.png", base)  # the missing file is there now
     assert batch.run(manifest, out, engine=xs_engine_path, progress=False).this_run_images == 0  # not without it
-    assert batch.run_batch(parser.parse_args(argv + ["--retry-errors"])) == 0
+    assert batch_cli.run_batch(parser.parse_args(argv + ["--retry-errors"])) == 0
     summary = json.loads((out / batch.SUMMARY_FILE).read_text())
     assert summary["this_run_images"] == summary["redone"] == 2 and summary["skipped"] == 1  # late.png, bad.png
     rows = _rows(out)
@@ -467,7 +471,7 @@ def test_refusal_in_a_full_prefetch_window_loses_no_image(tmp_path, xs_engine):
         ref[f"{i}.png"] = est.predict(load_image(tmp_path / f"{i}.png"), entries[-1].boxes).image
     bad = 9
     refusing = _RefusingEstimator(est, (300 + bad, 400 + bad, 3))
-    with batch.ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         out = list(batch.estimate_stream(refusing, batch.read_ahead(pool, entries, 6)))
     assert refusing.pulled_past_bad >= est.max_batch  # the refusal came with images queued behind it
     assert [o[0].entry.key for o in out] == [e.key for e in entries]
@@ -750,7 +754,7 @@ _KILLABLE = textwrap.dedent("""
         return result
 
     cache.install_file = install_then_stop
-    from cnpose_trt.batch.job import main
+    from cnpose_trt.cli.batch import main
     sys.exit(main(sys.argv[4:]))
 """)
 
@@ -808,16 +812,16 @@ def test_killed_job_resumes_without_loss_or_duplicates(scenes, tmp_path, xs_engi
 def test_cli_runs_and_reports(scenes, tmp_path, xs_engine_path, capsys):
     _, records, manifest = scenes
     parser = argparse.ArgumentParser()
-    batch.add_batch_arguments(parser)
+    batch_cli.add_batch_arguments(parser)
     args = parser.parse_args([str(manifest), "--out", str(tmp_path / "out"), "--engine", str(xs_engine_path),
                               "--no-progress", "--part-images", "4"])
-    assert batch.run_batch(args) == 0
+    assert batch_cli.run_batch(args) == 0
     printed = capsys.readouterr().out
     assert f"{len(records)} images" in printed and json.loads(printed[printed.index("{"):])["parts"] == 2
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "boxes": [[1, 2]]}\n')
     args = parser.parse_args([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2"), "--engine",
                               str(xs_engine_path)])
-    assert batch.run_batch(args) == 2
+    assert batch_cli.run_batch(args) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "bad.jsonl, line 1, field 'boxes'" in err
 
@@ -895,7 +899,7 @@ def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engin
     out = tmp_path / "out"
     argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--part-images", "1",
             "--no-progress", "--readers", "1"]
-    assert batch.main(argv) == 130
+    assert batch_cli.main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
     assert calls[0] == 3 and len(list(out.glob("part-*.parquet"))) == 3  # stopped before the fourth image
     monkeypatch.setattr(batch.PartWriter, "add", real)
@@ -959,7 +963,7 @@ _RAY_STARTUP = textwrap.dedent("""
         return result
 
     node.Node.start_ray_processes = start_ray_processes
-    from cnpose_trt.batch.job import main
+    from cnpose_trt.cli.batch import main
     mark("main")
     sys.exit(main(sys.argv[2:]))
 """)

@@ -465,7 +465,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
-    from ..batch.job import add_batch_arguments
+    from .batch import add_batch_arguments
 
     add_batch_arguments(p)
 
@@ -543,7 +543,7 @@ def _main(argv: list[str]) -> int:
 
             return run_eval(args)
         if args.command == "batch":
-            from ..batch.job import run_batch
+            from .batch import run_batch
 
             return run_batch(args)
         return {"predict": _predict, "inspect": _inspect, "demo": _demo}[args.command](args)
