@@ -253,8 +253,10 @@ def _settle(out: Path, config: BatchConfig) -> _Job:
                 raise ValueError("ray_engine='build' builds from the variant options; an engine file is shipped")
         else:
             path = opts.resolve(config.say)
-    elif config.use_ray:
-        path = Path(loaded.path)
+    elif config.use_ray:  # an Engine loaded here: its file is shipped (the workers cannot build it from options)
+        if ray_engine == "build":
+            raise ValueError("ray_engine='build' builds from the variant options; an engine file is shipped")
+        path, ray_engine = Path(loaded.path), "ship"
     meta = read_sidecar(path) if path is not None else getattr(loaded, "meta", None)
     flip = _flip_rule(meta, opts, config.flip, config.say)
     if path is not None and meta.get("weights", {}).get("random"):
