@@ -1,5 +1,9 @@
 """One exception family, so callers can catch everything this package raises on purpose."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class CnposeError(Exception):
     """Base class of cnpose_trt's own errors."""
@@ -21,6 +25,14 @@ class TorchMissingError(CnposeError, ImportError):
     """A step that needs PyTorch (a build, reading a checkpoint) where torch cannot be imported."""
 
 
+class ManifestError(CnposeError, ValueError):
+    """A batch manifest that cannot be read: names the file, the line (or row) and the field."""
+
+
+class BatchError(CnposeError, RuntimeError):
+    """An output folder that cannot be used for this job (locked, another job's results, damaged part)."""
+
+
 def need_torch(what: str) -> None:
     """Raise TorchMissingError (one line, with the install command) where torch cannot be imported."""
     try:
@@ -29,3 +41,14 @@ def need_torch(what: str) -> None:
         raise TorchMissingError(f"{what} needs PyTorch, which is not installed here: pip install torch==2.13.0 "
                                 "(the CPU build; see the README), or pass --engine with an engine built "
                                 "elsewhere") from None
+
+
+def need_pyarrow() -> tuple[Any, Any]:
+    """pyarrow and pyarrow.parquet, or a BatchError (one line, with the install command) where pyarrow
+    cannot be imported: batch jobs read and write Parquet."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BatchError("batch jobs write Parquet and need pyarrow: pip install 'cnpose_trt[batch]'") from None
+    return pa, pq

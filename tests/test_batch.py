@@ -1,11 +1,11 @@
-"""Batch jobs (cnpose_trt.batch.job): manifests, results equal to PoseEstimator's, error rows, resume after
-SIGKILL (between and during part writes), the folder lock, and the same job on a local Ray cluster."""
+"""Batch jobs (cnpose_trt.batch; its command line, cnpose_trt.cli.batch): manifests, results equal to
+PoseEstimator's, error rows, resume after SIGKILL (between and during part writes), the folder lock,
+and the same job on a local Ray cluster."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import signal
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from conftest import signal_swallowed
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from cnpose_trt.batch import job as batch  # noqa: E402
+from cnpose_trt import batch  # noqa: E402
+from cnpose_trt.batch import job as batch_job  # noqa: E402
+from cnpose_trt.cli import batch as batch_cli  # noqa: E402
 from cnpose_trt.io.draw import demo_image, save_image  # noqa: E402
 from cnpose_trt.io.preprocess import load_image  # noqa: E402
 from cnpose_trt.pipeline.estimator import PoseEstimator  # noqa: E402
@@ -172,7 +175,7 @@ def test_changed_records_are_refused_then_redone(scenes, xs_engine, xs_engine_pa
         batch.run(manifest, out, engine=xs_engine_path, part_images=2, progress=False)
     # --redo-changed, killed (in effect) after the new parts were committed, before the old rows were dropped:
     # read_results already shows each image once, with its new rows
-    monkeypatch.setattr(batch, "drop_superseded", lambda out: 0)
+    monkeypatch.setattr(batch_job, "drop_superseded", lambda out: 0)
     summary = batch.run(manifest, out, engine=xs_engine_path, part_images=2, redo_changed=True, progress=False)
     assert summary.this_run_images == summary.redone == 2 and summary.skipped == 4 and summary.images == 6
     assert sorted(_listed(out)) != sorted(r["image"] for r in edited)  # the old parts still list them
@@ -214,13 +217,13 @@ def test_retry_errors_redoes_failed_images(tmp_path, xs_engine, xs_engine_path, 
     manifest = _write_jsonl(tmp_path / "m.jsonl", records)
     out = tmp_path / "out"
     parser = argparse.ArgumentParser()
-    batch.add_batch_arguments(parser)
+    batch_cli.add_batch_arguments(parser)
     argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--no-progress", "--part-images", "2"]
-    assert batch.run_batch(parser.parse_args(argv)) == 0
+    assert batch_cli.run_batch(parser.parse_args(argv)) == 0
     assert "rerun with --retry-errors to redo the images whose rows are all errors" in capsys.readouterr().out
     save_image(tmp_path / "late.png", base)  # the missing file is there now
     assert batch.run(manifest, out, engine=xs_engine_path, progress=False).this_run_images == 0  # not without it
-    assert batch.run_batch(parser.parse_args(argv + ["--retry-errors"])) == 0
+    assert batch_cli.run_batch(parser.parse_args(argv + ["--retry-errors"])) == 0
     summary = json.loads((out / batch.SUMMARY_FILE).read_text())
     assert summary["this_run_images"] == summary["redone"] == 2 and summary["skipped"] == 1  # late.png, bad.png
     rows = _rows(out)
@@ -467,7 +470,7 @@ def test_refusal_in_a_full_prefetch_window_loses_no_image(tmp_path, xs_engine):
         ref[f"{i}.png"] = est.predict(load_image(tmp_path / f"{i}.png"), entries[-1].boxes).image
     bad = 9
     refusing = _RefusingEstimator(est, (300 + bad, 400 + bad, 3))
-    with batch.ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         out = list(batch.estimate_stream(refusing, batch.read_ahead(pool, entries, 6)))
     assert refusing.pulled_past_bad >= est.max_batch  # the refusal came with images queued behind it
     assert [o[0].entry.key for o in out] == [e.key for e in entries]
@@ -479,211 +482,8 @@ def test_refusal_in_a_full_prefetch_window_loses_no_image(tmp_path, xs_engine):
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifests
-
-
-def _write_all_formats(folder: Path, records: list[dict]) -> dict[str, Path]:
-    paths = {"jsonl": _write_jsonl(folder / "m.jsonl", records)}
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(batch.FIELDS))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in r.items()})
-    paths["csv"] = folder / "m.csv"
-    # Parquet: nested lists where they are regular, JSON strings in a column where they are not
-    table = pa.table({
-        "image": [r["image"] for r in records],
-        "boxes": [r.get("boxes") for r in records],
-        "crop_boxes": [r.get("crop_boxes") for r in records],
-        "root_depth": [None if "root_depth" not in r else json.dumps(r["root_depth"]) for r in records],
-        "intrinsics": [r.get("intrinsics") for r in records]})
-    pq.write_table(table, folder / "m.parquet")
-    paths["parquet"] = folder / "m.parquet"
-    return paths
-
-
-def _entries_equal(a: batch.Entry, b: batch.Entry) -> None:
-    assert (a.key, a.path) == (b.key, b.path)
-    for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None) == (y is None), name
-        if x is not None:
-            np.testing.assert_array_equal(x, y)
-
-
-def test_manifest_formats_parse_the_same(scenes, tmp_path):
-    folder, records, _ = scenes
-    paths = _write_all_formats(folder, records)
-    parsed = {fmt: list(batch.read_manifest(p)) for fmt, p in paths.items()}
-    assert len(parsed["jsonl"]) == len(records)
-    for rec, entry in zip(records, parsed["jsonl"], strict=True):
-        key = "crop_boxes" if "crop_boxes" in rec else "boxes"
-        np.testing.assert_array_equal(getattr(entry, key), np.asarray(rec[key], np.float64).reshape(-1, 4))
-        assert entry.path == str(folder / rec["image"])
-    for fmt in ("csv", "parquet"):
-        for a, b in zip(parsed["jsonl"], parsed[fmt], strict=True):
-            _entries_equal(a, b)
-    # an entry survives the trip to a Ray worker exactly (NaN included)
-    for e in parsed["jsonl"] + [batch.Entry("a", "b", "c", crop_boxes=np.asarray([[np.nan, 1e-300, 3.3, 1 / 3]]))]:
-        _entries_equal(e, batch.Entry.from_json(e.to_json()))
-    # relative paths against --image-root instead of the manifest's folder
-    other = next(batch.read_manifest(paths["jsonl"], image_root=tmp_path))
-    assert other.path == str(tmp_path / records[0]["image"])
-
-
-def test_coco_detections(tmp_path):
-    base, _ = demo_image()
-    for name in ("000000000139.jpg", "000000000285.jpg", "7.png", "notes.txt"):
-        if name.endswith(".txt"):
-            (tmp_path / name).write_text("not an image")
-        else:
-            save_image(tmp_path / name, base)
-    dets = [
-        {"image_id": 139, "category_id": 1, "bbox": [10, 20, 100, 200], "score": 0.9},
-        {"image_id": 139, "category_id": 1, "bbox": [200, 20, 100, 200], "score": 0.3},   # under the threshold
-        {"image_id": 139, "category_id": 18, "bbox": [300, 20, 100, 200], "score": 0.99},  # a dog
-        {"image_id": 139, "category_id": 1, "bbox": [50, 60, 70, 80], "score": 0.5},      # at the threshold: kept
-        {"image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.8},
-    ]
-    (tmp_path / "dets.json").write_text(json.dumps(dets))
-    entries = {e.key: e for e in batch.read_manifest(tmp_path / "dets.json")}
-    assert sorted(entries) == ["000000000139.jpg", "000000000285.jpg", "7.png"]  # 285: no detections, no people
-    np.testing.assert_array_equal(entries["000000000139.jpg"].boxes, [[10, 20, 100, 200], [50, 60, 70, 80]])
-    assert entries["000000000285.jpg"].boxes.shape == (0, 4) and entries["7.png"].people == 1
-    lower = {e.key: e.people for e in batch.read_manifest(tmp_path / "dets.json", score_threshold=0.2)}
-    assert lower["000000000139.jpg"] == 3
-    dogs = {e.key: e.people for e in batch.read_manifest(tmp_path / "dets.json", category_id=18)}
-    assert dogs == {"000000000139.jpg": 1, "000000000285.jpg": 0, "7.png": 0}
-    # the dict form: images and categories from the file ('person' is category 3 here)
-    doc = {"images": [{"id": 1, "file_name": "7.png"}, {"id": 2, "file_name": "000000000285.jpg"}],
-           "categories": [{"id": 1, "name": "bicycle"}, {"id": 3, "name": "person"}],
-           "annotations": [{"image_id": 1, "category_id": 3, "bbox": [5, 5, 50, 60], "score": 0.7},
-                           {"image_id": 1, "category_id": 1, "bbox": [5, 5, 50, 60], "score": 0.9}]}
-    (tmp_path / "coco.json").write_text(json.dumps(doc))
-    got = {e.key: e for e in batch.read_manifest(tmp_path / "coco.json")}
-    assert sorted(got) == ["000000000285.jpg", "7.png"] and got["7.png"].people == 1
-    np.testing.assert_array_equal(got["7.png"].boxes, [[5, 5, 50, 60]])
-    dets.append({"image_id": 999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.8})
-    (tmp_path / "dets.json").write_text(json.dumps(dets))
-    with pytest.raises(batch.ManifestError, match=r"detection 5, field 'image_id': 999 matches no image"):
-        list(batch.read_manifest(tmp_path / "dets.json"))
-
-
-BAD_JSONL = [
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n{"image": "b.png", "boxes": [[1, 2, 3]]}',
-     r"m\.jsonl, line 2, field 'boxes': entry 0 must be 4 numbers"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n\n{"image": "b.png" "boxes": []}', r"line 3: not valid JSON"),
-    ('{"boxes": [[1, 2, 3, 4]]}', r"line 1, field 'image': must be an image path"),
-    ('{"image": "", "boxes": []}', r"field 'image': must be an image path"),
-    ('{"image": "a.png"}', r"field 'boxes': give exactly one of 'boxes'"),
-    ('{"image": "a.png", "boxes": [], "crop_boxes": []}', r"give exactly one"),
-    ('{"image": "a.png", "box": [1, 2, 3, 4]}', r"field 'box': unknown field; a record has image, boxes"),
-    ('{"image": "a.png", "boxes": "[[1, 2, 3, 4]]"}', r"field 'boxes': must be a list .* got str"),
-    ('{"image": "a.png", "boxes": [[1, 2, true, 4]]}', r"field 'boxes': entry 0 must be 4 numbers"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": [1, 2]}',
-     r"field 'root_depth': needs one number for all people or one per person \(1\), got 2"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": "far"}', r"field 'root_depth': must be a number"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "intrinsics": [1, 1, 1, 1]}',
-     r"field 'intrinsics': needs root_depth"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": 4000, "intrinsics": [[1, 1, 1, 1], [1, 1, 1, 1]]}',
-     r"field 'intrinsics': needs one \[fx, fy, cx, cy\] for all people or one per person \(1\), got 2"),
-    ('[1, 2]', r"line 1: each line must be a JSON object, got list"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, %s]]}' % ("9" * 400),
-     r"line 1, field 'boxes': holds an integer too large for a float64 number"),
-    ('{"image": "a.png", "boxes": [[1, 2, 3, 4]], "root_depth": %s}' % ("9" * 400),
-     r"line 1, field 'root_depth': holds an integer too large"),
-    ('{"image": "a.png", "boxes": ' + "[" * 100_000, r"line 1: not valid JSON here: nested too deeply"),
-]
-
-
-@pytest.mark.parametrize("text, message", BAD_JSONL)
-def test_bad_jsonl_records_name_file_line_and_field(tmp_path, text, message):
-    (tmp_path / "m.jsonl").write_text(text + "\n")
-    with pytest.raises(batch.ManifestError, match=message):
-        list(batch.read_manifest(tmp_path / "m.jsonl"))
-
-
-def test_bad_csv_and_parquet_records(tmp_path):
-    (tmp_path / "m.csv").write_text('image,boxes\na.png,"[[1,2,3,4]]"\nb.png,"[[1,2,3,4]"\n')
-    with pytest.raises(batch.ManifestError, match=r"m\.csv, line 3, field 'boxes': is not valid JSON"):
-        list(batch.read_manifest(tmp_path / "m.csv"))
-    (tmp_path / "n.csv").write_text("path,boxes\na.png,[]\n")
-    with pytest.raises(batch.ManifestError, match=r"n\.csv, line 1: the header must name an 'image' column"):
-        list(batch.read_manifest(tmp_path / "n.csv"))
-    (tmp_path / "o.csv").write_text('image,boxes\na.png,[[1,2,3,4]]\n')  # an unquoted JSON list: too many cells
-    with pytest.raises(batch.ManifestError, match=r"o\.csv, line 2: more cells than the header"):
-        list(batch.read_manifest(tmp_path / "o.csv"))
-    pq.write_table(pa.table({"image": ["a.png", "b.png"], "boxes": [[[1.0, 2.0, 3.0, 4.0]], [[1.0, 2.0]]]}),
-                   tmp_path / "m.parquet")
-    with pytest.raises(batch.ManifestError, match=r"m\.parquet, row 2, field 'boxes': entry 0 must be 4 numbers"):
-        list(batch.read_manifest(tmp_path / "m.parquet"))
-    (tmp_path / "p.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(batch.ManifestError, match=r"p\.parquet: not a readable Parquet file"):
-        list(batch.read_manifest(tmp_path / "p.parquet"))
-    with pytest.raises(ValueError, match=r"cannot tell the format .* '\.txt'"):
-        batch.read_manifest(tmp_path / "m.txt")
-    with pytest.raises(FileNotFoundError, match="manifest not found"):
-        batch.read_manifest(tmp_path / "none.jsonl")
-
-
-def test_text_and_csv_problems_name_the_file(tmp_path):
-    """Not UTF-8, an over-long CSV cell, duplicate CSV columns: one ManifestError naming the file
-    (and line), not a UnicodeDecodeError or _csv.Error; a UTF-8 byte order mark is read past."""
-    (tmp_path / "latin.jsonl").write_bytes('{"image": "caf\xe9.png", "boxes": []}\n'.encode("latin-1"))
-    (tmp_path / "wide.csv").write_bytes("image,boxes\na.png,[]\n".encode("utf-16"))
-    (tmp_path / "latin.json").write_bytes('[{"image_id": "\xe9"}]'.encode("latin-1"))
-    for name, what in (("latin.jsonl", "byte 0xe9"), ("wide.csv", "it is UTF-16"), ("latin.json", "byte 0xe9")):
-        with pytest.raises(batch.ManifestError, match=rf"{name}: not UTF-8 text \({what}"):
-            list(batch.read_manifest(tmp_path / name, image_root=tmp_path))
-    (tmp_path / "cell.csv").write_text('image,boxes\na.png,"[[1,2,3,4]]"\nb.png,"' + "1" * 140_000 + '"\n')
-    with pytest.raises(batch.ManifestError, match=r"cell\.csv, line 3: a cell is longer than the CSV limit"):
-        list(batch.read_manifest(tmp_path / "cell.csv"))
-    (tmp_path / "twice.csv").write_text("image,image,boxes\na.png,b.png,[]\n")
-    with pytest.raises(batch.ManifestError, match=r"twice\.csv, line 1, field 'image': column named twice"):
-        list(batch.read_manifest(tmp_path / "twice.csv"))
-    # a byte order mark (Excel's "CSV UTF-8", Notepad) is read, not taken as part of the first name
-    (tmp_path / "bom.csv").write_bytes('\ufeffimage,boxes\na.png,"[[1,2,3,4]]"\n'.encode())
-    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"image": "a.png", "boxes": [[1, 2, 3, 4]]}\n'.encode())
-    (tmp_path / "bom.json").write_bytes('\ufeff[{"image_id": 1, "bbox": [1, 2, 3, 4], "score": 1}]'.encode())
-    save_image(tmp_path / "1.png", demo_image()[0])
-    for name in ("bom.csv", "bom.jsonl", "bom.json"):
-        (entry,) = [e for e in batch.read_manifest(tmp_path / name, image_root=tmp_path) if e.people]
-        np.testing.assert_array_equal(entry.boxes, [[1, 2, 3, 4]])
-
-
-def test_coco_ids_that_cannot_match(tmp_path):
-    save_image(tmp_path / "1.jpg", demo_image()[0])
-    save_image(tmp_path / "\u00b2.jpg", demo_image()[0])  # '²'.isdigit() is True, int('²') fails
-
-    def dets(ident):
-        (tmp_path / "d.json").write_text(json.dumps([{"image_id": ident, "category_id": 1, "bbox": [1, 2, 3, 4],
-                                                      "score": 0.9}]))
-        return tmp_path / "d.json"
-
-    for ident, shown in (([1], r"\[1\]"), (True, "True")):
-        with pytest.raises(batch.ManifestError, match=rf"detection 0, field 'image_id': must be an integer or a "
-                           rf"string, got {shown}"):
-            list(batch.read_manifest(dets(ident)))
-    # a file whose stem is not a number is an image of the job with a string id: people only if a detection names it
-    got = {e.key: e.people for e in batch.read_manifest(dets(1))}
-    assert got == {"1.jpg": 1, "\u00b2.jpg": 0}
-    assert {e.key: e.people for e in batch.read_manifest(dets("\u00b2"))} == {"1.jpg": 0, "\u00b2.jpg": 1}
-    doc = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"},
-                      {"id": 1, "file_name": "\u00b2.jpg"}], "annotations": []}
-    (tmp_path / "c.json").write_text(json.dumps(doc))
-    with pytest.raises(batch.ManifestError, match=r"c\.json, images\[2\], field 'id': 1 is listed again \(first at "
-                       r"images\[0\]\)"):
-        list(batch.read_manifest(tmp_path / "c.json"))
-    doc["images"][2]["id"] = True
-    (tmp_path / "c.json").write_text(json.dumps(doc))
-    with pytest.raises(batch.ManifestError, match=r"images\[2\], field 'id': must be an integer or a string"):
-        list(batch.read_manifest(tmp_path / "c.json"))
-    (tmp_path / "deep.json").write_text("[" * 100_000)
-    with pytest.raises(batch.ManifestError, match=r"deep\.json: not valid JSON here: nested too deeply"):
-        list(batch.read_manifest(tmp_path / "deep.json"))
-    (tmp_path / "big.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, %s], "score": 1}]' % ("9" * 400))
-    with pytest.raises(batch.ManifestError, match=r"detection 0, field 'bbox': holds an integer too large"):
-        list(batch.read_manifest(tmp_path / "big.json"))
+# Refused before any work: the manifest, the arguments, the output folder (the manifests' own
+# problems: tests/test_batch_manifest.py)
 
 
 def test_manifest_problems_stop_the_job_before_any_work(tmp_path, xs_engine_path):
@@ -750,7 +550,7 @@ _KILLABLE = textwrap.dedent("""
         return result
 
     cache.install_file = install_then_stop
-    from cnpose_trt.batch.job import main
+    from cnpose_trt.cli.batch import main
     sys.exit(main(sys.argv[4:]))
 """)
 
@@ -808,16 +608,18 @@ def test_killed_job_resumes_without_loss_or_duplicates(scenes, tmp_path, xs_engi
 def test_cli_runs_and_reports(scenes, tmp_path, xs_engine_path, capsys):
     _, records, manifest = scenes
     parser = argparse.ArgumentParser()
-    batch.add_batch_arguments(parser)
+    batch_cli.add_batch_arguments(parser)
     args = parser.parse_args([str(manifest), "--out", str(tmp_path / "out"), "--engine", str(xs_engine_path),
                               "--no-progress", "--part-images", "4"])
-    assert batch.run_batch(args) == 0
+    assert batch_cli.run_batch(args) == 0
     printed = capsys.readouterr().out
     assert f"{len(records)} images" in printed and json.loads(printed[printed.index("{"):])["parts"] == 2
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "boxes": [[1, 2]]}\n')
     args = parser.parse_args([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2"), "--engine",
                               str(xs_engine_path)])
-    assert batch.run_batch(args) == 2
+    from cnpose_trt.cli.errors import reported
+
+    assert reported(batch_cli.run_batch, args) == 2  # the command's errors go to the cli's one boundary
     err = capsys.readouterr().err
     assert "error: " in err and "bad.jsonl, line 1, field 'boxes'" in err
 
@@ -895,7 +697,7 @@ def test_swallowed_ctrl_c_stops_the_job_which_resumes(scenes, tmp_path, xs_engin
     out = tmp_path / "out"
     argv = [str(manifest), "--out", str(out), "--engine", str(xs_engine_path), "--part-images", "1",
             "--no-progress", "--readers", "1"]
-    assert batch.main(argv) == 130
+    assert batch_cli.main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
     assert calls[0] == 3 and len(list(out.glob("part-*.parquet"))) == 3  # stopped before the fourth image
     monkeypatch.setattr(batch.PartWriter, "add", real)
@@ -959,7 +761,7 @@ _RAY_STARTUP = textwrap.dedent("""
         return result
 
     node.Node.start_ray_processes = start_ray_processes
-    from cnpose_trt.batch.job import main
+    from cnpose_trt.cli.batch import main
     mark("main")
     sys.exit(main(sys.argv[2:]))
 """)

@@ -298,12 +298,13 @@ def test_old_module_paths_still_work():
     import cnpose_trt.ops.decoding
     import cnpose_trt.preprocess
     import cnpose_trt.synthetic
-    from cnpose_trt.batch import main as batch_main
-    from cnpose_trt.batch.job import main as job_main
+    from cnpose_trt.batch import run as batch_run
+    from cnpose_trt.batch.job import run as job_run
     from cnpose_trt.build import build_engine
     from cnpose_trt.build.builder import build_engine as built
     from cnpose_trt.cli import main
     from cnpose_trt.cli.app import main as app_main
+    from cnpose_trt.cli.batch import main as batch_main
     from cnpose_trt.pipeline import PoseEstimator
     from cnpose_trt.pipeline.estimator import PoseEstimator as estimator
 
@@ -311,7 +312,8 @@ def test_old_module_paths_still_work():
     assert cnpose_trt.preprocess is cnpose_trt.io.preprocess
     assert cnpose_trt.synthetic is cnpose_trt.io.synthetic
     assert cnpose_trt.evaluate is cnpose_trt.eval.evaluate
-    assert (build_engine, PoseEstimator, main, batch_main) == (built, estimator, app_main, job_main)
+    assert (build_engine, PoseEstimator, main, batch_run) == (built, estimator, app_main, job_run)
+    assert batch_main.__module__ == "cnpose_trt.cli.batch"  # `python -m cnpose_trt.batch` runs cli's command
     for name in cnpose_trt.__all__:
         getattr(cnpose_trt, name)
 

@@ -101,7 +101,7 @@ def test_predict_and_eval_commands_pass_threads_and_spinning(xs_engine_path, tmp
 
 def test_batch_and_bench_pass_threads_and_spinning(xs_engine_path, tmp_path, loads):
     pytest.importorskip("pyarrow")
-    from cnpose_trt.batch import job as batch
+    from cnpose_trt import batch
     from cnpose_trt.eval import bench
     from cnpose_trt.io.draw import demo_image, save_image
 
@@ -120,7 +120,7 @@ def test_batch_and_bench_pass_threads_and_spinning(xs_engine_path, tmp_path, loa
 
 
 def test_ray_actor_loads_with_threads_and_spinning(xs_engine_path):
-    from cnpose_trt.batch.job import RayPredictor
+    from cnpose_trt.batch.ray import RayPredictor
 
     spec = {"mode": "build", "build": {"variant": "XS", "checkpoint": None, "backend": "onnxruntime",
                                        "out_dir": str(xs_engine_path.parent), "max_batch": 4}}

@@ -1,7 +1,7 @@
-"""python -m cnpose_trt.batch: the batch command line (batch.job.main)."""
+"""python -m cnpose_trt.batch: the batch command line (cli/batch.py's main)."""
 
 import sys
 
-from .job import main
+from ..cli.batch import main
 
 sys.exit(main())

@@ -115,13 +115,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
-    from ..batch.job import add_batch_arguments
+    from .batch import add_batch_arguments
 
     add_batch_arguments(p)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from ..batch.job import run_batch
+    from .batch import run_batch
 
     return run_batch(args)
 
