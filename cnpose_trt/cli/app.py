@@ -340,7 +340,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..eval.evaluate import mpjpe, pixel_errors
+    from ..eval.metrics import mpjpe, pixel_errors
     from ..io.draw import save_image
     from ..io.synthetic import synthesize
 
@@ -459,7 +459,7 @@ def _demo_args(d: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from ..eval.evaluate import add_eval_arguments
+    from .eval import add_eval_arguments
 
     add_eval_arguments(p)
 
@@ -533,13 +533,13 @@ def _main(argv: list[str]) -> int:
 
             return run_build(args)
         if args.command == "bench":
-            from ..eval.bench import check_args
-            from ..eval.bench import main as bench_main
+            from .bench import check_args
+            from .bench import main as bench_main
 
             check_args(args.variant, args.batch, args.iterations, args.warmup)
             return bench_main(args)
         if args.command == "eval":
-            from ..eval.evaluate import run_eval
+            from .eval import run_eval
 
             return run_eval(args)
         if args.command == "batch":
