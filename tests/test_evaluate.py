@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnpose_trt.cli import eval as cli_eval
 from cnpose_trt.eval import evaluate as ev
 from cnpose_trt.spec import JOINT_NAMES, NUM_JOINTS
 
@@ -434,7 +435,7 @@ def test_rootnet_boxes_wholly_outside_the_image_count_as_failed(h36m, tmp_path, 
     report = ev.evaluate([xs_engine], s, progress=False)
     (entry,) = report["engines"]
     assert entry["metrics"]["nonfinite"] == 2 and np.isfinite(entry["metrics"]["mpjpe"])
-    text = ev.format_report(report)
+    text = cli_eval.format_report(report)
     assert "2 people not estimated (counted in 'failed', not in the means): the RootNet box is unusable, e.g. " \
            "image_id 12: RootNet bbox = [-1000000.0" in text
 
@@ -456,7 +457,7 @@ def test_h36m_missing_files_and_bad_arguments(h36m):
 
 def eval_args(*argv):
     p = argparse.ArgumentParser()
-    ev.add_eval_arguments(p)
+    cli_eval.add_eval_arguments(p)
     return p.parse_args([str(a) for a in argv])
 
 
@@ -467,7 +468,7 @@ def test_eval_command_on_h36m_files_reproduces_hand_numbers_from_its_predictions
 
     root, truth = h36m
     out = tmp_path / "report.json"
-    assert ev.run_eval(eval_args("--engine", xs_engine_path, "--h36m", root, "--json", out, "--predictions")) == 0
+    assert cli_eval.run_eval(eval_args("--engine", xs_engine_path, "--h36m", root, "--json", out, "--predictions")) == 0
     printed = capsys.readouterr()
     assert "MPJPE" in printed.out and "Directions" in printed.out and "XS fp32" in printed.out
     assert "3/3" in printed.err  # the progress bar
@@ -520,7 +521,7 @@ def test_eval_on_synthetic_people_matches_a_direct_estimate(xs_engine, xs_engine
     out = tmp_path / "syn.json"
     args = eval_args("--engine", xs_engine_path, "--engine", xs_engine_path, "--seed", 4, "--count", 3,
                      "--size", 160, 128, "--no-flip", "--no-progress", "--json", out)
-    assert ev.run_eval(args) == 0
+    assert cli_eval.run_eval(args) == 0
     report = json.loads(out.read_text())
     assert [e["label"] for e in report["engines"]] == ["XS fp32", "XS fp32 #2"]
     est = PoseEstimator(xs_engine)
@@ -539,14 +540,14 @@ def test_eval_on_synthetic_people_matches_a_direct_estimate(xs_engine, xs_engine
 
 def test_eval_argument_errors(xs_engine_path, tmp_path):
     with pytest.raises(ValueError, match="--engine"):
-        ev.run_eval(eval_args("--count", 2))
+        cli_eval.run_eval(eval_args("--count", 2))
     with pytest.raises(ValueError, match="--label"):
-        ev.run_eval(eval_args("--engine", xs_engine_path, "--label", "a", "--label", "b"))
+        cli_eval.run_eval(eval_args("--engine", xs_engine_path, "--label", "a", "--label", "b"))
     with pytest.raises(ValueError, match="--h36m only"):
-        ev.run_eval(eval_args("--engine", xs_engine_path, "--limit", 3))
+        cli_eval.run_eval(eval_args("--engine", xs_engine_path, "--limit", 3))
     with pytest.raises(ValueError, match="--count"):
-        ev.run_eval(eval_args("--engine", xs_engine_path, "--count", 0))
-    assert ev.main(["--engine", str(tmp_path / "nope.onnx"), "--count", "1"]) == 2
+        cli_eval.run_eval(eval_args("--engine", xs_engine_path, "--count", 0))
+    assert cli_eval.main(["--engine", str(tmp_path / "nope.onnx"), "--count", "1"]) == 2
 
 
 # ---------------------------------------------------------------- inconsistent Human3.6M inputs
@@ -654,7 +655,7 @@ def test_h36m_frames_with_unusable_ground_truth_are_left_out_counted_and_said(h3
     report = {"dataset": {"name": s.name, "people": s.people, **s.info}, "flip_test": True,
               "protocol": {"joints": [JOINT_NAMES[j] for j in SCORED]},
               "engines": [{"label": "fake", "metrics": m, "images_per_second": 1.0}]}
-    table = ev.format_report(report)
+    table = cli_eval.format_report(report)
     assert "left out: 2 frames whose ground truth is unusable" in table and "image 10, 12" in table
     assert " - " not in table.splitlines()[4]  # the engine's row has numbers
 
@@ -662,7 +663,7 @@ def test_h36m_frames_with_unusable_ground_truth_are_left_out_counted_and_said(h3
 def test_eval_command_scores_the_frames_whose_ground_truth_is_usable(h36m, xs_engine_path, capsys):
     root, _ = h36m
     _edit(root, 9, "joint_3d", lambda d: d["2"]["1"]["0"][0].__setitem__(2, float("nan")))
-    assert ev.run_eval(eval_args("--engine", xs_engine_path, "--h36m", root, "--no-progress")) == 0
+    assert cli_eval.run_eval(eval_args("--engine", xs_engine_path, "--h36m", root, "--no-progress")) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("XS fp32"))
     mpjpe, pa, pa_scaled, px = row.split()[2:6]
@@ -688,4 +689,4 @@ def test_h36m_ground_truth_box_wholly_outside_is_counted_apart(h36m):
     report = {"dataset": {"name": "h", "people": 2, **s.info}, "flip_test": False, "engines": [],
               "protocol": {"joints": []}}
     assert "left out: 1 ground-truth box wholly outside the image (upstream's process_bbox would shift" in \
-        ev.format_report(report)
+        cli_eval.format_report(report)

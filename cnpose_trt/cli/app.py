@@ -83,8 +83,8 @@ def _bench_args(bn: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..eval.bench import check_args
-    from ..eval.bench import main as bench_main
+    from .bench import check_args
+    from .bench import main as bench_main
 
     check_args(args.variant, args.batch, args.iterations, args.warmup)
     return bench_main(args)
@@ -103,13 +103,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from ..eval.evaluate import add_eval_arguments
+    from .eval import add_eval_arguments
 
     add_eval_arguments(p)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..eval.evaluate import run_eval
+    from .eval import run_eval
 
     return run_eval(args)
 

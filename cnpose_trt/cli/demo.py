@@ -25,7 +25,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """`cnpose-trt demo` from parsed options: demo.png, demo.json and demo_pose.png in --out-dir."""
     import numpy as np
 
-    from ..eval.evaluate import mpjpe, pixel_errors
+    from ..eval.metrics import mpjpe, pixel_errors
     from ..io.draw import save_image
     from ..io.synthetic import synthesize
     from ..shipped import SHIPPED_XS

@@ -1,1 +1,2 @@
-"""Measuring: accuracy (evaluate: MPJPE on synthetic people or Human3.6M) and speed (bench)."""
+"""Measuring: accuracy (metrics: MPJPE, PA-MPJPE; datasets: synthetic people, Human3.6M; evaluate: engines
+side by side on a set) and speed (bench). The commands' tables and files are cli.eval's and cli.bench's."""

@@ -1,24 +1,23 @@
-"""`cnpose-trt bench`: trtexec-style throughput and latency table, and a throughput plot.
+"""Speed: trtexec-style measurements of engines, one row per variant, backend, precision and batch.
 
-For each variant, backend, precision and batch: engine-only latency (p50/p90/p99) and
-throughput, end-to-end PoseEstimator latency and throughput on generated scenes, and the
-decode's share of the end-to-end stage time. Random weights unless a checkpoint is given:
-speed does not depend on the weights.
+For each: engine-only latency (p50/p90/p99) and throughput, end-to-end PoseEstimator latency and
+throughput on generated scenes, and the decode's share of the end-to-end stage time; the run is
+planned first (a time estimate per configuration, a budget), then each configuration's engine is
+built or loaded and measured batch by batch. Random weights unless a checkpoint is given: speed does
+not depend on the weights. The table, JSON and plot of `cnpose-trt bench` are cli.bench's.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import backends, checks
-from ..progress import say
 
 MAX_BATCH = 4096  # the largest engine profile build_engine makes
 MEMORY_SHARE = 0.5  # of physical memory that one measurement may plan to use
@@ -168,187 +167,123 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     torch engines); None: the defaults.
     """
     from ..backends import session_options
-    from ..config import BuildConfig, EngineRequest
-    from ..errors import CnposeError
-    from ..pipeline.estimator import PoseEstimator
-    from ..runtime.open import open_engine
-    from ..spec import get_spec
 
     say = progress or (lambda m: None)
-    emit = on_row or (lambda r: None)
-    session = session_options(threads, spinning)
+    run = _Run(batches, iterations, warmup, engine_dir, checkpoint, calib_images, cuda_graphs,
+               session_options(threads, spinning), say, on_row or (lambda r: None))
     check_args(variants, batches, iterations, warmup)
     if budget is not None and not (checks.is_number(budget) and budget > 0):
         raise ValueError(f"--budget must be a positive number of seconds, got {budget!r}")
-    rows: list[dict[str, Any]] = []
-
-    def add(row: dict[str, Any]) -> None:
-        rows.append(row)
-        emit(row)
-
-    combos = [(get_spec(v), b, p) for v in variants for b in backends for p in precisions]
-    gflops = matmul_gflops()
-    guesses = [estimate_seconds(s.name, b, p, batches, iterations, warmup, gflops) for s, b, p in combos]
-    say(f"{len(combos)} configurations x batch {', '.join(map(str, batches))}: about {sum(guesses) / 60:.1f} min "
-        f"(a rough estimate from the variants' MACs and a {gflops:.0f} GFLOP/s matmul probe of this machine; "
-        "builds that are cached take less)" + (f"; budget {budget:.0f} s" if budget else ""))
+    combos, guesses = _plan(variants, backends, precisions, run, budget)
     started, spent, guessed = time.perf_counter(), 0.0, 0.0
     for k, ((spec, backend, precision), guess) in enumerate(zip(combos, guesses, strict=True), 1):
-        base = {"variant": spec.name, "head": spec.head_tag, "precision": precision,
-                "backend": backend + ("+graphs" if cuda_graphs and "cuda_graphs" in _takes(backend) else "")}
+        base = run.base(spec, backend, precision)
         slow = None if include_slow else _slow_reason(spec.name, backend)
         scale = spent / guessed if guessed else 1.0
         elapsed = time.perf_counter() - started
         if slow is None and budget is not None and elapsed + guess * scale > budget:
             slow = f"over --budget {budget:.0f} s: {elapsed:.0f} s spent, this one needs about {guess * scale:.0f} s"
         if slow:
-            add({**base, "skipped": slow})
+            run.add({**base, "skipped": slow})
             say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: skipped: {slow}")
             continue
         say(f"[{k}/{len(combos)}] {spec.name} {backend} {precision}: building or loading the engine "
             f"(about {guess * scale:.0f} s)")
         t_cfg = time.perf_counter()
+        if run.configuration(base, spec, backend, precision):  # a configuration that failed to build: no time
+            spent += time.perf_counter() - t_cfg
+            guessed += guess
+    return run.rows
+
+
+def _plan(variants: Sequence[str], backend_names: Sequence[str], precisions: Sequence[str], run: _Run,
+          budget: float | None) -> tuple[list[tuple[Any, str, str]], list[float]]:
+    """Every (spec, backend, precision) and its estimated seconds; the total is said before anything runs."""
+    from ..spec import get_spec
+
+    combos = [(get_spec(v), b, p) for v in variants for b in backend_names for p in precisions]
+    gflops = matmul_gflops()
+    guesses = [estimate_seconds(s.name, b, p, run.batches, run.iterations, run.warmup, gflops) for s, b, p in combos]
+    run.say(f"{len(combos)} configurations x batch {', '.join(map(str, run.batches))}: about "
+            f"{sum(guesses) / 60:.1f} min (a rough estimate from the variants' MACs and a {gflops:.0f} GFLOP/s "
+            "matmul probe of this machine; builds that are cached take less)"
+            + (f"; budget {budget:.0f} s" if budget else ""))
+    return combos, guesses
+
+
+@dataclass
+class _Run:
+    """What every configuration of one bench run shares, and the rows measured so far (each handed to
+    `emit` as it is added)."""
+
+    batches: Sequence[int]
+    iterations: int
+    warmup: int
+    engine_dir: Any
+    checkpoint: Any
+    calib_images: Any
+    cuda_graphs: bool
+    session: dict[str, Any]
+    say: Callable[[str], None]
+    emit: Callable[[dict[str, Any]], None]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.emit(row)
+
+    def base(self, spec: Any, backend: str, precision: str) -> dict[str, Any]:
+        """The columns every row of a configuration starts with."""
+        graphs = self.cuda_graphs and "cuda_graphs" in _takes(backend)
+        return {"variant": spec.name, "head": spec.head_tag, "precision": precision,
+                "backend": backend + ("+graphs" if graphs else "")}
+
+    def configuration(self, base: dict[str, Any], spec: Any, backend: str, precision: str) -> bool:
+        """One configuration: its engine built or loaded, then a row per batch; False when it cannot be built."""
+        from ..pipeline.estimator import PoseEstimator
+
+        engine = self.open(base, spec, backend, precision)
+        if engine is None:
+            return False
+        est = PoseEstimator(engine)
+        for batch in self.batches:
+            row = self.measure(base, engine, est, batch)
+            self.add(row)
+            self.say(f"      batch {batch}: engine {row['engine']['img_s']:.1f} img/s, end-to-end "
+                     f"{row['e2e']['img_s']:.1f} img/s")
+        return True
+
+    def open(self, base: dict[str, Any], spec: Any, backend: str, precision: str) -> Any:
+        """The configuration's engine (built if not cached), or None with a skipped row saying why."""
+        from ..config import BuildConfig, EngineRequest
+        from ..errors import CnposeError
+        from ..runtime.open import open_engine
+
         calib = {}
         if precision == "int8":
-            calib = {"calib_images": calib_images} if calib_images else {"calib_synthetic": True, "calib_count": 16}
+            calib = ({"calib_images": self.calib_images} if self.calib_images
+                     else {"calib_synthetic": True, "calib_count": 16})
         try:
-            options = {k: v for k, v in session.items() if k in _takes(backend)}
-            if cuda_graphs and "cuda_graphs" in _takes(backend):
+            options = {k: v for k, v in self.session.items() if k in _takes(backend)}
+            if self.cuda_graphs and "cuda_graphs" in _takes(backend):
                 options["cuda_graphs"] = True
-            config = BuildConfig(spec, checkpoint, backend=backend, precision=precision, out_dir=engine_dir,
-                                 max_batch=max(batches), **calib)
-            engine = open_engine(EngineRequest(build=config, load=options))
+            config = BuildConfig(spec, self.checkpoint, backend=backend, precision=precision, out_dir=self.engine_dir,
+                                 max_batch=max(self.batches), **calib)
+            return open_engine(EngineRequest(build=config, load=options))
         except (CnposeError, ValueError) as exc:
-            add({**base, "skipped": str(exc).splitlines()[0]})
-            say(f"      skipped: {rows[-1]['skipped']}")
-            continue
-        est = PoseEstimator(engine)
-        for batch in batches:
-            images, boxes = _scenes(batch)
-            x = _crops(images, boxes, engine.input_dtype)
-            est.predict(images, boxes)
-            est.timings.reset()
-            t_eng, t_e2e = _interleaved(partial(engine.infer, x), partial(est.predict, images, boxes), iterations,
-                                        warmup)
-            eng, e2e = _stats(t_eng, batch), _stats(t_e2e, batch)
-            shares = est.timings.shares()
-            add({**base, "batch": batch, "engine": eng, "e2e": e2e, "e2e_of_engine": e2e["img_s"] / eng["img_s"],
-                 "decode_share": shares["decode"], "prepare_share": shares["prepare"]})
-            say(f"      batch {batch}: engine {eng['img_s']:.1f} img/s, end-to-end {e2e['img_s']:.1f} img/s")
-        spent += time.perf_counter() - t_cfg
-        guessed += guess
-    return rows
+            self.add({**base, "skipped": str(exc).splitlines()[0]})
+            self.say(f"      skipped: {self.rows[-1]['skipped']}")
+            return None
 
-
-TABLE_HEAD = (f"{'variant':<8}{'head':<16}{'backend':<13}{'prec':<6}{'batch':>6}{'engine img/s':>14}"
-              f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'e2e img/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'e2e/eng':>8}{'decode':>8}")
-TABLE_NOTE = ("engine: engine.infer on the batch's ready crops; e2e: PoseEstimator.predict from the images "
-              "(crop, engine, decode); both on the same people, in alternating iterations; e2e/eng: their "
-              "throughput ratio; decode: the decode's share of the end-to-end stage time")
-
-
-def format_row(r: dict[str, Any]) -> str:
-    lead = f"{r['variant']:<8}{r['head']:<16}{r['backend']:<13}{r['precision']:<6}"
-    if "skipped" in r:
-        return f"{lead}{'':>6}  skipped: {r['skipped'][:110]}"
-    e, t = r["engine"], r["e2e"]
-    return (f"{lead}{r['batch']:>6}{e['img_s']:>14.1f}{e['p50_ms']:>9.2f}{e['p90_ms']:>9.2f}"
-            f"{e['p99_ms']:>9.2f}{t['img_s']:>11.1f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}"
-            f"{t['img_s'] / e['img_s']:>8.2f}{r['decode_share']:>8.1%}")
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    return "\n".join([TABLE_HEAD, "-" * len(TABLE_HEAD), *map(format_row, rows)])
-
-
-def plot(rows: list[dict[str, Any]], path: Path, machine: str) -> Path:
-    """End-to-end throughput against batch size, one line per head configuration and engine."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if "skipped" not in r:
-            key = f"{r['variant']} {r['head']} · {r['backend']} {r['precision']}"
-            series.setdefault(key, []).append((r["batch"], r["e2e"]["img_s"]))
-    for key, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax.set_xscale("log", base=2)
-    batches = sorted({r["batch"] for r in rows if "skipped" not in r})
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch (people)")
-    ax.set_ylabel("end-to-end images / s")
-    ax.set_title(f"cnpose-trt bench: {machine}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def machine_name() -> str:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = ", " + torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores){gpu}"
-
-
-def main(args: Any) -> int:
-    """`cnpose-trt bench`: the table row by row as each configuration finishes, the JSON rewritten after
-    every row and the plot written at the end, also when the run is stopped or runs out of budget."""
-    from ..cache import finite_json
-
-    machine = machine_name()
-    rows: list[dict[str, Any]] = []
-
-    def save_json() -> None:
-        if args.json:
-            tmp = Path(f"{args.json}.tmp")
-            tmp.write_text(finite_json({"machine": machine, "note": TABLE_NOTE, "rows": rows}) + "\n")
-            tmp.replace(args.json)
-
-    def on_row(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(format_row(row), flush=True)
-        save_json()
-
-    print(f"machine: {machine}")
-    print(TABLE_NOTE)
-    print(TABLE_HEAD)
-    print("-" * len(TABLE_HEAD), flush=True)
-    try:
-        run_bench(args.variant, args.backend, args.precision, args.batch, iterations=args.iterations,
-                  warmup=args.warmup, engine_dir=args.engines, checkpoint=args.checkpoint,
-                  calib_images=args.calib_images, cuda_graphs=args.cuda_graphs, budget=args.budget,
-                  include_slow=args.all, progress=say, on_row=on_row, threads=args.threads, spinning=args.spinning)
-    finally:
-        if args.json and rows:
-            print(f"wrote {args.json}", file=sys.stderr)
-        if args.plot and any("skipped" not in r for r in rows):
-            plot(rows, Path(args.plot), machine)
-            print(f"wrote {args.plot}", file=sys.stderr)
-    if rows and all("skipped" in r for r in rows):
-        print("error: nothing was measured: every combination was skipped (reasons above)", file=sys.stderr)
-        return 1
-    return 0
+    def measure(self, base: dict[str, Any], engine: Any, est: Any, batch: int) -> dict[str, Any]:
+        """One batch's row: engine only and end to end, interleaved, on the same people."""
+        images, boxes = _scenes(batch)
+        x = _crops(images, boxes, engine.input_dtype)
+        est.predict(images, boxes)
+        est.timings.reset()
+        t_eng, t_e2e = _interleaved(partial(engine.infer, x), partial(est.predict, images, boxes), self.iterations,
+                                    self.warmup)
+        eng, e2e = _stats(t_eng, batch), _stats(t_e2e, batch)
+        shares = est.timings.shares()
+        return {**base, "batch": batch, "engine": eng, "e2e": e2e, "e2e_of_engine": e2e["img_s"] / eng["img_s"],
+                "decode_share": shares["decode"], "prepare_share": shares["prepare"]}

@@ -487,27 +487,22 @@ def synthesize(seed: int | Sequence[int], *, width: int = 256, height: int = 256
     Raises:
         ValueError: an argument out of its range (the message names it).
     """
-    import cv2
-
     seeds = _seed_tuple(seed)
     for name, v, lo, hi in (("width", width, 16, 4096), ("height", height, 16, 4096), ("people", people, 1, 8)):
         checks.integer(name, v, lo, hi)
-    z_lo, z_hi = _check_range("depth_range", depth_range, 500.0, 1e6)
+    z_range = _check_range("depth_range", depth_range, 500.0, 1e6)
     h_lo, h_hi = _check_range("person_height", person_height, 0.05, 2.0)
     if not 0.0 <= float(occluder_prob) <= 1.0:
         raise ValueError(f"occluder_prob must be in [0, 1], got {occluder_prob!r}")
     if not 0.0 <= float(box_margin) <= 0.5:
         raise ValueError(f"box_margin must be in [0, 0.5], got {box_margin!r}")
     width, height, people = int(width), int(height), int(people)
-
     rng = np.random.default_rng(seeds)
     cx = width / 2 + float(np.clip(rng.normal(0, 0.02 * width), -0.05 * width, 0.05 * width))
     cy = height / 2 + float(np.clip(rng.normal(0, 0.02 * height), -0.05 * height, 0.05 * height))
-    focal = None
-    margin = 2.0
     img = _background(rng, width, height)
     light = _unit(np.array([rng.uniform(-1, 1), rng.uniform(-1, 0.3)]))
-
+    focal = None  # set by the first person's depth
     prims: list[Primitive] = []
     joints_cam = np.zeros((people, NUM_JOINTS, 3))
     extents = np.zeros((people, 4))
@@ -516,33 +511,15 @@ def synthesize(seed: int | Sequence[int], *, width: int = 256, height: int = 256
         pose = sample_pose(rng)
         rot = global_rotation(rng)
         rel = pose.joints @ rot.T  # camera-frame offsets from the pelvis
-        z0 = rng.uniform(z_lo, z_hi)
+        z0 = rng.uniform(*z_range)
         if focal is None:
             focal = rng.uniform(h_lo, h_hi) * height * z0 / NOMINAL_HEIGHT_MM
-        # The root's pixel (u0, v0) moves each joint's pixel linearly (u_j = (u0 - cx) z0 / z_j + ...),
-        # so the interval of u0 that keeps the padded body inside the image is exact. Too big a body:
-        # move it further away.
-        for _ in range(40):
-            zj = z0 + rel[:, 2]
-            pad = focal * 130.0 / zj  # head radius and limb thickness, generously
-            lo_u = np.max((margin + pad - cx - focal * rel[:, 0] / zj) * zj / z0) + cx
-            hi_u = np.min((width - margin - pad - cx - focal * rel[:, 0] / zj) * zj / z0) + cx
-            lo_v = np.max((margin + pad - cy - focal * rel[:, 1] / zj) * zj / z0) + cy
-            hi_v = np.min((height - margin - pad - cy - focal * rel[:, 1] / zj) * zj / z0) + cy
-            if lo_u <= hi_u and lo_v <= hi_v:
-                break
-            z0 *= 1.15
-        else:
-            raise RuntimeError("could not place a synthetic person inside the image")  # unreachable in practice
-        u0, v0 = rng.uniform(lo_u, hi_u), rng.uniform(lo_v, hi_v)
-        root = np.array([(u0 - cx) * z0 / focal, (v0 - cy) * z0 / focal, z0])
-        joints_cam[p] = rel + root
+        joints_cam[p] = rel + _place_root(rng, rel, z0, focal, (cx, cy), (width, height))
         joints_cam[p, THORAX] = (joints_cam[p, L_SHOULDER] + joints_cam[p, R_SHOULDER]) / 2
         lengths[p] = pose.bone_lengths
         k = np.array([focal, focal, cx, cy])
         person, extents[p] = _person_primitives(joints_cam[p], pose, rot, _look(rng), k)
         prims += person
-
     intrinsics = np.array([focal, focal, cx, cy])
     _render(img, prims, light)
     boxes = np.zeros((people, 4))
@@ -555,13 +532,42 @@ def synthesize(seed: int | Sequence[int], *, width: int = 256, height: int = 256
         if rng.random() < occluder_prob:
             _occluder(img, rng, boxes[p])
     if noise:
-        if rng.random() < 0.3:
-            img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 1.0))
-        amp = int(rng.integers(2, 9))  # uniform noise in [-amp, amp], saturating (two cheap uint8 passes)
-        img = cv2.subtract(cv2.add(img, rng.integers(0, 2 * amp + 1, size=img.shape, dtype=np.uint8)),
-                           np.full(img.shape, amp, np.uint8))
+        img = _sensor_noise(img, rng)
     return SyntheticScene(img, boxes, project(joints_cam, intrinsics), joints_cam, joints_cam[:, PELVIS, 2].copy(),
                           intrinsics, lengths, seeds)
+
+
+def _place_root(rng: np.random.Generator, rel: np.ndarray, z0: float, focal: float, centre: tuple[float, float],
+                size: tuple[int, int]) -> np.ndarray:
+    """The root's camera position (3,) mm, a pixel drawn where the padded body (rel: (18, 3) offsets from the
+    pelvis) stays inside the image. The root's pixel (u0, v0) moves each joint's pixel linearly (u_j = (u0 - cx)
+    z0 / z_j + ...), so that interval of u0 is exact. A body too big for the image moves further away."""
+    (cx, cy), (width, height), margin = centre, size, 2.0
+    for _ in range(40):
+        zj = z0 + rel[:, 2]
+        pad = focal * 130.0 / zj  # head radius and limb thickness, generously
+        lo_u = np.max((margin + pad - cx - focal * rel[:, 0] / zj) * zj / z0) + cx
+        hi_u = np.min((width - margin - pad - cx - focal * rel[:, 0] / zj) * zj / z0) + cx
+        lo_v = np.max((margin + pad - cy - focal * rel[:, 1] / zj) * zj / z0) + cy
+        hi_v = np.min((height - margin - pad - cy - focal * rel[:, 1] / zj) * zj / z0) + cy
+        if lo_u <= hi_u and lo_v <= hi_v:
+            break
+        z0 *= 1.15
+    else:
+        raise RuntimeError("could not place a synthetic person inside the image")  # unreachable in practice
+    u0, v0 = rng.uniform(lo_u, hi_u), rng.uniform(lo_v, hi_v)
+    return np.array([(u0 - cx) * z0 / focal, (v0 - cy) * z0 / focal, z0])
+
+
+def _sensor_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sometimes a slight blur, always uniform noise in [-amp, amp], saturating (two cheap uint8 passes)."""
+    import cv2
+
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 1.0))
+    amp = int(rng.integers(2, 9))
+    return cv2.subtract(cv2.add(img, rng.integers(0, 2 * amp + 1, size=img.shape, dtype=np.uint8)),
+                        np.full(img.shape, amp, np.uint8))
 
 
 def dataset(seed: int, count: int, **options: object) -> Iterator[SyntheticScene]:
