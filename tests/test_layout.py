@@ -451,3 +451,37 @@ def test_backend_name_scan_sees_a_comparison():
 
 def test_backend_names_are_compared_only_inside_backends():
     assert backend_name_comparisons() == []
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80  # from the def line to the last line, docstring included
+
+
+def _sizes() -> tuple[list[str], list[str]]:
+    modules, functions = [], []
+    for name, path in MODULES.items():
+        if path.suffix != ".py":
+            continue
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            modules.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    functions.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return modules, functions
+
+
+def test_no_module_over_600_lines_and_no_function_over_80():
+    """Each module holds one step and each function one thing (issue 23): a module past 600 lines or a
+    function past 80 is split along its data before it lands."""
+    modules, functions = _sizes()
+    assert not modules and not functions, "\n".join(modules + functions)
+
+
+def test_the_size_rule_sees_a_long_function(tmp_path, monkeypatch):
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    monkeypatch.setitem(MODULES, "cnpose_trt.long", long)
+    assert f"cnpose_trt.long:1 f: {MAX_FUNCTION_LINES + 1} lines" in _sizes()[1]
