@@ -15,6 +15,7 @@ from cnpose_trt.build.verify import accuracy_inputs
 from cnpose_trt.errors import EngineError
 from cnpose_trt.ops.decoding import decode
 from cnpose_trt.pipeline import gpu_stage
+from cnpose_trt.pipeline import staging as ring_module
 from cnpose_trt.pipeline.estimator import PoseEstimator
 from cnpose_trt.runtime.engine import Engine, load_engine
 
@@ -294,7 +295,7 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     images = gpu_stage.Fill._images
 
     def count_copies(fill):
-        copies.append(len(gpu_stage.spans(fill.staged)))
+        copies.append(len(ring_module.spans(fill.staged)))
         return images(fill)
 
     monkeypatch.setattr(gpu_stage.Fill, "_images", count_copies)
@@ -402,9 +403,9 @@ def test_ring_regions_wait_for_the_last_call_that_reads_them(xs_engine, monkeypa
             self.done = _Marker(len(fills))
             fills.append(self)
 
-    real_attach = gpu_stage._Region.attach
+    real_attach = ring_module._Region.attach
     monkeypatch.setattr(gpu_stage, "Fill", MarkedFill)
-    monkeypatch.setattr(gpu_stage._Region, "attach",
+    monkeypatch.setattr(ring_module._Region, "attach",
                         lambda region, done: (attached.append((region.start, done)), real_attach(region, done)))
     img, box = demo_image()
     assert xs_engine.max_batch == 4
@@ -576,7 +577,7 @@ class _CopyDone:
 
 
 def test_pinned_ring_never_hands_out_bytes_still_being_copied():
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(1 << 14, np.uint8))  # a few regions at a time: they wrap often
     assert ring.take(0) is None and ring.take((1 << 14) + 1) is None
@@ -615,7 +616,7 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
     """A region without an event belongs to an image still on its way to the engine: waiting for
     it could wait forever (the engine call that attaches it may be behind the waiting thread), so
     take() gives None instead; once attached, the region is waited for and reused."""
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(4096, np.uint8))
     a, b = ring.take(2048), ring.take(2048)
@@ -636,7 +637,7 @@ def test_attaching_a_region_never_waits_for_a_prep_thread_waiting_on_the_gpu():
     (it would stop enqueuing work, and the GPU would run dry)."""
     import threading
 
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(1024, np.uint8))
     a, b = ring.take(512), ring.take(512)
@@ -666,7 +667,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
     """Images staged together get adjacent regions even while other threads stage theirs (one copy
     brings them over), wrapping to the ring's start at most once."""
 
-    from cnpose_trt.pipeline.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.staging import StagingRing
 
     ring = StagingRing(np.zeros(4 << 20, np.uint8), np.zeros(4 << 20, np.uint8))
     bad, errors = [], []
@@ -694,7 +695,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
 
 
 def test_spans_merge_adjacent_regions_and_never_copy_gaps():
-    from cnpose_trt.pipeline.gpu_stage import Staged, _Region, spans
+    from cnpose_trt.pipeline.staging import Staged, _Region, spans
 
     def staged(start, end):
         return Staged(_Region(start, end), (1, 1, 3), 3)
@@ -708,7 +709,7 @@ def test_spans_merge_adjacent_regions_and_never_copy_gaps():
 def test_staging_ring_round_trip_and_sizes():
     """put copies any uint8 image (strided views too) into the ring; copy_in brings exactly the
     staged ranges to the mirror; view gives the image back from the mirror."""
-    from cnpose_trt.pipeline.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.staging import StagingRing
 
     rng = np.random.default_rng(3)
     host, mirror = np.zeros(1 << 16, np.uint8), np.full(1 << 16, 7, np.uint8)
