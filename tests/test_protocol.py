@@ -17,6 +17,7 @@ from cnpose_trt.ops.decoding import decode
 from cnpose_trt.pipeline import gpu_stage
 from cnpose_trt.pipeline import staging as ring_module
 from cnpose_trt.pipeline.estimator import PoseEstimator
+from cnpose_trt.pipeline.host import HostPath
 from cnpose_trt.runtime.engine import Engine, load_engine
 
 
@@ -156,7 +157,7 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
     engine = _FillsInput(xs_engine)
     est = PoseEstimator(engine, staging=staging)
     assert est.device_crops
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     host_crops = pipeline.crop_people
 
@@ -187,7 +188,7 @@ def test_device_crop_path_cuts_many_people_into_calls(xs_engine, monkeypatch, tm
     inputs, and the poses are the host path's."""
     pytest.importorskip("cnpose_trt._C")
     from cnpose_trt.io.draw import demo_image
-    from cnpose_trt.pipeline.estimator import call_chunks
+    from cnpose_trt.pipeline.items import call_chunks
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -277,13 +278,13 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     img, box = demo_image()
     est = PoseEstimator(_FillsInput(xs_engine), prep_threads=2, prefetch=2)
     logged = []
-    release = PoseEstimator._release
+    release = ring_module.Lease.release
 
-    def release_and_count(self, batch, fills, staged):
-        release(self, batch, fills, staged)
-        logged.append(len(staged))  # staged images of the run not freed yet
+    def release_and_count(lease, images, calls):
+        release(lease, images, calls)
+        logged.append(len(lease))  # staged images of the run not freed yet
 
-    monkeypatch.setattr(PoseEstimator, "_release", release_and_count)
+    monkeypatch.setattr(ring_module.Lease, "release", release_and_count)
     n = 4 * (2 + 4) * xs_engine.max_batch  # the ring wraps four times
     got = list(est.predict_iter((img, [box]) for _ in range(n)))
     assert len(got) == n and est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
@@ -333,18 +334,18 @@ def test_a_failing_upload_frees_the_regions_of_its_run_and_keeps_the_items_befor
     assert len(got) == 2 and _ring_is_free(est)
 
 
-def test_prep_runs_never_leave_prep_threads_idle(xs_engine):
+def test_prep_runs_never_leave_prep_threads_idle(xs_engine, monkeypatch):
     """prep_chunk is capped at max_batch x prefetch / prep_threads (a run as large as the window
     would leave all but one prep thread idle)."""
     est = PoseEstimator(xs_engine, prep_threads=4, prefetch=2, prep_chunk=100)
     seen = set()
-    real = est._prepare_run
+    real = HostPath.prepare_run
 
-    def spy(entries, *args):
+    def spy(path, entries):
         seen.add(len(entries))
-        return real(entries, *args)
+        return real(path, entries)
 
-    est._prepare_run = spy
+    monkeypatch.setattr(HostPath, "prepare_run", spy)
     from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()

@@ -79,7 +79,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     """GPU crops into the engine's input give the joints host crops give on the same engine, with
     images staged in the ring (copied over once per engine call), per image, or both (a ring with
     room for about three images: those that find no room are staged per image)."""
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     eng = gpu_engines[name]
     items = _scenes(13, seed=1 if flip else 2)
@@ -91,7 +91,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     def no_host_crops(*a, **k):
         raise AssertionError("a uint8 image was cropped on the host on the device path")
 
-    monkeypatch.setattr(pipeline, "prepare", no_host_crops)
+    monkeypatch.setattr(pipeline, "crop_people", no_host_crops)
     dev = list(est.predict_iter(items, flip=flip))
     ring = est._uploader.ring
     assert (ring is None) == (staging == "per_image")
