@@ -731,6 +731,34 @@ def test_staging_ring_round_trip_and_sizes():
         StagingRing(host, np.zeros(10, np.uint8))
 
 
+def test_a_lease_frees_each_region_once_after_the_last_call_that_read_it(monkeypatch):
+    """staging.Lease: release() attaches each image's region to the `done` of the last call that ran
+    and read it (None when none did), close() frees only what was never released, and nothing is
+    attached twice."""
+    attached = []
+    real_attach = ring_module._Region.attach
+    monkeypatch.setattr(ring_module._Region, "attach",
+                        lambda region, done: (attached.append((region.start, done)), real_attach(region, done)))
+    stager = _HostStaging("cuda:0 (stand-in)", ring_bytes=8 * 1024)
+    lease = stager.lease()
+    img = np.zeros((10, 30, 3), np.uint8)  # 1024 ring bytes each
+    (a, _), (b, _) = lease.stage_many([img, img])
+    c, _ = lease.stage(img)
+    assert len(lease) == 3 and not attached
+
+    class Call:
+        def __init__(self, staged, done):
+            self.staged, self.done = staged, done
+
+    first, second = _Marker(0), _Marker(1)
+    lease.release([a, b, np.zeros(3)], [Call([a, b], first), Call([a], second), Call([b], None)])
+    assert attached == [(a.region.start, second), (b.region.start, first)] and len(lease) == 1
+    lease.close()
+    assert attached[2:] == [(c.region.start, None)] and len(lease) == 0
+    lease.close()
+    assert len(attached) == 3 and all(r.attached for r in stager.ring.ring._live)
+
+
 def test_stager_sizes_its_ring_from_the_first_image_and_falls_back_per_image(monkeypatch):
     monkeypatch.setattr(gpu_stage, "RING_MIN_BYTES", 0)
     stager = _HostStaging("cuda:0 (stand-in)", ring_images=3)
