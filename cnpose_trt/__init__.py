@@ -25,7 +25,7 @@ _LAZY = {
     "export_onnx": "build.export", "build_engine": "build.builder",
     "BuildConfig": "config", "EngineRequest": "config", "TrtOptions": "config",
     "load_engine": "runtime.engine", "Engine": "runtime.engine", "open_engine": "runtime.open",
-    "estimate": "pipeline.estimator", "PoseResult": "pipeline.estimator", "PoseEstimator": "pipeline.estimator",
+    "estimate": "pipeline.estimator", "PoseResult": "pipeline.results", "PoseEstimator": "pipeline.estimator",
     "crop_normalize": "ops.cropping",
 }
 

@@ -283,7 +283,7 @@ class _Counting:
 def test_many_people_in_one_image_are_cut_into_engine_calls(xs_engine, monkeypatch, flip):
     """600 people in one image: engine calls of at most max_batch crops, and crops made at most
     one call's people at a time (memory bounded by max_batch, not by the image's people)."""
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     img, box = demo_image()
     rng = np.random.default_rng(3)
@@ -371,7 +371,7 @@ def test_crops_read_ahead_stay_about_one_window(xs_engine, monkeypatch, people, 
     is still read ahead."""
     import threading
 
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     img, box = demo_image()
     rng = np.random.default_rng(5)

@@ -274,6 +274,30 @@ def test_no_import_circles():
     assert _cycles(EDGES) == []
 
 
+# Inside pipeline/: the scheduler and the data know no path; the host path knows nothing of the
+# device path (which builds on it); the staging ring is a leaf. Module -> pipeline modules it may import.
+PIPELINE_INSIDE = {
+    "results": set(), "items": {"results"}, "staging": set(), "window": {"items"},
+    "host": {"items", "results"}, "gpu_stage": {"staging"},
+    "device": {"host", "items", "results", "gpu_stage"},
+}
+
+
+def test_pipeline_paths_stay_apart():
+    """pipeline/: the host path imports nothing of the device path (gpu_stage, staging, device), the
+    window reaches a path only through the object it is given, the staging ring imports nothing."""
+    wrong = []
+    for e in EDGES:
+        src, dst = e.src.split("."), e.dst.split(".")
+        if src[:2] != ["cnpose_trt", "pipeline"] or dst[:2] != ["cnpose_trt", "pipeline"] or len(src) < 3:
+            continue
+        if src[2] in PIPELINE_INSIDE and (len(dst) < 3 or dst[2] not in PIPELINE_INSIDE[src[2]]):
+            wrong.append(f"{e.src} line {e.line} imports {e.dst}")
+    assert not wrong, "\n".join(wrong)
+    assert set(PIPELINE_INSIDE) | {"estimator"} == {m.split(".")[2] for m in MODULES
+                                                    if m.startswith("cnpose_trt.pipeline.")}
+
+
 def test_the_cycle_finder_finds_a_circle():
     ring = [Edge("a", "b", "module", 1, "import"), Edge("b", "c", "f", 2, "import"),
             Edge("c", "a", "g", 3, "importlib"), Edge("c", "d", "module", 4, "import")]

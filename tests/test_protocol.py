@@ -15,7 +15,9 @@ from cnpose_trt.build.verify import accuracy_inputs
 from cnpose_trt.errors import EngineError
 from cnpose_trt.ops.decoding import decode
 from cnpose_trt.pipeline import gpu_stage
+from cnpose_trt.pipeline import staging as ring_module
 from cnpose_trt.pipeline.estimator import PoseEstimator
+from cnpose_trt.pipeline.host import HostPath
 from cnpose_trt.runtime.engine import Engine, load_engine
 
 
@@ -155,7 +157,7 @@ def test_device_crop_path_row_layout(xs_engine, monkeypatch, tmp_path, flip, sta
     engine = _FillsInput(xs_engine)
     est = PoseEstimator(engine, staging=staging)
     assert est.device_crops
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     host_crops = pipeline.crop_people
 
@@ -186,7 +188,7 @@ def test_device_crop_path_cuts_many_people_into_calls(xs_engine, monkeypatch, tm
     inputs, and the poses are the host path's."""
     pytest.importorskip("cnpose_trt._C")
     from cnpose_trt.io.draw import demo_image
-    from cnpose_trt.pipeline.estimator import call_chunks
+    from cnpose_trt.pipeline.items import call_chunks
 
     monkeypatch.setattr(gpu_stage, "usable", lambda engine: None)
     monkeypatch.setattr(gpu_stage, "Uploader", _HostStaging)
@@ -276,13 +278,13 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     img, box = demo_image()
     est = PoseEstimator(_FillsInput(xs_engine), prep_threads=2, prefetch=2)
     logged = []
-    release = PoseEstimator._release
+    release = ring_module.Lease.release
 
-    def release_and_count(self, batch, fills, staged):
-        release(self, batch, fills, staged)
-        logged.append(len(staged))  # staged images of the run not freed yet
+    def release_and_count(lease, images, calls):
+        release(lease, images, calls)
+        logged.append(len(lease))  # staged images of the run not freed yet
 
-    monkeypatch.setattr(PoseEstimator, "_release", release_and_count)
+    monkeypatch.setattr(ring_module.Lease, "release", release_and_count)
     n = 4 * (2 + 4) * xs_engine.max_batch  # the ring wraps four times
     got = list(est.predict_iter((img, [box]) for _ in range(n)))
     assert len(got) == n and est._uploader.staging_fallbacks == 0 and _ring_is_free(est)
@@ -294,7 +296,7 @@ def test_batched_staging_reuses_the_ring_without_falling_back(xs_engine, monkeyp
     images = gpu_stage.Fill._images
 
     def count_copies(fill):
-        copies.append(len(gpu_stage.spans(fill.staged)))
+        copies.append(len(ring_module.spans(fill.staged)))
         return images(fill)
 
     monkeypatch.setattr(gpu_stage.Fill, "_images", count_copies)
@@ -332,18 +334,18 @@ def test_a_failing_upload_frees_the_regions_of_its_run_and_keeps_the_items_befor
     assert len(got) == 2 and _ring_is_free(est)
 
 
-def test_prep_runs_never_leave_prep_threads_idle(xs_engine):
+def test_prep_runs_never_leave_prep_threads_idle(xs_engine, monkeypatch):
     """prep_chunk is capped at max_batch x prefetch / prep_threads (a run as large as the window
     would leave all but one prep thread idle)."""
     est = PoseEstimator(xs_engine, prep_threads=4, prefetch=2, prep_chunk=100)
     seen = set()
-    real = est._prepare_run
+    real = HostPath.prepare_run
 
-    def spy(entries, *args):
+    def spy(path, entries):
         seen.add(len(entries))
-        return real(entries, *args)
+        return real(path, entries)
 
-    est._prepare_run = spy
+    monkeypatch.setattr(HostPath, "prepare_run", spy)
     from cnpose_trt.io.draw import demo_image
 
     img, box = demo_image()
@@ -402,9 +404,9 @@ def test_ring_regions_wait_for_the_last_call_that_reads_them(xs_engine, monkeypa
             self.done = _Marker(len(fills))
             fills.append(self)
 
-    real_attach = gpu_stage._Region.attach
+    real_attach = ring_module._Region.attach
     monkeypatch.setattr(gpu_stage, "Fill", MarkedFill)
-    monkeypatch.setattr(gpu_stage._Region, "attach",
+    monkeypatch.setattr(ring_module._Region, "attach",
                         lambda region, done: (attached.append((region.start, done)), real_attach(region, done)))
     img, box = demo_image()
     assert xs_engine.max_batch == 4
@@ -576,7 +578,7 @@ class _CopyDone:
 
 
 def test_pinned_ring_never_hands_out_bytes_still_being_copied():
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(1 << 14, np.uint8))  # a few regions at a time: they wrap often
     assert ring.take(0) is None and ring.take((1 << 14) + 1) is None
@@ -615,7 +617,7 @@ def test_pinned_ring_does_not_wait_for_regions_not_handed_to_the_engine():
     """A region without an event belongs to an image still on its way to the engine: waiting for
     it could wait forever (the engine call that attaches it may be behind the waiting thread), so
     take() gives None instead; once attached, the region is waited for and reused."""
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(4096, np.uint8))
     a, b = ring.take(2048), ring.take(2048)
@@ -636,7 +638,7 @@ def test_attaching_a_region_never_waits_for_a_prep_thread_waiting_on_the_gpu():
     (it would stop enqueuing work, and the GPU would run dry)."""
     import threading
 
-    from cnpose_trt.pipeline.gpu_stage import PinnedRing
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     ring = PinnedRing(np.zeros(1024, np.uint8))
     a, b = ring.take(512), ring.take(512)
@@ -666,7 +668,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
     """Images staged together get adjacent regions even while other threads stage theirs (one copy
     brings them over), wrapping to the ring's start at most once."""
 
-    from cnpose_trt.pipeline.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.staging import StagingRing
 
     ring = StagingRing(np.zeros(4 << 20, np.uint8), np.zeros(4 << 20, np.uint8))
     bad, errors = [], []
@@ -694,7 +696,7 @@ def test_put_many_keeps_a_runs_images_side_by_side():
 
 
 def test_spans_merge_adjacent_regions_and_never_copy_gaps():
-    from cnpose_trt.pipeline.gpu_stage import Staged, _Region, spans
+    from cnpose_trt.pipeline.staging import Staged, _Region, spans
 
     def staged(start, end):
         return Staged(_Region(start, end), (1, 1, 3), 3)
@@ -708,7 +710,7 @@ def test_spans_merge_adjacent_regions_and_never_copy_gaps():
 def test_staging_ring_round_trip_and_sizes():
     """put copies any uint8 image (strided views too) into the ring; copy_in brings exactly the
     staged ranges to the mirror; view gives the image back from the mirror."""
-    from cnpose_trt.pipeline.gpu_stage import StagingRing
+    from cnpose_trt.pipeline.staging import StagingRing
 
     rng = np.random.default_rng(3)
     host, mirror = np.zeros(1 << 16, np.uint8), np.full(1 << 16, 7, np.uint8)
@@ -727,6 +729,34 @@ def test_staging_ring_round_trip_and_sizes():
     assert ring.put(np.zeros((200, 200, 3), np.uint8)) is None  # larger than the whole ring
     with pytest.raises(ValueError, match="mirror must have the host ring's shape"):
         StagingRing(host, np.zeros(10, np.uint8))
+
+
+def test_a_lease_frees_each_region_once_after_the_last_call_that_read_it(monkeypatch):
+    """staging.Lease: release() attaches each image's region to the `done` of the last call that ran
+    and read it (None when none did), close() frees only what was never released, and nothing is
+    attached twice."""
+    attached = []
+    real_attach = ring_module._Region.attach
+    monkeypatch.setattr(ring_module._Region, "attach",
+                        lambda region, done: (attached.append((region.start, done)), real_attach(region, done)))
+    stager = _HostStaging("cuda:0 (stand-in)", ring_bytes=8 * 1024)
+    lease = stager.lease()
+    img = np.zeros((10, 30, 3), np.uint8)  # 1024 ring bytes each
+    (a, _), (b, _) = lease.stage_many([img, img])
+    c, _ = lease.stage(img)
+    assert len(lease) == 3 and not attached
+
+    class Call:
+        def __init__(self, staged, done):
+            self.staged, self.done = staged, done
+
+    first, second = _Marker(0), _Marker(1)
+    lease.release([a, b, np.zeros(3)], [Call([a, b], first), Call([a], second), Call([b], None)])
+    assert attached == [(a.region.start, second), (b.region.start, first)] and len(lease) == 1
+    lease.close()
+    assert attached[2:] == [(c.region.start, None)] and len(lease) == 0
+    lease.close()
+    assert len(attached) == 3 and all(r.attached for r in stager.ring.ring._live)
 
 
 def test_stager_sizes_its_ring_from_the_first_image_and_falls_back_per_image(monkeypatch):

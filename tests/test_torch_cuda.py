@@ -79,7 +79,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     """GPU crops into the engine's input give the joints host crops give on the same engine, with
     images staged in the ring (copied over once per engine call), per image, or both (a ring with
     room for about three images: those that find no room are staged per image)."""
-    import cnpose_trt.pipeline.estimator as pipeline
+    import cnpose_trt.pipeline.host as pipeline
 
     eng = gpu_engines[name]
     items = _scenes(13, seed=1 if flip else 2)
@@ -91,7 +91,7 @@ def test_device_crops_equal_host_crops(gpu_engines, monkeypatch, name, flip, sta
     def no_host_crops(*a, **k):
         raise AssertionError("a uint8 image was cropped on the host on the device path")
 
-    monkeypatch.setattr(pipeline, "prepare", no_host_crops)
+    monkeypatch.setattr(pipeline, "crop_people", no_host_crops)
     dev = list(est.predict_iter(items, flip=flip))
     ring = est._uploader.ring
     assert (ring is None) == (staging == "per_image")
@@ -115,6 +115,7 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
     equal the host path's; a region freed early would be overwritten before its kernel ran."""
     from cnpose_trt.ops._device import torch_stream
     from cnpose_trt.pipeline import gpu_stage
+    from cnpose_trt.pipeline.staging import PinnedRing
 
     if not hasattr(torch.cuda, "_sleep"):
         pytest.skip("torch.cuda._sleep is not in this torch")
@@ -130,7 +131,7 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
 
     monkeypatch.setattr(gpu_stage.Fill, "__call__", slow)
     starts = []
-    take = gpu_stage.PinnedRing._take
+    take = PinnedRing._take
 
     def logged(ring, nbytes):
         region = take(ring, nbytes)
@@ -138,7 +139,7 @@ def test_staging_ring_reuse_with_a_slow_engine_stream(gpu_engines, monkeypatch):
             starts.append(region.start)
         return region
 
-    monkeypatch.setattr(gpu_stage.PinnedRing, "_take", logged)
+    monkeypatch.setattr(PinnedRing, "_take", logged)
     est = PoseEstimator(eng, prefetch=1, staging_bytes=40 << 20)
     dev = list(est.predict_iter(items))
     up = est._uploader
@@ -158,13 +159,14 @@ def test_crop_kernel_waits_for_a_slow_upload_stream(gpu_engines, monkeypatch, st
     crop kernel on the engine's stream waits for the copies (their events), so the poses equal the
     host path's. A kernel not ordered after them would read the 7s (or an older image)."""
     from cnpose_trt.pipeline import gpu_stage
+    from cnpose_trt.pipeline.staging import StagingRing
 
     if not hasattr(torch.cuda, "_sleep"):
         pytest.skip("torch.cuda._sleep is not in this torch")
     eng = gpu_engines["eager32"]
     items = _scenes(24, seed=8)
     host = list(PoseEstimator(eng, crop_method="opencv").predict_iter(items))
-    real_copy, real_upload, real_allocate = (gpu_stage.StagingRing.copy_in, gpu_stage.Uploader.upload,
+    real_copy, real_upload, real_allocate = (StagingRing.copy_in, gpu_stage.Uploader.upload,
                                              gpu_stage.Uploader._allocate)
 
     def slow_copy(ring, staged):  # called on the upload stream (Fill)
@@ -182,7 +184,7 @@ def test_crop_kernel_waits_for_a_slow_upload_stream(gpu_engines, monkeypatch, st
         torch.cuda.synchronize()
         return ring
 
-    monkeypatch.setattr(gpu_stage.StagingRing, "copy_in", slow_copy)
+    monkeypatch.setattr(StagingRing, "copy_in", slow_copy)
     monkeypatch.setattr(gpu_stage.Uploader, "upload", slow_upload)
     monkeypatch.setattr(gpu_stage.Uploader, "_allocate", sevens)
     dev = list(PoseEstimator(eng, staging=staging).predict_iter(items))
