@@ -64,8 +64,16 @@ def test_engine_cache_and_refusals(engines_dir):
     meta = first.meta["tensorrt_build"]
     assert meta["gpu"] and meta["compute_capability"] and meta["tensorrt"]
     assert (engines_dir / "tensorrt.timing-cache").stat().st_size > 0
-    with pytest.raises(ValueError, match="at most max_batch"):
-        load_engine(first.path).infer_decode(np.zeros((5, 3, 256, 256), np.float32))
+    engine = load_engine(first.path)
+    x = accuracy_inputs(engine.spec, 5)
+    # More images than max_batch: infer_decode cuts them into engine calls (Engine.infer_decode);
+    # the result equals the host decode of the whole batch.
+    fused = engine.infer_decode(x)
+    cpu = decode(engine.infer(x), engine.spec.joints, engine.spec.depth_dim).packed
+    assert fused.shape == (5, engine.spec.joints, 10)
+    np.testing.assert_allclose(fused[..., :7], cpu[..., :7], rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"n must be an integer in 1\.\.4"):
+        engine.enqueue_device(lambda *a: None, 5)
 
 
 def _rel_l2(a, b):

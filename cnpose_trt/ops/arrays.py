@@ -63,7 +63,8 @@ class DeviceArray:
 
     Exposes __cuda_array_interface__ (v3); dtype may be "float32", "float16" or "bfloat16"
     (heatmaps, buffers), or "uint8" (images for crop_normalize).
-    The memory is not owned: keep it alive until the stream that uses it is done.
+    The memory is not owned: keep it alive until the stream that uses it is done. (Its subclass
+    backends.device.OwnedDeviceArray is the one that owns a buffer: a TensorRT engine's output.)
     """
 
     _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2", "uint8": "|u1"}
