@@ -170,7 +170,7 @@ def load_rootnet_into(model: RootNet, checkpoint: str | Path | Mapping[str, Any]
 def init_random_rootnet(model: RootNet, seed: int = 0) -> RootNet:
     """Deterministic random weights that keep activations O(1): He-scaled convolutions, BatchNorm affine
     1 + 0.1 N and 0.1 N, and running statistics fitted by one train-mode pass over generated crops (as the
-    golden network's were), so the output is neither saturated nor constant. gamma is near 0.5."""
+    golden network's were), so the output is neither saturated nor constant; gamma is positive, of order one."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
