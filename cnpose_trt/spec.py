@@ -233,3 +233,45 @@ def upsample_flags_for(depth_dim: int, input_size: int = INPUT_SIZE, heatmap_siz
 def custom_spec(base: SpecLike, name: str = "custom", **changes: Sequence[Any] | int | str) -> VariantSpec:
     """A spec derived from another, e.g. custom_spec('S', head_upsample=(True,)*3, depth_dim=64)."""
     return dataclasses.replace(get_spec(base), name=name, **changes)
+
+
+@dataclass(frozen=True)
+class RootNetSpec:
+    """RootNet (Moon et al., ICCV 2019; mks0601/3DMPPE_ROOTNET_RELEASE main/config.py, main/model.py):
+    the one place that knows its facts. The network (nn/rootnet.py) is built from it, and the host math
+    (ops/rootnet.py: k, the cell -> image mapping) reads it. It lives here, not in nn/, because the
+    ops room needs bbox_real and the output grid and must not import torch.
+
+    The exported network maps (N, 3, S, S) normalised crops (the ConvNeXtPose input contract) to
+    (N, 3) = x, y in output cells 0..output_size-1 and gamma; depth mm = gamma * k, with
+    k = sqrt(bbox_real_x * bbox_real_y * fx * fy / (w * h)) of the processed box, on the host.
+    """
+
+    name: str = "rootnet"
+    input_size: int = INPUT_SIZE
+    output_size: int = 64  # the xy map: input / 4 (three x2 deconvolutions of the stride-32 backbone)
+    # bbox_real in mm (Human3.6M, MuCo, MuPoTS training; 3DPW's weights use (2, 2)).
+    bbox_real_mm: tuple[float, float] = (2000.0, 2000.0)
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # ResNet-50 Bottleneck blocks per stage
+    planes: tuple[int, int, int, int] = (64, 128, 256, 512)  # Bottleneck widths; outputs are 4x
+    head_channels: int = 256
+    num_deconv: int = 3
+    # Learnable parameters of the released network (backbone 23,508,032 + head 10,489,602).
+    parameters: int = 33_997_634
+    output_name: str = "roots"  # the exported graph's output (x, y, gamma); its input is INPUT_NAME
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    @property
+    def output_shape(self) -> tuple[int]:
+        """One image's output: x, y (cells), gamma."""
+        return (3,)
+
+    @property
+    def backbone_channels(self) -> int:
+        return self.planes[-1] * 4
+
+
+ROOTNET = RootNetSpec()

@@ -1,7 +1,9 @@
 """PyTorch model -> ONNX graph: BatchNorm folded into convolutions, dynamic batch.
 
 The FP32 graph written here is what every backend starts from (ONNX Runtime directly,
-TensorRT after the precision passes).
+TensorRT after the precision passes). Two networks go through it with the same contract (input
+'image' (N, 3, 256, 256), dynamic N): ConvNeXtPose (output 'heatmaps') and RootNet (output 'roots',
+(N, 3) x, y, gamma; nn/rootnet.py says why k stays outside the graph).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import torch
 from torch import nn
 
 from ..nn.network import Block, ConvNeXtPose, HeadLayer
+from ..nn.rootnet import Bottleneck, RootNet
 from ..spec import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
-
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +36,17 @@ def _conv_then_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(a)
     dtype = conv.weight.dtype
     fused.weight = nn.Parameter((conv.weight.double() * a.view(-1, 1, 1, 1)).to(dtype))
+    fused.bias = nn.Parameter((bias * a + c).to(dtype))
+    return fused
+
+
+def _deconv_then_bn(deconv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
+    # ConvTranspose2d stores (in, out, kh, kw): BatchNorm scales the output channels, dim 1.
+    a, c = _bn_affine(bn)
+    fused = copy.deepcopy(deconv)
+    bias = deconv.bias.double() if deconv.bias is not None else torch.zeros_like(a)
+    dtype = deconv.weight.dtype
+    fused.weight = nn.Parameter((deconv.weight.double() * a.view(1, -1, 1, 1)).to(dtype))
     fused.bias = nn.Parameter((bias * a + c).to(dtype))
     return fused
 
@@ -83,19 +96,54 @@ def fuse_batchnorm(model: ConvNeXtPose) -> ConvNeXtPose:
     return fused
 
 
-def export_onnx(model: ConvNeXtPose, path: str | Path, opset: int = DEFAULT_OPSET,
+def fuse_rootnet_batchnorm(model: RootNet) -> RootNet:
+    """A copy of RootNet in deploy form: every BatchNorm folded into the conv or deconv before it (the
+    stem, the Bottlenecks' three convs and downsample, the head's three deconvolutions)."""
+    fused = copy.deepcopy(model).eval()
+    bb = fused.backbone
+    bb.conv1, bb.bn1 = _conv_then_bn(bb.conv1, bb.bn1), nn.Identity()
+    for block in fused.modules():
+        if isinstance(block, Bottleneck):
+            for i in (1, 2, 3):
+                conv, bn = getattr(block, f"conv{i}"), getattr(block, f"bn{i}")
+                setattr(block, f"conv{i}", _conv_then_bn(conv, bn))
+                setattr(block, f"bn{i}", nn.Identity())
+            if block.downsample is not None:
+                block.downsample = nn.Sequential(_conv_then_bn(block.downsample[0], block.downsample[1]))
+    layers = list(fused.root.deconv_layers)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.ConvTranspose2d):
+            layers[i], layers[i + 1] = _deconv_then_bn(layer, layers[i + 1]), nn.Identity()
+    fused.root.deconv_layers = nn.Sequential(*layers)
+    return fused
+
+
+def _deploy_form(model: ConvNeXtPose | RootNet, fold_batchnorm: bool) -> tuple[nn.Module, str]:
+    """(the module to trace, its output name): each network's fold and output, in one place."""
+    if isinstance(model, RootNet):
+        fold, output = fuse_rootnet_batchnorm, model.spec.output_name
+    elif isinstance(model, ConvNeXtPose):
+        fold, output = fuse_batchnorm, OUTPUT_NAME
+    else:
+        raise TypeError(f"model must be a ConvNeXtPose or RootNet module, got {type(model).__name__}")
+    return (fold(model) if fold_batchnorm else copy.deepcopy(model).eval()), output
+
+
+def export_onnx(model: ConvNeXtPose | RootNet, path: str | Path, opset: int = DEFAULT_OPSET,
                 fold_batchnorm: bool = True) -> Path:
-    """Write the model as ONNX: input 'image' (N, 3, S, S) float32, output 'heatmaps', dynamic N.
+    """Write the model as ONNX: input 'image' (N, 3, S, S) float32, dynamic N; output 'heatmaps'
+    (ConvNeXtPose) or 'roots' (RootNet: (N, 3) x, y, gamma).
 
     Raises:
         ValueError: opset below 17.
+        TypeError: a module of neither network.
     """
     import onnx
 
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset must be {DEFAULT_OPSET} or newer, got {opset}")
     path = Path(path)
-    net = fuse_batchnorm(model) if fold_batchnorm else copy.deepcopy(model).eval()
+    net, output_name = _deploy_form(model, fold_batchnorm)
     dummy = torch.zeros((2, *model.spec.input_shape), dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of dynamo, which needs
@@ -104,8 +152,8 @@ def export_onnx(model: ConvNeXtPose, path: str | Path, opset: int = DEFAULT_OPSE
         warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(
             net, (dummy,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=[output_name],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
             do_constant_folding=True)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)

@@ -94,10 +94,11 @@ def check_weights(state: Mapping[str, Any], source: str = "state_dict") -> None:
         if bad:
             non_finite.append(f"{key} ({bad} of {int(np.prod(_shape(value)))} values)")
     if wrong_type:
-        raise CheckpointError(f"{source}: weights must be floating point, found {_list(wrong_type)}; a ConvNeXtPose "
-                              "checkpoint holds float tensors (only num_batches_tracked counts are integers)")
+        raise CheckpointError(f"{source}: weights must be floating point, found {list_items(wrong_type)}; "
+                              "a ConvNeXtPose or RootNet checkpoint holds float tensors (only num_batches_tracked "
+                              "counts are integers)")
     if non_finite:
-        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {_list(non_finite)}; the file is "
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {list_items(non_finite)}; the file is "
                               "damaged or comes from a diverged training run")
 
 
@@ -175,6 +176,9 @@ def detect_spec(state: Mapping[str, Any], joints: int = 18,
     volume being cubic (H = W = depth_dim).
     """
     state = _strip_module(state)
+    if network_of(state) == "RootNet":
+        raise CheckpointError("not a ConvNeXtPose state_dict: it holds RootNet weights (ResNet-50 backbone.layer*, "
+                              "root.*); RootNet checkpoints are given as RootNet's")
     stem = _need(state, "backbone.downsample_layers.0.0.weight", 4)
     dims = [stem[0]]
     for i in range(1, 4):
@@ -228,6 +232,27 @@ def detect_variant(state: Mapping[str, Any], joints: int = 18) -> str | VariantS
     return spec.name if match_variant(spec) else spec
 
 
+def read_state(checkpoint: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(state_dict without 'module.', the source named in messages) of a checkpoint file or a loaded dict."""
+    if isinstance(checkpoint, (str, Path)):
+        return load_checkpoint(checkpoint)[0], str(checkpoint)
+    return unwrap_state_dict(checkpoint, "state_dict")[0], "state_dict"
+
+
+# Key prefixes only one of the two networks has (after 'module.' is stripped).
+_NETWORK_PREFIXES = {
+    "ConvNeXtPose": ("backbone.downsample_layers.", "backbone.stages.", "head."),
+    "RootNet": ("backbone.layer", "backbone.conv1.", "root."),
+}
+
+
+def network_of(state: Mapping[str, Any]) -> str | None:
+    """Which network a state_dict's keys belong to: "ConvNeXtPose", "RootNet", or None (neither, or both)."""
+    keys = list(_strip_module(state))
+    found = [name for name, prefixes in _NETWORK_PREFIXES.items() if any(k.startswith(prefixes) for k in keys)]
+    return found[0] if len(found) == 1 else None
+
+
 def compare_state(expected: Mapping[str, Any], found: Mapping[str, Any]
                   ) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
     """(missing keys, unexpected keys, [(key, expected shape, found shape)])."""
@@ -238,7 +263,8 @@ def compare_state(expected: Mapping[str, Any], found: Mapping[str, Any]
     return missing, unexpected, mismatched
 
 
-def _list(items: list[Any], limit: int = 5) -> str:
+def list_items(items: list[Any], limit: int = 5) -> str:
+    """The first `limit` items joined by commas, and how many more there are (error messages)."""
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(map(str, items[:limit])) + more
 
@@ -247,12 +273,10 @@ def load_into(model: Any, checkpoint: str | Path | Mapping[str, Any]) -> None:
     """Load weights into a ConvNeXtPose module after checking they are of its architecture."""
     import torch
 
-    if isinstance(checkpoint, (str, Path)):
-        state, _ = load_checkpoint(checkpoint)
-        source = str(checkpoint)
-    else:
-        state, _ = unwrap_state_dict(checkpoint, "state_dict")
-        source = "state_dict"
+    state, source = read_state(checkpoint)
+    if network_of(state) == "RootNet":
+        raise CheckpointError(f"{source} holds RootNet weights (ResNet-50 backbone.layer*, root.*), not "
+                              "ConvNeXtPose's: give it as the RootNet checkpoint, and a ConvNeXtPose snapshot here")
     expected = model.state_dict()
     missing, unexpected, mismatched = compare_state(expected, state)
     if mismatched:
@@ -269,9 +293,9 @@ def load_into(model: Any, checkpoint: str | Path | Mapping[str, Any]) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_list(missing)}")
+            parts.append(f"missing keys: {list_items(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_list(unexpected)}")
+            parts.append(f"unexpected keys: {list_items(unexpected)}")
         raise CheckpointError(f"{source} does not fit variant {model.spec.name}: " + "; ".join(parts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
 

@@ -195,13 +195,28 @@ def check_crop_boxes(crop_boxes: object, image_size: tuple[int, int] | None = No
 
 
 def crop_matrices(crop_boxes: np.ndarray, size: int) -> np.ndarray:
-    """(P, 2, 3) affine maps image px -> crop px for square crop boxes (P, 4)."""
-    k = size / crop_boxes[:, 2]
-    m = np.zeros((len(crop_boxes), 2, 3), np.float64)
-    m[:, 0, 0] = k
-    m[:, 1, 1] = size / crop_boxes[:, 3]
-    m[:, 0, 2] = -k * crop_boxes[:, 0]
-    m[:, 1, 2] = -m[:, 1, 1] * crop_boxes[:, 1]
+    """(P, 2, 3) affine maps image px -> crop px for crop boxes (P, 4), upstream's to the last bit.
+
+    Upstream (generate_patch_image -> gen_trans_from_patch_cv) solves cv2.getAffineTransform from
+    float32 points: the box centre, centre + half the width, centre + half the height. So the centre
+    and the half-sizes are rounded to float32 first, and the map is solved from those in float64.
+    That moves the map by up to about 4e-5 px from the float64 one, enough to flip OpenCV's 1/32-px
+    sample rounding in a few pixels of a fractional box (tests/test_rootnet_golden.py: bit-exact
+    crops). Where float32 cannot hold a box (a side below float32's spacing at its coordinates, far
+    outside any image) the float64 map is used instead of upstream's division by zero.
+    """
+    b = np.asarray(crop_boxes, np.float64).reshape(-1, 4)
+    centre = (b[:, :2] + 0.5 * b[:, 2:]).astype(np.float32)
+    half = (0.5 * b[:, 2:]).astype(np.float32)
+    reach = (centre + half).astype(np.float64) - centre  # float32 sums, as upstream's src points
+    exact = size / b[:, 2:]
+    usable = (reach > 0) & (np.abs(reach - 0.5 * b[:, 2:]) <= 1e-3 * b[:, 2:])
+    scale = np.where(usable, (size * 0.5) / np.where(usable, reach, 1.0), exact)
+    origin = np.where(usable, centre.astype(np.float64), b[:, :2] + 0.5 * b[:, 2:])
+    m = np.zeros((len(b), 2, 3), np.float64)
+    m[:, 0, 0], m[:, 1, 1] = scale[:, 0], scale[:, 1]
+    m[:, 0, 2] = size * 0.5 - scale[:, 0] * origin[:, 0]
+    m[:, 1, 2] = size * 0.5 - scale[:, 1] * origin[:, 1]
     return m
 
 
