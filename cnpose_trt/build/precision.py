@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..config import DEFAULT_INT8_EXCLUDE, PRECISIONS
 from ..errors import BuildError
 from ..progress import Bar
@@ -73,8 +74,7 @@ class PrecisionOptions:
             raise ValueError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}, got {self.int8_scheme!r}")
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(f"calib_method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
-        if isinstance(self.calib_count, bool) or not isinstance(self.calib_count, int) or self.calib_count < 1:
-            raise ValueError(f"calib_count must be a positive integer, got {self.calib_count!r}")
+        checks.integer("calib_count", self.calib_count, 1)
         if self.precision == "int8" and not self.calib_images and not self.calib_synthetic:
             raise ValueError("int8 needs calibration images: pass --calib-images DIR (boxes from --calib-boxes "
                              "FILE.json, else the whole image), or --calib-synthetic for benchmarking only; "
