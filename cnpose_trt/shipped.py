@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .cache import file_sha256
+
 SHIPPED_XS = Path(__file__).parent / "data" / "convnextpose_xs_synthetic.pth.tar"
 RECORD = SHIPPED_XS.with_name("convnextpose_xs_synthetic.json")
 FLIP_NOTICE = ("flip test off: the shipped synthetic XS model tells left from right by limb colour, so a "
@@ -36,8 +38,6 @@ def is_shipped_checkpoint(path: str | Path | None) -> bool:
         return False
     if Path(path).stat().st_size != record().get("bytes"):
         return False
-    from .cache import file_sha256
-
     return file_sha256(path) == record()["file_sha256"]
 
 

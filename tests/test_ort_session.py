@@ -8,6 +8,10 @@ import json
 import numpy as np
 import pytest
 
+import cnpose_trt.batch.job as batch_job
+import cnpose_trt.batch.ray as batch_ray
+import cnpose_trt.cli.eval as cli_eval
+import cnpose_trt.eval.evaluate as evaluate_module
 import cnpose_trt.runtime.engine as engine_module
 import cnpose_trt.runtime.open as open_module
 from cnpose_trt import load_engine
@@ -75,7 +79,10 @@ def loads(monkeypatch):
         return engine
 
     monkeypatch.setattr(engine_module, "load_engine", spy)
-    monkeypatch.setattr(open_module, "load_engine", spy)  # open_engine's own binding (runtime/open.py)
+    # The callers' own bindings (each imports load_engine at module level): open_engine's, the eval command's,
+    # evaluate's, batch's and its Ray actor's.
+    for module in (open_module, cli_eval, evaluate_module, batch_job, batch_ray):
+        monkeypatch.setattr(module, "load_engine", spy)
     return seen
 
 

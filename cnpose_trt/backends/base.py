@@ -29,6 +29,8 @@ import numpy as np
 from ..cache import sidecar_path
 from ..checks import integer, is_integer
 from ..errors import EngineError
+from ..ops.decoding import decode
+from ..ops.geometry import per_person
 from ..spec import VariantSpec, conv_weight_shapes
 
 MAX_ENGINE_BATCH = 1 << 16
@@ -254,8 +256,6 @@ class Engine:
         return self._decode_on_host(self._run(images), post, flip)
 
     def _decode_on_host(self, heatmaps: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
-        from ..ops.decoding import decode
-
         p = len(heatmaps) // 2 if flip else len(heatmaps)
         res = decode(heatmaps[:p], self.spec.joints, self.spec.depth_dim, flipped=heatmaps[p:] if flip else None,
                      **post)
@@ -280,8 +280,6 @@ class Engine:
 
 def _post_arrays(people: int, boxes: Any, root_depth: Any, intrinsics: Any) -> dict[str, np.ndarray | None]:
     """infer_decode's per-person post-processing inputs as float64 arrays, checked once."""
-    from ..ops.geometry import per_person
-
     out: dict[str, np.ndarray | None] = {"boxes": per_person("boxes", boxes, people, (4,)),
                                          "root_depth": per_person("root_depth", root_depth, people, ()),
                                          "intrinsics": per_person("intrinsics", intrinsics, people, (4,))}

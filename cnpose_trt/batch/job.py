@@ -25,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends, checks
+from ..cache import file_lock, write_json
 from ..errors import BatchError, ManifestError, need_pyarrow
 from ..interrupts import raise_if_stopped
+from ..pipeline.estimator import PoseEstimator
+from ..runtime.engine import Engine, load_engine, read_sidecar
+from ..shipped import flip_for, is_shipped_checkpoint, record
 from .engine import EngineOptions, capability, engine_id
 from .manifest import Entry, manifest_format, read_manifest
 from .output import (
@@ -197,8 +201,6 @@ def run(manifest: str | Path, out: str | Path, config: BatchConfig | None = None
     if out.exists() and not out.is_dir():
         raise BatchError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    from ..cache import file_lock
-
     try:
         with file_lock(out / LOCK_FILE, blocking=False):
             return _run_locked(config.manifest_args(manifest), out, config)
@@ -237,8 +239,6 @@ class _Plan:
 
 def _settle(out: Path, config: BatchConfig) -> _Job:
     """The job's engine (resolved or built here, unless the Ray workers build it), its flip test and identity."""
-    from ..runtime.engine import Engine, read_sidecar
-
     engine, opts = config.engine, config.engine_options()
     loaded: Engine | None = engine if isinstance(engine, Engine) else None
     path: Path | None = None
@@ -282,8 +282,6 @@ def _identity(meta: dict[str, Any] | None, path: Path | None, loaded: Any, opts:
 def _flip_rule(meta: dict[str, Any] | None, opts: EngineOptions, flip: bool, say: Callable[[str], None]) -> bool:
     """shipped.flip_for on the job's engine (its metadata, or, for engines the Ray workers build, the
     checkpoint file), saying so when a requested flip test is turned off."""
-    from ..shipped import flip_for, is_shipped_checkpoint, record
-
     if meta is None and is_shipped_checkpoint(opts.checkpoint):
         meta = {"weights": {"sha256": record()["weights_sha256"]}}
     flip, notice = flip_for(meta, flip)
@@ -363,8 +361,6 @@ def _run_locked(manifest_args: dict[str, Any], out: Path, config: BatchConfig) -
 
 def _summarise(job: _Job, plan: _Plan, writer: PartWriter, mode: str, seconds: float) -> Summary:
     """The run's Summary, written to the folder's _summary.json."""
-    from ..cache import write_json
-
     final = scan_output(job.out, job.identity)
     summary = Summary(str(job.out), job.identity["engine"], len(final.images), final.people, final.errors,
                       final.parts, writer.images, writer.people, writer.errors, plan.total - plan.todo,
@@ -377,9 +373,6 @@ def _summarise(job: _Job, plan: _Plan, writer: PartWriter, mode: str, seconds: f
 def _run_local(config: BatchConfig, job: _Job, entries: Iterator[Entry], next_index: int,
                bar: Progress) -> PartWriter:
     """The entries through PoseEstimator in this process, reader threads ahead of it; returns the writer."""
-    from ..pipeline.estimator import PoseEstimator
-    from ..runtime.engine import load_engine
-
     engine = job.engine
     if engine is None:
         assert job.path is not None

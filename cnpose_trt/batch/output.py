@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import _fsync_dir, install_file
 from ..errors import BatchError, need_pyarrow
 from ..progress import Bar
 from .stream import _Loaded
@@ -238,8 +239,6 @@ def drop_superseded(out: Path) -> int:
     dropped. Run after the parts that redo them are committed: killed at any point, every image is
     still in a part (the last one that lists it wins in read_results), and the next run finishes."""
     _, pq = need_pyarrow()
-    from ..cache import _fsync_dir
-
     dropped = 0
     for path, stale in _superseded(_parts(out)).items():
         doc = _part_meta(path)
@@ -290,8 +289,6 @@ def read_results(out: str | Path) -> Any:
 def _write_part(final: Path, table: Any, doc: dict[str, Any]) -> None:
     """Write a part under a temporary name, fsync, rename into place (replacing a part only when
     drop_superseded rewrites it)."""
-    from ..cache import install_file
-
     _, pq = need_pyarrow()
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     table = table.replace_schema_metadata({META_KEY: json.dumps(doc).encode()})

@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import backends
+from ..cache import atomic_write, sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..errors import BatchError, need_pyarrow
 from ..interrupts import held_stops, raise_if_stopped
+from ..pipeline.estimator import PoseEstimator
+from ..runtime.engine import load_engine, read_sidecar
 from ..runtime.open import engine_path
+from ..spec import get_spec
 from .engine import capability, engine_id
 from .manifest import Entry
 from .output import PartWriter, Progress, RowBuffer
@@ -41,9 +45,6 @@ if TYPE_CHECKING:
 
 def _engine_files(engine_path: Path) -> dict[str, bytes]:
     """The engine file and its sidecar, by name: what is shipped to Ray workers."""
-    from ..cache import sidecar_path
-    from ..runtime.engine import read_sidecar
-
     meta = read_sidecar(engine_path)
     side = sidecar_path(engine_path)
     return {side.name: side.read_bytes(), meta["engine_file"]: side.with_name(meta["engine_file"]).read_bytes()}
@@ -52,8 +53,6 @@ def _engine_files(engine_path: Path) -> dict[str, bytes]:
 def install_shipped_engine(files: dict[str, bytes], folder: Path | None = None) -> Path:
     """Write shipped engine files into a per-node folder (atomically; shared by the actors of a
     node) and return the sidecar path to load. The folder is named after the engine file's bytes."""
-    from ..cache import atomic_write
-
     engine_name = next(n for n in files if not n.endswith(".json"))
     digest = hashlib.sha256(files[engine_name]).hexdigest()[:16]
     folder = (folder or Path(tempfile.gettempdir()) / "cnpose_trt-shipped-engines") / digest
@@ -72,9 +71,6 @@ class RayPredictor:
 
     def __init__(self, engine: dict[str, Any], flip: bool, readers: int, threads: int | None, device: str | None,
                  spinning: bool | None = None) -> None:
-        from ..pipeline.estimator import PoseEstimator
-        from ..runtime.engine import load_engine
-
         options: dict[str, Any] = {}
         if engine["mode"] == "ship":
             import ray
@@ -82,8 +78,6 @@ class RayPredictor:
             path = install_shipped_engine(ray.get(engine["files"]))
         else:
             path = engine_path(EngineRequest(build=BuildConfig(**engine["build"])))
-        from ..runtime.engine import read_sidecar
-
         takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
         given = {"threads": threads or None, "spinning": spinning, "device": device or None}
         options.update({k: v for k, v in given.items() if k in takes and v is not None})
@@ -211,13 +205,9 @@ def _shipping(ray: Any, job: _Job) -> tuple[dict[str, Any], str, int]:
     store ("ship"), or the options to build it on each worker ("build"); with its backend and joints."""
     if job.ray_engine == "ship":
         assert job.path is not None
-        from ..runtime.engine import read_sidecar
-
         meta = read_sidecar(job.path)
         return ({"mode": "ship", "files": ray.put(_engine_files(job.path))}, meta["backend"],
                 int(meta["spec"].get("joints", 18)))
-    from ..spec import get_spec
-
     opts = job.options
     return {"mode": "build", "build": opts.build_kwargs()}, opts.backend, get_spec(opts.variant).joints
 

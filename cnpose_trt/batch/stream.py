@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..io.imageio_guard import check_image_file
+from ..io.preprocess import load_image
+from ..ops.geometry import check_crop_boxes, check_intrinsics, check_root_depth, process_boxes
 from .manifest import Entry
 
 log = logging.getLogger(__name__)
@@ -52,10 +55,6 @@ def _message(exc: BaseException) -> str:
 def load_entry(entry: Entry) -> _Loaded:
     """Read and decode an entry's image and check each person's values (never raises for bad input:
     the problems are recorded as the image's or the person's error)."""
-    from ..io.imageio_guard import check_image_file
-    from ..io.preprocess import load_image
-    from ..ops.geometry import check_crop_boxes, check_intrinsics, check_root_depth, process_boxes
-
     out = _Loaded(entry)
     try:
         check_image_file(entry.path)

@@ -41,9 +41,21 @@ from ..cache import (
 from ..config import BuildConfig, TrtOptions
 from ..errors import BuildError, need_torch
 from ..interrupts import raise_if_stopped
-from ..spec import DEFAULT_OPSET, INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VARIANTS, SpecLike, VariantSpec, get_spec
+from ..nn.checkpoint import detect_spec, load_checkpoint, weights_sha256
+from ..spec import (
+    DEFAULT_OPSET,
+    INPUT_CONVENTION,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    VARIANTS,
+    SpecLike,
+    VariantSpec,
+    get_spec,
+)
 from .lookup import Request, cached, checkpoint_sha256
-from .precision import PrecisionOptions
+from .precision import PrecisionOptions, calibration_set, convert_fp16, distinct_crops, inspect_graph, quantize_int8
 from .storage import NEARLY_FULL_BYTES, build_lock, engine_folder, tidy, workspace
 
 __all__ = ["BuildConfig", "BuildJob", "BuildResult", "NEARLY_FULL_BYTES", "Request", "TrtOptions", "build_engine",
@@ -96,8 +108,7 @@ def weights_fingerprint(checkpoint: str | Path) -> str:
 def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed: int
                    ) -> tuple[Any, str, str]:
     """(model, weights description, weights sha256); the checkpoint's shapes decide the variant."""
-    from ..nn.checkpoint import detect_spec, load_checkpoint, weights_sha256
-    from ..nn.model import build_model
+    from ..nn.model import build_model  # lazy: imports torch (cache hits run without it)
 
     if checkpoint is None:
         if variant is None:
@@ -156,8 +167,6 @@ class _Build:
     """One build_engine call, as its steps; everything a step needs is checked once, in __init__."""
 
     def __init__(self, config: BuildConfig, progress: Callable[[str], None] | None) -> None:
-        from .precision import calibration_set
-
         c = self.config = config
         self.progress, self.emit = progress, progress or (lambda msg: None)
         self.opts = PrecisionOptions(
@@ -251,8 +260,6 @@ class _Build:
 
     def _compile(self, job: BuildJob, handle: Path, stem: str, key: str, provenance: dict[str, Any]) -> BuildResult:
         """Precision graph, the backend's compile, the sidecar, the atomic commit (under the lock)."""
-        from .precision import inspect_graph
-
         started = time.time()
         extra: dict[str, Any] = {}
         with workspace(self.out, stem) as tmp:
@@ -274,8 +281,6 @@ class _Build:
     def _sidecar(self, engine: Path, key: str, spec: VariantSpec, io_dtypes: tuple[str, str],
                  provenance: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """The engine's metadata: what the cache key covers, I/O contract, provenance."""
-        from ..spec import INPUT_NAME, OUTPUT_NAME
-
         c, (in_dtype, out_dtype) = self.config, io_dtypes
         return {
             "engine_format": ENGINE_FORMAT, "cache_key": key, "engine_file": engine.name,
@@ -297,7 +302,7 @@ class _Build:
 
     def _precision_graph(self, job: BuildJob, tmp: Path, wsha: str) -> dict[str, Any]:
         """Export the FP32 graph and derive the precision graph (job.graph); returns sidecar extras."""
-        from .export import export_onnx
+        from .export import export_onnx  # lazy: imports torch (cache hits run without it)
 
         say, spec, extra, opts, opset = job.say, job.spec, {}, self.opts, self.opset
         job.fp32_graph = job.graph = tmp / "model.fp32.onnx"
@@ -308,13 +313,9 @@ class _Build:
             raise BuildError(f"ONNX export failed: {exc}") from exc
         if job.precision == "fp16":
             say("[3/5] converting the graph to FP16")
-            from .precision import convert_fp16
-
             job.graph = tmp / "model.fp16.onnx"
             extra["fp16"] = convert_fp16(job.fp32_graph, job.graph, opts.keep_fp32, opts.fp16_output)
         elif job.precision == "int8":
-            from .precision import quantize_int8
-
             # One calibration for both INT8 schemes: the scheme is not part of the ranges' key.
             calib_key = cache_key({"spec": spec.to_dict(), "weights_sha256": wsha, "opset": opset,
                                    "input_convention": INPUT_CONVENTION, **opts.calibration_fields(self.calib_hash)})
@@ -335,8 +336,6 @@ class _Build:
 
 def _calibration_words(opts: PrecisionOptions, items: Any, say: Callable[[str], None]) -> str:
     """What the calibration used, for the sidecar; says so when calib_count crops cycle fewer distinct ones."""
-    from .precision import distinct_crops
-
     if opts.calib_synthetic:
         return f"{opts.calib_count} generated scenes (synthetic: for benchmarking only)"
     distinct = distinct_crops(items)

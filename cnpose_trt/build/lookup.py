@@ -15,6 +15,8 @@ from typing import Any
 
 from ..cache import cache_key, file_sha256, is_plain_name, sidecar_path, write_json
 from ..errors import CheckpointError, EngineError
+from ..runtime.engine import read_sidecar
+from ..shipped import record
 from .storage import tidy
 
 log = logging.getLogger("cnpose_trt.build.builder")
@@ -64,8 +66,6 @@ class Request:
         return hit
 
     def _weights_match(self, weights: dict[str, Any]) -> bool:
-        from ..shipped import record
-
         wanted = self.fields["checkpoint_sha256"]
         if wanted is None:
             return False  # random weights: their hash needs torch
@@ -75,8 +75,6 @@ class Request:
         return wanted == shipped.get("file_sha256") and weights.get("sha256") == shipped.get("weights_sha256")
 
     def _search(self, module: Any, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-        from ..runtime.engine import read_sidecar
-
         for side in sorted(self.out.glob(f"*{module.ENGINE_SUFFIX}.json")):
             try:
                 meta = read_sidecar(side)
@@ -113,8 +111,6 @@ def cached(handle: Path, key: str, key_fields: dict[str, Any], module: Any,
     Valid: its sidecar is whole and records the fields the key was made of (an edited sidecar keeps
     its old cache_key), the engine file has the recorded sha256, and its contents agree with the
     sidecar (module.check_engine_file: another engine's bytes under a recomputed sha256 do not)."""
-    from ..runtime.engine import read_sidecar
-
     try:
         meta = read_sidecar(handle)
         engine = sidecar_path(handle).with_name(meta["engine_file"])

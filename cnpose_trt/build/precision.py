@@ -38,6 +38,8 @@ import numpy as np
 from .. import checks
 from ..config import DEFAULT_INT8_EXCLUDE, PRECISIONS
 from ..errors import BuildError
+from ..io.preprocess import load_image, prepare
+from ..io.synthetic import synthesize
 from ..progress import Bar
 from ..spec import INPUT_SIZE
 
@@ -173,8 +175,6 @@ CALIB_SEED_NAMESPACE = 3
 
 def _synthetic_scene(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A synthetic person (cnpose_trt.synthetic) at a random place, size and pose, and its box."""
-    from ..io.synthetic import synthesize
-
     width, height = int(rng.integers(320, 800)), int(rng.integers(320, 800))
     scene = synthesize((CALIB_SEED_NAMESPACE, int(rng.integers(2**31))), width=width, height=height,
                        occluder_prob=0.3)
@@ -261,8 +261,6 @@ def quantizer_log(path: Path) -> Iterator[list[int]]:
 def calibration_batches(items: list[tuple[Any, Any]], count: int, batch: int, size: int = INPUT_SIZE
                         ) -> Iterator[np.ndarray]:
     """Normalised crops (B, 3, S, S) float32, `count` in all, cycling through items."""
-    from ..io.preprocess import load_image, prepare
-
     pending: list[np.ndarray] = []
     made = 0
     i = 0

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from ..ops.decoding import decode
 from ..spec import BBOX_3D_DEPTH_MM, VariantSpec
+from .precision import calibration_batches
 
 ACCURACY_SAMPLES = 8  # synthetic crops on which FP16/INT8 engines are compared with FP32
 
@@ -17,8 +19,6 @@ ACCURACY_SAMPLES = 8  # synthetic crops on which FP16/INT8 engines are compared 
 def accuracy_inputs(spec: VariantSpec, count: int = ACCURACY_SAMPLES, seed: int = 123) -> np.ndarray:
     """(count, 3, S, S) float32 normalised crops of generated scenes in upstream's input convention:
     the common input of precision comparisons, build checks and benchmarks."""
-    from .precision import calibration_batches
-
     rng = np.random.default_rng(seed)
     return np.concatenate(list(calibration_batches([("synthetic", rng)], count, count, spec.input_size)))
 
@@ -49,8 +49,6 @@ def joint_error(heat_ref: np.ndarray, heat: np.ndarray, spec: VariantSpec) -> di
     mm assume the usual 3D box of bbox_3d_shape = 2000 mm per side spread over the W x H x D
     volume: a cell is 2000/W mm in x, 2000/H mm in y, 2000/D mm in z.
     """
-    from ..ops.decoding import decode
-
     a = decode(np.ascontiguousarray(heat_ref), spec.joints, spec.depth_dim).cells.astype(np.float64)
     b = decode(np.ascontiguousarray(heat), spec.joints, spec.depth_dim).cells.astype(np.float64)
     d = b - a

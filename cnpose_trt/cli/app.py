@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
+from ..spec import VARIANTS
 from .common import join_signed_values
 from .errors import run
 
@@ -56,8 +58,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench_args(bn: argparse.ArgumentParser) -> None:
-    from ..backends import add_session_arguments
-    from ..spec import VARIANTS
+    from ..backends import add_session_arguments  # lazy: the registry only where bench adds its options
 
     bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],
                     help="variants to measure (default XS)")
@@ -148,8 +149,6 @@ COMMANDS: dict[str, tuple[str, str | None, Any, Any]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line; with `only`, the other commands get their help line but not their options (a
     command imports no module another command needs)."""
-    from .._version import __version__
-
     parser = argparse.ArgumentParser(prog="cnpose-trt", description="Fast ConvNeXtPose inference.")
     parser.add_argument("--version", action="version", version=f"cnpose-trt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")

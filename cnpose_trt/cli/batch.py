@@ -18,6 +18,7 @@ from ..backends import BACKENDS, DEFAULT_MAX_BATCH, add_session_arguments
 from ..batch.job import run
 from ..batch.manifest import FORMATS
 from ..spec import VARIANTS
+from .errors import run as run_reported
 
 DESCRIPTION = "Batch jobs: 3D poses of every person in a manifest of images, written to Parquet part by part."
 
@@ -113,6 +114,4 @@ def main(argv: list[str] | None = None) -> int:
     add_batch_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    from .errors import run as run_reported
-
     return run_reported(run_batch, args)

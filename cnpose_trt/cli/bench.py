@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cache import finite_json
 from ..eval.bench import check_args, run_bench  # noqa: F401  (check_args: the command's checks, before any build)
 from ..progress import say
 from .errors import Failed
@@ -90,8 +91,6 @@ def machine_name() -> str:
 def main(args: Any) -> int:
     """`cnpose-trt bench`: the table row by row as each configuration finishes, the JSON rewritten after
     every row and the plot written at the end, also when the run is stopped or runs out of budget."""
-    from ..cache import finite_json
-
     machine = machine_name()
     rows: list[dict[str, Any]] = []
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import say
+from ..shipped import flip_for
+from ..spec import VARIANTS
 
 
 def floats(n: int, what: str):
@@ -74,8 +76,6 @@ def check_output_file(option: str, path: Path | None) -> None:
 
 def flip_test(engine: Any, requested: bool) -> bool:
     """The flip test a command runs on this engine (shipped.flip_for), saying so when it differs."""
-    from ..shipped import flip_for
-
     flip, notice = flip_for(getattr(engine, "meta", None), requested)
     if notice:
         print(notice, file=sys.stderr)
@@ -84,8 +84,6 @@ def flip_test(engine: Any, requested: bool) -> bool:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """--engine FILE, or --variant (with --checkpoint, --engines) to build or reuse one: predict and demo."""
-    from ..spec import VARIANTS
-
     g = p.add_mutually_exclusive_group()
     g.add_argument("--engine", type=Path, help="a built engine (file or .json sidecar)")
     g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default=None,

@@ -10,6 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..eval.metrics import mpjpe, pixel_errors
+from ..io.draw import save_image
+from ..io.synthetic import synthesize
+from ..shipped import SHIPPED_XS
 from .common import add_engine_arguments, default_variant
 from .predict import run_predict
 
@@ -24,11 +28,6 @@ def add_demo_arguments(d: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """`cnpose-trt demo` from parsed options: demo.png, demo.json and demo_pose.png in --out-dir."""
     import numpy as np
-
-    from ..eval.metrics import mpjpe, pixel_errors
-    from ..io.draw import save_image
-    from ..io.synthetic import synthesize
-    from ..shipped import SHIPPED_XS
 
     default_variant(args)
     out = Path(args.out_dir)

@@ -14,10 +14,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..backends import add_session_arguments, session_options
+from ..config import BuildConfig, EngineRequest
 from ..eval.datasets import DEFAULT_SYNTHETIC_SEED, H36M_TEST_SAMPLING, EvalSet, _jsonable, h36m_set, synthetic_set
 from ..eval.evaluate import evaluate
+from ..io.draw import check_image_suffix, eval_chart, save_image
 from ..progress import say
+from ..runtime.engine import load_engine
+from ..runtime.open import open_engine
 from ..shipped import flip_for
+from ..spec import VARIANTS
+from .errors import run as run_reported
 
 # The first line of the old module's docstring: `python -m cnpose_trt.evaluate --help` says it.
 DESCRIPTION = "Accuracy: MPJPE and PA-MPJPE (upstream's Human3.6M protocols), per joint, and 2D pixel error."
@@ -88,8 +95,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cnpose-trt eval` / `python -m cnpose_trt.evaluate`."""
-    from ..spec import VARIANTS
-
     e = p.add_argument_group("engines (one or several, evaluated side by side)")
     e.add_argument("--engine", type=Path, action="append", default=[], metavar="FILE",
                    help="a built engine (file or .json sidecar); repeat for several (e.g. fp32, fp16, int8)")
@@ -98,8 +103,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate the fp32 onnxruntime engine of this variant (built or reused)")
     e.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random, meaningless)")
     e.add_argument("--engines", type=Path, default=None, help="engine cache folder for --variant (default ./engines)")
-    from ..backends import add_session_arguments
-
     add_session_arguments(e)
     d = p.add_argument_group("data (default: synthetic people)")
     d.add_argument("--seed", type=int, default=DEFAULT_SYNTHETIC_SEED,
@@ -132,8 +135,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run `cnpose-trt eval` from parsed add_eval_arguments options; prints the tables, returns 0."""
     if args.plot is not None:
-        from ..io.draw import check_image_suffix
-
         check_image_suffix(args.plot, "--plot")
     engines, labels = _engines(args)
     dataset = _dataset(args)
@@ -149,8 +150,6 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
-        from ..io.draw import eval_chart, save_image
-
         save_image(args.plot, eval_chart(report))
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
@@ -158,18 +157,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _engines(args: argparse.Namespace) -> tuple[list[Any], list[str] | None]:
     """The --engine files loaded and the --variant engine built or reused, with their --label names."""
-    from ..backends import session_options
-    from ..runtime.engine import load_engine
-
     options = session_options(args.threads, args.spinning)
     engines = [load_engine(path, **options) for path in args.engine]
     labels = list(args.label) if args.label else None
     if labels is not None and len(labels) != len(args.engine):
         raise ValueError(f"--label must be given once per --engine ({len(args.engine)}), got {len(labels)}")
     if args.variant is not None:
-        from ..config import BuildConfig, EngineRequest
-        from ..runtime.open import open_engine
-
         config = BuildConfig(args.variant, args.checkpoint, backend="onnxruntime", out_dir=args.engines)
         engines.append(open_engine(EngineRequest(build=config, load=options), progress=say))
         if labels is not None:
@@ -203,8 +196,6 @@ def _dataset(args: argparse.Namespace) -> EvalSet:
 
 def main(argv: Iterable[str] | None = None) -> int:
     """`python -m cnpose_trt.evaluate ...` (the same as `cnpose-trt eval ...`), inside the cli's error boundary."""
-    from .errors import run as run_reported
-
     parser = argparse.ArgumentParser(prog="python -m cnpose_trt.evaluate", description=DESCRIPTION)
     add_eval_arguments(parser)
     args = parser.parse_args(None if argv is None else list(argv))

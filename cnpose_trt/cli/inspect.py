@@ -10,6 +10,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..cache import file_sha256, sidecar_path
+from ..nn.checkpoint import detect_spec, load_checkpoint
+from ..runtime.engine import read_sidecar
+from ..spec import match_variant
+
 
 def add_inspect_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("file", type=Path, help="a checkpoint (.pth/.pth.tar/.pt), or an engine file or its .json sidecar")
@@ -24,17 +29,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def _is_engine(path: Path) -> bool:
     """An engine handle, engine file or sidecar: the path is a .json, or has a sidecar beside it."""
-    from ..cache import sidecar_path
-
     return path.suffix == ".json" or sidecar_path(path).is_file()
 
 
 def _inspect_engine(path: Path) -> int:
     """What an engine is, from its sidecar (no torch, no engine load): variant, precision, backend, I/O,
     weights, cache key; and whether its file is there with the bytes the sidecar names."""
-    from ..cache import file_sha256, sidecar_path
-    from ..runtime.engine import read_sidecar
-
     meta = read_sidecar(path)
     side = sidecar_path(path)
     engine_file = side.parent / meta["engine_file"]
@@ -68,9 +68,6 @@ def _inspect_checkpoint(file: Path) -> int:
     """A checkpoint's configuration, read from its tensors (torch): the variant it matches, backbone, head,
     parameter counts; and a note where the file's own record contradicts its tensors."""
     import numpy as np
-
-    from ..nn.checkpoint import detect_spec, load_checkpoint
-    from ..spec import match_variant
 
     state, stored = load_checkpoint(file)
     spec = detect_spec(state, head_upsample=stored.head_upsample if stored else None)

@@ -4,6 +4,8 @@ One image takes its people's boxes from --bbox or --crop-box; a folder from --bo
 the same --bbox/--crop-box for every image. The options are checked and the output paths refused
 before the engine is opened (common.engine_for); the result is one JSON document (stdout or --output)
 and, with --draw, the skeletons drawn over the image (a folder of pictures for a folder).
+Light at import (cli/__init__ imports this module for every command): numpy, io and the pipeline are
+imported by the functions that use them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,14 @@ from typing import Any
 import numpy as np
 
 from .. import backends, checks
+from ..backends import session_options
+from ..config import BuildConfig, EngineRequest
+from ..errors import CnposeError
+from ..io.draw import demo_image
+from ..io.preprocess import prepare
+from ..pipeline.estimator import PoseEstimator
+from ..runtime.open import open_engine
+from ..spec import get_spec
 
 MAX_BATCH = 4096  # the largest engine profile build_engine makes
 MEMORY_SHARE = 0.5  # of physical memory that one measurement may plan to use
@@ -41,8 +49,6 @@ def check_args(variants: Sequence[str], batches: Sequence[int], iterations: int,
     Raises:
         ValueError: naming the option and what is allowed.
     """
-    from ..spec import get_spec
-
     bad = [b for b in batches if not checks.is_integer(b) or not 1 <= b <= MAX_BATCH]
     if bad or not batches:
         raise ValueError(f"--batch must be integers in 1..{MAX_BATCH}, got {bad or list(batches)}")
@@ -64,8 +70,6 @@ def check_args(variants: Sequence[str], batches: Sequence[int], iterations: int,
 
 
 def _scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    from ..io.draw import demo_image
-
     img, box = demo_image()
     return [img] * batch, [np.asarray([box], np.float64)] * batch
 
@@ -73,8 +77,6 @@ def _scenes(batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 def _crops(images: list[np.ndarray], boxes: list[np.ndarray], dtype: Any) -> np.ndarray:
     """The network inputs end to end feeds the engine: engine-only times the same data (a random-weight
     network's speed can depend on its input values, e.g. through denormals)."""
-    from ..io.preprocess import prepare
-
     return np.ascontiguousarray(np.concatenate([prepare(i, b)[0] for i, b in zip(images, boxes, strict=True)]),
                                 dtype=dtype)
 
@@ -166,8 +168,6 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
     threads, spinning: ONNX Runtime session options of the onnxruntime engines (threads also for
     torch engines); None: the defaults.
     """
-    from ..backends import session_options
-
     say = progress or (lambda m: None)
     run = _Run(batches, iterations, warmup, engine_dir, checkpoint, calib_images, cuda_graphs,
                session_options(threads, spinning), say, on_row or (lambda r: None))
@@ -199,8 +199,6 @@ def run_bench(variants: Sequence[str], backends: Sequence[str], precisions: Sequ
 def _plan(variants: Sequence[str], backend_names: Sequence[str], precisions: Sequence[str], run: _Run,
           budget: float | None) -> tuple[list[tuple[Any, str, str]], list[float]]:
     """Every (spec, backend, precision) and its estimated seconds; the total is said before anything runs."""
-    from ..spec import get_spec
-
     combos = [(get_spec(v), b, p) for v in variants for b in backend_names for p in precisions]
     gflops = matmul_gflops()
     guesses = [estimate_seconds(s.name, b, p, run.batches, run.iterations, run.warmup, gflops) for s, b, p in combos]
@@ -240,8 +238,6 @@ class _Run:
 
     def configuration(self, base: dict[str, Any], spec: Any, backend: str, precision: str) -> bool:
         """One configuration: its engine built or loaded, then a row per batch; False when it cannot be built."""
-        from ..pipeline.estimator import PoseEstimator
-
         engine = self.open(base, spec, backend, precision)
         if engine is None:
             return False
@@ -255,10 +251,6 @@ class _Run:
 
     def open(self, base: dict[str, Any], spec: Any, backend: str, precision: str) -> Any:
         """The configuration's engine (built if not cached), or None with a skipped row saying why."""
-        from ..config import BuildConfig, EngineRequest
-        from ..errors import CnposeError
-        from ..runtime.open import open_engine
-
         calib = {}
         if precision == "int8":
             calib = ({"calib_images": self.calib_images} if self.calib_images

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from .. import checks
+from ..io.preprocess import load_image
+from ..io.synthetic import dataset, mean_pose, synthesize
+from ..ops.geometry import check_crop_boxes, process_boxes
 from ..spec import NUM_JOINTS, ROOT_JOINT
 from .metrics import summarize
 
@@ -82,8 +85,6 @@ def synthetic_set(seed: int = DEFAULT_SYNTHETIC_SEED, count: int = 500, **option
     Images are re-rendered when needed (rendering is deterministic), not kept in memory.
     The report's baseline is the training distribution's mean pose predicted for everybody.
     """
-    from ..io.synthetic import dataset, mean_pose, synthesize
-
     images = []
     for i, scene in enumerate(dataset(seed, count, **options)):
         p = len(scene)
@@ -278,8 +279,6 @@ class _H36mReader:
         """(box, root depth, is a crop box, why the estimator cannot use it) of a frame's person: RootNet's
         when given, else the annotation's box under upstream's box rule and the ground-truth root depth
         (None: the rule rejects the box, or it lies wholly outside the image; counted)."""
-        from ..ops.geometry import process_boxes
-
         if self.rootnet is not None:
             entry = self.rootnet.get(str(frame.image_id))
             if entry is None:
@@ -317,8 +316,6 @@ class _H36mReader:
 def _unusable_crop_box(box: np.ndarray, size: tuple[int, int], image_id: Any) -> str | None:
     """Why the estimator cannot use a RootNet box as a crop box (geometry.check_crop_boxes: wholly
     outside the image, empty, too large), or None. A box of another shape is refused later."""
-    from ..ops.geometry import check_crop_boxes
-
     if box.shape != (4,):
         return None
     try:
@@ -444,8 +441,6 @@ class _ImageFile:
         self.path = path
 
     def __call__(self) -> np.ndarray:
-        from ..io.preprocess import load_image
-
         return load_image(self.path)
 
 

@@ -18,7 +18,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..backends import session_options
+from ..pipeline.estimator import PoseEstimator
 from ..progress import Bar
+from ..runtime.engine import load_engine
 from ..shipped import flip_for
 from ..spec import JOINT_NAMES, NUM_JOINTS, ROOT_JOINT
 from .datasets import (  # noqa: F401  (re-exports: cnpose_trt.evaluate's names)
@@ -119,9 +122,6 @@ def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, lab
     Returns:
         the report: dataset info, protocol, machine, and per engine its metrics (summarize).
     """
-    from ..backends import session_options
-    from ..runtime.engine import load_engine
-
     if not engines:
         raise ValueError("engines must name at least one engine")
     options = session_options(threads, spinning)
@@ -170,8 +170,6 @@ def _engine_entry(engine: Any, name: str, dataset: EvalSet, truth: tuple[np.ndar
                   estimator_options: dict[str, Any]) -> dict[str, Any]:
     """One engine's entry of the report: it runs over the set, timed, and its predictions are scored
     against the set's ground truth (EvalSet.ground_truth)."""
-    from ..pipeline.estimator import PoseEstimator
-
     gt_cam, gt_img, groups = truth
     has_groups = any(g is not None for g in groups)
     est = PoseEstimator(engine, **estimator_options)

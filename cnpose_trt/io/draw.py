@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..spec import SKELETON
+from ..spec import JOINT_NAMES, SKELETON
 
 _LEFT = (0, 200, 255)
 _RIGHT = (255, 80, 40)
@@ -14,8 +14,6 @@ _CENTRE = (60, 220, 60)
 
 
 def _colour(a: int, b: int) -> tuple[int, int, int]:
-    from ..spec import JOINT_NAMES
-
     names = JOINT_NAMES[a] + JOINT_NAMES[b]
     return _LEFT if "L_" in names else _RIGHT if "R_" in names else _CENTRE
 

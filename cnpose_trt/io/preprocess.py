@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from ..ops.arrays import compiled
-from ..ops.cropping import check_image
+from ..ops.cropping import check_image, crop_normalize
 from ..ops.geometry import check_crop_boxes, crop_matrices, process_boxes
 from ..spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
+from .imageio_guard import check_image_file
 
 # Applied to 0..255 values as they are (spec.PIXEL_MEAN's comment says why); float32 like upstream.
 _MEAN = np.asarray(PIXEL_MEAN, np.float32)
@@ -43,8 +44,6 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def read_image_file(path: str | Path) -> np.ndarray:
     """An image file's bytes, after checking that it exists and that its header is no image bomb."""
-    from .imageio_guard import check_image_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
@@ -88,8 +87,6 @@ def crop_people(image: np.ndarray, crop_boxes: np.ndarray, size: int = INPUT_SIZ
     if method not in CROP_METHODS:
         raise ValueError(f"method must be one of {', '.join(CROP_METHODS)}, got {method!r}")
     if method != "opencv" and image.dtype == np.uint8 and len(crop_boxes) and compiled() is not None:
-        from ..ops.cropping import crop_normalize
-
         return crop_normalize(image, None, crop_matrices(crop_boxes, size), size, flip=flip, threads=threads,
                               round_pixels=True)
     if method == "fused" and compiled() is None:

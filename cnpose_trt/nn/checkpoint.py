@@ -219,7 +219,7 @@ def _expected_shapes(spec: VariantSpec) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of the network spec describes (built on torch's meta device: no memory, no init cost)."""
     import torch
 
-    from .network import ConvNeXtPose
+    from .network import ConvNeXtPose  # lazy: imports torch
 
     with torch.device("meta"):
         model = ConvNeXtPose(spec)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.draw import demo_image
+from ..io.preprocess import prepare
 from ..spec import SpecLike, get_spec
 from .checkpoint import load_into
 from .network import ConvNeXtPose
@@ -61,9 +63,6 @@ def init_random(model: nn.Module, seed: int = 0, bn_stats: bool = True) -> nn.Mo
 
 def _fit_stem_statistics(model: ConvNeXtPose) -> None:
     """Set the stem BatchNorm's running mean/var to its input's statistics on generated crops."""
-    from ..io.draw import demo_image
-    from ..io.preprocess import prepare
-
     image, box = demo_image()
     x, y, w, h = box
     boxes = [box, (x - w / 4, y + h / 4, w / 2, h / 2), (0, 0, image.shape[1], image.shape[0])]

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import checks
 from ..spec import FLIP_PAIRS
+from .geometry import flip_permutation
 
 OUT_FIELDS = 10  # packed output: x, y, z (cells), confidence, x_px, y_px, depth_mm, X, Y, Z (camera mm)
 
@@ -92,8 +93,6 @@ def is_cupy(x: Any) -> bool:
 def flip_perm(joints: int, flipped: Any, flip_pairs: Sequence[tuple[int, int]] | None) -> list[int] | None:
     if flipped is None:
         return None
-    from .geometry import flip_permutation
-
     return flip_permutation(joints, FLIP_PAIRS if flip_pairs is None else flip_pairs).tolist()
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import checks
 from ..spec import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
+from ._device import crop_device
 from .arrays import compiled
 from .arrays import is_cupy as _is_cupy
 from .arrays import is_torch as _is_torch
@@ -162,8 +163,6 @@ def crop_normalize(images: Any, image_index: Any, affines: Any, size: int = INPU
     if np.size(index) == 0 and np.size(aff) == 0:  # no people: an empty (0, 3, S, S) result
         index, aff = np.zeros(0, np.int64), np.zeros((0, 2, 3))
     if imgs and _on_device(imgs[0]):
-        from ._device import crop_device
-
         return crop_device(imgs, index, aff, int(size), flip_arg, name, out, stream, mean, std, bool(round_pixels))
     if any(_on_device(im) for im in imgs):
         raise ValueError("images must all be on the host or all on the GPU")

@@ -17,10 +17,20 @@ import numpy as np
 
 from .. import checks
 from ..spec import BBOX_3D_DEPTH_MM, FLIP_PAIRS, NUM_JOINTS
+from ._device import decode_device, from_dlpack
 from .arrays import OUT_FIELDS, Decoded, DeviceArray, compiled, is_cupy
 from .arrays import flip_perm as _flip_perm
 from .arrays import is_torch as _is_torch
 from .arrays import per_image as _per_image
+from .geometry import (
+    as_array,
+    cells_to_image,
+    check_intrinsics,
+    check_root_depth,
+    flip_back,
+    flip_permutation,
+    image_to_camera,
+)
 
 __all__ = ["OUT_FIELDS", "Decoded", "DeviceArray", "compiled", "decode", "soft_argmax_reference"]
 
@@ -108,8 +118,6 @@ _warned_fallback = False
 def _fallback(heatmaps: np.ndarray, joints: int, depth_dim: int | None, boxes, root, intr, flipped, flip_pairs,
               depth_range_mm: float, out: np.ndarray | None) -> np.ndarray:
     """NumPy path with the compiled kernel's contract (used when _C is not built)."""
-    from .geometry import as_array, cells_to_image, flip_back, flip_permutation, image_to_camera
-
     global _warned_fallback
     if not _warned_fallback:
         log.warning("cnpose_trt._C is not built: decoding with the NumPy reference (slow)")
@@ -177,13 +185,9 @@ def decode(heatmaps: Any, joints: int = NUM_JOINTS, depth_dim: int | None = None
         return _decode_torch_cpu(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs,
                                  out, depth_range_mm, threads)
     if _is_torch(heatmaps) or hasattr(heatmaps, "__cuda_array_interface__"):
-        from ._device import decode_device
-
         return decode_device(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, flipped, flip_pairs, out,
                              stream, depth_range_mm)
     if hasattr(heatmaps, "__dlpack__"):
-        from ._device import from_dlpack
-
         return decode(from_dlpack(heatmaps), joints, depth_dim, boxes=boxes, root_depth=root_depth,
                       intrinsics=intrinsics, flipped=None if flipped is None else from_dlpack(flipped),
                       flip_pairs=flip_pairs, out=out, stream=stream, depth_range_mm=depth_range_mm, threads=threads)
@@ -242,8 +246,6 @@ def _decode_host(heatmaps, joints, depth_dim, boxes, root_depth, intrinsics, fli
 def _check_post_values(root_depth: Any, intrinsics: Any) -> None:
     """root_depth >= 0 (0: root-relative) and intrinsics a camera's, checked in float64 before the
     float32 conversion turns 1e300 into inf (geometry.check_root_depth, check_intrinsics)."""
-    from .geometry import check_intrinsics, check_root_depth
-
     for name, value, check in (("root_depth", root_depth, lambda v: check_root_depth(v, zero=True)),
                                ("intrinsics", intrinsics, check_intrinsics)):
         if value is None:

@@ -20,8 +20,13 @@ from typing import Any
 import numpy as np
 
 from .. import checks
+from ..backends import session_options
+from ..config import BuildConfig, EngineRequest
 from ..io.preprocess import CROP_METHODS, check_image
 from ..runtime.engine import Engine
+from ..runtime.open import open_engine
+from ..shipped import flip_for
+from ..spec import VariantSpec
 from . import gpu_stage
 from . import items as items_
 from .device import IN_FLIGHT, DevicePath
@@ -198,8 +203,6 @@ class PoseEstimator:
 
     def _flip(self, flip: bool) -> bool:
         """shipped.flip_for: the shipped synthetic model runs without the flip test, said once per estimator."""
-        from ..shipped import flip_for
-
         flip, notice = flip_for(getattr(self.engine, "meta", None), bool(flip))
         if notice and not self._flip_noticed:
             self._flip_noticed = True
@@ -236,11 +239,6 @@ def _open(engine_or_variant: Any, *, checkpoint: Any, backend: str, precision: s
           engine_dir: Any, threads: int | None, spinning: bool | None, build_options: dict[str, Any]) -> Engine:
     """PoseEstimator's engine: an Engine as it is; an EngineRequest, a variant (built or reused
     from the cache with these options) or an engine file opened by runtime.open.open_engine."""
-    from ..backends import session_options
-    from ..config import BuildConfig, EngineRequest
-    from ..runtime.open import open_engine
-    from ..spec import VariantSpec
-
     load_options = session_options(threads, spinning)
     if isinstance(engine_or_variant, Engine):
         if load_options:

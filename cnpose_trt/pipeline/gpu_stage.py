@@ -25,7 +25,11 @@ from typing import Any
 import numpy as np
 
 from ..backends import importable
+from ..io.imageio_guard import jpeg_orientation
+from ..io.preprocess import decode_image, load_image, read_image_file
+from ..ops._device import GRAPH_CAPTURE_LOCK, torch_stream
 from ..ops.arrays import compiled
+from ..ops.cropping import crop_normalize
 from ..runtime.engine import Engine
 from .staging import Lease, PinnedRing, Staged, StagingRing
 
@@ -68,8 +72,6 @@ def _gpu_jpeg() -> Any:
 def gpu_decodable(data: np.ndarray | bytes) -> bool:
     """True for a JPEG the GPU decoder may take: one without an EXIF rotation, which OpenCV (the
     host path) applies and nvJPEG does not (a rotated phone photo would come out sideways)."""
-    from ..io.imageio_guard import jpeg_orientation
-
     head = bytes(data[:3])
     return head == _JPEG_MAGIC and jpeg_orientation(bytes(data[:1 << 16])) in (None, 1)
 
@@ -185,8 +187,6 @@ class HostStager(Stager):
         return np.ascontiguousarray(image), None
 
     def load(self, path: str | Path) -> tuple[Any, Any]:
-        from ..io.preprocess import load_image
-
         return self.stage(load_image(path))
 
 
@@ -242,8 +242,6 @@ class Uploader(Stager):
         """An image file -> (Staged, None) or ((H, W, 3) uint8 RGB device tensor, event). JPEGs
         decode on the GPU where torchvision can; anything else (or a JPEG nvJPEG refuses) is decoded
         by OpenCV, as preprocess.load_image does, from the bytes already read, and staged."""
-        from ..io.preprocess import decode_image, read_image_file
-
         data = read_image_file(path)  # image bombs are refused from the header, before any decoder
         if self._decode_jpeg is not None and gpu_decodable(data):
             got = self._gpu_decode(data)
@@ -254,8 +252,6 @@ class Uploader(Stager):
     def _gpu_decode(self, data: np.ndarray) -> tuple[Any, Any] | None:
         torch = self.torch
         from torchvision.io import ImageReadMode
-
-        from ..ops._device import GRAPH_CAPTURE_LOCK
 
         with self._jpeg_lock:
             if self._decode_jpeg is None:  # switched off by earlier failures
@@ -319,8 +315,6 @@ class Fill:
             return
         import torch
 
-        from ..ops._device import torch_stream
-
         up = self.uploader
         target = torch_stream(stream, up.device)  # the engine's stream: the crop kernel runs on it
         try:
@@ -365,8 +359,6 @@ def write_rows(dest: Any, images: list[Any], index: np.ndarray, affines: np.ndar
     """Write a batch's input rows: host-made crops copied into their rows, every other row cut by
     the fused crop kernel (in runs of consecutive rows). Works on device arrays (the kernel on
     `stream`) and on host arrays alike (the CPU kernel; tests)."""
-    from ..ops.cropping import crop_normalize
-
     for first, crops, _ in crop_rows:
         rows = dest[first:first + len(crops)]
         if hasattr(rows, "copy_"):

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import backends
 from ..backends.base import (  # noqa: F401  (Engine and its checks are the runtime's vocabulary)
     IO_DTYPES,
     MAX_ENGINE_BATCH,
@@ -148,8 +149,6 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
 
 def _suffix_owner(suffix: str) -> str | None:
     """The backend whose engine files end in suffix (of those this installation can import)."""
-    from .. import backends
-
     for name in backends.NAMES:
         try:
             if backends.get(name).ENGINE_SUFFIX == suffix:
@@ -186,8 +185,6 @@ def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | 
         if sha != meta["engine_sha256"]:
             raise EngineError(f"engine file {engine_file} does not match its metadata (sha256 differs): the file is "
                               "damaged or was replaced; rebuild with `python -m cnpose_trt.build ... --force`")
-    from .. import backends
-
     module = backends.get(meta["backend"], what=f"engine {engine_file}")
     # Another backend's engine file under this backend's name: its loader would fail with its own
     # message (torch.load on an ONNX file). A backend whose library is missing says so first.

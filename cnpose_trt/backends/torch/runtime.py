@@ -21,6 +21,7 @@ import numpy as np
 
 from ...errors import CheckpointError, EngineError
 from ...nn.checkpoint import load_checkpoint, weights_sha256
+from ...ops._device import GRAPH_CAPTURE_LOCK
 from ...ops.decoding import OUT_FIELDS, decode
 from ...spec import VariantSpec
 from ..base import Engine, check_engine_io, engine_mismatch, importable, library_version
@@ -79,7 +80,7 @@ class TorchEngine(Engine):
         super().__init__(path, meta)
         import torch
 
-        from ...nn.network import ConvNeXtPose
+        from ...nn.network import ConvNeXtPose  # lazy: imports torch
 
         try:
             self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,8 +202,6 @@ class TorchEngine(Engine):
 
     def _capture(self, static: Any) -> tuple[Any, Any]:
         import torch
-
-        from ...ops._device import GRAPH_CAPTURE_LOCK
 
         side = torch.cuda.Stream(self.torch_device, priority=-1)  # never torch's (default-priority) capture stream
         side.wait_stream(torch.cuda.current_stream(self.torch_device))
