@@ -142,7 +142,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "BatchNorm folded with the running mean's sign flipped",
            (REF + "test_onnx_engine_matches_reference",)),
     Mutant("export-conv-bn-bias", "cnpose_trt/build/export.py",
-           "fused.bias = nn.Parameter((bias * a + c).to(dtype))", "fused.bias = nn.Parameter((bias + c).to(dtype))",
+           "a.view(-1, 1, 1, 1)).to(dtype))\n    fused.bias = nn.Parameter((bias * a + c).to(dtype))",
+           "a.view(-1, 1, 1, 1)).to(dtype))\n    fused.bias = nn.Parameter((bias + c).to(dtype))",
            "conv bias not scaled when BatchNorm is folded into the conv before it",
            (REF + "test_onnx_engine_matches_reference",)),
     Mutant("export-bn-conv-shift-dropped", "cnpose_trt/build/export.py",
@@ -163,9 +164,26 @@ MUTANTS: tuple[Mutant, ...] = (
            "the opset option never reaches the exporter",
            (OPT + "test_opset_reaches_the_engine_file",)),
     Mutant("export-static-batch", "cnpose_trt/build/export.py",
-           'dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},', "dynamic_axes=None,",
+           'dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},', "dynamic_axes=None,",
            "graph exported with a fixed batch",
            (REF + "test_onnx_engine_matches_reference",)),
+
+    # --------------------------------------------------------------------------------- rootnet
+    Mutant("rootnet-deconv-bn-wrong-axis", "cnpose_trt/build/export.py",
+           "(deconv.weight.double() * a.view(1, -1, 1, 1))", "(deconv.weight.double() * a.view(-1, 1, 1, 1))",
+           "RootNet's deconv BatchNorm folded on the input channels (ConvTranspose2d stores (in, out, kh, kw))",
+           ("tests/test_rootnet_golden.py::test_folded_batchnorm_is_the_same_function",)),
+    Mutant("rootnet-k-unsquared", "cnpose_trt/ops/rootnet.py",
+           "np.sqrt(real_x * real_y * cam[:, 0] * cam[:, 1] / (boxes[:, 2] * boxes[:, 3]))",
+           "real_x * cam[:, 0] / boxes[:, 2]",
+           "k from one axis only (fx / w), not sqrt(bbox_real_x bbox_real_y fx fy / (w h))",
+           # the golden data cannot tell (square crop boxes, fx == fy); the formula test uses fx != fy
+           ("tests/test_rootnet.py::test_k_values_formula_and_broadcasting",)),
+    Mutant("rootnet-cells-half-offset", "cnpose_trt/nn/rootnet.py",
+           "cells_x = torch.arange(w, dtype=prob.dtype, device=prob.device)",
+           "cells_x = torch.arange(w, dtype=prob.dtype, device=prob.device) + 0.5",
+           "x read at cell centres (+0.5): upstream's expectation uses cell indices 0..63",
+           ("tests/test_rootnet_golden.py::test_network_output",)),
 
     # ------------------------------------------------------------------------------- precision
     Mutant("precision-calib-method-ignored", "cnpose_trt/build/precision.py",
