@@ -66,12 +66,10 @@ def test_lossy_round_trip(tmp_path, suffix):
         assert error < 0.5 * _mae(image, scenes[(i + 1) % 10].image)  # the frame in its place, not a neighbour
 
 
-def test_wanted_frames_are_the_full_read_at_those_indices(lossless, monkeypatch):
-    """Any order, repeats once; decoded in one pass: never a seek, one retrieve() per wanted frame."""
+def _spy_captures(monkeypatch) -> dict[str, int]:
+    """Count the seeks (set) and the frames converted (retrieve) of every cv2.VideoCapture opened from now."""
     import cv2
 
-    path, _ = lossless
-    full = dict(read_frames(path))
     calls = {"set": 0, "retrieve": 0}
     real = cv2.VideoCapture
 
@@ -91,14 +89,22 @@ def test_wanted_frames_are_the_full_read_at_those_indices(lossless, monkeypatch)
             return getattr(self.cap, name)
 
     monkeypatch.setattr(cv2, "VideoCapture", Spy)
+    return calls
+
+
+def test_wanted_frames_are_the_full_read_at_those_indices(lossless, monkeypatch):
+    """Any order, repeats once; decoded in one pass: never a seek, one retrieve() per wanted frame."""
+    path, _ = lossless
+    full = dict(read_frames(path))
+    calls = _spy_captures(monkeypatch)
     rng = np.random.default_rng(5)
-    for _ in range(3):
-        want = rng.choice(12, size=rng.integers(1, 8), replace=True).tolist()
+    wants = [rng.choice(12, size=rng.integers(1, 8), replace=True).tolist() for _ in range(3)]
+    for want in wants:
         got = list(read_frames(path, want))
         assert [i for i, _ in got] == sorted(set(want))
         for i, image in got:
             np.testing.assert_array_equal(image, full[i])
-    assert calls["set"] == 0
+    assert calls["set"] == 0 and calls["retrieve"] == sum(len(set(w)) for w in wants)
     got = list(read_frames(path, [11]))  # the last frame alone
     np.testing.assert_array_equal(got[0][1], full[11])
     assert list(read_frames(path, [])) == []
@@ -262,7 +268,7 @@ def test_detections_file_missing(tmp_path):
 # ---- predict VIDEO --------------------------------------------------------------------------------
 
 
-def test_predict_video(xs_engine_path, lossless, tmp_path, capsys):
+def test_predict_video(xs_engine_path, lossless, tmp_path, capsys, monkeypatch):
     """Poses per frame equal PoseEstimator on the frames decoded separately (the scenes: the video is
     lossless); frames without boxes are counted, drawn as they are, and (without --draw) not decoded."""
     from cnpose_trt import PoseEstimator
@@ -300,9 +306,11 @@ def test_predict_video(xs_engine_path, lossless, tmp_path, capsys):
             np.testing.assert_array_equal(image, want)
     # without --draw: the same rows, the frames without boxes only grabbed past
     again = tmp_path / "again.json"
+    calls = _spy_captures(monkeypatch)
     assert cli(["predict", str(path), "--boxes", str(dets), "--engine", str(xs_engine_path), "--output",
                 str(again)]) == 0
     assert json.loads(again.read_text())["rows"] == doc["rows"]
+    assert calls == {"set": 0, "retrieve": len(with_boxes)}
     capsys.readouterr()
 
 
