@@ -19,8 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cache import finite_json
-from .common import add_engine_arguments, check_output_file, default_variant, engine_for, flip_test, floats, write_text
+from .common import (
+    add_engine_arguments,
+    check_output_file,
+    default_variant,
+    emit_document,
+    engine_for,
+    flip_test,
+    floats,
+)
 
 FOLDER_HINT = ("predict FOLDER needs the people's boxes: --boxes FILE (JSON {file name: [x, y, w, h] or "
                "[[x, y, w, h], ...]}) or --bbox/--crop-box for every image; for manifests with per-image depths and "
@@ -73,16 +80,6 @@ def run_predict(args: argparse.Namespace) -> int:
     return _predict_image(args)
 
 
-def _emit(output: Path | None, doc: dict[str, Any], what: str) -> None:
-    """predict's JSON document: to the --output file (saying what it holds), else to stdout."""
-    text = finite_json(doc)
-    if output:
-        write_text(output, text + "\n")
-        print(f"wrote {output} ({what})", file=sys.stderr)
-    else:
-        print(text)
-
-
 def _draw(path: Path, image: Any, result: Any) -> None:
     """The overlay with the 3D view beside it, for one image's PoseResult."""
     from ..io.draw import draw_poses_3d, pose_3d, save_image
@@ -125,7 +122,7 @@ def _predict_image(args: argparse.Namespace) -> int:
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "people": result.to_dict()}
-    _emit(args.output, doc, f"{len(result)} people")
+    emit_document(args.output, doc, f"{len(result)} people")
     if args.draw:
         _draw(args.draw, image, result)
         print(f"wrote {args.draw}", file=sys.stderr)
@@ -230,7 +227,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
     doc = {"folder": str(folder), "engine": str(engine.path), "variant": engine.spec.name,
            "precision": engine.precision, "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "images": docs}
-    _emit(args.output, doc, f"{len(docs)} images, {people} people")
+    emit_document(args.output, doc, f"{len(docs)} images, {people} people")
     if args.draw is not None:
         print(f"wrote the pictures to {args.draw}", file=sys.stderr)
     return 0

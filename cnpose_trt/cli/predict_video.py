@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import check_output_file, engine_for, flip_test
+from .common import check_output_file, emit_document, engine_for, flip_test
 
 VIDEO_HINT = ("predict VIDEO needs the people's boxes: --boxes FILE (JSON {frame: [x, y, w, h] or [[x, y, w, h], "
               "...]}, COCO-video detections, or a list of detections with image_id or frame) or --bbox/--crop-box "
@@ -119,7 +119,6 @@ def predict_video(args: argparse.Namespace) -> int:
     """predict VIDEO: boxes per frame from --boxes, or --bbox/--crop-box for every frame; one JSON document,
     and with --draw the annotated video (every frame, those without boxes as they are)."""
     from ..io.video import video_info
-    from .predict import _emit
 
     _check_outputs(args)
     info = video_info(args.image)
@@ -139,7 +138,7 @@ def predict_video(args: argparse.Namespace) -> int:
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": flip, "rows": rows}
     people = sum(len(r["people"]) for r in rows)
-    _emit(args.output, doc, f"{everything} frames, {len(rows)} with people, {people} people")
+    emit_document(args.output, doc, f"{everything} frames, {len(rows)} with people, {people} people")
     if args.draw is not None:
         print(f"wrote {args.draw} ({read} frames)", file=sys.stderr)
     return 0
