@@ -29,6 +29,15 @@ class ManifestError(CnposeError, ValueError):
     """A batch manifest that cannot be read: names the file, the line (or row) and the field."""
 
 
+class VideoError(CnposeError, ValueError):
+    """A video file that cannot be read (not a video, cannot be decoded, a wanted frame past its end) or
+    written: names the file and, where one is to blame, the frame (`frame`, else None)."""
+
+    def __init__(self, message: str, frame: int | None = None) -> None:
+        super().__init__(message)
+        self.frame = frame
+
+
 class BatchError(CnposeError, RuntimeError):
     """An output folder that cannot be used for this job (locked, another job's results, damaged part)."""
 

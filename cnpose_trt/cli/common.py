@@ -62,6 +62,18 @@ def write_text(path: Path, text: str) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
+def emit_document(output: Path | None, doc: dict[str, Any], what: str) -> None:
+    """A command's JSON document (predict's): to the --output file (saying what it holds), else to stdout."""
+    from ..cache import finite_json
+
+    text = finite_json(doc)
+    if output:
+        write_text(output, text + "\n")
+        print(f"wrote {output} ({what})", file=sys.stderr)
+    else:
+        print(text)
+
+
 def check_output_file(option: str, path: Path | None) -> None:
     """Refuse, before any work, an output path that cannot be written."""
     if path is None:

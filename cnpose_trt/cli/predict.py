@@ -1,4 +1,5 @@
-"""`cnpose-trt predict`: the 3D poses of the people in one image, or in every image of a folder.
+"""`cnpose-trt predict`: the 3D poses of the people in one image, in every image of a folder, or in every
+frame of a video (predict_video.py).
 
 One image takes its people's boxes from --bbox or --crop-box; a folder from --boxes FILE (per file) or
 the same --bbox/--crop-box for every image. The options are checked and the output paths refused
@@ -18,8 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cache import finite_json
-from .common import add_engine_arguments, check_output_file, default_variant, engine_for, flip_test, floats, write_text
+from .common import (
+    add_engine_arguments,
+    check_output_file,
+    default_variant,
+    emit_document,
+    engine_for,
+    flip_test,
+    floats,
+)
 
 FOLDER_HINT = ("predict FOLDER needs the people's boxes: --boxes FILE (JSON {file name: [x, y, w, h] or "
                "[[x, y, w, h], ...]}) or --bbox/--crop-box for every image; for manifests with per-image depths and "
@@ -29,10 +37,12 @@ FOLDER_HINT = ("predict FOLDER needs the people's boxes: --boxes FILE (JSON {fil
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     from ..backends import add_session_arguments
 
-    p.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...), or a folder of them (with --boxes "
-                   "FILE, or --bbox/--crop-box for every image)")
+    p.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...), a folder of them (with --boxes "
+                   "FILE, or --bbox/--crop-box for every image), or a video file (.mp4, .avi, .mkv, ...; the same "
+                   "options per frame)")
     p.add_argument("--boxes", type=Path, metavar="FILE", help="with a folder: JSON {file name: [x, y, w, h] or "
-                   "[[x, y, w, h], ...]}, person boxes per image (images it does not name have no people)")
+                   "[[x, y, w, h], ...]}, person boxes per image (images it does not name have no people); with a "
+                   "video: {frame: boxes}, COCO-video detections (image_id or frame) or a list of detections")
     add_session_arguments(p)
     p.add_argument("--bbox", type=floats(4, "--bbox"), action="append",
                    metavar="X,Y,W,H", help="person box in pixels; repeat for several people. Squared and "
@@ -50,7 +60,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
     p.add_argument("--output", type=Path, help="JSON file (default: stdout)")
     p.add_argument("--draw", type=Path, help="picture of the skeletons over the image, a 3D view beside it (PNG "
-                   "or JPEG); with a folder of images, a folder for one picture per image")
+                   "or JPEG); with a folder of images, a folder for one picture per image; with a video, the annotated "
+                   "video (.mp4, .avi or .mkv)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -60,17 +71,13 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("--focal and --principal go together (camera intrinsics fx,fy and cx,cy)")
     if Path(args.image).is_dir():
         return _predict_folder(args)
+    from ..io.video import VIDEO_SUFFIXES
+
+    if Path(args.image).suffix.lower() in VIDEO_SUFFIXES:
+        from .predict_video import predict_video
+
+        return predict_video(args)
     return _predict_image(args)
-
-
-def _emit(output: Path | None, doc: dict[str, Any], what: str) -> None:
-    """predict's JSON document: to the --output file (saying what it holds), else to stdout."""
-    text = finite_json(doc)
-    if output:
-        write_text(output, text + "\n")
-        print(f"wrote {output} ({what})", file=sys.stderr)
-    else:
-        print(text)
 
 
 def _draw(path: Path, image: Any, result: Any) -> None:
@@ -115,7 +122,7 @@ def _predict_image(args: argparse.Namespace) -> int:
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
            "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "people": result.to_dict()}
-    _emit(args.output, doc, f"{len(result)} people")
+    emit_document(args.output, doc, f"{len(result)} people")
     if args.draw:
         _draw(args.draw, image, result)
         print(f"wrote {args.draw}", file=sys.stderr)
@@ -220,7 +227,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
     doc = {"folder": str(folder), "engine": str(engine.path), "variant": engine.spec.name,
            "precision": engine.precision, "weights": engine.meta["weights"]["source"], "flip_test": flip,
            "images": docs}
-    _emit(args.output, doc, f"{len(docs)} images, {people} people")
+    emit_document(args.output, doc, f"{len(docs)} images, {people} people")
     if args.draw is not None:
         print(f"wrote the pictures to {args.draw}", file=sys.stderr)
     return 0
