@@ -23,10 +23,10 @@ from ..backends.base import (  # noqa: F401  (Engine and its checks are the runt
     _damaged,
     _max_batch,
     check_engine_contents,
-    engine_model,
-    engine_spec,
     check_engine_io,
     engine_mismatch,
+    engine_model,
+    engine_spec,
 )
 from ..cache import ENGINE_FORMAT, file_sha256, is_plain_name, sidecar_path
 from ..errors import CnposeError, EngineError
