@@ -118,7 +118,9 @@ def test_second_build_is_a_cache_hit(fp32, snapshot, out):
 
 
 def test_key_holds_the_model(fp32):
-    fields = recorded_key_fields(fp32.meta)
+    from cnpose_trt import backends
+
+    fields = {**recorded_key_fields(fp32.meta), "backend_version": backends.get("onnxruntime").version()}
     assert fields["model"] == "rootnet" and cache_key(fields) == fp32.meta["cache_key"]
     without = {k: v for k, v in fields.items() if k != "model"}
     assert cache_key(without) != fp32.meta["cache_key"]
@@ -203,13 +205,15 @@ def test_load_checks_the_model(fp32, tmp_path):
 
 
 def _edited(fp32, tmp_path, edit):
-    side = fp32.path.with_name(fp32.path.name + ".json")
+    from cnpose_trt.cache import sidecar_path
+
+    side = sidecar_path(fp32.path)
     meta = json.loads(side.read_text())
     edit(meta)
-    copy = tmp_path / fp32.path.name
-    copy.write_bytes(fp32.path.read_bytes())
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / meta["engine_file"]).write_bytes((side.parent / meta["engine_file"]).read_bytes())
     (tmp_path / side.name).write_text(json.dumps(meta))
-    return copy
+    return tmp_path / side.name
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -220,6 +224,7 @@ def _edited(fp32, tmp_path, edit):
     (lambda m: m["spec"].update(output_size=32), "not this version's RootNet"),
 ])
 def test_edited_sidecars_are_refused(fp32, tmp_path, edit, message):
+    assert load_engine(_edited(fp32, tmp_path / "same", lambda m: None)).model == "rootnet"
     with pytest.raises(EngineError, match=message):
         load_engine(_edited(fp32, tmp_path, edit))
 
