@@ -81,7 +81,7 @@ def fp32(snapshot, out):
 
 def test_fp32_engine_is_torch_and_upstream(fp32, golden, reference):
     engine = load_engine(fp32.path)
-    assert engine.model == "rootnet" and engine.spec == ROOTNET and engine.output_shape == (3,)
+    assert engine.network == "rootnet" and engine.spec == ROOTNET and engine.output_shape == (3,)
     x = golden["network_input"].astype(np.float32)
     raw = engine.infer(x)  # 5 crops through max_batch 2: chunks of 2, 2, 1
     assert raw.shape == (5, 3) and raw.dtype == np.float32
@@ -201,7 +201,7 @@ def test_decode_paths_refuse_a_rootnet_engine(fp32, golden):
 def test_load_checks_the_model(fp32, tmp_path):
     with pytest.raises(EngineError, match="built for model 'rootnet', not 'convnextpose'"):
         load_engine(fp32.path, model="convnextpose")
-    assert load_engine(fp32.path, model="rootnet").model == "rootnet"
+    assert load_engine(fp32.path, model="rootnet").network == "rootnet"
 
 
 def _edited(fp32, tmp_path, edit):
@@ -224,7 +224,7 @@ def _edited(fp32, tmp_path, edit):
     (lambda m: m["spec"].update(output_size=32), "not this version's RootNet"),
 ])
 def test_edited_sidecars_are_refused(fp32, tmp_path, edit, message):
-    assert load_engine(_edited(fp32, tmp_path / "same", lambda m: None)).model == "rootnet"
+    assert load_engine(_edited(fp32, tmp_path / "same", lambda m: None)).network == "rootnet"
     with pytest.raises(EngineError, match=message):
         load_engine(_edited(fp32, tmp_path, edit))
 

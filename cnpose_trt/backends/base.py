@@ -145,7 +145,8 @@ class Engine:
         self.path = Path(path)
         self.meta = meta
         try:
-            self.model = engine_model(meta)
+            # The network's name (the sidecar's "model"); not `model`, which TorchEngine holds its module in.
+            self.network = engine_model(meta)
             self.spec: Any = engine_spec(meta)
             self.output_shape: tuple[int, ...] = tuple(self.spec.output_shape)
             self.input_name = meta["input"]["name"]
@@ -175,13 +176,13 @@ class Engine:
         to the pose decode, say), before its output is read as the wrong thing.
 
         Raises:
-            EngineError: self.model is not model.
+            EngineError: self.network is not model.
         """
-        if self.model != model:
+        if self.network != model:
             names = {"convnextpose": "a ConvNeXtPose (pose) engine", "rootnet": "a RootNet engine"}
             raise EngineError(f"{what} needs {names.get(model, model)}, but {self.path} is "
-                              f"{names.get(self.model, self.model)} (its outputs are "
-                              f"{'(N, 3) roots: x, y cells and gamma' if self.model == 'rootnet' else 'heatmaps'})")
+                              f"{names.get(self.network, self.network)} (its outputs are "
+                              f"{'(N, 3) roots: x, y cells and gamma' if self.network == 'rootnet' else 'heatmaps'})")
 
     @property
     def on_device(self) -> bool:

@@ -128,7 +128,7 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
                 precision: str | None = None, weights_sha256: str | None = None, model: str | None = None,
                 **options: Any) -> Engine:
     """Load an engine built by `python -m cnpose_trt.build`: a ConvNeXtPose engine (heatmaps) or a
-    RootNet engine (its sidecar's model "rootnet"; (N, 3) roots). Engine.model says which.
+    RootNet engine (its sidecar's model "rootnet"; (N, 3) roots). Engine.network says which.
 
     Needs no lock and no write access: engines in a read-only folder load. A rebuild running at
     the same time is harmless: the sidecar names the engine file, is replaced atomically, and an
