@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks
-from .spec import DEFAULT_OPSET, VariantSpec
+from .spec import DEFAULT_OPSET, MODELS, VariantSpec
 
 DEFAULT_MAX_BATCH = 32  # the largest batch an engine is built for unless told otherwise
 MAX_BUILD_BATCH = 4096  # the largest engine profile build_engine makes
@@ -24,6 +24,16 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Node-name prefixes (as torch.onnx names them) kept out of INT8 by default: pose heads lose
 # accuracy when the heatmap conv and the layer feeding it are quantized.
 DEFAULT_INT8_EXCLUDE = ("/head/final_layer/", "/head/deconv_layers_3/")
+# RootNet's: the 1x1 xy_layer whose logits feed the 4096-cell softmax, and the depth_layer giving gamma
+# (build_engine uses these when int8_exclude is left at DEFAULT_INT8_EXCLUDE).
+ROOTNET_INT8_EXCLUDE = ("/root/xy_layer/", "/root/depth_layer/")
+# RootNet's head after the backbone, kept in float32 in every FP16 RootNet engine (on top of keep_fp32):
+# the 1x1 xy_layer and depth_layer (cheap), the softmax over 4096 cells (each p ~ 2.4e-4, near
+# float16's subnormals at 6e-5), its row/column sums and the expectation over cells 0..63 (float16's
+# step at 63 is 0.03 cells) with its cell indices (Cast, Range: the converter blocks Range, so the Casts
+# feeding it stay float32 too), the global average giving gamma, and the output Concat (the roots stay float32).
+ROOTNET_KEEP_FP32 = ("/root/xy_layer/", "/root/depth_layer/", "/root/Flatten", "/root/Softmax", "/root/Reshape",
+                     "/root/ReduceSum", "/root/Mul", "/root/ReduceMean", "/root/Concat", "/root/Cast", "/root/Range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +66,8 @@ class BuildConfig:
 
     variant: "XS", "S", "M", "L" or a VariantSpec; None with a checkpoint (read from its shapes).
     checkpoint: weights file; None: deterministic random weights from `seed` (benchmarks only).
+    model: the network, "convnextpose" (the pose network, a variant) or "rootnet" (one configuration:
+        no variant; an official RootNet snapshot or random weights with fitted BatchNorm statistics).
     """
 
     variant: str | VariantSpec | None = None
@@ -77,8 +89,13 @@ class BuildConfig:
     int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE
     int8_scheme: str | None = None
     trt: TrtOptions | None = None
+    model: str = "convnextpose"
 
     def __post_init__(self) -> None:
+        checks.one_of("model", self.model, MODELS)
+        if self.model == "rootnet" and self.variant is not None:
+            raise ValueError(f"variant is a ConvNeXtPose option; RootNet has one configuration (ResNet-50), "
+                             f"got variant={self.variant!r} with model='rootnet'")
         if self.variant is not None and not isinstance(self.variant, (str, VariantSpec)):
             raise ValueError(f"variant must be a variant name (XS, S, M, L), a VariantSpec or None, "
                              f"got {self.variant!r}")

@@ -129,6 +129,11 @@ class VariantSpec:
         return (3, self.input_size, self.input_size)
 
     @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """One image's engine output (the heatmaps): what every network spec names output_shape."""
+        return self.heatmap_shape
+
+    @property
     def head_tag(self) -> str:
         """Names the head configuration, e.g. '3UP-256ch-D64' (benchmark groups, file names)."""
         return f"{self.num_upsample}UP-{self.head_channels}ch-D{self.depth_dim}"
@@ -213,6 +218,40 @@ def conv_weight_shapes(spec: VariantSpec) -> dict[tuple[int, int, int, int], int
     return counts
 
 
+def rootnet_weight_shapes(spec: RootNetSpec) -> dict[tuple[int, int, int, int], int]:
+    """RootNet's 4-D weights by shape in deploy form (BatchNorm folded, export.fuse_rootnet_batchnorm): the
+    convolutions (out, in, kh, kw) and the head's transposed convolutions (in, out, 4, 4), as every ONNX
+    engine of it holds them, whatever its precision (nn/rootnet.py builds these layers)."""
+    counts: dict[tuple[int, int, int, int], int] = {}
+
+    def add(shape: tuple[int, int, int, int]) -> None:
+        counts[shape] = counts.get(shape, 0) + 1
+
+    add((64, 3, 7, 7))  # stem
+    inplanes = 64
+    for planes, blocks in zip(spec.planes, spec.blocks, strict=True):
+        out = 4 * planes
+        for b in range(blocks):
+            add((planes, inplanes, 1, 1))
+            add((planes, planes, 3, 3))
+            add((out, planes, 1, 1))
+            if b == 0:
+                add((out, inplanes, 1, 1))  # downsample
+            inplanes = out
+    channels = spec.backbone_channels
+    for _ in range(spec.num_deconv):
+        add((channels, spec.head_channels, 4, 4))
+        channels = spec.head_channels
+    add((1, spec.head_channels, 1, 1))  # xy_layer
+    add((1, spec.backbone_channels, 1, 1))  # depth_layer
+    return counts
+
+
+def network_weight_shapes(spec: VariantSpec | RootNetSpec) -> dict[tuple[int, int, int, int], int]:
+    """The 4-D weights by shape of either network's deploy form (conv_weight_shapes, rootnet_weight_shapes)."""
+    return rootnet_weight_shapes(spec) if isinstance(spec, RootNetSpec) else conv_weight_shapes(spec)
+
+
 def upsample_flags_for(depth_dim: int, input_size: int = INPUT_SIZE, heatmap_size: int | None = None
                        ) -> tuple[bool, bool, bool]:
     """Head upsample flags implied by a cubic heatmap volume (H = W = depth_dim).
@@ -273,5 +312,54 @@ class RootNetSpec:
     def backbone_channels(self) -> int:
         return self.planes[-1] * 4
 
+    @property
+    def head_tag(self) -> str:
+        """Names the configuration like VariantSpec.head_tag (file names, inspect): 'R50-XY64'."""
+        return f"R{3 * sum(self.blocks) + 2}-XY{self.output_size}"
+
+    def same_architecture(self, other: Any) -> bool:
+        return isinstance(other, RootNetSpec) and self == other
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RootNetSpec:
+        """The spec an engine's sidecar records; only this version's RootNet is accepted (its network is
+        fixed: a sidecar recording other facts was edited or is foreign).
+
+        Raises:
+            ValueError: unknown fields, or facts other than ROOTNET's.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields) if isinstance(data, Mapping) else ["(not an object)"]
+        if unknown:
+            raise ValueError(f"unknown RootNet spec fields {unknown}; allowed: {sorted(fields)}")
+        spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        if spec != ROOTNET:
+            differ = sorted(k for k in fields if getattr(spec, k) != getattr(ROOTNET, k))
+            raise ValueError(f"RootNet spec fields {differ} differ from this version's RootNet")
+        return spec
+
 
 ROOTNET = RootNetSpec()
+# The networks an engine can hold (config.BuildConfig.model, an engine's sidecar "model").
+MODELS = ("convnextpose", "rootnet")
+
+
+def model_of(spec: VariantSpec | RootNetSpec) -> str:
+    """The network a spec describes: "rootnet" or "convnextpose"."""
+    return "rootnet" if isinstance(spec, RootNetSpec) else "convnextpose"
+
+
+def spec_from_dict(model: str, data: Mapping[str, Any]) -> VariantSpec | RootNetSpec:
+    """The spec a sidecar records for its model ("convnextpose": VariantSpec, "rootnet": RootNetSpec).
+
+    Raises:
+        ValueError: an unknown model or a malformed spec.
+    """
+    if model == "rootnet":
+        return RootNetSpec.from_dict(data)
+    if model == "convnextpose":
+        return VariantSpec.from_dict(data)
+    raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")

@@ -31,7 +31,7 @@ from ..checks import integer, is_integer
 from ..errors import EngineError
 from ..ops.decoding import decode
 from ..ops.geometry import per_person
-from ..spec import VariantSpec, conv_weight_shapes
+from ..spec import MODELS, RootNetSpec, VariantSpec, network_weight_shapes, spec_from_dict
 
 MAX_ENGINE_BATCH = 1 << 16
 IO_DTYPES = ("float32", "float16")
@@ -92,20 +92,38 @@ def check_engine_contents(path: Any, meta: dict[str, Any], *, precision: str | N
     """Compare what an engine file's contents show with its sidecar; a backend passes what it can
     read cheaply (precision: from the graph's tensors and nodes; conv_shapes: its convolution
     weights by shape, which give the variant when the heads agree). Raises engine_mismatch."""
-    spec = VariantSpec.from_dict(meta["spec"])
+    spec = engine_spec(meta)
     if precision is not None and precision != meta.get("precision"):
         evidence = {"int8": "quantize/dequantize nodes", "fp16": "float16 tensors, no quantize/dequantize nodes",
                     "fp32": "no float16 tensors, no quantize/dequantize nodes"}[precision]
         raise engine_mismatch(path, f"precision says {meta.get('precision')!r}, its graph is {precision} ({evidence})")
     if conv_shapes is not None:
-        want = conv_weight_shapes(spec)
+        want = network_weight_shapes(spec)
         missing = sorted(k for k in want if conv_shapes.get(k, 0) < want[k])
         extra = sorted(k for k in conv_shapes if conv_shapes[k] > want.get(k, 0))
         if missing or extra:
             example = "; ".join(part for part in (
                 f"lacks {missing[0]}" if missing else "", f"has {extra[0]}" if extra else "") if part)
-            raise engine_mismatch(path, f"spec says variant {spec.name} ({spec.head_tag}), its convolution weights "
+            raise engine_mismatch(path, f"spec says {_network_words(spec)}, its convolution weights "
                                         f"are another network's ({example})")
+
+
+def _network_words(spec: VariantSpec | RootNetSpec) -> str:
+    return "RootNet (ResNet-50)" if isinstance(spec, RootNetSpec) else f"variant {spec.name} ({spec.head_tag})"
+
+
+def engine_model(meta: dict[str, Any]) -> str:
+    """The network a sidecar says its engine runs: its "model" ("convnextpose" when absent: engines
+    built before RootNet engines existed). Raises ValueError for another value."""
+    model = meta.get("model", "convnextpose")
+    if not isinstance(model, str) or model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    return model
+
+
+def engine_spec(meta: dict[str, Any]) -> VariantSpec | RootNetSpec:
+    """The spec a sidecar records, of the network its "model" names (ValueError/TypeError if malformed)."""
+    return spec_from_dict(engine_model(meta), meta["spec"])
 
 
 def _max_batch(value: Any, where: Path) -> int:
@@ -115,17 +133,22 @@ def _max_batch(value: Any, where: Path) -> int:
 
 
 class Engine:
-    """A compiled ConvNeXtPose network: (N, 3, S, S) float32 images -> (N, J*D, H, W) heatmaps.
+    """A compiled network: ConvNeXtPose, (N, 3, S, S) float32 images -> (N, J*D, H, W) heatmaps, or
+    RootNet (model "rootnet"), the same images -> (N, 3) roots: x, y (output cells) and gamma.
 
     The protocol every backend implements (module docstring); subclasses provide _run, and GPU
-    backends infer_device and _infer_decode.
+    backends infer_device and _infer_decode. The decode calls (infer_decode, infer_device,
+    enqueue_device) are ConvNeXtPose's: a RootNet engine refuses them (require_model).
     """
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = Path(path)
         self.meta = meta
         try:
-            self.spec = VariantSpec.from_dict(meta["spec"])
+            # The network's name (the sidecar's "model"); not `model`, which TorchEngine holds its module in.
+            self.network = engine_model(meta)
+            self.spec: Any = engine_spec(meta)
+            self.output_shape: tuple[int, ...] = tuple(self.spec.output_shape)
             self.input_name = meta["input"]["name"]
             self.output_name = meta["output"]["name"]
             dtypes = (meta["input"]["dtype"], meta["output"]["dtype"])
@@ -147,6 +170,19 @@ class Engine:
     @property
     def precision(self) -> str:
         return str(self.meta.get("precision", "fp32"))
+
+    def require_model(self, model: str, what: str) -> None:
+        """Refuse, in one line, an engine of another network than `what` runs (a RootNet engine given
+        to the pose decode, say), before its output is read as the wrong thing.
+
+        Raises:
+            EngineError: self.network is not model.
+        """
+        if self.network != model:
+            names = {"convnextpose": "a ConvNeXtPose (pose) engine", "rootnet": "a RootNet engine"}
+            raise EngineError(f"{what} needs {names.get(model, model)}, but {self.path} is "
+                              f"{names.get(self.network, self.network)} (its outputs are "
+                              f"{'(N, 3) roots: x, y cells and gamma' if self.network == 'rootnet' else 'heatmaps'})")
 
     @property
     def on_device(self) -> bool:
@@ -178,7 +214,8 @@ class Engine:
         Args:
             images: (N, 3, S, S) of the engine's input dtype, normalised.
         Returns:
-            heatmaps (N, J*D, H, W) of the engine's output dtype, on the host.
+            heatmaps (N, J*D, H, W) of the engine's output dtype, on the host; a RootNet engine's
+            (N, 3) float32 roots: x, y in output cells (0..63), gamma (depth mm = gamma * k, outside).
         """
         images = self.check_input(images)
         if len(images) <= self.max_batch:
@@ -188,6 +225,7 @@ class Engine:
 
     def infer_device(self, images: np.ndarray) -> Any:
         """Heatmaps left on the device (GPU backends); a CPU engine refuses."""
+        self.require_model("convnextpose", "infer_device")
         raise EngineError(f"the {self.backend} engine runs on the CPU: its heatmaps are host arrays, use infer()")
 
     def infer_decode(self, images: np.ndarray, *, boxes: Any = None, root_depth: Any = None,
@@ -202,6 +240,7 @@ class Engine:
             (P, J, 10) float32 on the host: cells (3), confidence, image px + depth mm (3),
             camera mm (3); fields not requested are NaN (the kernels' contract, csrc/decode/softargmax.h).
         """
+        self.require_model("convnextpose", "infer_decode (the pose decode)")
         images = self.check_input(images)
         n = len(images)
         if flip and n % 2:
@@ -236,6 +275,7 @@ class Engine:
         Raises:
             EngineError: a CPU engine (use infer_decode).
         """
+        self.require_model("convnextpose", "enqueue_device (the pose decode)")
         if not self.on_device:
             raise EngineError(f"the {self.backend} engine runs on the CPU: it has no device input buffer, "
                               "use infer_decode()")
@@ -245,6 +285,7 @@ class Engine:
     def _device_call(self, n: int, flip: bool, boxes: Any, root_depth: Any, intrinsics: Any
                      ) -> tuple[int, dict[str, np.ndarray | None]]:
         """enqueue_device's arguments checked: (people, post-processing inputs)."""
+        self.require_model("convnextpose", "enqueue_device (the pose decode)")
         n = integer("n", n, 1, self.max_batch, hint="the engine's max_batch")
         if flip and n % 2:
             raise ValueError(f"with flip, n must be even (P crops, then their P mirrors), got n = {n}")
@@ -256,6 +297,7 @@ class Engine:
         return self._decode_on_host(self._run(images), post, flip)
 
     def _decode_on_host(self, heatmaps: np.ndarray, post: dict[str, np.ndarray | None], flip: bool) -> np.ndarray:
+        self.require_model("convnextpose", "the pose decode")
         p = len(heatmaps) // 2 if flip else len(heatmaps)
         res = decode(heatmaps[:p], self.spec.joints, self.spec.depth_dim, flipped=heatmaps[p:] if flip else None,
                      **post)

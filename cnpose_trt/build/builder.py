@@ -38,10 +38,10 @@ from ..cache import (
     file_sha256,
     remove_orphans,
 )
-from ..config import BuildConfig, TrtOptions
-from ..errors import BuildError, need_torch
+from ..config import DEFAULT_INT8_EXCLUDE, ROOTNET_INT8_EXCLUDE, ROOTNET_KEEP_FP32, BuildConfig, TrtOptions
+from ..errors import BuildError, CheckpointError, need_torch
 from ..interrupts import raise_if_stopped
-from ..nn.checkpoint import detect_spec, load_checkpoint, weights_sha256
+from ..nn.checkpoint import detect_spec, load_checkpoint, network_of, weights_sha256
 from ..spec import (
     DEFAULT_OPSET,
     INPUT_CONVENTION,
@@ -50,9 +50,11 @@ from ..spec import (
     PIXEL_MEAN,
     PIXEL_STD,
     VARIANTS,
+    RootNetSpec,
     SpecLike,
     VariantSpec,
     get_spec,
+    model_of,
 )
 from .lookup import Request, cached, checkpoint_sha256
 from .precision import PrecisionOptions, calibration_set, convert_fp16, distinct_crops, inspect_graph, quantize_int8
@@ -72,7 +74,7 @@ class BuildResult:
 class BuildJob:
     """What a backend's compile step gets: the model, its precision graph and the options."""
 
-    spec: VariantSpec
+    spec: VariantSpec | RootNetSpec  # a RootNetSpec for a RootNet engine (spec.model_of says which)
     model: Any                  # the PyTorch module (weights loaded)
     precision: str
     max_batch: int
@@ -100,16 +102,46 @@ def resolve_backend(backend: str) -> str:
     return backends.resolve(backend)
 
 
-def weights_fingerprint(checkpoint: str | Path) -> str:
+def weights_fingerprint(checkpoint: str | Path, model: str = "convnextpose") -> str:
     """The sha256 an engine's sidecar records for weights built from `checkpoint` (weights.sha256)."""
-    return _prepare_model(None, checkpoint, 0)[2]
+    return _prepare_model(None, checkpoint, 0, model)[2]
 
 
-def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed: int
+_NETWORK_NAMES = {"convnextpose": "ConvNeXtPose", "rootnet": "RootNet"}
+
+
+def _check_network(state: Any, checkpoint: str | Path, model: str) -> None:
+    """One line for a checkpoint of the other network than the build's model (network_of reads the keys)."""
+    found = network_of(state)
+    if found is not None and found != _NETWORK_NAMES[model]:
+        how = "with --model rootnet (model='rootnet')" if found == "RootNet" else "without --model rootnet"
+        raise CheckpointError(f"checkpoint {checkpoint} holds {found} weights, but a {_NETWORK_NAMES[model]} engine "
+                              f"was asked for: build it {how}")
+
+
+def _prepare_rootnet(checkpoint: str | Path | None, seed: int) -> tuple[Any, str, str]:
+    from ..nn.rootnet import build_rootnet  # lazy: imports torch
+
+    if checkpoint is None:
+        model = build_rootnet(seed=seed, warn_random=False)
+        source = (f"random (seed {seed}, BatchNorm statistics fitted on generated crops); roots are meaningless: "
+                  "for benchmarks only")
+    else:
+        state, _ = load_checkpoint(checkpoint)
+        _check_network(state, checkpoint, "rootnet")
+        model = build_rootnet(state)
+        source = str(checkpoint)
+    return model, source, weights_sha256(model.state_dict())
+
+
+def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed: int, network: str = "convnextpose"
                    ) -> tuple[Any, str, str]:
-    """(model, weights description, weights sha256); the checkpoint's shapes decide the variant."""
+    """(model, weights description, weights sha256); the checkpoint's shapes decide the variant. network:
+    "rootnet" builds RootNet (nn/rootnet.py) from an official snapshot or random weights."""
     from ..nn.model import build_model  # lazy: imports torch (cache hits run without it)
 
+    if network == "rootnet":
+        return _prepare_rootnet(checkpoint, seed)
     if checkpoint is None:
         if variant is None:
             raise ValueError("variant is required without a checkpoint: one of " + ", ".join(VARIANTS))
@@ -119,6 +151,7 @@ def _prepare_model(variant: SpecLike | None, checkpoint: str | Path | None, seed
         source = f"random (seed {seed}); outputs are meaningless"
     else:
         state, stored = load_checkpoint(checkpoint)
+        _check_network(state, checkpoint, "convnextpose")
         if variant is None:  # the tensors decide; a given variant is checked against them by build_model
             variant = detect_spec(state, head_upsample=stored.head_upsample if stored else None)
         model = build_model(variant, state)
@@ -149,6 +182,11 @@ def build_engine(variant: SpecLike | BuildConfig | None = None, checkpoint: str 
         force: rebuild even when a valid cached engine exists.
         opset, seed: the ONNX opset (17 or newer); the random weights' seed (no checkpoint).
         trt: TensorRT builder options (TrtOptions).
+        model: "convnextpose" (default) or "rootnet": RootNet (no variant; an official snapshot or
+            random weights with fitted BatchNorm statistics), input (N, 3, 256, 256), output 'roots'
+            (N, 3) float32 = x, y cells and gamma (depth = gamma * k on the host). Its FP16 graph keeps
+            config.ROOTNET_KEEP_FP32 in float32; its INT8 graph leaves config.ROOTNET_INT8_EXCLUDE float
+            when int8_exclude is left at its default. The onnxruntime and tensorrt backends build it.
     Returns:
         BuildResult(path, cached, sidecar metadata).
     Raises:
@@ -169,9 +207,14 @@ class _Build:
     def __init__(self, config: BuildConfig, progress: Callable[[str], None] | None) -> None:
         c = self.config = config
         self.progress, self.emit = progress, progress or (lambda msg: None)
+        rootnet = c.model == "rootnet"
+        keep_fp32 = tuple(dict.fromkeys((*ROOTNET_KEEP_FP32, *c.keep_fp32))) if rootnet else tuple(c.keep_fp32)
+        int8_exclude = ROOTNET_INT8_EXCLUDE if rootnet and tuple(c.int8_exclude) == DEFAULT_INT8_EXCLUDE \
+            else tuple(c.int8_exclude)
         self.opts = PrecisionOptions(
-            precision=c.precision, fp16_output=c.fp16_output, keep_fp32=tuple(c.keep_fp32),
-            calib_method=c.calib_method, int8_exclude=tuple(c.int8_exclude),
+            # RootNet's roots stay float32 (x to 1/64 cell near 63, gamma): its output is three numbers.
+            precision=c.precision, fp16_output=c.fp16_output and not rootnet, keep_fp32=keep_fp32,
+            calib_method=c.calib_method, int8_exclude=int8_exclude,
             calib_images=None if c.calib_images is None else str(c.calib_images),
             calib_boxes=None if c.calib_boxes is None else str(c.calib_boxes),
             calib_count=c.calib_count, calib_synthetic=c.calib_synthetic, int8_scheme=c.int8_scheme or "trt-symmetric")
@@ -181,6 +224,9 @@ class _Build:
         self.module = backends.get(self.backend)
         if c.int8_scheme is None:  # the graph the backend's kernels run quantized
             self.opts = dataclasses.replace(self.opts, int8_scheme=getattr(self.module, "INT8_SCHEME", "trt-symmetric"))
+        if c.model not in self.module.MODELS:
+            raise ValueError(f"the {self.backend} backend builds {', '.join(self.module.MODELS)} engines, not "
+                             f"{c.model}; build it with --backend onnxruntime (or tensorrt)")
         if c.precision not in self.module.PRECISIONS:
             raise ValueError(f"the {self.backend} backend builds {', '.join(self.module.PRECISIONS)}, "
                              f"not {c.precision!r}")
@@ -205,9 +251,12 @@ class _Build:
     def _fields(self) -> dict[str, Any]:
         """The cache key's fields that the request knows before the model is made."""
         c = self.config
+        # The model enters RootNet keys only: ConvNeXtPose keys stay what they were (engines already built
+        # stay cache hits), and every RootNet key differs from them by this field (and by its spec).
+        model = {"model": c.model} if c.model != "convnextpose" else {}
         return {"precision": c.precision, "precision_options": self.opts.key_fields(self.calib_hash),
                 "backend": self.backend, "opset": self.opset, "max_batch": c.max_batch,
-                "input_convention": INPUT_CONVENTION}
+                "input_convention": INPUT_CONVENTION, **model}
 
     def _job(self, spec: VariantSpec | None, model: Any) -> BuildJob:
         c = self.config
@@ -230,9 +279,11 @@ class _Build:
         need_torch("building an engine (model definition and ONNX export)")
         versions = _versions()
         self.say("[1/5] preparing the model")
-        model, source, wsha = _prepare_model(self.variant, self.config.checkpoint, self.config.seed)
-        spec: VariantSpec = model.spec
-        self.say(f"      variant {spec.name} ({spec.head_tag}), weights: {source}")
+        model, source, wsha = _prepare_model(self.variant, self.config.checkpoint, self.config.seed,
+                                             self.config.model)
+        spec: VariantSpec | RootNetSpec = model.spec
+        what = "RootNet" if self.config.model == "rootnet" else "variant"
+        self.say(f"      {what} {spec.name} ({spec.head_tag}), weights: {source}")
         job = self._job(spec, model)
         key_fields: dict[str, Any] = {"spec": spec.to_dict(), "weights_sha256": wsha, **self._fields(),
                                       **self.module.key_fields(job)}
@@ -278,20 +329,26 @@ class _Build:
                 path, key, job.spec, io_dtypes, {**provenance, "started": started}, extra))
         return BuildResult(engine, False, meta)
 
-    def _sidecar(self, engine: Path, key: str, spec: VariantSpec, io_dtypes: tuple[str, str],
+    def _sidecar(self, engine: Path, key: str, spec: VariantSpec | RootNetSpec, io_dtypes: tuple[str, str],
                  provenance: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """The engine's metadata: what the cache key covers, I/O contract, provenance."""
         c, (in_dtype, out_dtype) = self.config, io_dtypes
+        model = model_of(spec)
+        output = spec.output_name if isinstance(spec, RootNetSpec) else OUTPUT_NAME
+        roots = {"roots": {"fields": ["x_cells", "y_cells", "gamma"], "output_size": spec.output_size,
+                           "bbox_real_mm": list(spec.bbox_real_mm),
+                           "depth": "depth mm = gamma * k, k = sqrt(bbox_real_x * bbox_real_y * fx * fy / (w * h)) "
+                                    "of the processed box, on the host (ops.rootnet)"}} if model == "rootnet" else {}
         return {
             "engine_format": ENGINE_FORMAT, "cache_key": key, "engine_file": engine.name,
-            "engine_sha256": file_sha256(engine),
+            "engine_sha256": file_sha256(engine), "model": model, **roots,
             "variant": spec.name, "spec": spec.to_dict(), "head": spec.head_tag, "precision": c.precision,
             "precision_options": self.opts.key_fields(self.calib_hash), "backend": self.backend,
             "opset": self.opset,
             "max_batch": c.max_batch,
             "input": {"name": INPUT_NAME, "dtype": in_dtype, "shape": ["N", *spec.input_shape],
                       "convention": INPUT_CONVENTION, "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
-            "output": {"name": OUTPUT_NAME, "dtype": out_dtype, "shape": ["N", *spec.heatmap_shape]},
+            "output": {"name": output, "dtype": out_dtype, "shape": ["N", *spec.output_shape]},
             "weights": {"sha256": provenance["wsha"], "source": provenance["source"], "random": c.checkpoint is None,
                         **({"checkpoint_sha256": extra["checkpoint_sha256"]} if "checkpoint_sha256" in extra else {})},
             "versions": provenance["versions"], "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -83,8 +83,8 @@ class Request:
             if not self._weights_match(meta.get("weights") or {}):
                 continue
             fields = {**recorded_key_fields(meta), **self.backend_fields}
-            if any(fields.get(k) != self.fields[k] for k in ("precision", "precision_options", "backend", "opset",
-                                                               "max_batch", "input_convention")):
+            if any(fields.get(k) != self.fields.get(k) for k in ("precision", "precision_options", "backend", "opset",
+                                                                   "max_batch", "input_convention", "model")):
                 continue
             if cache_key(fields) != meta.get("cache_key"):
                 continue  # built with other backend settings (version, TensorRT options)
@@ -137,5 +137,7 @@ def recorded_key_fields(meta: dict[str, Any]) -> dict[str, Any]:
             "precision_options": meta.get("precision_options"),
             "weights_sha256": (meta.get("weights") or {}).get("sha256"), "backend": meta.get("backend"),
             "opset": meta.get("opset"), "max_batch": meta.get("max_batch"),
-            "input_convention": (meta.get("input") or {}).get("convention")}
+            "input_convention": (meta.get("input") or {}).get("convention"),
+            # builder._fields: only a RootNet key holds the model (ConvNeXtPose keys are what they were)
+            **({"model": meta["model"]} if meta.get("model", "convnextpose") != "convnextpose" else {})}
 

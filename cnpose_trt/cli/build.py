@@ -13,13 +13,17 @@ from pathlib import Path
 from ..backends import BACKENDS, DEFAULT_MAX_BATCH
 from ..build import builder
 from ..build.precision import CALIB_METHODS, DEFAULT_INT8_EXCLUDE, PRECISIONS
-from ..config import BuildConfig, TrtOptions
+from ..config import ROOTNET_INT8_EXCLUDE, BuildConfig, TrtOptions
 from ..progress import say
-from ..spec import VARIANTS
+from ..spec import MODELS, VARIANTS
 from .errors import run
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODELS, default="convnextpose",
+                   help="the network: convnextpose (the pose network, default) or rootnet (RootNet, ResNet-50: "
+                        "root position and gamma per person; --checkpoint an official snapshot, else random "
+                        "weights for benchmarks)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--variant", type=str.upper, choices=list(VARIANTS),
                    help="model variant (optional with --checkpoint: read from its weights)")
@@ -52,7 +56,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--calib-synthetic", action="store_true",
                    help="calibrate on generated scenes: for benchmarking only (recorded in the sidecar)")
     i.add_argument("--int8-exclude", action="append", default=None, metavar="NODE_PREFIX",
-                   help=f"node-name prefixes kept out of INT8 (repeatable; default {' '.join(DEFAULT_INT8_EXCLUDE)})")
+                   help=f"node-name prefixes kept out of INT8 (repeatable; default {' '.join(DEFAULT_INT8_EXCLUDE)}; "
+                        f"RootNet's: {' '.join(ROOTNET_INT8_EXCLUDE)})")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--opt-batch", type=int, default=None, help="optimisation profile's opt batch (default max/2)")
     t.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit in MiB (default 4096)")
@@ -67,8 +72,12 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Build (or reuse) the engines the options ask for and print their paths; an error is raised for the
     one boundary (cli.errors) to report, also where a later engine fails after earlier ones were built."""
-    if args.variant is None and args.checkpoint is None and not args.all:
-        raise ValueError("give --variant (XS, S, M, L), --all or --checkpoint")
+    rootnet = getattr(args, "model", "convnextpose") == "rootnet"
+    if rootnet and (args.variant is not None or args.all):
+        raise ValueError("--variant and --all are ConvNeXtPose's; --model rootnet builds RootNet's one configuration "
+                         "(ResNet-50)")
+    if not rootnet and args.variant is None and args.checkpoint is None and not args.all:
+        raise ValueError("give --variant (XS, S, M, L), --all or --checkpoint (or --model rootnet)")
     if args.all and args.checkpoint is not None:
         raise ValueError("--all builds every variant with random weights; a checkpoint holds one variant")
     precisions = list(dict.fromkeys(args.precision or ["fp32"]))
@@ -81,11 +90,13 @@ def run_build(args: argparse.Namespace) -> int:
                    fp16_output=not args.fp32_output, calib_images=args.calib_images, calib_boxes=args.calib_boxes,
                    calib_count=args.calib_count, calib_method=args.calib_method,
                    calib_synthetic=args.calib_synthetic,
-                   int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt)
+                   int8_exclude=DEFAULT_INT8_EXCLUDE if args.int8_exclude is None else args.int8_exclude, trt=trt,
+                   model="rootnet" if rootnet else "convnextpose")
     paths = [builder.build_engine(BuildConfig(variant, precision=precision, **options), progress=say).path
              for variant in variants for precision in precisions]
     if args.checkpoint is None:
-        print("warning: built with random weights; pass --checkpoint for real poses", file=sys.stderr)
+        print(f"warning: built with random weights; pass --checkpoint for real {'roots' if rootnet else 'poses'}",
+              file=sys.stderr)
     for path in paths:
         print(path)
     return 0
@@ -93,6 +104,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnpose_trt.build",
-                                     description="Export and compile a ConvNeXtPose engine, or reuse the cached one.")
+                                     description="Export and compile a ConvNeXtPose (or RootNet: --model rootnet) "
+                                                 "engine, or reuse the cached one.")
     add_build_arguments(parser)
     return run(run_build, parser.parse_args(argv))

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import file_sha256, sidecar_path
-from ..nn.checkpoint import detect_spec, load_checkpoint
+from ..nn.checkpoint import detect_spec, load_checkpoint, network_of
 from ..runtime.engine import read_sidecar
-from ..spec import match_variant
+from ..spec import ROOTNET, match_variant
 
 
 def add_inspect_arguments(i: argparse.ArgumentParser) -> None:
@@ -51,16 +51,24 @@ def _inspect_engine(path: Path) -> int:
     weights = meta.get("weights", {})
     print(f"engine:          {side}")
     print(f"file:            {engine_file.name}: {state}")
-    print(f"variant:         {meta['variant']} ({meta['head']})")
+    if meta.get("model") == "rootnet":
+        print(f"model:           RootNet ({meta['head']}); outputs x, y cells (0..{ROOTNET.output_size - 1}) and "
+              "gamma: depth mm = gamma * k, on the host")
+    else:
+        print(f"variant:         {meta['variant']} ({meta['head']})")
     print(f"precision:       {meta['precision']}, backend {meta['backend']}, max batch {meta['max_batch']}")
     print(f"input:           {io(meta['input'])}, {meta['input'].get('convention', '?')}")
     print(f"output:          {io(meta['output'])}")
-    print(f"weights:         {weights.get('source', '?')}" + (" (random: poses are meaningless)"
+    print(f"weights:         {weights.get('source', '?')}" + (" (random: outputs are meaningless)"
                                                                if weights.get("random") else ""))
     print(f"cache key:       {meta['cache_key']}")
     version = meta.get("versions", {}).get("cnpose_trt", "?")
     print(f"built:           {meta.get('built_at', '?')} by cnpose_trt {version}"
           + (f", rel. L2 vs PyTorch {meta['parity_rel_l2_vs_torch']:.1e}" if "parity_rel_l2_vs_torch" in meta else ""))
+    roots = meta.get("roots_vs_torch")
+    if isinstance(roots, dict):
+        print(f"checked:         roots vs PyTorch max {roots.get('max_cells', float('nan')):.1e} cells, gamma "
+              f"{roots.get('max_gamma_rel', float('nan')):.1e} (relative) on {roots.get('samples', '?')} crops")
     return 0
 
 
@@ -70,6 +78,8 @@ def _inspect_checkpoint(file: Path) -> int:
     import numpy as np
 
     state, stored = load_checkpoint(file)
+    if network_of(state) == "RootNet":
+        return _inspect_rootnet(file, state)
     spec = detect_spec(state, head_upsample=stored.head_upsample if stored else None)
     learnable = sum(int(np.prod(v.shape)) for k, v in state.items()
                     if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
@@ -84,4 +94,21 @@ def _inspect_checkpoint(file: Path) -> int:
     print(f"parameters:      {learnable:,} learnable, {with_stats:,} with BatchNorm statistics")
     if stored is not None and not stored.same_architecture(spec):
         print(f"note: the file's own record says {stored}, which its tensors contradict")
+    return 0
+
+
+def _inspect_rootnet(file: Path, state: dict[str, Any]) -> int:
+    """A RootNet snapshot: checked against the network (nn.rootnet, strict), its parameter count."""
+    import numpy as np
+
+    from ..nn.rootnet import RootNet, load_rootnet_into
+
+    load_rootnet_into(RootNet(), state)  # CheckpointError naming what does not fit
+    learnable = sum(int(np.prod(v.shape)) for k, v in state.items()
+                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    print(f"file:            {file}")
+    print(f"network:         RootNet ({ROOTNET.head_tag}): ResNet-50 backbone, xy and depth head; fits, strictly")
+    print(f"parameters:      {learnable:,} learnable")
+    print(f"input, output:   (N, {', '.join(map(str, ROOTNET.input_shape))}) -> (N, 3) x, y cells, gamma; "
+          f"build it with `cnpose-trt build --model rootnet --checkpoint {file}`")
     return 0

@@ -110,6 +110,7 @@ class PoseEstimator:
         self.engine = _open(engine_or_variant, checkpoint=checkpoint, backend=backend, precision=precision,
                             max_batch=max_batch, engine_dir=engine_dir, threads=threads, spinning=spinning,
                             build_options=build_options)
+        self.engine.require_model("convnextpose", "PoseEstimator")  # a RootNet engine: one line, not garbage poses
         self.crop_method = crop_method
         self.prep_threads, self.prefetch, self.prep_chunk = prep_threads, prefetch, prep_chunk
         self.max_batch = self.engine.max_batch

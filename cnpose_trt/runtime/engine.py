@@ -25,10 +25,12 @@ from ..backends.base import (  # noqa: F401  (Engine and its checks are the runt
     check_engine_contents,
     check_engine_io,
     engine_mismatch,
+    engine_model,
+    engine_spec,
 )
 from ..cache import ENGINE_FORMAT, file_sha256, is_plain_name, sidecar_path
 from ..errors import CnposeError, EngineError
-from ..spec import INPUT_CONVENTION, PIXEL_MEAN, PIXEL_STD, VariantSpec
+from ..spec import INPUT_CONVENTION, INPUT_NAME, OUTPUT_NAME, PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,19 @@ def _check_meta(meta: dict[str, Any], side: Path) -> None:
 
 
 def _check_recorded(meta: dict[str, Any], side: Path) -> None:
-    """The sidecar agrees with itself and with this version: variant, head and I/O shapes with its
-    spec, a known precision, and the input convention this version applies. Crops are normalised
-    outside the engine with spec's constants, so a sidecar recording others was edited (or is
-    foreign): it is damaged, not a request to normalise differently."""
+    """The sidecar agrees with itself and with this version: its model (network), variant, head and
+    I/O names and shapes with its spec, a known precision, and the input convention this version
+    applies. Crops are normalised outside the engine with spec's constants, so a sidecar recording
+    others was edited (or is foreign): it is damaged, not a request to normalise differently."""
     try:
-        spec = VariantSpec.from_dict(meta["spec"])
+        model = engine_model(meta)
+    except ValueError as exc:
+        raise _damaged(side, str(exc)) from None
+    try:
+        spec = engine_spec(meta)
     except (TypeError, ValueError):
+        if model == "rootnet":  # one configuration: nothing else can be meant
+            raise _damaged(side, "its RootNet spec is not this version's RootNet") from None
         return  # Engine() names what is wrong with the spec
     if meta.get("variant") != spec.name:
         raise _damaged(side, f"variant {meta.get('variant')!r} is not its spec's name {spec.name!r}")
@@ -107,14 +115,20 @@ def _check_recorded(meta: dict[str, Any], side: Path) -> None:
         if meta["input"].get(field) != want:
             raise _damaged(side, f"input.{field} is {meta['input'].get(field)!r}; this version normalises crops "
                                  f"with {want!r}, outside the engine")
-    for role, shape in (("input", spec.input_shape), ("output", spec.heatmap_shape)):
+    for role, shape in (("input", spec.input_shape), ("output", spec.output_shape)):
         if meta[role].get("shape") != ["N", *shape]:
             raise _damaged(side, f"{role}.shape is {meta[role].get('shape')!r}; its spec's is {['N', *shape]!r}")
+    names = (INPUT_NAME, spec.output_name if model == "rootnet" else OUTPUT_NAME)
+    if model == "rootnet" and (meta["input"].get("name"), meta["output"].get("name")) != names:
+        raise _damaged(side, f"a RootNet engine's I/O is {names[0]!r} -> {names[1]!r}, the metadata says "
+                             f"{meta['input'].get('name')!r} -> {meta['output'].get('name')!r}")
 
 
 def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = None,
-                precision: str | None = None, weights_sha256: str | None = None, **options: Any) -> Engine:
-    """Load an engine built by `python -m cnpose_trt.build`.
+                precision: str | None = None, weights_sha256: str | None = None, model: str | None = None,
+                **options: Any) -> Engine:
+    """Load an engine built by `python -m cnpose_trt.build`: a ConvNeXtPose engine (heatmaps) or a
+    RootNet engine (its sidecar's model "rootnet"; (N, 3) roots). Engine.network says which.
 
     Needs no lock and no write access: engines in a read-only folder load. A rebuild running at
     the same time is harmless: the sidecar names the engine file, is replaced atomically, and an
@@ -125,7 +139,8 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
         path: the engine handle (<stem><ext>), an engine file or the .json sidecar; the sidecar
             decides which engine file is loaded (Engine.path).
         verify: check the engine file's sha256 against the sidecar (catches damaged files).
-        variant, precision, weights_sha256: what the caller expects; a mismatch is refused.
+        variant, precision, weights_sha256, model: what the caller expects ("convnextpose" or
+            "rootnet" for model); a mismatch is refused.
         options: backend options: onnxruntime threads, spinning (see backends/onnxruntime); torch device,
             cuda_graphs, threads; tensorrt max_contexts. Others are refused naming the allowed ones.
     Raises:
@@ -139,7 +154,7 @@ def load_engine(path: str | Path, *, verify: bool = True, variant: str | None = 
         before = _identity(side)
         meta = read_sidecar(side)
         try:
-            return _load(side, meta, verify, (variant, precision, weights_sha256), options)
+            return _load(side, meta, verify, (variant, precision, weights_sha256, model), options)
         except (CnposeError, OSError):
             if attempt + 1 == _LOAD_ATTEMPTS or _identity(side) == before:
                 raise
@@ -166,11 +181,12 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | None, str | None, str | None],
+def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | None, ...],
           options: dict[str, Any]) -> Engine:
     weights = meta.get("weights", {})
-    for what, want, have in zip(("variant", "precision", "weights"), expected,
-                                (meta.get("variant"), meta.get("precision"), weights.get("sha256")), strict=True):
+    for what, want, have in zip(("variant", "precision", "weights", "model"), expected,
+                                (meta.get("variant"), meta.get("precision"), weights.get("sha256"),
+                                 engine_model(meta)), strict=True):
         if want is not None and want != have:
             raise EngineError(f"engine {side} was built for {what} {have!r}, not {want!r}; build the one you "
                               "need with python -m cnpose_trt.build")
@@ -192,6 +208,9 @@ def _load(side: Path, meta: dict[str, Any], verify: bool, expected: tuple[str | 
     if other is not None and other != module.NAME and module.available():
         raise _damaged(side, f"backend {module.NAME!r} loads {module.ENGINE_SUFFIX} engine files, but engine_file "
                              f"{engine_file.name} is {other}'s")
+    if engine_model(meta) not in module.MODELS:
+        raise _damaged(side, f"the {module.NAME} backend runs {', '.join(module.MODELS)} engines, not "
+                             f"{engine_model(meta)}")
     backends.check_options(module, options)
     log.debug("loading %s engine %s (pid %d)", module.NAME, engine_file, os.getpid())
     return module.load(engine_file, meta, **options)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from ...build.builder import BuildJob
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# The networks (spec.MODELS) whose engines it builds and loads.
+MODELS = ("convnextpose", "rootnet")
 NEEDS_GRAPH = True
 # Capabilities callers ask instead of comparing names: no GPU; an engine file runs on any machine with
 # this ONNX Runtime; a real engine on the CPU.

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...build.verify import accuracy_inputs, joint_error, ort_runner, parity
+from ...build.verify import accuracy_inputs, joint_error, ort_runner, parity, root_parity
 from ...errors import BuildError
+from ...spec import model_of
 from ..graph_facts import read_graph_facts
 from .runtime import INT8_SCHEME, NO_VNNI_NOTICE, cpu_has_vnni
 
@@ -42,6 +43,8 @@ def compile(job: BuildJob, built: Path) -> dict[str, Any]:
     job.say("[4/5] optimising the graph for onnxruntime")
     optimise(job.graph, built)
     job.say("[5/5] checking the engine")
+    if model_of(job.spec) == "rootnet":
+        return _check_rootnet(job, built)
     if job.precision == "fp32":
         err = parity(job.model, built)
         if not err <= PARITY_LIMIT:
@@ -72,6 +75,14 @@ def compile(job: BuildJob, built: Path) -> dict[str, Any]:
         if not vnni:
             log.warning(NO_VNNI_NOTICE)
     return extra
+
+
+def _check_rootnet(job: BuildJob, built: Path) -> dict[str, Any]:
+    """A RootNet engine in any precision against PyTorch on its roots (verify.ROOT_LIMITS)."""
+    err = root_parity(job.model, built, job.precision)
+    job.say(f"      roots vs PyTorch: max {err['max_cells']:.1e} cells, gamma max rel. {err['max_gamma_rel']:.1e} "
+            f"on {err['samples']} synthetic crops")
+    return {"roots_vs_torch": err}
 
 
 def kernel_counts(path: Path) -> dict[str, Any]:

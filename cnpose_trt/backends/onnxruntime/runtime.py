@@ -157,7 +157,7 @@ class OrtEngine(Engine):
             if len(group) == 1:
                 found[role] = {"shape": group[0].shape, "dtype": _ORT_TYPES.get(group[0].type, group[0].type)}
         check_engine_io(found, path, input_name=self.input_name, output_name=self.output_name,
-                        input_shape=self.spec.input_shape, output_shape=self.spec.heatmap_shape,
+                        input_shape=self.spec.input_shape, output_shape=self.output_shape,
                         max_batch=self.max_batch, input_dtype=self.input_dtype.name,
                         output_dtype=self.output_dtype.name)
         check_engine_file(path, meta)

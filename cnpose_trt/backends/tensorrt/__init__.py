@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SCHEME = "trt-symmetric"  # strongly typed: the symmetric Q/DQ graph (precision.py)
+# The networks (spec.MODELS) whose engines it builds and loads.
+MODELS = ("convnextpose", "rootnet")
 NEEDS_GRAPH = True
 # Capabilities callers ask instead of comparing names: a GPU is required; a plan is built for one GPU
 # model and TensorRT version (built on each worker, not shipped); no CPU path.

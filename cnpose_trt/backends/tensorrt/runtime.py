@@ -100,11 +100,11 @@ class TrtEngine(Engine):
         check_plan_compatible(built, trt.__version__, gpu_identity(), path)
         runtime, engine = deserialize(trt, path.read_bytes(), bool(built.get("version_compatible")), str(path))
         check_engine_io(read_io(trt, engine), path, input_name=self.input_name, output_name=self.output_name,
-                        input_shape=self.spec.input_shape, output_shape=self.spec.heatmap_shape,
+                        input_shape=self.spec.input_shape, output_shape=self.output_shape,
                         max_batch=self.max_batch, input_dtype=self.input_dtype.name,
                         output_dtype=self.output_dtype.name)
         self._session = Session(runtime, engine, input_name=self.input_name, output_name=self.output_name,
-                                 input_shape=self.spec.input_shape, output_shape=self.spec.heatmap_shape,
+                                 input_shape=self.spec.input_shape, output_shape=self.output_shape,
                                 max_batch=self.max_batch, input_dtype=self.input_dtype,
                                 output_dtype=self.output_dtype, max_contexts=max_contexts)
         self.max_contexts = max_contexts
@@ -125,6 +125,7 @@ class TrtEngine(Engine):
     def infer_device(self, images: np.ndarray) -> Any:
         """Heatmaps left on the GPU: a DeviceArray over device memory owned by the returned object
         (freed when it is garbage collected), filled on the engine's stream and synchronised."""
+        self.require_model("convnextpose", "infer_device")
         images = self.check_input(images)
         per_image = int(np.prod(self.spec.heatmap_shape)) * self.output_dtype.itemsize
         owned = DeviceBuffer(len(images) * per_image)

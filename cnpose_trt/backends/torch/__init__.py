@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ...build.builder import BuildJob
 
 PRECISIONS = ("fp32", "fp16")
+# The networks (spec.MODELS) whose engines it builds and loads.
+MODELS = ("convnextpose",)
 NEEDS_GRAPH = False
 # Capabilities callers ask instead of comparing names: a GPU where present; the checkpoint runs anywhere;
 # on the CPU it is the PyTorch reference, not an engine (benchmarks make it opt-in there).
