@@ -160,8 +160,9 @@ class BatchConfig:
 
     def engine_options(self) -> EngineOptions:
         """How to get the engine (the engine file, if given as one, is set when the job settles it)."""
-        return EngineOptions(None, self.variant, self.checkpoint, self.precision, self.backend, self.max_batch,
-                             self.engine_dir)
+        # By name, from EngineOptions' own fields: the two field lists cannot drift apart in order.
+        return EngineOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineOptions)
+                                if f.name != "engine"})
 
     def manifest_args(self, manifest: str | Path) -> dict[str, Any]:
         """read_manifest's arguments for this job's manifest."""
