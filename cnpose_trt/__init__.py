@@ -26,7 +26,7 @@ _LAZY = {
     "BuildConfig": "config", "EngineRequest": "config", "TrtOptions": "config",
     "load_engine": "runtime.engine", "Engine": "runtime.engine", "open_engine": "runtime.open",
     "estimate": "pipeline.estimator", "PoseResult": "pipeline.results", "PoseEstimator": "pipeline.estimator",
-    "crop_normalize": "ops.cropping",
+    "crop_normalize": "ops.cropping", "estimate_roots": "pipeline.roots",
 }
 
 __all__ = ["decode", "Decoded", "DeviceArray", "soft_argmax_reference",

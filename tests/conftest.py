@@ -83,6 +83,43 @@ def xs_engine(xs_engine_path):
     return load_engine(xs_engine_path)
 
 
+@pytest.fixture(scope="session")
+def rootnet_snapshot(tmp_path_factory) -> Path:
+    """The RootNet golden weights (tests/data/rootnet_golden: random, fitted BatchNorm statistics) saved
+    as upstream saves a snapshot: {'network': DataParallel 'module.*' keys}."""
+    need_torch()
+    import sys
+    from collections import OrderedDict
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_rootnet_golden import GOLDEN, golden_state_dict
+    finally:
+        sys.path.pop(0)
+    state = golden_state_dict(dict(np.load(GOLDEN / "rootnet_golden.npz")))
+    path = tmp_path_factory.mktemp("rootnet_ckpt") / "snapshot_24.pth.tar"
+    torch.save({"epoch": 24, "network": OrderedDict((f"module.{k}", v) for k, v in state.items()), "optimizer": {}},
+               path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rootnet_engine_path(rootnet_snapshot, engine_dir) -> Path:
+    """An FP32 ONNX Runtime RootNet engine of those weights, built as `--rootnet CHECKPOINT` builds one
+    (default max_batch, the session's engine folder: a later request for it finds it cached)."""
+    from cnpose_trt.build.builder import build_engine
+
+    return build_engine(model="rootnet", checkpoint=rootnet_snapshot, backend="onnxruntime",
+                        out_dir=engine_dir).path
+
+
+@pytest.fixture(scope="session")
+def rootnet_engine(rootnet_engine_path):
+    from cnpose_trt.runtime.engine import load_engine
+
+    return load_engine(rootnet_engine_path)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -67,6 +67,22 @@ def roots_to_camera(roots_image: object, intrinsics: object) -> np.ndarray:
 
 
 
+def prior_roots(crop_boxes: object, intrinsics: object, spec: RootNetSpec = ROOTNET) -> np.ndarray:
+    """Roots without RootNet weights: (P, 3) x px, y px at each processed box's centre, depth = k * 1.
+
+    RootNet's depth is gamma * k, k the depth at which a bbox_real_mm-sized person fills the box;
+    gamma = 1 takes that literally (a person's processed box is bbox_real_mm wide at depth k). It is
+    a prior, not a measurement: its error is the spread of people's heights and poses (README,
+    "Root depth prior", states it as measured on synthetic people). Same arguments as k_values.
+    """
+    boxes = as_array("crop_boxes", crop_boxes, (4,))
+    roots = np.empty((len(boxes), 3))
+    roots[:, 0] = boxes[:, 0] + boxes[:, 2] / 2
+    roots[:, 1] = boxes[:, 1] + boxes[:, 3] / 2
+    roots[:, 2] = k_values(boxes, intrinsics, spec)
+    return roots
+
+
 def _per_person_intrinsics(intrinsics: object, p: int) -> np.ndarray:
     cam = per_person("intrinsics", intrinsics, p, (4,))
     check_intrinsics(cam)

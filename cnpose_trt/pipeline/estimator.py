@@ -33,6 +33,7 @@ from .device import IN_FLIGHT, DevicePath
 from .host import HostPath
 from .items import call_chunks  # noqa: F401  (re-export: its old home)
 from .results import PoseResult, Timings
+from .roots import open_rootnet
 from .window import Window
 
 
@@ -82,6 +83,13 @@ class PoseEstimator:
             or an engine file): ONNX Runtime intra-op threads (0: one per core) and whether its idle
             threads spin (see backends/onnxruntime; torch engines take threads). None: the engine's
             default. An Engine passed in keeps the options it was loaded with.
+        rootnet: root depths for items that give none: a RootNet engine (loaded, an engine file, an
+            EngineRequest, or a RootNet checkpoint built with this estimator's backend, precision and
+            engine_dir), or "prior" (depth = k, gamma = 1: from the box size alone; marked
+            root_source "prior"). Each item then needs intrinsics (fx, fy enter RootNet's k); its
+            results carry absolute depths, camera coordinates, roots and root_source. RootNet takes
+            the very crops the pose engine takes, one call per pose call (see pipeline/roots.py);
+            crops are then made on the host (GPU crops feed one engine only, for now).
         prep_chunk: items handed to a prep thread at a time (fewer tasks and thread hand-offs,
             each of which costs the GIL); None: max_batch x prefetch / (2 x prep_threads),
             between 1 and 16. Capped at max_batch x prefetch / prep_threads, so every prep thread
@@ -92,7 +100,8 @@ class PoseEstimator:
                  precision: str = "fp32", max_batch: int | None = None, engine_dir: Any = None,
                  prep_threads: int = 2, prefetch: int = 2, crop_method: str = "auto", gpu_jpeg: bool = True,
                  staging: str = "batched", staging_bytes: int | None = None, prep_chunk: int | None = None,
-                 threads: int | None = None, spinning: bool | None = None, **build_options: Any) -> None:
+                 threads: int | None = None, spinning: bool | None = None, rootnet: Any = None,
+                 **build_options: Any) -> None:
         if "variant" in build_options:  # PoseEstimator(variant="M"): the keyword it looks like
             variant = build_options.pop("variant")
             if engine_or_variant is not None:
@@ -111,6 +120,10 @@ class PoseEstimator:
                             max_batch=max_batch, engine_dir=engine_dir, threads=threads, spinning=spinning,
                             build_options=build_options)
         self.engine.require_model("convnextpose", "PoseEstimator")  # a RootNet engine: one line, not garbage poses
+        self.rootnet = open_rootnet(rootnet, backend=backend, precision=precision, engine_dir=engine_dir,
+                                    load=session_options(threads, spinning))
+        if self.rootnet is not None:
+            self.rootnet.check_crops(self.engine.spec.input_shape, "the pose engine")
         self.crop_method = crop_method
         self.prep_threads, self.prefetch, self.prep_chunk = prep_threads, prefetch, prep_chunk
         self.max_batch = self.engine.max_batch
@@ -125,7 +138,9 @@ class PoseEstimator:
         # into the engine's input buffer. Where it cannot run, crops are made on the host.
         self._uploader: Any = None
         self.device_crops_unavailable: str | None = "crop_method 'opencv' crops on the host"
-        if self._on_device and crop_method != "opencv":
+        if self.rootnet is not None:
+            self.device_crops_unavailable = "root depths are estimated (rootnet) on the host path's crops"
+        elif self._on_device and crop_method != "opencv":
             self.device_crops_unavailable = gpu_stage.usable(self.engine)
             if self.device_crops_unavailable is None:
                 self._uploader = gpu_stage.Uploader(
@@ -165,7 +180,8 @@ class PoseEstimator:
             root_depth: pelvis depth in mm, > 0: scalar or (P,) for one image; for a list, one
                 value for all images or one entry per image.
             intrinsics: fx, fy, cx, cy: (4,) (or (P, 4) for one image); for a list, one (4,) for
-                all images or one entry per image. Needs root_depth.
+                all images or one entry per image. Needs root_depth, unless the estimator has a rootnet
+                (then intrinsics are what it needs: RootNet's depth scales with the focal length).
             flip: the flip test (average with the mirrored crop).
         Returns:
             a PoseResult, or a list of them in the order of the images.
@@ -216,7 +232,8 @@ class PoseEstimator:
         per_call = items_.per_call(self.max_batch, flip)
         if self._uploader is not None and not (flip and self.max_batch < 2):
             return DevicePath(self.engine, self.crop_method, self.timings, flip, per_call, self._uploader)
-        return HostPath(self.engine, self.crop_method, self.timings, flip, per_call, on_device=self._on_device)
+        return HostPath(self.engine, self.crop_method, self.timings, flip, per_call, on_device=self._on_device,
+                        roots=self.rootnet)
 
     def _predict_iter(self, items: Iterable[Any], path: HostPath) -> Iterator[PoseResult]:
         """Batches from the window run on the path; batch k's results are yielded once batch

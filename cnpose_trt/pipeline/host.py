@@ -35,8 +35,9 @@ class HostPath:
     in_flight = 1  # batches left to run while the host yields results: batch k-1 decoded while batch k runs
 
     def __init__(self, engine: Any, crop_method: str, timings: Timings, flip: bool, per_call: int,
-                 on_device: bool = False) -> None:
+                 on_device: bool = False, roots: Any = None) -> None:
         self.engine, self.crop_method, self.timings = engine, crop_method, timings
+        self.roots = roots
         self.flip, self.per_call, self.on_device = flip, per_call, on_device
         self.spec = engine.spec
         self._decoder: ThreadPoolExecutor | None = None
@@ -70,7 +71,7 @@ class HostPath:
 
     def item(self, entry: Any) -> Item:
         """One caller's item, read, its image loaded and checked, its people cropped."""
-        item = items_.read(entry)
+        item = items_.read(entry, estimated_roots=self.roots is not None)
         image = item["image"]
         image = load_image(image) if isinstance(image, (str, Path)) else check_image(image)
         return self.cropped(item, image)
@@ -79,7 +80,7 @@ class HostPath:
         """An image's people cropped on the host; more than one engine call's people are cut into
         parts, the first cropped now, each next one when the one before is taken."""
         crop_boxes = resolve_crop_boxes(item["boxes"], item["crop_boxes"], image.shape)
-        arrays = items_.people(item, crop_boxes)
+        arrays = items_.people(item, crop_boxes, estimated_roots=self.roots is not None)
         if len(crop_boxes) > self.per_call:
             first = self.prepare_rest(Rest(image, arrays["boxes"], crop_boxes, arrays["root_depth"],
                                            arrays["intrinsics"], 0, Whole()))[0]
@@ -124,17 +125,39 @@ class HostPath:
         thread's."""
         if not people:
             return finished(assemble(batch, None, self.spec.joints))
+        crops = items_.crops(batch, self.flip)
+        if self.roots is not None:
+            self._estimate_roots(batch, crops)
         if self.on_device:
-            return self._infer_decode(batch)
+            return self._infer_decode(batch, crops)
         started = time.perf_counter()
-        heatmaps = self.engine.infer(items_.crops(batch, self.flip))
+        heatmaps = self.engine.infer(crops)
         self.timings.add("infer", time.perf_counter() - started)
         return self._decoder.submit(self._decode, batch, heatmaps)
 
-    def _infer_decode(self, batch: list[Item]) -> Future[list[PoseResult]]:
+    def _estimate_roots(self, batch: list[Item], crops: np.ndarray) -> None:
+        """Root depths of the batch's people who have none, in one RootStep call on the very crops the
+        pose engine takes (the un-mirrored half: the first P rows), before the decode needs them."""
+        started = time.perf_counter()
+        todo = [it for it in batch if it.root_depth is None and len(it.boxes)]
+        if not todo:
+            return
+        rows = None
+        if self.roots.needs_crops:
+            everyone = len(todo) == sum(1 for it in batch if len(it.boxes))
+            rows = crops[:sum(len(it.boxes) for it in batch)] if everyone else np.concatenate([it.crops for it in todo])
+        roots = self.roots(rows, np.concatenate([it.crop_boxes for it in todo]),
+                           np.concatenate([it.intrinsics for it in todo]))
+        offset = 0
+        for it in todo:
+            it.roots, offset = roots[offset:offset + len(it.boxes)], offset + len(it.boxes)
+            it.root_depth, it.root_source = it.roots[:, 2].copy(), self.roots.source
+        self.timings.add("roots", time.perf_counter() - started)
+
+    def _infer_decode(self, batch: list[Item], crops: np.ndarray) -> Future[list[PoseResult]]:
         """Engine and fused decode on the engine's device; only (P, J, 10) floats come back."""
         started = time.perf_counter()
-        packed = self.engine.infer_decode(items_.crops(batch, self.flip), flip=self.flip, **items_.post(batch))
+        packed = self.engine.infer_decode(crops, flip=self.flip, **items_.post(batch))
         self.timings.add("infer", time.perf_counter() - started)
         return finished(assemble(batch, packed, self.spec.joints))
 

@@ -51,6 +51,8 @@ class Item:
     host_image: np.ndarray | None = None  # device path: a uint8 image its prep run still has to stage
     whole: Whole | None = None  # a part of an image with more people than one engine call takes
     rest: Rest | None = None    # the people after this part, cropped when this part is taken
+    roots: np.ndarray | None = None  # (P, 3) x px, y px, depth mm from RootNet or the prior (roots.RootStep)
+    root_source: str | None = None   # where root_depth came from: roots.SOURCES, None for root-relative
 
 
 def call_chunks(people: int, per_call: int) -> list[tuple[int, int]]:
@@ -68,8 +70,9 @@ def per_call(max_batch: int, flip: bool) -> int:
 _ITEM_KEYS = ("image", "boxes", "crop_boxes", "root_depth", "intrinsics")
 
 
-def read(entry: Any) -> dict[str, Any]:
-    """An item as a dict with every key of _ITEM_KEYS (missing ones None); bad items refused."""
+def read(entry: Any, estimated_roots: bool = False) -> dict[str, Any]:
+    """An item as a dict with every key of _ITEM_KEYS (missing ones None); bad items refused.
+    estimated_roots: root depths come from RootNet or the prior, so intrinsics alone are enough."""
     if isinstance(entry, dict):
         unknown = set(entry) - set(_ITEM_KEYS)
         if unknown or "image" not in entry or (("boxes" in entry) == ("crop_boxes" in entry)):
@@ -84,20 +87,28 @@ def read(entry: Any) -> dict[str, Any]:
     else:
         raise TypeError("items must be (image, boxes[, root_depth[, intrinsics]]) tuples or dicts with 'image' and "
                         f"'boxes' or 'crop_boxes', got {type(entry).__name__}")
-    if item["intrinsics"] is not None and item["root_depth"] is None:
-        raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root")
+    if item["intrinsics"] is not None and item["root_depth"] is None and not estimated_roots:
+        raise ValueError("intrinsics need root_depth: camera coordinates require the absolute depth of the root "
+                         "(or let RootNet estimate it: PoseEstimator(..., rootnet=...))")
     return item
 
 
-def people(item: dict[str, Any], crop_boxes: np.ndarray) -> dict[str, Any]:
+NEEDS_CAMERA = ("intrinsics are needed to estimate root depths: RootNet's depth is gamma * k, k from the focal "
+                "lengths (give fx, fy, cx, cy per image; upstream's demo assumes 1500, 1500 and the image centre)")
+
+
+def people(item: dict[str, Any], crop_boxes: np.ndarray, estimated_roots: bool = False) -> dict[str, Any]:
     """An item's per-person arrays (Item's first fields), checked: boxes (the crop boxes where only
-    those were given), crop_boxes, root_depth and intrinsics."""
+    those were given), crop_boxes, root_depth and intrinsics. estimated_roots: an item without
+    root_depth has it estimated (RootNet or the prior), for which it needs intrinsics."""
     p = len(crop_boxes)
     boxes = crop_boxes if item["boxes"] is None else as_array("boxes", item["boxes"], (4,))
     root = per_person("root_depth", item["root_depth"], p, ())
     check_root_depth(root)
     k = per_person("intrinsics", item["intrinsics"], p, (4,))
     check_intrinsics(k)
+    if estimated_roots and p and root is None and k is None:
+        raise ValueError(NEEDS_CAMERA)
     return {"boxes": boxes, "crop_boxes": crop_boxes, "root_depth": root, "intrinsics": k}
 
 

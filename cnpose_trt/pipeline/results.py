@@ -20,6 +20,9 @@ class PoseResult:
 
     image holds x_px, y_px, depth_mm (root-relative when no root depth was given); camera holds
     X, Y, Z in mm (camera frame) when intrinsics and root depth were given, else None.
+    root_source says where the root depths came from: "given" (by the caller), "rootnet" (a RootNet
+    engine), "prior" (depth = k, gamma = 1: a guess from the box size) or None (root-relative);
+    roots (P, 3) holds RootNet's (or the prior's) root x px, y px, depth mm, else None.
     """
 
     boxes: np.ndarray
@@ -30,6 +33,8 @@ class PoseResult:
     camera: np.ndarray | None
     root_relative: bool
     joint_names: tuple[str, ...] = JOINT_NAMES
+    roots: np.ndarray | None = None
+    root_source: str | None = None
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -45,10 +50,15 @@ class PoseResult:
                 if self.camera is not None:
                     entry["camera_mm"] = [float(v) for v in self.camera[p, j]]
                 joints[name] = entry
-            people.append({"bbox": [float(v) for v in self.boxes[p]],
-                           "crop_box": [float(v) for v in self.crop_boxes[p]],
-                           "depth": "root-relative" if self.root_relative else "absolute",
-                           "joints": joints})
+            person = {"bbox": [float(v) for v in self.boxes[p]],
+                      "crop_box": [float(v) for v in self.crop_boxes[p]],
+                      "depth": "root-relative" if self.root_relative else "absolute",
+                      "joints": joints}
+            if self.root_source is not None:
+                person["root_source"] = self.root_source
+            if self.roots is not None:
+                person["root"] = dict(zip(("x_px", "y_px", "depth_mm"), map(float, self.roots[p]), strict=True))
+            people.append(person)
         return people
 
 
@@ -61,12 +71,14 @@ class Timings:
 
     def reset(self) -> None:
         with self._lock:
-            self.seconds = {"prepare": 0.0, "infer": 0.0, "decode": 0.0}
+            self.seconds = {"prepare": 0.0, "infer": 0.0, "decode": 0.0}  # "roots" joins once RootNet ran
             self.images = self.people = 0
 
     def add(self, stage: str, seconds: float, images: int = 0, people: int = 0) -> None:
         with self._lock:
-            self.seconds[stage] += seconds
+            if stage not in ("prepare", "infer", "roots", "decode"):
+                raise ValueError(f"stage must be prepare, infer, roots or decode, got {stage!r}")
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
             self.images += images
             self.people += people
 
@@ -99,8 +111,10 @@ def assemble(batch: list[Any], packed: np.ndarray | None, joints: int) -> list[P
         p = len(it.boxes)
         part = np.zeros((0, joints, 10)) if p == 0 else np.asarray(packed[offset:offset + p], np.float64)
         offset += p
+        source = it.root_source or (None if it.root_depth is None else "given")
         res = PoseResult(it.boxes, it.crop_boxes, part[..., 0:3], part[..., 3], part[..., 4:7],
-                         None if it.intrinsics is None else part[..., 7:10], it.root_depth is None)
+                         None if it.intrinsics is None else part[..., 7:10], it.root_depth is None,
+                         roots=it.roots, root_source=source)
         if it.whole is None:
             results.append(res)
             continue
@@ -118,7 +132,7 @@ def joined(parts: list[PoseResult]) -> PoseResult:
         return None if getattr(first, name) is None else np.concatenate([getattr(r, name) for r in parts])
 
     return PoseResult(cat("boxes"), cat("crop_boxes"), cat("cells"), cat("confidence"), cat("image"), cat("camera"),
-                      first.root_relative)
+                      first.root_relative, roots=cat("roots"), root_source=first.root_source)
 
 
 def finished(results: list[PoseResult]) -> Future[list[PoseResult]]:
