@@ -126,3 +126,73 @@ def engine_for(args: argparse.Namespace) -> Any:
         print("warning: the engine uses random weights: the poses are meaningless; "
               "pass --checkpoint for real ones", file=sys.stderr)
     return engine
+
+
+ROOTNET_HELP = ("root depths from RootNet: a RootNet engine (file or .json) or an official RootNet snapshot "
+                "(.pth.tar; its engine is built with the pose engine's backend and precision, or reused from "
+                "the cache), or 'prior' (depth from the box size alone, gamma = 1: a rough guess, marked "
+                "root_source 'prior'); needs the camera (--focal and --principal)")
+CAMERA_HINT = "upstream's demo assumes --focal 1500,1500 and --principal at the image centre"
+
+
+def root_depth_value(text: str) -> float | str:
+    """An argparse type: --root-depth MM (a positive, finite number of mm) or 'prior'."""
+    if text.strip().lower() == "prior":
+        return "prior"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--root-depth must be a depth in mm (> 0) or 'prior', got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--root-depth must be a depth in mm (> 0) or 'prior', got {text!r}")
+    return value
+
+
+def add_rootnet_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rootnet", metavar="ENGINE_OR_CHECKPOINT", default=None, help=ROOTNET_HELP)
+
+
+def check_root_options(args: argparse.Namespace, camera: bool = True) -> None:
+    """--rootnet and --root-depth, checked before any engine is opened: `--root-depth prior` is
+    `--rootnet prior`; a depth by hand and RootNet exclude each other; estimated depths need the camera
+    (camera=False: the command's inputs carry intrinsics, e.g. a batch manifest)."""
+    depth = getattr(args, "root_depth", None)
+    if depth == "prior":
+        if args.rootnet not in (None, "prior"):
+            raise ValueError("give one of --rootnet ENGINE_OR_CHECKPOINT and --root-depth prior")
+        args.rootnet, args.root_depth = "prior", None
+    elif depth is not None and args.rootnet is not None:
+        raise ValueError(f"give one of --root-depth {depth:g} (a depth by hand) and --rootnet (depths estimated)")
+    if args.rootnet is None:
+        return
+    if not str(args.rootnet).strip():
+        raise ValueError(f"--rootnet must name {ROOTNET_HELP.split(':', 1)[1].split('; needs')[0].strip()}, got ''")
+    if args.rootnet != "prior" and not Path(args.rootnet).exists():
+        raise ValueError(f"--rootnet {args.rootnet}: no such file (give a RootNet engine, a RootNet snapshot or "
+                         "'prior')")
+    if camera and getattr(args, "focal", None) is None:
+        raise ValueError(f"--rootnet needs the camera: --focal FX,FY and --principal CX,CY ({CAMERA_HINT}); "
+                         "RootNet's depth scales with the focal length")
+
+
+def rootnet_for(args: argparse.Namespace, engine: Any) -> Any:
+    """The RootStep of --rootnet (None without it): a RootNet engine opened, or built from a snapshot with
+    the pose engine's backend and precision into the same engine folder, or the prior."""
+    if getattr(args, "rootnet", None) is None:
+        return None
+    from ..backends import session_options
+    from ..pipeline.roots import open_rootnet
+
+    options = session_options(getattr(args, "threads", None), getattr(args, "spinning", None))
+    step = open_rootnet(args.rootnet, backend=engine.meta["backend"], precision=engine.precision,
+                        engine_dir=getattr(args, "engines", None), load=options)
+    if step.engine is not None and step.engine.meta["weights"]["random"]:
+        print("warning: the RootNet engine uses random weights: its root depths are meaningless", file=sys.stderr)
+    return step
+
+
+def root_fields(step: Any) -> dict[str, Any]:
+    """What a command's JSON document says of its root depths."""
+    if step is None:
+        return {}
+    return {"root_depth": step.source, "rootnet": None if step.engine is None else str(step.engine.path)}

@@ -47,7 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"generated a synthetic person {img_path} (seed {args.seed}) with box {[round(v, 1) for v in box]}, "
           f"root depth {scene.root_depth[0]:.0f} mm", file=sys.stderr)
     ns = argparse.Namespace(image=img_path, bbox=[box], crop_box=None, root_depth=float(scene.root_depth[0]),
-                            focal=(fx, fy), principal=(cx, cy), engine=args.engine, variant=args.variant,
+                            rootnet=None, focal=(fx, fy), principal=(cx, cy), engine=args.engine, variant=args.variant,
                             checkpoint=checkpoint, engines=args.engines, flip=True, output=out / "demo.json",
                             draw=out / "demo_pose.png")
     run_predict(ns)

@@ -21,12 +21,17 @@ from typing import Any
 
 from .common import (
     add_engine_arguments,
+    add_rootnet_argument,
     check_output_file,
+    check_root_options,
     default_variant,
     emit_document,
     engine_for,
     flip_test,
     floats,
+    root_depth_value,
+    root_fields,
+    rootnet_for,
 )
 
 FOLDER_HINT = ("predict FOLDER needs the people's boxes: --boxes FILE (JSON {file name: [x, y, w, h] or "
@@ -50,8 +55,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-box", type=floats(4, "--crop-box"), action="append", metavar="X,Y,W,H",
                    help="instead of --bbox: a box that already went through upstream's rule (e.g. RootNet's "
                    "output), cropped as it is; repeat for several people")
-    p.add_argument("--root-depth", type=float, default=None, metavar="MM",
-                   help="camera depth of the pelvis in mm (else depths are root-relative)")
+    p.add_argument("--root-depth", type=root_depth_value, default=None, metavar="MM",
+                   help="camera depth of the pelvis in mm (else depths are root-relative, unless --rootnet); "
+                   "'prior' is --rootnet prior")
+    add_rootnet_argument(p)
     p.add_argument("--focal", type=floats(2, "--focal"), metavar="FX,FY",
                    help="camera focal lengths in pixels (with --principal and --root-depth: camera-space mm)")
     p.add_argument("--principal", type=floats(2, "--principal"), metavar="CX,CY",
@@ -69,6 +76,7 @@ def run_predict(args: argparse.Namespace) -> int:
     default_variant(args)
     if (args.focal is None) != (args.principal is None):
         raise ValueError("--focal and --principal go together (camera intrinsics fx,fy and cx,cy)")
+    check_root_options(args)
     if Path(args.image).is_dir():
         return _predict_folder(args)
     from ..io.video import VIDEO_SUFFIXES
@@ -105,6 +113,7 @@ def _predict_image(args: argparse.Namespace) -> int:
     check_image_file(args.image)
     image = load_image(args.image)
     engine = engine_for(args)
+    roots = rootnet_for(args, engine)
     flip = flip_test(engine, args.flip)
     intr = None if args.focal is None else (*args.focal, *args.principal)
     crop_boxes = getattr(args, "crop_box", None)
@@ -114,13 +123,13 @@ def _predict_image(args: argparse.Namespace) -> int:
     try:
         result = estimate(engine, image, None if args.bbox is None else np.asarray(args.bbox),
                           crop_boxes=None if crop_boxes is None else np.asarray(crop_boxes),
-                          root_depth=args.root_depth, intrinsics=intr, flip=flip)
+                          root_depth=args.root_depth, intrinsics=intr, flip=flip, rootnet=roots)
     except ValueError as exc:  # name the option a bad box came from: boxes[1] is the second --bbox
         raise ValueError(re.sub(r"^(crop_)?boxes\[(\d+)\]",
                                 lambda m: f"{'--crop-box' if m[1] else '--bbox'} #{int(m[2]) + 1}", str(exc))) from None
     doc = {"image": str(args.image), "width": image.shape[1], "height": image.shape[0],
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
-           "weights": engine.meta["weights"]["source"], "flip_test": flip,
+           "weights": engine.meta["weights"]["source"], "flip_test": flip, **root_fields(roots),
            "people": result.to_dict()}
     emit_document(args.output, doc, f"{len(result)} people")
     if args.draw:
@@ -198,6 +207,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
         raise ValueError(f"--draw {args.draw}: with a folder of images, --draw names a folder for the pictures")
     images, table = _folder_boxes(folder, args.boxes)
     engine = engine_for(args)
+    roots = rootnet_for(args, engine)
     flip = flip_test(engine, args.flip)
     if args.draw is not None:
         args.draw.mkdir(parents=True, exist_ok=True)
@@ -209,7 +219,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
             pending.append((path, item["image"]))
             yield item
 
-    results = PoseEstimator(engine).predict_iter(feed(), flip=flip)
+    results = PoseEstimator(engine, rootnet=roots).predict_iter(feed(), flip=flip)
     while True:
         try:
             result = next(results)
@@ -226,7 +236,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
             _draw(args.draw / f"{path.stem}_pose.png", image, result)
     doc = {"folder": str(folder), "engine": str(engine.path), "variant": engine.spec.name,
            "precision": engine.precision, "weights": engine.meta["weights"]["source"], "flip_test": flip,
-           "images": docs}
+           **root_fields(roots), "images": docs}
     emit_document(args.output, doc, f"{len(docs)} images, {people} people")
     if args.draw is not None:
         print(f"wrote the pictures to {args.draw}", file=sys.stderr)

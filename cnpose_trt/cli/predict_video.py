@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import check_output_file, emit_document, engine_for, flip_test
+from .common import check_output_file, emit_document, engine_for, flip_test, root_fields, rootnet_for
 
 VIDEO_HINT = ("predict VIDEO needs the people's boxes: --boxes FILE (JSON {frame: [x, y, w, h] or [[x, y, w, h], "
               "...]}, COCO-video detections, or a list of detections with image_id or frame) or --bbox/--crop-box "
@@ -71,7 +71,7 @@ def _items(args: argparse.Namespace, table: dict[int, Any] | None, frames: list[
 
 
 def _run(args: argparse.Namespace, engine: Any, flip: bool, table: dict[int, Any] | None, option: str,
-         info: Any) -> tuple[list[dict[str, Any]], int]:
+         info: Any, roots: Any = None) -> tuple[list[dict[str, Any]], int]:
     """Every frame through the estimator: the rows of the frames with people, and the frames read."""
     from ..io.draw import draw_poses
     from ..io.video import VideoWriter
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, engine: Any, flip: bool, table: dict[int, Any
     frames = sorted(f for f, b in table.items() if len(b)) if table is not None and args.draw is None else None
     total = len(frames) if frames is not None else info.frame_count
     pending: collections.deque[tuple[int, Any]] = collections.deque()  # frames handed to the estimator
-    results = PoseEstimator(engine).predict_iter(_items(args, table, frames, pending), flip=flip)
+    results = PoseEstimator(engine, rootnet=roots).predict_iter(_items(args, table, frames, pending), flip=flip)
     writer = None if args.draw is None else VideoWriter(args.draw, info.fps or 25.0)
     bar = Bar(total, "predict", unit="frames", counters=("people",))
     rows: list[dict[str, Any]] = []
@@ -127,8 +127,9 @@ def predict_video(args: argparse.Namespace) -> int:
         raise ValueError(f"--boxes {args.boxes}: frame {max(table)} is past the end of {args.image} "
                          f"({info.frame_count} frames, 0 is the first)")
     engine = engine_for(args)
+    roots = rootnet_for(args, engine)
     flip = flip_test(engine, args.flip)
-    rows, read = _run(args, engine, flip, table, option, info)
+    rows, read = _run(args, engine, flip, table, option, info, roots)
     if table and args.draw is not None and max(table) >= read:  # the container's count said more frames
         raise ValueError(f"--boxes {args.boxes}: frame {max(table)} is past the end of {args.image} ({read} frames "
                          "could be decoded)")
@@ -136,7 +137,7 @@ def predict_video(args: argparse.Namespace) -> int:
     doc = {"video": str(args.image), "width": info.width, "height": info.height, "fps": info.fps,
            "frames": everything, "frames_with_people": len(rows), "frames_without_boxes": everything - len(rows),
            "engine": str(engine.path), "variant": engine.spec.name, "precision": engine.precision,
-           "weights": engine.meta["weights"]["source"], "flip_test": flip, "rows": rows}
+           "weights": engine.meta["weights"]["source"], "flip_test": flip, **root_fields(roots), "rows": rows}
     people = sum(len(r["people"]) for r in rows)
     emit_document(args.output, doc, f"{everything} frames, {len(rows)} with people, {people} people")
     if args.draw is not None:

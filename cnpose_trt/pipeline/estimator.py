@@ -278,7 +278,7 @@ def _open(engine_or_variant: Any, *, checkpoint: Any, backend: str, precision: s
 
 def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes: Any = None,
              root_depth: Any = None, intrinsics: Any = None, flip: bool = False,
-             crop_method: str = "auto") -> PoseResult:
+             crop_method: str = "auto", rootnet: Any = None) -> PoseResult:
     """3D poses of the people in one image (a one-off PoseEstimator(engine).predict).
 
     Args:
@@ -293,8 +293,9 @@ def estimate(engine: Engine, image: np.ndarray, boxes: Any = None, *, crop_boxes
         intrinsics: fx, fy, cx, cy as (4,) or (P, 4); needs root_depth.
         flip: average with the horizontally flipped crop (flip test).
         crop_method: "auto", "fused" or "opencv" (see PoseEstimator).
+        rootnet: root depths from RootNet or "prior" when root_depth is not given (see PoseEstimator).
     Raises:
         ValueError: bad boxes (empty, outside the image), intrinsics without root_depth, shapes.
     """
-    return PoseEstimator(engine, crop_method=crop_method).predict(
+    return PoseEstimator(engine, crop_method=crop_method, rootnet=rootnet).predict(
         check_image(image), boxes, crop_boxes=crop_boxes, root_depth=root_depth, intrinsics=intrinsics, flip=flip)

@@ -63,14 +63,15 @@ class RootStep:
 
 def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
                  load: dict[str, Any] | None = None) -> RootStep | None:
-    """A RootStep from what a caller names as `rootnet` (None: none; see ROOTNET_WANTED). A checkpoint
+    """A RootStep from what a caller names as `rootnet` (None: none; a RootStep as it is; see
+    ROOTNET_WANTED). A checkpoint
     is built into a RootNet engine with the pose engine's backend and precision (cached like any engine).
 
     Raises:
         ValueError: something that is none of those. EngineError: an engine of another network, ...
     """
-    if rootnet is None:
-        return None
+    if rootnet is None or isinstance(rootnet, RootStep):
+        return rootnet
     if isinstance(rootnet, str) and rootnet == PRIOR:
         return RootStep(None)
     if isinstance(rootnet, Engine):
