@@ -160,3 +160,15 @@ def test_refusals(golden, xs_engine, xs_engine_path, rootnet_engine, tmp_path):
     with pytest.raises(ValueError, match="intrinsics"):
         estimate_roots("prior", image, boxes, intrinsics=[1500, -1, 320, 240])
     assert est.device_crops is False and "rootnet" in est.device_crops_unavailable
+
+
+def test_rootnet_checkpoint_beside_a_torch_engine(rootnet_snapshot, rootnet_engine_path, engine_dir, tmp_path):
+    """The torch backend builds no RootNet: a snapshot beside a torch pose engine is built on the default
+    backend (ONNX Runtime here: the session's cached engine), not refused."""
+    pytest.importorskip("torch")
+    from cnpose_trt.build.builder import build_engine
+
+    pose = build_engine("XS", backend="torch", out_dir=tmp_path, max_batch=2)
+    est = PoseEstimator(pose.path, rootnet=rootnet_snapshot, engine_dir=engine_dir)
+    assert est.engine.meta["backend"] != est.rootnet.engine.meta["backend"]
+    assert Path(est.rootnet.engine.path) == Path(rootnet_engine_path)

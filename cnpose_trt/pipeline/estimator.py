@@ -84,8 +84,8 @@ class PoseEstimator:
             threads spin (see backends/onnxruntime; torch engines take threads). None: the engine's
             default. An Engine passed in keeps the options it was loaded with.
         rootnet: root depths for items that give none: a RootNet engine (loaded, an engine file, an
-            EngineRequest, or a RootNet checkpoint built with this estimator's backend, precision and
-            engine_dir), or "prior" (depth = k, gamma = 1: from the box size alone; marked
+            EngineRequest, or a RootNet checkpoint built with the pose engine's backend and precision
+            into engine_dir), or "prior" (depth = k, gamma = 1: from the box size alone; marked
             root_source "prior"). Each item then needs intrinsics (fx, fy enter RootNet's k); its
             results carry absolute depths, camera coordinates, roots and root_source. RootNet takes
             the very crops the pose engine takes, one call per pose call (see pipeline/roots.py);
@@ -120,7 +120,9 @@ class PoseEstimator:
                             max_batch=max_batch, engine_dir=engine_dir, threads=threads, spinning=spinning,
                             build_options=build_options)
         self.engine.require_model("convnextpose", "PoseEstimator")  # a RootNet engine: one line, not garbage poses
-        self.rootnet = open_rootnet(rootnet, backend=backend, precision=precision, engine_dir=engine_dir,
+        meta = getattr(self.engine, "meta", None) or {}  # a RootNet checkpoint is built like the pose engine
+        self.rootnet = open_rootnet(rootnet, backend=meta.get("backend", backend),
+                                    precision=getattr(self.engine, "precision", precision), engine_dir=engine_dir,
                                     load=session_options(threads, spinning))
         if self.rootnet is not None:
             self.rootnet.check_crops(self.engine.spec.input_shape, "the pose engine")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backends
 from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..io.preprocess import check_image, crop_people, resolve_crop_boxes
@@ -64,8 +65,8 @@ class RootStep:
 def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
                  load: dict[str, Any] | None = None) -> RootStep | None:
     """A RootStep from what a caller names as `rootnet` (None: none; a RootStep as it is; see
-    ROOTNET_WANTED). A checkpoint
-    is built into a RootNet engine with the pose engine's backend and precision (cached like any engine).
+    ROOTNET_WANTED). A checkpoint is built into a RootNet engine with the pose engine's backend (the default
+    backend where that one builds no RootNet: torch) and precision, cached like any engine.
 
     Raises:
         ValueError: something that is none of those. EngineError: an engine of another network, ...
@@ -86,6 +87,8 @@ def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32"
     if not path.is_file():
         raise ValueError(f"rootnet: {path} is neither an engine (no {sidecar_path(path).name} beside it) nor a "
                          f"checkpoint file; give {ROOTNET_WANTED}")
+    if backend in backends.NAMES and "rootnet" not in backends.get(backend).MODELS:
+        backend = "auto"  # a pose engine on a backend that builds no RootNet (torch): RootNet on the default
     config = BuildConfig(None, path, model="rootnet", backend=backend, precision=precision, out_dir=engine_dir)
     return RootStep(open_engine(EngineRequest(build=config, load=load or {})))
 
