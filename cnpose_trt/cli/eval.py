@@ -17,6 +17,7 @@ from typing import Any
 from ..backends import add_session_arguments, session_options
 from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
+from ..errors import EngineError
 from ..eval.datasets import DEFAULT_SYNTHETIC_SEED, H36M_TEST_SAMPLING, EvalSet, _jsonable, h36m_set, synthetic_set
 from ..eval.evaluate import evaluate
 from ..io.draw import check_image_suffix, eval_chart, save_image
@@ -158,6 +159,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run `cnpose-trt eval` from parsed add_eval_arguments options; prints the tables, returns 0."""
     if args.plot is not None:
         check_image_suffix(args.plot, "--plot")
+    rootnet = _rootnet_argument(args)
     engines, labels = _engines(args)
     dataset = _dataset(args)
     for e in engines:
@@ -165,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if notice:
             print(f"{e.path}: {notice}", file=sys.stderr)
     report = evaluate(engines, dataset, flip=args.flip, labels=labels, progress=args.progress,
-                      keep_predictions=args.predictions, rootnet=_rootnet(args))
+                      keep_predictions=args.predictions, rootnet=_open_rootnet(args, rootnet))
     print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -199,21 +201,33 @@ def _engines(args: argparse.Namespace) -> tuple[list[Any], list[str] | None]:
     return engines, labels
 
 
-def _rootnet(args: argparse.Namespace) -> Any:
-    """--rootnet: None, 'prior', or its RootNet engine (an engine file loaded with the session options, a
-    checkpoint built into an fp32 onnxruntime engine in --engines, as --variant is, or reused)."""
+def _rootnet_argument(args: argparse.Namespace) -> str | Path | None:
+    """--rootnet checked before anything is loaded: None, 'prior' or an existing file."""
     value = args.rootnet
-    if value is None or value == PRIOR:
-        return value
+    if value is None:
+        return None
+    if args.bbox_root is not None:
+        raise ValueError("--rootnet and --bbox-root both give root depths: choose one")
+    if value == PRIOR:
+        return PRIOR
     path = Path(value)
     if not value.strip() or not (path.is_file() or sidecar_path(path).is_file()):
         raise ValueError(f"--rootnet must be a RootNet engine file, its .json sidecar, a RootNet checkpoint "
                          f"(.pth.tar) or 'prior', got {value!r} (no such file)")
-    if args.bbox_root is not None:
-        raise ValueError("--rootnet and --bbox-root both give root depths: choose one")
-    step = open_rootnet(path, backend="onnxruntime", engine_dir=args.engines,
-                        load=session_options(args.threads, args.spinning))
-    return step.engine if step is not None else None
+    return path
+
+
+def _open_rootnet(args: argparse.Namespace, rootnet: str | Path | None) -> Any:
+    """None, 'prior', or the --rootnet engine: an engine file loaded with the session options, a checkpoint
+    built into an fp32 onnxruntime engine in --engines (as --variant is) or reused from there."""
+    if rootnet is None or rootnet == PRIOR:
+        return rootnet
+    try:
+        step = open_rootnet(rootnet, backend="onnxruntime", engine_dir=args.engines,
+                            load=session_options(args.threads, args.spinning))
+    except EngineError as exc:  # a pose engine, a foreign file: say which option named it
+        raise EngineError(f"--rootnet: {exc}") from None
+    return None if step is None else step.engine
 
 
 def _dataset(args: argparse.Namespace) -> EvalSet:
