@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import add_session_arguments, session_options
+from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
+from ..errors import EngineError
 from ..eval.datasets import DEFAULT_SYNTHETIC_SEED, H36M_TEST_SAMPLING, EvalSet, _jsonable, h36m_set, synthetic_set
 from ..eval.evaluate import evaluate
 from ..io.draw import check_image_suffix, eval_chart, save_image
+from ..pipeline.roots import PRIOR, open_rootnet
 from ..progress import say
 from ..runtime.engine import load_engine
 from ..runtime.open import open_engine
@@ -74,6 +77,8 @@ def format_report(report: dict[str, Any]) -> str:
         b = report["baseline"]
         lines.append(f"{'mean pose (no network)':<{width}} {_fmt(b['mpjpe'])} {_fmt(b['pa_mpjpe'])} "
                      f"{_fmt(b['pa_mpjpe_scaled'])} {_fmt(None)} {b['people']:>7}")
+    if "roots" in report:
+        lines += _root_table(report, width)
     labels = [e["label"] for e in report["engines"]]
     col = max(10, *(len(lb) for lb in labels)) if labels else 10
     lines += ["", "MPJPE per joint (mm)", f"{'joint':<12} " + " ".join(f"{lb:>{col}}" for lb in labels)]
@@ -91,6 +96,20 @@ def format_report(report: dict[str, Any]) -> str:
                 cells.append(f"{_fmt(v.get('mpjpe'), 8)} /{_fmt(v.get('pa_mpjpe'), 7)}".rjust(col + 8))
             lines.append(f"{g:<14} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def _root_table(report: dict[str, Any], width: int) -> list[str]:
+    """With estimated root depths: their source, and per engine the root figures (camera space)."""
+    lines = ["", f"root depths: {report['roots']['what']}, not the ground truth",
+             "(MPJPE and PA-MPJPE above are root-relative; these are in camera space)",
+             f"{'engine':<{width}} {'MRPE':>9} {'root |dZ|':>9} {'|dZ| %':>9} {'abs MPJPE':>9} {'people':>7}"]
+    lines.append("-" * len(lines[-1]))
+    for e in report["engines"]:
+        m = e["metrics"]
+        rel = m["root_dz_rel"] * 100 if math.isfinite(m["root_dz_rel"]) else None
+        lines.append(f"{e['label']:<{width}} {_fmt(m['mrpe'])} {_fmt(m['root_dz'])} {_fmt(rel)} "
+                     f"{_fmt(m['mpjpe_abs'])} {m['root_people']:>7}")
+    return lines
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,6 +143,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--bbox-root", type=Path, metavar="FILE",
                    help="RootNet's bbox_root_human36m_output.json: its boxes and root depths instead of ground truth")
     d.add_argument("--limit", type=int, default=None, help="Human3.6M: only the first N people")
+    d.add_argument("--rootnet", metavar="ENGINE_OR_CHECKPOINT", default=None,
+                   help="root depths from a RootNet engine (file or .json sidecar) or checkpoint (.pth.tar, built "
+                        "into an fp32 onnxruntime engine in --engines), or 'prior' (depth = k, gamma = 1), instead "
+                        "of the ground truth; adds MRPE, root |dZ| and absolute MPJPE to the report")
     o = p.add_argument_group("output")
     o.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test (default: on, as upstream)")
     o.add_argument("--json", type=Path, help="write the report as JSON")
@@ -136,6 +159,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run `cnpose-trt eval` from parsed add_eval_arguments options; prints the tables, returns 0."""
     if args.plot is not None:
         check_image_suffix(args.plot, "--plot")
+    rootnet = _rootnet_argument(args)
     engines, labels = _engines(args)
     dataset = _dataset(args)
     for e in engines:
@@ -143,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if notice:
             print(f"{e.path}: {notice}", file=sys.stderr)
     report = evaluate(engines, dataset, flip=args.flip, labels=labels, progress=args.progress,
-                      keep_predictions=args.predictions)
+                      keep_predictions=args.predictions, rootnet=_open_rootnet(args, rootnet))
     print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +199,35 @@ def _engines(args: argparse.Namespace) -> tuple[list[Any], list[str] | None]:
         if (getattr(e, "meta", {}) or {}).get("weights", {}).get("random"):
             print(f"warning: {e.path} has random weights: its accuracy is meaningless", file=sys.stderr)
     return engines, labels
+
+
+def _rootnet_argument(args: argparse.Namespace) -> str | Path | None:
+    """--rootnet checked before anything is loaded: None, 'prior' or an existing file."""
+    value = args.rootnet
+    if value is None:
+        return None
+    if args.bbox_root is not None:
+        raise ValueError("--rootnet and --bbox-root both give root depths: choose one")
+    if value == PRIOR:
+        return PRIOR
+    path = Path(value)
+    if not value.strip() or not (path.is_file() or sidecar_path(path).is_file()):
+        raise ValueError(f"--rootnet must be a RootNet engine file, its .json sidecar, a RootNet checkpoint "
+                         f"(.pth.tar) or 'prior', got {value!r} (no such file)")
+    return path
+
+
+def _open_rootnet(args: argparse.Namespace, rootnet: str | Path | None) -> Any:
+    """None, 'prior', or the --rootnet engine: an engine file loaded with the session options, a checkpoint
+    built into an fp32 onnxruntime engine in --engines (as --variant is) or reused from there."""
+    if rootnet is None or rootnet == PRIOR:
+        return rootnet
+    try:
+        step = open_rootnet(rootnet, backend="onnxruntime", engine_dir=args.engines,
+                            load=session_options(args.threads, args.spinning))
+    except EngineError as exc:  # a pose engine, a foreign file: say which option named it
+        raise EngineError(f"--rootnet: {exc}") from None
+    return None if step is None else step.engine
 
 
 def _dataset(args: argparse.Namespace) -> EvalSet:

@@ -19,7 +19,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..backends import session_options
+from ..ops.rootnet import roots_to_camera
 from ..pipeline.estimator import PoseEstimator
+from ..pipeline.roots import PRIOR, open_rootnet
 from ..progress import Bar
 from ..runtime.engine import load_engine
 from ..shipped import flip_for
@@ -44,6 +46,8 @@ from .metrics import (  # noqa: F401  (re-exports: cnpose_trt.evaluate's names)
     pixel_errors,
     rigid_align,
     root_align,
+    root_errors,
+    root_metrics,
     summarize,
 )
 
@@ -60,11 +64,25 @@ def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = Tru
     Person boxes go through upstream's box rule; crop boxes (RootNet) are used as they are. The
     people of an image marked failed are not run: their predictions are NaN (counted as failed).
     """
+    pred_cam, pred_img, _ = predict_set_roots(estimator, images, flip=flip, progress=progress, estimated=None)
+    return pred_cam, pred_img
+
+
+def predict_set_roots(estimator: Any, images: Sequence[EvalImage], *, flip: bool = True,
+                      progress: Progress | None = None,
+                      estimated: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """predict_set, and with `estimated` (the estimator's root source, "rootnet" or "prior") the root depths
+    are the estimator's own (the set's are not passed): then also its roots in camera space (N, 3) mm
+    (PoseResult.roots through the image's intrinsics; NaN for failed people), else None.
+    """
     def items() -> Iterator[dict[str, Any]]:
         for im in images:
             if im.failed is None:
-                yield {"image": im.load(), ("crop_boxes" if im.crop_boxes else "boxes"): im.boxes,
-                       "root_depth": im.root_depth, "intrinsics": im.intrinsics}
+                item = {"image": im.load(), ("crop_boxes" if im.crop_boxes else "boxes"): im.boxes,
+                        "intrinsics": im.intrinsics}
+                if estimated is None:
+                    item["root_depth"] = im.root_depth
+                yield item
 
     if any(im.crop_boxes for im in images):
         import inspect
@@ -72,12 +90,13 @@ def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = Tru
         if "crop_boxes" not in inspect.signature(estimator.predict).parameters:
             raise ValueError("this PoseEstimator cannot take crop boxes (RootNet boxes are used as they are); "
                              "update cnpose_trt or evaluate with ground-truth boxes (no --bbox-root)")
-    cams, imgs = [], []
+    cams, imgs, roots = [], [], []
     results = iter(estimator.predict_iter(items(), flip=flip))
     for im in images:
         if im.failed is not None:
-            cams.append(np.full((len(im.boxes), NUM_JOINTS, 3), np.nan))
-            imgs.append(np.full((len(im.boxes), NUM_JOINTS, 3), np.nan))
+            for out in (cams, imgs):
+                out.append(np.full((len(im.boxes), NUM_JOINTS, 3), np.nan))
+            roots.append(np.full((len(im.boxes), 3), np.nan))
             if progress is not None:
                 progress.update()
             continue
@@ -88,11 +107,23 @@ def predict_set(estimator: Any, images: Sequence[EvalImage], *, flip: bool = Tru
             raise RuntimeError(f"image {im.key}: expected {len(im.boxes)} people with camera coordinates")
         cams.append(np.asarray(res.camera, np.float64))
         imgs.append(np.asarray(res.image, np.float64))
+        if estimated is not None:
+            roots.append(_camera_roots(res, im, estimated))
         if progress is not None:
             progress.update()
     if not cams:
-        return np.zeros((0, NUM_JOINTS, 3)), np.zeros((0, NUM_JOINTS, 3))
-    return np.concatenate(cams), np.concatenate(imgs)
+        cams, imgs, roots = [np.zeros((0, NUM_JOINTS, 3))], [np.zeros((0, NUM_JOINTS, 3))], [np.zeros((0, 3))]
+    return np.concatenate(cams), np.concatenate(imgs), None if estimated is None else np.concatenate(roots)
+
+
+def _camera_roots(res: Any, im: EvalImage, estimated: str) -> np.ndarray:
+    """An image's estimated roots in camera mm (P, 3); a result whose depths came from elsewhere is refused."""
+    if len(res) and (res.root_source != estimated or res.roots is None):
+        raise RuntimeError(f"image {im.key}: expected root depths from {estimated}, the estimator's came from "
+                           f"{res.root_source}")
+    if not len(res):
+        return np.zeros((0, 3))
+    return roots_to_camera(res.roots, im.intrinsics)
 
 
 def engine_label(engine: Any) -> str:
@@ -108,7 +139,7 @@ def engine_label(engine: Any) -> str:
 
 def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, labels: Sequence[str] | None = None,
              progress: bool = True, keep_predictions: bool = False, threads: int | None = None,
-             spinning: bool | None = None, **estimator_options: Any) -> dict[str, Any]:
+             spinning: bool | None = None, rootnet: Any = None, **estimator_options: Any) -> dict[str, Any]:
     """Evaluate engines side by side on one set.
 
     Args:
@@ -119,20 +150,59 @@ def evaluate(engines: Sequence[Any], dataset: EvalSet, *, flip: bool = True, lab
         labels: one name per engine (default: variant, precision, calibration method).
         keep_predictions: put each person's root-relative camera joints and image joints in the report.
         threads, spinning: session options for the engines given as paths (load_engine's; None: defaults).
+        rootnet: None (the set's root depths: ground truth), or where root depths come from instead:
+            a RootNet engine (loaded, its file, an EngineRequest), a RootNet checkpoint (built with
+            estimator_options' backend, fp32) or "prior" (depth = k, gamma = 1). Opened once for all
+            engines; each engine's metrics then gain the root figures (root_metrics: MRPE, |dZ|,
+            absolute MPJPE), and the report says the source in report["roots"].
     Returns:
         the report: dataset info, protocol, machine, and per engine its metrics (summarize).
     """
     if not engines:
         raise ValueError("engines must name at least one engine")
     options = session_options(threads, spinning)
+    roots, root_engine = _open_roots(rootnet, dataset, estimator_options, options)
     loaded = [e if hasattr(e, "infer") else load_engine(e, **options) for e in engines]
     names = _labels(loaded, labels)
     truth = dataset.ground_truth()
     report = _report_head(dataset, flip)
+    if roots is not None:
+        report["roots"] = roots
+        report["dataset"]["root_depth"] = roots["what"]
+        report["protocol"].update(ROOT_PROTOCOL)
+        estimator_options = {**estimator_options, "rootnet": root_engine or PRIOR}
     for engine, name in zip(loaded, names, strict=True):
         report["engines"].append(_engine_entry(engine, name, dataset, truth, flip, progress, keep_predictions,
-                                               estimator_options))
+                                               estimator_options, None if roots is None else roots["source"]))
     return report
+
+
+ROOT_PROTOCOL = {"mrpe": "mean root position error: Euclidean distance of the estimated root (RootNet's or the "
+                         "prior's x, y, depth through the camera) from the true pelvis, camera mm",
+                 "root_dz": "mean |Z estimated - Z true| of the root, mm (root_dz_rel: over Z true)",
+                 "mpjpe_abs": "absolute MPJPE: camera space, no alignment, the same joints as MPJPE"}
+
+
+def _open_roots(rootnet: Any, dataset: EvalSet, estimator_options: dict[str, Any],
+                load: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+    """(the report's roots entry {source, what[, engine path]}, the RootNet engine opened once or None for
+    the prior); (None, None) without `rootnet`."""
+    if rootnet is None:
+        return None, None
+    if any(im.crop_boxes for im in dataset.images):
+        raise ValueError("rootnet: this set's root depths already come from RootNet's file (bbox_root); "
+                         "evaluate with ground-truth boxes to estimate root depths")
+    step = open_rootnet(rootnet, backend=estimator_options.get("backend", "auto"),
+                        engine_dir=estimator_options.get("engine_dir"), load=load)
+    if step is None:
+        return None, None
+    if step.engine is None:
+        return {"source": step.source, "what": PRIOR_WORDS}, None
+    path = str(getattr(step.engine, "path", ""))
+    return {"source": step.source, "engine": path, "what": f"RootNet ({path})"}, step.engine
+
+
+PRIOR_WORDS = "the prior (depth = k, gamma = 1: a 2000 mm person filling the processed box)"
 
 
 def _labels(loaded: list[Any], labels: Sequence[str] | None) -> list[str]:
@@ -167,9 +237,10 @@ def _report_head(dataset: EvalSet, flip: bool) -> dict[str, Any]:
 
 def _engine_entry(engine: Any, name: str, dataset: EvalSet, truth: tuple[np.ndarray, np.ndarray, list[str | None]],
                   flip: bool, progress: bool, keep_predictions: bool,
-                  estimator_options: dict[str, Any]) -> dict[str, Any]:
+                  estimator_options: dict[str, Any], estimated: str | None = None) -> dict[str, Any]:
     """One engine's entry of the report: it runs over the set, timed, and its predictions are scored
-    against the set's ground truth (EvalSet.ground_truth)."""
+    against the set's ground truth (EvalSet.ground_truth); with estimated root depths (estimated: the
+    root source), its roots are scored too (root_metrics)."""
     gt_cam, gt_img, groups = truth
     has_groups = any(g is not None for g in groups)
     est = PoseEstimator(engine, **estimator_options)
@@ -177,7 +248,8 @@ def _engine_entry(engine: Any, name: str, dataset: EvalSet, truth: tuple[np.ndar
     started = time.perf_counter()
     engine_flip, notice = flip_for(getattr(engine, "meta", None), flip)
     try:
-        pred_cam, pred_img = predict_set(est, dataset.images, flip=engine_flip, progress=bar)
+        pred_cam, pred_img, pred_root = predict_set_roots(est, dataset.images, flip=engine_flip, progress=bar,
+                                                          estimated=estimated)
     finally:
         bar.close()  # stops its ticker however the set ends
     seconds = time.perf_counter() - started
@@ -187,6 +259,9 @@ def _engine_entry(engine: Any, name: str, dataset: EvalSet, truth: tuple[np.ndar
              "weights": (getattr(engine, "meta", {}) or {}).get("weights", {}),
              "seconds": round(seconds, 3), "images_per_second": round(len(dataset.images) / max(seconds, 1e-9), 2),
              "metrics": summarize(pred_cam, pred_img, gt_cam, gt_img, groups if has_groups else None)}
+    if pred_root is not None:
+        entry["root_source"] = estimated
+        entry["metrics"].update(root_metrics(pred_root, gt_cam[:, ROOT_JOINT], pred_cam, gt_cam))
     if keep_predictions:
         ids = [i for im in dataset.images for i in im.ids]
         rel = pred_cam - pred_cam[:, ROOT_JOINT:ROOT_JOINT + 1]

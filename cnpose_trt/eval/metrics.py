@@ -100,16 +100,20 @@ def joint_errors(pred_cam: object, gt_cam: object, *, align: str = "root",
 
     Args:
         pred_cam, gt_cam: (N, J, 3) camera-space joints in mm (absolute or not: both are root-aligned).
-        align: "root" (MPJPE, protocol 2), "rigid" (PA-MPJPE as upstream's protocol 1, no scale) or
-            "similarity" (Procrustes with scale).
+        align: "root" (MPJPE, protocol 2), "rigid" (PA-MPJPE as upstream's protocol 1, no scale),
+            "similarity" (Procrustes with scale) or "none" (absolute MPJPE: camera space as given, which
+            scores the root's position too; meaningful only with estimated root depths).
         eval_joints: joints scored after the alignment (which uses all joints).
     """
-    if align not in ("root", "rigid", "similarity"):
-        raise ValueError(f"align must be 'root', 'rigid' or 'similarity', got {align!r}")
+    if align not in ("root", "rigid", "similarity", "none"):
+        raise ValueError(f"align must be 'root', 'rigid', 'similarity' or 'none', got {align!r}")
     p, g = _pair(pred_cam, gt_cam)
     idx = _joint_indices(eval_joints, p.shape[1])
     if not 0 <= root < p.shape[1]:
         raise ValueError(f"root must index a joint 0..{p.shape[1] - 1}, got {root}")
+    if align == "none":
+        with np.errstate(invalid="ignore"):  # inf - inf: a non-finite pose stays non-finite
+            return np.linalg.norm(p[:, idx] - g[:, idx], axis=-1)
     p, g = root_align(p, root), root_align(g, root)
     if align != "root":
         p = rigid_align(p, g, scale=align == "similarity")
@@ -144,6 +148,56 @@ def pa_mpjpe(pred_cam: object, gt_cam: object, *, scale: bool = False,
     """MPJPE after a rigid (upstream's protocol 1; with scale: similarity) alignment, in mm."""
     return float(np.mean(joint_errors(pred_cam, gt_cam, align="similarity" if scale else "rigid",
                                       eval_joints=eval_joints)))
+
+
+def root_errors(pred_root: object, gt_root: object) -> dict[str, np.ndarray]:
+    """Per-person errors of estimated roots (N, 3) against true ones (N, 3), camera X, Y, Z mm.
+
+    Returns:
+        {"position": (N,) Euclidean distance mm (its mean is MRPE, RootNet's metric),
+         "dz": (N,) |Z_pred - Z_gt| mm, "dz_rel": (N,) |Z_pred - Z_gt| / Z_gt}.
+    Raises:
+        ValueError: shapes other than (N, 3) and (N, 3), or a true root at or behind the camera (Z <= 0).
+    """
+    p, g = (_roots(name, v) for name, v in (("pred_root", pred_root), ("gt_root", gt_root)))
+    if p.shape != g.shape:
+        raise ValueError(f"pred_root and gt_root must have the same shape (N, 3), got {p.shape} and {g.shape}")
+    if (g[:, 2] <= 0).any():
+        i = int(np.flatnonzero(g[:, 2] <= 0)[0])
+        raise ValueError(f"gt_root must lie in front of the camera (Z > 0), got Z = {g[i, 2]!r} at person {i}")
+    with np.errstate(invalid="ignore"):  # a non-finite estimate stays non-finite (summarize leaves it out)
+        dz = np.abs(p[:, 2] - g[:, 2])
+        return {"position": np.linalg.norm(p - g, axis=-1), "dz": dz, "dz_rel": dz / g[:, 2]}
+
+
+def _roots(name: str, value: object) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a numeric array (N, 3), got {type(value).__name__}") from None
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3) camera X, Y, Z mm, got {np.shape(value)}")
+    return arr
+
+
+def root_metrics(pred_root: object, gt_root: object, pred_cam: object, gt_cam: object) -> dict[str, Any]:
+    """The root figures of one engine on one set when root depths are estimated, means over the people
+    whose estimate (root and pose) is finite: MRPE (mrpe, mm), mean |dZ| of the root (root_dz mm,
+    root_dz_rel as a fraction of the true depth) and absolute MPJPE (mpjpe_abs: camera space, no
+    alignment, the eval joints), with 'nonfinite' people left out.
+
+    Shapes: pred_root, gt_root (N, 3) camera mm; pred_cam, gt_cam (N, J, 3) camera mm.
+    """
+    errs = root_errors(pred_root, gt_root)
+    p, g = _pair(pred_cam, gt_cam)
+    if len(p) != len(errs["dz"]):
+        raise ValueError(f"pred_cam has {len(p)} people, pred_root {len(errs['dz'])}")
+    finite = np.isfinite(p).all(axis=(1, 2)) & np.isfinite(np.asarray(pred_root, np.float64)).all(axis=1)
+    values = {"mrpe": errs["position"], "root_dz": errs["dz"], "root_dz_rel": errs["dz_rel"],
+              "mpjpe_abs": joint_errors(p, g, align="none").mean(axis=1)}
+    out: dict[str, Any] = {k: float(v[finite].mean()) if finite.any() else math.nan for k, v in values.items()}
+    out["root_people"] = int(finite.sum())
+    return out
 
 
 def summarize(pred_cam: np.ndarray, pred_img: np.ndarray | None, gt_cam: np.ndarray, gt_img: np.ndarray | None,
