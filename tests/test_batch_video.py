@@ -327,3 +327,20 @@ def test_parts_written_before_video_columns_read_back_with_nulls(clip, tmp_path,
     rows = batch.read_results(out).to_pylist()
     assert [(r["image"].rsplit("/", 1)[-1], r["video"] is None, r["frame"]) for r in rows] == [
         ("img0.png", True, None), ("img0.png", True, None), ("clip.mkv#1", False, 1), ("clip.mkv#1", False, 1)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_video_records_on_ray_equal_the_local_run(clip, tmp_path, xs_engine_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    folder, scenes, _ = clip
+    manifest = _jsonl(tmp_path / "m.jsonl", [{"video": str(folder / "clip.mkv"), "detections": str(folder / "dets.json")},
+                                             {"image": str(folder / "img1.png"), "boxes": scenes[4].boxes.tolist()},
+                                             {"video": str(folder / "clip.mkv"), "frame": FRAMES + 1, "boxes": []}])
+    local = batch.run(manifest, tmp_path / "local", engine=xs_engine_path, progress=False)
+    # a Ray session of its own (started and shut down by the job); batches of 4 split the video's frames
+    remote = batch.run(manifest, tmp_path / "ray", engine=xs_engine_path, ray=True, ray_actors=1, ray_batch_size=4,
+                       progress=False)
+    assert remote.mode.startswith("ray") and (remote.images, remote.people, remote.errors) == \
+        (local.images, local.people, local.errors) == (FRAMES + 2, sum(i % 3 for i in range(FRAMES)) + 2, 1)
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
