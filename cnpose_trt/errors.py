@@ -31,11 +31,14 @@ class ManifestError(CnposeError, ValueError):
 
 class VideoError(CnposeError, ValueError):
     """A video file that cannot be read (not a video, cannot be decoded, a wanted frame past its end) or
-    written: names the file and, where one is to blame, the frame (`frame`, else None)."""
+    written: names the file and, where one is to blame, the frame (`frame`, else None). A wanted frame
+    past the end also says how many frames the video has (`end`, else None): every later frame is past
+    it too, while a frame that cannot be decoded says nothing of the frames after it."""
 
-    def __init__(self, message: str, frame: int | None = None) -> None:
+    def __init__(self, message: str, frame: int | None = None, end: int | None = None) -> None:
         super().__init__(message)
         self.frame = frame
+        self.end = end
 
 
 class BatchError(CnposeError, RuntimeError):

@@ -12,7 +12,16 @@ imports it); `python -m cnpose_trt.batch` runs it (batch/__main__.py).
 from ..errors import BatchError, ManifestError  # noqa: F401  (re-exports: the old module path)
 from .engine import EngineOptions, engine_id  # noqa: F401
 from .job import BatchConfig, run  # noqa: F401
-from .manifest import FIELDS, FORMATS, IMAGE_SUFFIXES, Entry, make_entry, manifest_format, read_manifest  # noqa: F401
+from .manifest import (  # noqa: F401
+    FIELDS,
+    FORMATS,
+    IMAGE_SUFFIXES,
+    Entry,
+    make_entries,
+    make_entry,
+    manifest_format,
+    read_manifest,
+)
 from .output import (  # noqa: F401
     LOCK_FILE,
     META_KEY,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import checks
-from .manifest import _fail, _is_image_id, _is_number, _json, _text_errors
+from .fields import _fail, _is_image_id, _is_number, _json, _text_errors
 
 
 def read_frame_boxes(path: str | Path, *, video: str | Path | None = None, score_threshold: float = 0.5,

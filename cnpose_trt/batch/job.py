@@ -302,8 +302,9 @@ def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = Fa
     for entry in read_manifest(**manifest_args):
         if entry.key in seen:
             first = next(e.where for e in read_manifest(**manifest_args) if e.key == entry.key)
-            raise ManifestError(f"{entry.where}, field 'image': {entry.key!r} is listed again (first at "
-                                f"{first}); every image appears once, with all its boxes")
+            what = "image" if entry.video is None else "frame"  # a frame's key: "clip.mp4#12"
+            raise ManifestError(f"{entry.where}, field {what!r}: {entry.key!r} is listed again (first at "
+                                f"{first}); every {what} appears once, with all its boxes")
         seen.add(entry.key)
         if entry.key not in done.images:
             todo += 1

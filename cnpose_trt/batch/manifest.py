@@ -1,15 +1,19 @@
-"""Batch manifests: the images of a job and their people's boxes, read and checked record by record.
+"""Batch manifests: the images (and video frames) of a job and their people's boxes, read and checked
+record by record.
 
 A manifest is JSON Lines, CSV or Parquet (fields `image`, `boxes` or `crop_boxes`, optional
 `root_depth`, `intrinsics`), or COCO-style detection results with an image folder (person
-detections above a score threshold). read_manifest streams its records as Entry objects, each
-checked as it is read: a record that cannot be used is a ManifestError naming the file, the line
-(or row) and the field. An Entry is one image with its people, as the rest of the job sees it.
+detections above a score threshold). A record may name a video frame instead of an image
+(`video` and `frame`, with the same other fields), or a whole video with its detections file
+(`video` and `detections`, read by detections.read_frame_boxes): that record stands for every frame
+of the video, each an entry (frames without people included, so every frame is in the output once).
+read_manifest streams its records as Entry objects, each checked as it is read: a record that
+cannot be used is a ManifestError naming the file, the line (or row) and the field. An Entry is one
+image or frame with its people, as the rest of the job sees it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -23,10 +27,14 @@ from typing import Any
 import numpy as np
 
 from .. import checks
-from ..errors import ManifestError, need_pyarrow
+from ..errors import ManifestError, VideoError, need_pyarrow
+from ..io.video import read_frames, video_info
+from .detections import read_frame_boxes
+from .fields import _fail, _floats, _is_image_id, _is_number, _json, _text_errors
 
 FORMATS = ("auto", "jsonl", "csv", "parquet", "coco")
-FIELDS = ("image", "boxes", "crop_boxes", "root_depth", "intrinsics")
+FIELDS = ("image", "boxes", "crop_boxes", "root_depth", "intrinsics", "video", "frame", "detections")
+_PATHS = ("image", "video", "detections")  # fields that hold a file name (never JSON in CSV or Parquet text)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() takes '²', which int() refuses
 
@@ -37,13 +45,15 @@ class Entry:
     () or (P,) mm; intrinsics (4,) or (P, 4) fx, fy, cx, cy. Values are checked when the image is
     read (a bad value becomes an error row); shapes and types were checked when the manifest was."""
 
-    key: str                      # the image as the manifest names it: the output's `image` column
-    path: str                     # the file to read
+    key: str                      # the image as the manifest names it, or "clip.mp4#12": the output's `image` column
+    path: str                     # the file to read (the image, or the video)
     where: str                    # "manifest.jsonl, line 12", for messages
     boxes: np.ndarray | None = None
     crop_boxes: np.ndarray | None = None
     root_depth: np.ndarray | None = None
     intrinsics: np.ndarray | None = None
+    video: str | None = None      # video frames: the video as the manifest names it, and the frame (0: the first)
+    frame: int | None = None
 
     @property
     def people(self) -> int:
@@ -52,6 +62,8 @@ class Entry:
     def to_json(self) -> str:
         """Lossless JSON (floats round-trip exactly; NaN kept): how entries travel to Ray workers."""
         doc: dict[str, Any] = {"key": self.key, "path": self.path, "where": self.where}
+        if self.video is not None:
+            doc.update(video=self.video, frame=self.frame)
         for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
             value = getattr(self, name)
             if value is not None:
@@ -61,8 +73,10 @@ class Entry:
     def record_hash(self) -> str:
         """What the image's poses are computed from, as the manifest gives it: the image as named, its
         boxes (or crop boxes), root_depth and intrinsics (not the resolved path: a moved image folder
-        is the same job). Written to the parts, so a resume sees a record that changed."""
-        doc: dict[str, Any] = {"image": self.key}
+        is the same job). Written to the parts, so a resume sees a record that changed. A frame: the video
+        as named and the frame instead of the image (an image's hash keeps its form: parts record it)."""
+        doc: dict[str, Any] = {"image": self.key} if self.video is None else {"video": self.video,
+                                                                              "frame": self.frame}
         for name in ("boxes", "crop_boxes", "root_depth", "intrinsics"):
             value = getattr(self, name)
             if value is not None:
@@ -75,45 +89,7 @@ class Entry:
         arrays = {k: np.asarray(doc[k], np.float64).reshape(-1, 4) if k in ("boxes", "crop_boxes")
                   else np.asarray(doc[k], np.float64) for k in ("boxes", "crop_boxes", "root_depth", "intrinsics")
                   if k in doc}
-        return cls(doc["key"], doc["path"], doc["where"], **arrays)
-
-
-def _fail(where: str, field: str | None, message: str) -> ManifestError:
-    return ManifestError(f"{where}{f', field {field!r}' if field else ''}: {message}")
-
-
-_is_number = checks.is_number
-
-
-def _floats(values: Any, where: str, field: str) -> np.ndarray:
-    """Numbers (checked by _is_number) -> float64; an integer too large for a float is refused."""
-    try:
-        return np.asarray(values, np.float64)
-    except OverflowError:
-        raise _fail(where, field, "holds an integer too large for a float64 number") from None
-
-
-def _json(text: str | bytes, where: str, field: str | None = None) -> Any:
-    """json.loads with the manifest's messages (a record nested thousands deep included)."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise _fail(where, field, f"{'is ' if field else ''}not valid JSON here: nested too deeply") from None
-    except ValueError as exc:
-        if field is None:
-            raise _fail(where, None, f"not valid JSON ({exc})") from None
-        raise _fail(where, field, f"is not valid JSON ({getattr(exc, 'msg', exc)}): {text!r:.80}") from None
-
-
-@contextlib.contextmanager
-def _text_errors(path: Path) -> Iterator[None]:
-    """A manifest that is not UTF-8 text (Latin-1, UTF-16) is refused naming the file."""
-    try:
-        yield
-    except UnicodeDecodeError as exc:
-        what = ("it is UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else
-                f"byte {exc.object[exc.start]:#04x}, e.g. Latin-1")
-        raise _fail(str(path), None, f"not UTF-8 text ({what}): save it as UTF-8") from None
+        return cls(doc["key"], doc["path"], doc["where"], **arrays, video=doc.get("video"), frame=doc.get("frame"))
 
 
 def _quad_list(value: Any, where: str, field: str, what: str) -> np.ndarray:
@@ -151,30 +127,91 @@ def _intrinsics(value: Any, people: int, where: str) -> np.ndarray:
     return arr
 
 
-def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text: bool = False) -> Entry:
-    """One manifest record (a JSON object, CSV row or Parquet row) -> Entry, or a ManifestError.
-
-    Args:
-        record: fields image, boxes or crop_boxes, optional root_depth, intrinsics.
-        where: file and line/row, for messages.
-        image_root: folder that relative image paths are resolved against.
-        decode_text: string values of the numeric fields hold JSON (CSV cells, Parquet strings).
-    """
+def _values(record: dict[str, Any], where: str, decode_text: bool) -> dict[str, Any]:
+    """A record's fields by name (None where absent); with decode_text, the JSON in the numeric ones decoded."""
     unknown = sorted(set(record) - set(FIELDS))
     if unknown:
         raise _fail(where, unknown[0], f"unknown field; a record has {', '.join(FIELDS)}")
     values: dict[str, Any] = {}
     for name in FIELDS:
         value = record.get(name)
-        if name != "image" and isinstance(value, str) and decode_text:
+        if name not in _PATHS and isinstance(value, str) and decode_text:
             if not value.strip():
                 value = None
             else:
                 value = _json(value, where, name)
         values[name] = value
-    image = values["image"]
-    if not isinstance(image, str) or not image.strip():
-        raise _fail(where, "image", f"must be an image path, got {image!r:.80}")
+    return values
+
+
+def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text: bool = False) -> Entry:
+    """One manifest record (a JSON object, CSV row or Parquet row) of one image or video frame -> Entry,
+    or a ManifestError.
+
+    Args:
+        record: fields image (or video and frame), boxes or crop_boxes, optional root_depth, intrinsics.
+        where: file and line/row, for messages.
+        image_root: folder that relative image and video paths are resolved against.
+        decode_text: string values of the numeric fields hold JSON (CSV cells, Parquet strings).
+    """
+    values = _values(record, where, decode_text)
+    if values["detections"] is not None:
+        raise _fail(where, "detections", "a record with detections stands for every frame of its video: read it "
+                    "with make_entries")
+    return _one_entry(values, where, image_root)
+
+
+def make_entries(record: dict[str, Any], where: str, image_root: Path, decode_text: bool = False, *,
+                 score_threshold: float = 0.5, category_id: Any = None) -> Iterator[Entry]:
+    """The entries of one manifest record: make_entry's one, or for a video with its detections file
+    (`video`, `detections`, optional root_depth and intrinsics for every frame) one per frame, in order,
+    frames without people included. score_threshold, category_id: how the detections are read
+    (detections.read_frame_boxes)."""
+    values = _values(record, where, decode_text)
+    if values["detections"] is None:
+        return iter([_one_entry(values, where, image_root)])
+    return _video_entries(values, where, image_root, score_threshold, category_id)
+
+
+def _resolve(name: str, root: Path) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else root / path
+
+
+def _source(values: dict[str, Any], where: str, root: Path) -> tuple[str, Path, str | None, int | None]:
+    """An image record's or a video frame record's (key, file, video, frame)."""
+    image, video, frame = values["image"], values["video"], values["frame"]
+    if image is not None and video is not None:
+        raise _fail(where, "video", "a record names an image or a video frame, not both: give 'image', or 'video' "
+                    "with 'frame'")
+    if video is None:
+        if frame is not None:
+            raise _fail(where, "frame", "is for video records: give 'video' (the video file) with it, or drop it")
+        if not isinstance(image, str) or not image.strip():
+            raise _fail(where, "image", f"must be an image path (or give 'video' and 'frame' for a video frame), got "
+                        f"{image!r:.80}")
+        return image, _resolve(image, root), None, None
+    path = _video_path(video, where, root)
+    if frame is None:
+        raise _fail(where, "frame", "missing: a video record names its frame (0 is the first), or gives "
+                    "'detections' (a detections file) for every frame")
+    if not checks.is_integer(frame) or frame < 0:
+        raise _fail(where, "frame", f"must be a frame index, an integer >= 0 (0 is the first frame), got {frame!r:.80}")
+    return f"{video}#{int(frame)}", path, video, int(frame)
+
+
+def _video_path(video: Any, where: str, root: Path) -> Path:
+    """A video record's file, which must exist (a missing video would be an error row for every frame)."""
+    if not isinstance(video, str) or not video.strip():
+        raise _fail(where, "video", f"must be a video path, got {video!r:.80}")
+    path = _resolve(video, root)
+    if not path.is_file():
+        raise _fail(where, "video", f"no such video file: {path}")
+    return path
+
+
+def _one_entry(values: dict[str, Any], where: str, image_root: Path) -> Entry:
+    name, path, video, frame = _source(values, where, image_root)
     if (values["boxes"] is None) == (values["crop_boxes"] is None):
         raise _fail(where, "boxes", "give exactly one of 'boxes' (person boxes [x, y, w, h]; upstream's box rule is "
                     "applied) or 'crop_boxes' (already processed, used as they are)")
@@ -187,12 +224,62 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
         if root is None:
             raise _fail(where, "intrinsics", "needs root_depth: camera coordinates require the root's absolute depth")
         intr = _intrinsics(values["intrinsics"], len(boxes), where)
-    path = Path(image)
-    path = path if path.is_absolute() else image_root / path
-    return Entry(image, str(path), where, **{key: boxes}, root_depth=root, intrinsics=intr)
+    return Entry(name, str(path), where, **{key: boxes}, root_depth=root, intrinsics=intr, video=video, frame=frame)
 
 
-def _read_jsonl(path: Path, image_root: Path) -> Iterator[Entry]:
+def _video_entries(values: dict[str, Any], where: str, root: Path, score_threshold: float,
+                   category_id: Any) -> Iterator[Entry]:
+    """A video with its detections file -> one entry per frame: every frame the video has (or its
+    detections name; a frame past the end becomes that frame's error row), people or not."""
+    for name in ("image", "frame", "boxes", "crop_boxes"):
+        if values[name] is not None:
+            raise _fail(where, name, "not with 'detections', which give every frame's boxes (a record with 'video', "
+                        "'frame' and 'boxes' names one frame)")
+    if values["video"] is None:
+        raise _fail(where, "detections", "is for video records: give 'video' (the video file) with it")
+    video = values["video"]
+    path = _video_path(video, where, root)
+    dets = values["detections"]
+    if not isinstance(dets, str) or not dets.strip():
+        raise _fail(where, "detections", f"must be a detections file (JSON), got {dets!r:.80}")
+    dets_path = _resolve(dets, root)
+    if not dets_path.is_file():
+        raise _fail(where, "detections", f"no such detections file: {dets_path}")
+    depth, intr = values["root_depth"], values["intrinsics"]
+    if depth is not None and not _is_number(depth):
+        raise _fail(where, "root_depth", f"with detections, one number (mm) for every person of every frame, got "
+                    f"{depth!r:.80}")
+    if intr is not None:
+        if depth is None:
+            raise _fail(where, "intrinsics", "needs root_depth: camera coordinates require the root's absolute depth")
+        if not (isinstance(intr, (list, tuple)) and len(intr) == 4 and all(_is_number(v) for v in intr)):
+            raise _fail(where, "intrinsics", f"with detections, one [fx, fy, cx, cy] for the whole video, got "
+                        f"{intr!r:.80}")
+    root_depth = None if depth is None else _floats(depth, where, "root_depth")
+    intrinsics = None if intr is None else _floats(intr, where, "intrinsics")
+    try:
+        boxes = read_frame_boxes(dets_path, video=path, score_threshold=score_threshold, category_id=category_id)
+    except ManifestError as exc:
+        raise _fail(where, "detections", str(exc)) from None
+    frames = max(_frame_count(path, where), max(boxes, default=-1) + 1)
+    none = np.zeros((0, 4), np.float64)
+    for frame in range(frames):
+        yield Entry(f"{video}#{frame}", str(path), f"{where} (frame {frame})", boxes=boxes.get(frame, none),
+                    root_depth=root_depth, intrinsics=intrinsics, video=video, frame=frame)
+
+
+def _frame_count(path: Path, where: str) -> int:
+    """The frames of a video: the count its container reports, else (none reported) the frames decoded."""
+    try:
+        count = video_info(path).frame_count
+        if not count:  # unknown: one pass to count them (grab is not enough: a frame must decode to count)
+            count = sum(1 for _ in read_frames(path))
+    except (VideoError, OSError) as exc:
+        raise _fail(where, "video", str(exc)) from None
+    return count
+
+
+def _read_jsonl(path: Path, image_root: Path, dets: dict[str, Any]) -> Iterator[Entry]:
     # utf-8-sig: a byte order mark, as some editors write one, is read past
     with open(path, encoding="utf-8-sig") as f, _text_errors(path):
         for number, line in enumerate(f, 1):
@@ -202,10 +289,10 @@ def _read_jsonl(path: Path, image_root: Path) -> Iterator[Entry]:
             record = _json(line, where)
             if not isinstance(record, dict):
                 raise _fail(where, None, f"each line must be a JSON object, got {type(record).__name__}")
-            yield make_entry(record, where, image_root)
+            yield from make_entries(record, where, image_root, **dets)
 
 
-def _read_csv(path: Path, image_root: Path) -> Iterator[Entry]:
+def _read_csv(path: Path, image_root: Path, dets: dict[str, Any]) -> Iterator[Entry]:
     with open(path, encoding="utf-8-sig", newline="") as f, _text_errors(path):
         reader = csv.DictReader(f)
         rows = iter(reader)
@@ -214,9 +301,9 @@ def _read_csv(path: Path, image_root: Path) -> Iterator[Entry]:
             twice = sorted({name for name in header if header.count(name) > 1})
             if twice:
                 raise _fail(f"{path}, line 1", twice[0], "column named twice in the header; each column once")
-            if "image" not in header:
-                raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (columns: "
-                            f"{', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
+            if "image" not in header and "video" not in header:
+                raise _fail(f"{path}, line 1", None, "the header must name an 'image' column (or 'video' for video "
+                            f"frames; columns: {', '.join(FIELDS)}; boxes and the other numbers as JSON), got {header}")
             row = next(rows, None)
         except csv.Error as exc:
             raise _fail(f"{path}, line {reader.line_num + 1}", None, _csv_message(exc)) from None
@@ -225,8 +312,8 @@ def _read_csv(path: Path, image_root: Path) -> Iterator[Entry]:
             if None in row:
                 raise _fail(where, None, f"more cells than the header's {len(header)} columns (quote JSON lists "
                             "that hold commas)")
-            yield make_entry({k: v for k, v in row.items() if v is not None and v != ""}, where, image_root,
-                             decode_text=True)
+            yield from make_entries({k: v for k, v in row.items() if v is not None and v != ""}, where, image_root,
+                                    decode_text=True, **dets)
             try:
                 row = next(rows, None)
             except csv.Error as exc:
@@ -240,21 +327,22 @@ def _csv_message(exc: csv.Error) -> str:
     return f"not valid CSV ({exc})"
 
 
-def _read_parquet(path: Path, image_root: Path) -> Iterator[Entry]:
+def _read_parquet(path: Path, image_root: Path, dets: dict[str, Any]) -> Iterator[Entry]:
     _, pq = need_pyarrow()
     try:
         source = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow's own exception types
         raise _fail(str(path), None, f"not a readable Parquet file ({exc})") from None
     names = source.schema_arrow.names
-    if "image" not in names:
-        raise _fail(str(path), None, f"needs an 'image' column (columns: {', '.join(FIELDS)}), got {names}")
+    if "image" not in names and "video" not in names:
+        raise _fail(str(path), None, f"needs an 'image' column (or 'video' for video frames; columns: "
+                    f"{', '.join(FIELDS)}), got {names}")
     row = 0
     for batch in source.iter_batches(batch_size=4096):
         for record in batch.to_pylist():
             row += 1
-            yield make_entry({k: v for k, v in record.items() if v is not None}, f"{path}, row {row}", image_root,
-                             decode_text=True)
+            yield from make_entries({k: v for k, v in record.items() if v is not None}, f"{path}, row {row}",
+                                    image_root, decode_text=True, **dets)
 
 
 def _read_coco(path: Path, image_root: Path, score_threshold: float, category_id: int | None) -> Iterator[Entry]:
@@ -356,11 +444,6 @@ def _detection(det: Any, where: str, category_id: Any, boxes: dict[Any, list[lis
     return ident
 
 
-def _is_image_id(value: Any) -> bool:
-    # not bool: True == 1 would match image 1
-    return checks.identifier(value)
-
-
 def manifest_format(path: str | Path, fmt: str = "auto") -> str:
     """The manifest's format: fmt, or for 'auto' the one its suffix names."""
     if fmt not in FORMATS:
@@ -384,10 +467,11 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
         path: JSON Lines (.jsonl), CSV (.csv: numbers and lists as JSON in the cells), Parquet, or
             COCO detections (.json).
         format: 'auto' (from the suffix), 'jsonl', 'csv', 'parquet' or 'coco'.
-        image_root: folder relative image paths are resolved against (COCO: the image folder);
-            default the manifest's folder.
-        score_threshold, category_id: COCO only: keep detections of this category (default the
-            file's 'person' category, else 1) with score >= the threshold.
+        image_root: folder relative image, video and detections paths are resolved against (COCO:
+            the image folder); default the manifest's folder.
+        score_threshold, category_id: COCO, and the detections files of video records: keep
+            detections of this category (default the file's 'person' category, else 1) with score >=
+            the threshold.
     Raises:
         ManifestError: a record that cannot be used, naming the file, line (row) and field.
         FileNotFoundError: no such manifest.
@@ -400,10 +484,11 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
     # Absolute (not resolved: a symlinked folder stays as named): entries go to Ray workers, whose
     # working folder is not this process's.
     root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
+    dets = {"score_threshold": score_threshold, "category_id": category_id}  # video records' detections files
     if fmt == "jsonl":
-        return _read_jsonl(path, root)
+        return _read_jsonl(path, root, dets)
     if fmt == "csv":
-        return _read_csv(path, root)
+        return _read_csv(path, root, dets)
     if fmt == "parquet":
-        return _read_parquet(path, root)
+        return _read_parquet(path, root, dets)
     return _read_coco(path, root, score_threshold, category_id)

@@ -27,7 +27,7 @@ from ..progress import Bar
 from .stream import _Loaded
 
 OUTPUT_COLUMNS = ("image", "person", "box", "crop_box", "joints", "camera", "confidence", "root_depth", "engine",
-                  "error")
+                  "error", "video", "frame")
 META_KEY = b"cnpose_trt.batch"
 PART_FORMAT = 1
 SUMMARY_FILE = "_summary.json"  # '_' and '.' prefixes: Parquet readers of the folder skip these files
@@ -44,7 +44,8 @@ class RowBuffer:
     (J, 3) x_px, y_px, depth_mm (root-relative without root_depth), camera (J, 3) X, Y, Z mm
     (null without intrinsics), confidence (J,), root_depth mm (null when not given), engine, and
     error (null). An error row has image, error, and person and box when the error is one
-    person's; its other columns are null.
+    person's; its other columns are null. Video frames: video (as the manifest names it) and frame
+    (0 is the first), null for images; their `image` is the frame's key, "clip.mp4#12".
     """
 
     def __init__(self, joints: int, engine_id: str) -> None:
@@ -63,13 +64,17 @@ class RowBuffer:
         self._error: list[str | None] = []
         self._pose: list[bool] = []
         self._has_camera: list[bool] = []
+        self._video: list[str | None] = []
+        self._frame: list[int | None] = []
 
     def __len__(self) -> int:
         return len(self._image)
 
-    def _row(self, key: str, person: int | None, box: np.ndarray | None, error: str | None) -> None:
+    def _row(self, entry: Any, person: int | None, box: np.ndarray | None, error: str | None) -> None:
         j = self.joints
-        self._image.append(key)
+        self._image.append(entry.key)
+        self._video.append(entry.video)
+        self._frame.append(entry.frame)
         self._person.append(person)
         self._box.append(np.zeros(4) if box is None else np.asarray(box, np.float64))
         self._box_ok.append(box is not None)
@@ -89,7 +94,7 @@ class RowBuffer:
         e = loaded.entry
         self.images.append(e.key)
         if loaded.error is not None or result is None:
-            self._row(e.key, None, None, loaded.error or "not processed")
+            self._row(e, None, None, loaded.error or "not processed")
             return
         boxes = e.boxes if e.boxes is not None else e.crop_boxes
         root = None if e.root_depth is None else np.broadcast_to(e.root_depth, (e.people,))
@@ -98,10 +103,10 @@ class RowBuffer:
         for person in sorted(rows):
             kind, val = rows[person]
             if kind == "bad":
-                self._row(e.key, person, boxes[person], val)
+                self._row(e, person, boxes[person], val)
                 continue
             n = val
-            self._row(e.key, person, result.boxes[n], None)
+            self._row(e, person, result.boxes[n], None)
             self.people += 1
             self._crop.append(np.asarray(result.crop_boxes[n], np.float64))
             self._joints.append(np.asarray(result.image[n], np.float32))
@@ -140,6 +145,8 @@ class RowBuffer:
             "root_depth": pa.array(self._root, pa.float64()),
             "engine": pa.array([self.engine_id if ok else None for ok in pose], pa.string()),
             "error": pa.array(self._error, pa.string()),
+            "video": pa.array(self._video, pa.string()),
+            "frame": pa.array(self._frame, pa.int64()),
         }
         return pa.table(cols, schema=schema)
 
@@ -153,7 +160,8 @@ def output_schema(joints: int) -> Any:
         pa.field("box", pa.list_(f64, 4)), pa.field("crop_box", pa.list_(f64, 4)),
         pa.field("joints", pa.list_(pa.list_(f32, 3), joints)), pa.field("camera", pa.list_(pa.list_(f32, 3), joints)),
         pa.field("confidence", pa.list_(f32, joints)), pa.field("root_depth", f64),
-        pa.field("engine", pa.string()), pa.field("error", pa.string())])
+        pa.field("engine", pa.string()), pa.field("error", pa.string()),
+        pa.field("video", pa.string()), pa.field("frame", pa.int64())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +287,20 @@ def read_results(out: str | Path) -> Any:
     stale = _superseded(parts)
     tables = []
     for path, _ in parts:
-        table = pq.read_table(path).replace_schema_metadata(None)
+        table = _with_video_columns(pq.read_table(path).replace_schema_metadata(None))
         tables.append(_without(table, stale[path]) if path in stale else table)
     if not tables:
         return output_schema(18).empty_table()
     return pa.concat_tables(tables)
+
+
+def _with_video_columns(table: Any) -> Any:
+    """A part written before video frames had columns: its `video` and `frame`, null (all its rows are images)."""
+    pa, _ = need_pyarrow()
+    for name, kind in (("video", pa.string()), ("frame", pa.int64())):
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
+    return table
 
 
 def _write_part(final: Path, table: Any, doc: dict[str, Any]) -> None:

@@ -1,6 +1,10 @@
 """The images of a job: each entry's image read and decoded ahead on threads, its people checked, and
 the people run through PoseEstimator in order, a bad image or person becoming its error instead of
 stopping the job (the local run and every Ray actor stream images through here).
+
+Video frames are read in one sequential pass per video: consecutive entries of one video are a group,
+whose frames (sorted) one io.video.read_frames pass decodes, shared by the reader threads under a
+lock; the read-ahead window bounds the frames decoded and not yet run, as it does for images.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ import dataclasses
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from ..errors import VideoError
 from ..io.imageio_guard import check_image_file
 from ..io.preprocess import load_image
+from ..io.video import read_frames
 from ..ops.geometry import check_crop_boxes, check_intrinsics, check_root_depth, process_boxes
 from .manifest import Entry
 
@@ -54,7 +61,7 @@ def _message(exc: BaseException) -> str:
 
 def load_entry(entry: Entry) -> _Loaded:
     """Read and decode an entry's image and check each person's values (never raises for bad input:
-    the problems are recorded as the image's or the person's error)."""
+    the problems are recorded as the image's or the person's error). Video frames: _FrameReader."""
     out = _Loaded(entry)
     try:
         check_image_file(entry.path)
@@ -65,6 +72,12 @@ def load_entry(entry: Entry) -> _Loaded:
     except MemoryError:
         out.error = f"image {entry.path} is too large to decode in the memory available"
         return out
+    return _check_people(out)
+
+
+def _check_people(out: _Loaded) -> _Loaded:
+    """Each person of a decoded image checked: the good ones kept, the bad ones with their error."""
+    entry = out.entry
     h, w = out.image.shape[:2]
     p = entry.people
     root = None if entry.root_depth is None else np.broadcast_to(entry.root_depth, (p,))
@@ -88,17 +101,118 @@ def load_entry(entry: Entry) -> _Loaded:
     return out
 
 
+class _FrameReader:
+    """The frames of one group of a video's entries, decoded in one sequential pass (read_frames over
+    the sorted frames) that the reader threads share: load(entry) for each entry of the group, any
+    order, any thread. A frame decoded before its entry asked (another thread's entry came first)
+    waits in `ready`, so at most the read-ahead window's frames are held. A frame past the end, and
+    every frame after it, is that frame's error; a frame that cannot be decoded is its own error and
+    the pass starts again after it; a video that cannot be read is every frame's error."""
+
+    def __init__(self, path: str, frames: list[int]) -> None:
+        self.path, self.frames = path, sorted(frames)
+        self.left = len(self.frames)
+        self.ready: dict[int, np.ndarray] = {}
+        self.failed: dict[int, str] = {}
+        self.end: int | None = None           # the frames the video has, once a wanted one was past it
+        self.error: str | None = None         # the whole video cannot be read
+        self.last = -1                        # the last frame the pass reached
+        self._lock = threading.Lock()
+        self._pass: Iterator[tuple[int, np.ndarray]] | None = None
+
+    def load(self, entry: Entry) -> _Loaded:
+        out = _Loaded(entry)
+        with self._lock:
+            try:
+                out.image = self._frame(entry.frame)
+            except _FrameError as exc:
+                out.error = str(exc)
+            finally:
+                self.left -= 1
+                if not self.left and self._pass is not None:
+                    self._pass.close()  # releases the capture now, not when the reader is collected
+                    self._pass = None
+        return out if out.error is not None else _check_people(out)
+
+    def _frame(self, frame: int) -> np.ndarray:
+        while True:
+            if frame in self.ready:
+                return self.ready.pop(frame)
+            if frame in self.failed:
+                raise _FrameError(self.failed.pop(frame))
+            if self.error is not None:
+                raise _FrameError(self.error)
+            if self.end is not None and frame >= self.end:
+                raise _FrameError(f"{self.path}: frame {frame} is past the end of the video ({self.end} frames can "
+                                  "be decoded)")
+            self._advance()
+
+    def _advance(self) -> None:
+        """One more wanted frame from the pass (into ready, or its error into failed)."""
+        if self._pass is None:
+            self._pass = read_frames(self.path, [f for f in self.frames if f > self.last])
+        try:
+            index, image = next(self._pass)
+        except StopIteration:  # cannot happen: every frame asked for is in the pass
+            self.error = f"{self.path}: the frame reader ended early"
+            return
+        except VideoError as exc:
+            self._pass = None
+            if exc.frame is None:
+                self.error = _message(exc)
+            elif exc.end is not None:
+                self.end = exc.end
+            else:
+                self.failed[exc.frame] = _message(exc)
+                self.last = exc.frame
+            return
+        except (OSError, ValueError, MemoryError) as exc:
+            self._pass = None
+            self.error = f"video {self.path}: {_message(exc)}"
+            return
+        self.last = index
+        self.ready[index] = image
+
+
+class _FrameError(Exception):
+    """A frame's error message (raised inside _FrameReader only)."""
+
+
+def _loaders(entries: Iterable[Entry]) -> Iterator[Callable[[], _Loaded]]:
+    """What reads each entry, in the order the entries are run: load_entry for an image; for a run of
+    consecutive entries of one video, one _FrameReader, its entries sorted by frame (one pass)."""
+    group: list[Entry] = []
+
+    def flush() -> Iterator[Callable[[], _Loaded]]:
+        group.sort(key=lambda e: e.frame)
+        reader = _FrameReader(group[0].path, [e.frame for e in group])
+        for e in group:
+            yield lambda e=e: reader.load(e)
+        group.clear()
+
+    for entry in entries:
+        if group and (entry.video is None or entry.path != group[0].path):
+            yield from flush()
+        if entry.video is None:
+            yield lambda e=entry: load_entry(e)
+        else:
+            group.append(entry)
+    if group:
+        yield from flush()
+
+
 def read_ahead(pool: ThreadPoolExecutor, entries: Iterable[Entry], window: int) -> Iterator[_Loaded]:
-    """load_entry over entries on the pool's threads, `window` images ahead, in order."""
+    """The entries read on the pool's threads, `window` images ahead: load_entry for images, one pass
+    per run of a video's frames (_loaders); in order, a video's run sorted by frame."""
     pending: collections.deque[Future[_Loaded]] = collections.deque()
-    source = iter(entries)
+    source = _loaders(entries)
     try:
         while True:
             while len(pending) < window:
-                entry = next(source, None)
-                if entry is None:
+                load = next(source, None)
+                if load is None:
                     break
-                pending.append(pool.submit(load_entry, entry))
+                pending.append(pool.submit(load))
             if not pending:
                 return
             yield pending.popleft().result()

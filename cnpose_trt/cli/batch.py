@@ -26,12 +26,13 @@ DESCRIPTION = "Batch jobs: 3D poses of every person in a manifest of images, wri
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     """The `cnpose-trt batch` options."""
     p.add_argument("manifest", type=Path, help="JSON Lines, CSV or Parquet (image, boxes or crop_boxes, optional "
-                   "root_depth, intrinsics), or COCO detections (.json) with --image-root")
+                   "root_depth, intrinsics; or video and frame for a video frame, or video and detections for "
+                   "every frame of a video), or COCO detections (.json) with --image-root")
     p.add_argument("--out", type=Path, required=True, help="output folder: Parquet parts, _summary.json; rerun "
                    "with the same folder to resume")
     p.add_argument("--format", choices=FORMATS, default="auto", help="manifest format (default: from the suffix)")
     p.add_argument("--image-root", type=Path, default=None,
-                   help="folder relative image paths are resolved against; COCO: the image folder "
+                   help="folder relative image (video, detections) paths are resolved against; COCO: the image folder "
                         "(default: the manifest's folder)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="COCO: minimum detection score (default 0.5)")
     p.add_argument("--category-id", type=int, default=None,

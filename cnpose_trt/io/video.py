@@ -143,7 +143,7 @@ def _some_frames(cap: Any, info: VideoInfo, want: list[int]) -> Iterator[tuple[i
             if not cap.grab():
                 reported = f", the file reports {info.frame_count}" if info.frame_count else ""
                 raise VideoError(f"{info.path}: frame {target} is past the end of the video ({index} frames can be "
-                                 f"decoded{reported})", frame=target)
+                                 f"decoded{reported})", frame=target, end=index)
             index += 1
         yield target, _rgb(cap, info, target, True)
 
