@@ -29,7 +29,8 @@ from ..cache import file_lock, write_json
 from ..errors import BatchError, ManifestError, need_pyarrow
 from ..interrupts import raise_if_stopped
 from ..pipeline.estimator import PoseEstimator
-from ..runtime.engine import Engine, load_engine, read_sidecar
+from ..pipeline.roots import PRIOR, resolve_rootnet
+from ..runtime.engine import Engine, engine_model, load_engine, read_sidecar
 from ..shipped import flip_for, is_shipped_checkpoint, record
 from .engine import EngineOptions, capability, engine_id
 from .manifest import Entry, manifest_format, read_manifest
@@ -95,6 +96,10 @@ class BatchConfig:
         0 one per core, and whether idle threads spin; None: the defaults, and on Ray an onnxruntime
         actor's threads are its CPUs). Not for an Engine passed in loaded.
     say: where progress messages (engine build) go (default: this module's logger, at INFO).
+    rootnet: root depths for records that give none: a RootNet engine file, a RootNet checkpoint (built
+        here with the pose engine's backend and precision, or found in the cache), "prior" (depth = k,
+        gamma = 1), or (local runs) a loaded RootNet Engine; such records need intrinsics. Rows then carry
+        the estimated root_depth and root_source. Part of the job's identity.
     """
 
     engine: Any = None
@@ -124,6 +129,7 @@ class BatchConfig:
     threads: int | None = None
     spinning: bool | None = None
     say: Callable[[str], None] | None = None
+    rootnet: Any = None
 
     def __post_init__(self) -> None:
         if self.load_options and self.engine is not None and not isinstance(self.engine, (str, Path)):
@@ -138,6 +144,7 @@ class BatchConfig:
             if getattr(self, name) is not None:
                 checked[name] = _positive(name, getattr(self, name))
         checks.one_of("ray_engine", self.ray_engine, ("auto", "ship", "build"))
+        _check_rootnet(self.rootnet, self.use_ray)
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16 (build an int8 engine with `cnpose-trt build --int8 "
                              f"...` and pass it as the engine), got {self.precision!r}")
@@ -167,7 +174,21 @@ class BatchConfig:
     def manifest_args(self, manifest: str | Path) -> dict[str, Any]:
         """read_manifest's arguments for this job's manifest."""
         return {"path": manifest, "format": self.format, "image_root": self.image_root,
-                "score_threshold": self.score_threshold, "category_id": self.category_id}
+                "score_threshold": self.score_threshold, "category_id": self.category_id,
+                "estimated_roots": self.rootnet is not None}
+
+
+def _check_rootnet(rootnet: Any, use_ray: bool) -> None:
+    """BatchConfig.rootnet before any work: "prior", an existing file, or (local) a loaded Engine."""
+    if rootnet is None or (isinstance(rootnet, str) and rootnet == PRIOR):
+        return
+    if isinstance(rootnet, Engine):
+        if use_ray:
+            raise ValueError("rootnet: a loaded Engine cannot go to Ray workers; give its engine file")
+        return
+    if not isinstance(rootnet, (str, Path)) or not str(rootnet) or not Path(rootnet).is_file():
+        raise ValueError(f"rootnet must be a RootNet engine file, a RootNet checkpoint or 'prior', got {rootnet!r:.80}"
+                         + (" (no such file)" if isinstance(rootnet, (str, Path)) and str(rootnet) else ""))
 
 
 def run(manifest: str | Path, out: str | Path, config: BatchConfig | None = None, **options: Any) -> Summary:
@@ -226,6 +247,7 @@ class _Job:
     path: Path | None = None
     engine: Any = None
     ray_engine: str = "ship"
+    rootnet: Any = None  # the RootNet engine file (a Path), "prior", a loaded RootNet Engine, or None
 
 
 @dataclasses.dataclass
@@ -263,7 +285,34 @@ def _settle(out: Path, config: BatchConfig) -> _Job:
     if path is not None and meta.get("weights", {}).get("random"):
         config.say("warning: the engine uses random weights: the poses are meaningless; pass a checkpoint for real "
                    "ones")
-    return _Job(out, opts, flip, _identity(meta, path, loaded, opts, flip), path, loaded, ray_engine)
+    identity = _identity(meta, path, loaded, opts, flip)
+    rootnet = _settle_rootnet(config, meta, opts, ray_engine)
+    if rootnet is not None:  # added only with a RootNet: the identity of jobs without one keeps its form
+        identity["rootnet"] = (rootnet if isinstance(rootnet, str) else engine_id(rootnet)
+                               if isinstance(rootnet, Engine) else read_sidecar(rootnet)["engine_file"])
+    return _Job(out, opts, flip, identity, path, loaded, ray_engine, rootnet)
+
+
+def _settle_rootnet(config: BatchConfig, meta: dict[str, Any] | None, opts: EngineOptions, ray_engine: str) -> Any:
+    """The job's RootNet: "prior", a loaded Engine, or its engine file (a checkpoint built here, with the pose
+    engine's backend and precision); on Ray the file is shipped, so it must be a portable engine."""
+    rootnet = config.rootnet
+    if rootnet is None or isinstance(rootnet, Engine) or (isinstance(rootnet, str) and rootnet == PRIOR):
+        if isinstance(rootnet, Engine):
+            rootnet.require_model("rootnet", "rootnet")
+        return rootnet
+    backend = (meta or {}).get("backend", opts.backend)
+    path = resolve_rootnet(rootnet, backend=backend, precision=(meta or {}).get("precision", opts.precision),
+                           engine_dir=opts.engine_dir, progress=config.say)
+    side = read_sidecar(path)
+    if engine_model(side) != "rootnet":
+        raise ValueError(f"rootnet: {path} is a ConvNeXtPose (pose) engine, not a RootNet engine")
+    if config.use_ray and not capability(side["backend"], "PORTABLE_ENGINE", True):
+        raise ValueError(f"rootnet: {path} is a {side['backend']} engine, built for this machine's GPU; on Ray give a "
+                         "portable RootNet engine (ONNX Runtime)")
+    if side.get("weights", {}).get("random"):
+        config.say("warning: the RootNet engine uses random weights: its root depths are meaningless")
+    return Path(path)
 
 
 def _identity(meta: dict[str, Any] | None, path: Path | None, loaded: Any, opts: EngineOptions,
@@ -382,7 +431,8 @@ def _run_local(config: BatchConfig, job: _Job, entries: Iterator[Entry], next_in
     # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
     # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
     readers = config.readers or max(1, min(8, (os.cpu_count() or 2) // 2))
-    estimator = PoseEstimator(engine)
+    rootnet = load_engine(job.rootnet, **config.load_options) if isinstance(job.rootnet, Path) else job.rootnet
+    estimator = PoseEstimator(engine, rootnet=rootnet)
     writer = PartWriter(job.out, next_index, job.identity, engine.spec.joints, engine_id(engine),
                         config.part_images, config.part_seconds)
     ok = False

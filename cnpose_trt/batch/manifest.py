@@ -162,15 +162,17 @@ def make_entry(record: dict[str, Any], where: str, image_root: Path, decode_text
 
 
 def make_entries(record: dict[str, Any], where: str, image_root: Path, decode_text: bool = False, *,
-                 score_threshold: float = 0.5, category_id: Any = None) -> Iterator[Entry]:
+                 score_threshold: float = 0.5, category_id: Any = None,
+                 estimated_roots: bool = False) -> Iterator[Entry]:
     """The entries of one manifest record: make_entry's one, or for a video with its detections file
     (`video`, `detections`, optional root_depth and intrinsics for every frame) one per frame, in order,
     frames without people included. score_threshold, category_id: how the detections are read
-    (detections.read_frame_boxes)."""
+    (detections.read_frame_boxes). estimated_roots: the job estimates root depths (batch --rootnet), so
+    intrinsics without root_depth are what it needs."""
     values = _values(record, where, decode_text)
     if values["detections"] is None:
-        return iter([_one_entry(values, where, image_root)])
-    return _video_entries(values, where, image_root, score_threshold, category_id)
+        return iter([_one_entry(values, where, image_root, estimated_roots)])
+    return _video_entries(values, where, image_root, score_threshold, category_id, estimated_roots)
 
 
 def _resolve(name: str, root: Path) -> Path:
@@ -210,7 +212,11 @@ def _video_path(video: Any, where: str, root: Path) -> Path:
     return path
 
 
-def _one_entry(values: dict[str, Any], where: str, image_root: Path) -> Entry:
+_NEEDS_DEPTH = ("needs root_depth: camera coordinates require the root's absolute depth (or run the job with "
+                "--rootnet, which estimates it)")
+
+
+def _one_entry(values: dict[str, Any], where: str, image_root: Path, estimated_roots: bool = False) -> Entry:
     name, path, video, frame = _source(values, where, image_root)
     if (values["boxes"] is None) == (values["crop_boxes"] is None):
         raise _fail(where, "boxes", "give exactly one of 'boxes' (person boxes [x, y, w, h]; upstream's box rule is "
@@ -221,14 +227,14 @@ def _one_entry(values: dict[str, Any], where: str, image_root: Path) -> Entry:
                                                                  "root_depth")
     intr = None
     if values["intrinsics"] is not None:
-        if root is None:
-            raise _fail(where, "intrinsics", "needs root_depth: camera coordinates require the root's absolute depth")
+        if root is None and not estimated_roots:
+            raise _fail(where, "intrinsics", _NEEDS_DEPTH)
         intr = _intrinsics(values["intrinsics"], len(boxes), where)
     return Entry(name, str(path), where, **{key: boxes}, root_depth=root, intrinsics=intr, video=video, frame=frame)
 
 
 def _video_entries(values: dict[str, Any], where: str, root: Path, score_threshold: float,
-                   category_id: Any) -> Iterator[Entry]:
+                   category_id: Any, estimated_roots: bool = False) -> Iterator[Entry]:
     """A video with its detections file -> one entry per frame: every frame the video has (or its
     detections name; a frame past the end becomes that frame's error row), people or not."""
     for name in ("image", "frame", "boxes", "crop_boxes"):
@@ -250,8 +256,8 @@ def _video_entries(values: dict[str, Any], where: str, root: Path, score_thresho
         raise _fail(where, "root_depth", f"with detections, one number (mm) for every person of every frame, got "
                     f"{depth!r:.80}")
     if intr is not None:
-        if depth is None:
-            raise _fail(where, "intrinsics", "needs root_depth: camera coordinates require the root's absolute depth")
+        if depth is None and not estimated_roots:
+            raise _fail(where, "intrinsics", _NEEDS_DEPTH)
         if not (isinstance(intr, (list, tuple)) and len(intr) == 4 and all(_is_number(v) for v in intr)):
             raise _fail(where, "intrinsics", f"with detections, one [fx, fy, cx, cy] for the whole video, got "
                         f"{intr!r:.80}")
@@ -460,7 +466,8 @@ def manifest_format(path: str | Path, fmt: str = "auto") -> str:
 
 
 def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | Path | None = None,
-                  score_threshold: float = 0.5, category_id: int | None = None) -> Iterator[Entry]:
+                  score_threshold: float = 0.5, category_id: int | None = None,
+                  estimated_roots: bool = False) -> Iterator[Entry]:
     """Stream the entries of a manifest, checking each record's fields as it goes.
 
     Args:
@@ -472,6 +479,7 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
         score_threshold, category_id: COCO, and the detections files of video records: keep
             detections of this category (default the file's 'person' category, else 1) with score >=
             the threshold.
+        estimated_roots: the job estimates root depths (batch --rootnet): intrinsics need no root_depth.
     Raises:
         ManifestError: a record that cannot be used, naming the file, line (row) and field.
         FileNotFoundError: no such manifest.
@@ -484,7 +492,8 @@ def read_manifest(path: str | Path, *, format: str = "auto", image_root: str | P
     # Absolute (not resolved: a symlinked folder stays as named): entries go to Ray workers, whose
     # working folder is not this process's.
     root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
-    dets = {"score_threshold": score_threshold, "category_id": category_id}  # video records' detections files
+    # video records' detections files, and whether intrinsics may come without root_depth
+    dets = {"score_threshold": score_threshold, "category_id": category_id, "estimated_roots": bool(estimated_roots)}
     if fmt == "jsonl":
         return _read_jsonl(path, root, dets)
     if fmt == "csv":

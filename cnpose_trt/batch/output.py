@@ -27,7 +27,7 @@ from ..progress import Bar
 from .stream import _Loaded
 
 OUTPUT_COLUMNS = ("image", "person", "box", "crop_box", "joints", "camera", "confidence", "root_depth", "engine",
-                  "error", "video", "frame")
+                  "error", "video", "frame", "root_source")
 META_KEY = b"cnpose_trt.batch"
 PART_FORMAT = 1
 SUMMARY_FILE = "_summary.json"  # '_' and '.' prefixes: Parquet readers of the folder skip these files
@@ -46,6 +46,8 @@ class RowBuffer:
     error (null). An error row has image, error, and person and box when the error is one
     person's; its other columns are null. Video frames: video (as the manifest names it) and frame
     (0 is the first), null for images; their `image` is the frame's key, "clip.mp4#12".
+    root_source: where root_depth came from, "given" (the manifest), "rootnet" or "prior" (the job's
+    rootnet; root_depth is then the estimate), null when depths are root-relative.
     """
 
     def __init__(self, joints: int, engine_id: str) -> None:
@@ -66,6 +68,7 @@ class RowBuffer:
         self._has_camera: list[bool] = []
         self._video: list[str | None] = []
         self._frame: list[int | None] = []
+        self._root_source: list[str | None] = []
 
     def __len__(self) -> int:
         return len(self._image)
@@ -86,6 +89,7 @@ class RowBuffer:
             self._camera.append(np.zeros((j, 3), np.float32))
             self._conf.append(np.zeros(j, np.float32))
             self._root.append(None)
+            self._root_source.append(None)
             self._pose.append(False)
             self._has_camera.append(False)
 
@@ -115,7 +119,11 @@ class RowBuffer:
             self._has_camera.append(cam is not None)
             self._camera.append(np.zeros((self.joints, 3), np.float32) if cam is None else
                                 np.asarray(cam[n], np.float32))
-            self._root.append(None if root is None else float(root[person]))
+            if result.roots is not None:  # estimated (RootNet or the prior)
+                self._root.append(float(result.roots[n, 2]))
+            else:
+                self._root.append(None if root is None else float(root[person]))
+            self._root_source.append(result.root_source)
             self._pose.append(True)
 
     def table(self) -> Any:
@@ -147,6 +155,7 @@ class RowBuffer:
             "error": pa.array(self._error, pa.string()),
             "video": pa.array(self._video, pa.string()),
             "frame": pa.array(self._frame, pa.int64()),
+            "root_source": pa.array(self._root_source, pa.string()),
         }
         return pa.table(cols, schema=schema)
 
@@ -161,7 +170,7 @@ def output_schema(joints: int) -> Any:
         pa.field("joints", pa.list_(pa.list_(f32, 3), joints)), pa.field("camera", pa.list_(pa.list_(f32, 3), joints)),
         pa.field("confidence", pa.list_(f32, joints)), pa.field("root_depth", f64),
         pa.field("engine", pa.string()), pa.field("error", pa.string()),
-        pa.field("video", pa.string()), pa.field("frame", pa.int64())])
+        pa.field("video", pa.string()), pa.field("frame", pa.int64()), pa.field("root_source", pa.string())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,12 +304,19 @@ def read_results(out: str | Path) -> Any:
 
 
 def _with_video_columns(table: Any) -> Any:
-    """A part written before video frames had columns: its `video` and `frame`, null (all its rows are images)."""
+    """A part written before video frames (or root sources) had columns: its `video` and `frame` null (all its
+    rows are images), its `root_source` "given" where it holds a root_depth (then only a manifest gave one),
+    else null; columns in today's order."""
     pa, _ = need_pyarrow()
+    import pyarrow.compute as pc  # present with pyarrow (need_pyarrow said so)
+
     for name, kind in (("video", pa.string()), ("frame", pa.int64())):
         if name not in table.column_names:
             table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
-    return table
+    if "root_source" not in table.column_names:
+        given = pc.if_else(pc.is_valid(table.column("root_depth")), pa.scalar("given"), pa.scalar(None, pa.string()))
+        table = table.append_column(pa.field("root_source", pa.string()), given)
+    return table.select([n for n in OUTPUT_COLUMNS if n in table.column_names])
 
 
 def _write_part(final: Path, table: Any, doc: dict[str, Any]) -> None:

@@ -82,7 +82,12 @@ class RayPredictor:
         given = {"threads": threads or None, "spinning": spinning, "device": device or None}
         options.update({k: v for k, v in given.items() if k in takes and v is not None})
         self.engine = load_engine(path, **options)
-        self.estimator = PoseEstimator(self.engine)
+        rootnet = engine.get("rootnet")  # None, "prior", or a shipped RootNet engine's files
+        if isinstance(rootnet, dict):
+            import ray
+
+            rootnet = load_engine(install_shipped_engine(ray.get(rootnet["files"])), **options)
+        self.estimator = PoseEstimator(self.engine, rootnet=rootnet)
         self.flip, self.readers = flip, readers
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="cnpose-read")
         self.engine_id = engine_id(self.engine)
@@ -203,13 +208,15 @@ def _run_on_cluster(ray: Any, config: BatchConfig, job: _Job, entries: Iterator[
 def _shipping(ray: Any, job: _Job) -> tuple[dict[str, Any], str, int]:
     """How the actors get the engine (RayPredictor's `engine`): the files resolved here, put in the object
     store ("ship"), or the options to build it on each worker ("build"); with its backend and joints."""
+    rootnet = {"files": ray.put(_engine_files(job.rootnet))} if isinstance(job.rootnet, Path) else job.rootnet
     if job.ray_engine == "ship":
         assert job.path is not None
         meta = read_sidecar(job.path)
-        return ({"mode": "ship", "files": ray.put(_engine_files(job.path))}, meta["backend"],
+        return ({"mode": "ship", "files": ray.put(_engine_files(job.path)), "rootnet": rootnet}, meta["backend"],
                 int(meta["spec"].get("joints", 18)))
     opts = job.options
-    return {"mode": "build", "build": opts.build_kwargs()}, opts.backend, get_spec(opts.variant).joints
+    return ({"mode": "build", "build": opts.build_kwargs(), "rootnet": rootnet}, opts.backend,
+            get_spec(opts.variant).joints)
 
 
 def _pool(config: BatchConfig, backend: str, resources: dict[str, float]) -> tuple[float, int]:

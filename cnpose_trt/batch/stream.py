@@ -26,6 +26,7 @@ from ..io.imageio_guard import check_image_file
 from ..io.preprocess import load_image
 from ..io.video import read_frames
 from ..ops.geometry import check_crop_boxes, check_intrinsics, check_root_depth, process_boxes
+from ..pipeline.items import NEEDS_CAMERA
 from .manifest import Entry
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def estimate_stream(estimator: Any, loaded: Iterable[_Loaded], flip: bool = Fals
     """
     inflight: collections.deque[_Loaded] = collections.deque()
     retry: list[_Loaded] = []
+    rooted = getattr(estimator, "rootnet", None) is not None  # depths estimated: records need intrinsics
     source = iter(loaded)
     source_error: list[BaseException] = []
 
@@ -240,6 +242,9 @@ def estimate_stream(estimator: Any, loaded: Iterable[_Loaded], flip: bool = Fals
         try:
             for item in itertools.chain(retry, source):
                 inflight.append(item)
+                if item.error is None and rooted and item.keep and item.entry.root_depth is None \
+                        and item.entry.intrinsics is None:
+                    item.error = NEEDS_CAMERA  # the image's error row, before the estimator refuses it
                 if item.error is None:
                     yield item.item()
         except Exception as exc:  # our own reader failing: end the stream cleanly, raise after the results

@@ -50,6 +50,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"default {DEFAULT_MAX_BATCH}")
     e.add_argument("--engines", type=Path, default=None, help="engine cache folder (default ./engines)")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored crop")
+    p.add_argument("--rootnet", metavar="ENGINE_OR_CHECKPOINT", default=None,
+                   help="root depths for records without root_depth: a RootNet engine, a RootNet snapshot (built with "
+                   "the pose engine's backend and precision) or 'prior' (gamma = 1, marked root_source 'prior'); "
+                   "those records need intrinsics (else their image gets an error row)")
     p.add_argument("--readers", type=int, default=None,
                    help="threads reading and decoding images ahead (default: half the CPU cores, at most 8; "
                         "Ray: the actor's CPUs, at least 4 with a GPU)")
@@ -103,7 +107,8 @@ def run_batch(args: argparse.Namespace) -> int:
                   ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                   ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
                   ray_engine=args.ray_engine, redo_changed=args.redo_changed,
-                  retry_errors=args.retry_errors, threads=args.threads, spinning=args.spinning, say=say)
+                  retry_errors=args.retry_errors, threads=args.threads, spinning=args.spinning, say=say,
+                  rootnet=args.rootnet)
     print(summary.text())
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

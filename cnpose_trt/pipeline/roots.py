@@ -21,7 +21,7 @@ from ..config import BuildConfig, EngineRequest
 from ..io.preprocess import check_image, crop_people, resolve_crop_boxes
 from ..ops.rootnet import k_values, prior_roots, roots_to_image
 from ..runtime.engine import Engine
-from ..runtime.open import open_engine
+from ..runtime.open import engine_path, open_engine
 
 PRIOR = "prior"
 SOURCES = ("given", "rootnet", PRIOR)  # PoseResult.root_source: hand-given, a RootNet engine, the prior
@@ -65,32 +65,50 @@ class RootStep:
 def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
                  load: dict[str, Any] | None = None) -> RootStep | None:
     """A RootStep from what a caller names as `rootnet` (None: none; a RootStep as it is; see
-    ROOTNET_WANTED). A checkpoint is built into a RootNet engine with the pose engine's backend (the default
-    backend where that one builds no RootNet: torch) and precision, cached like any engine.
+    ROOTNET_WANTED). A checkpoint is built as resolve_rootnet builds it.
 
     Raises:
         ValueError: something that is none of those. EngineError: an engine of another network, ...
     """
     if rootnet is None or isinstance(rootnet, RootStep):
         return rootnet
-    if isinstance(rootnet, str) and rootnet == PRIOR:
-        return RootStep(None)
     if isinstance(rootnet, Engine):
         return RootStep(rootnet)
     if isinstance(rootnet, EngineRequest):
         return RootStep(open_engine(rootnet))
+    where = resolve_rootnet(rootnet, backend=backend, precision=precision, engine_dir=engine_dir)
+    if where == PRIOR:
+        return RootStep(None)
+    return RootStep(open_engine(EngineRequest(engine=where, load=load or {})))
+
+
+def resolve_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
+                    progress: Any = None) -> Path | str:
+    """What `rootnet` names, as a RootNet engine file or "prior", without loading it: an engine file (its
+    sidecar beside it) as it is; a checkpoint built into a RootNet engine (or found in the cache) with
+    the pose engine's backend (the default backend where that one builds no RootNet: torch) and precision
+    (fp32 for an int8 pose engine: an INT8 RootNet needs calibration images, `build --model rootnet --int8`).
+    Batch jobs resolve here once and ship the file (Ray) or load it.
+
+    Raises:
+        ValueError: a value that is none of those (an Engine or EngineRequest: see open_rootnet).
+    """
+    if isinstance(rootnet, str) and rootnet == PRIOR:
+        return PRIOR
     if not isinstance(rootnet, (str, Path)) or not str(rootnet):
         raise ValueError(f"rootnet must be {ROOTNET_WANTED}, got {rootnet!r:.80}")
     path = Path(rootnet)
     if sidecar_path(path).is_file():  # an engine: its sidecar is what makes a file an engine
-        return RootStep(open_engine(EngineRequest(engine=path, load=load or {})))
+        return path
     if not path.is_file():
         raise ValueError(f"rootnet: {path} is neither an engine (no {sidecar_path(path).name} beside it) nor a "
                          f"checkpoint file; give {ROOTNET_WANTED}")
     if backend in backends.NAMES and "rootnet" not in backends.get(backend).MODELS:
         backend = "auto"  # a pose engine on a backend that builds no RootNet (torch): RootNet on the default
+    if precision == "int8":
+        precision = "fp32"
     config = BuildConfig(None, path, model="rootnet", backend=backend, precision=precision, out_dir=engine_dir)
-    return RootStep(open_engine(EngineRequest(build=config, load=load or {})))
+    return engine_path(EngineRequest(build=config), progress)
 
 
 def estimate_roots(engine: Any, image: np.ndarray, boxes: Any = None, *, crop_boxes: Any = None,
