@@ -137,10 +137,19 @@ def test_rootnet_option_errors(golden, xs_engine_path, tmp_path, capsys, extra, 
     assert re.search(message, err), err
 
 
-@pytest.mark.parametrize("value", ["-5", "0", "abc", "nan"])
+@pytest.mark.parametrize("value", ["abc", "nan", "inf"])
 def test_root_depth_values_refused(golden, xs_engine_path, capsys, value):
     with pytest.raises(SystemExit) as exc:  # argparse's usage error
         cli(["predict", str(IMAGE), *_bbox_args(golden["boxes"][:1]), "--engine", str(xs_engine_path),
              "--root-depth", value])
     assert exc.value.code == 2
     assert "--root-depth must be a depth in mm (> 0) or 'prior'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_root_depth_not_positive_refused(golden, xs_engine_path, capsys, value):
+    """Parsed (a signed number is a number), then refused by the pipeline in one line naming root_depth."""
+    assert cli(["predict", str(IMAGE), *_bbox_args(golden["boxes"][:1]), "--engine", str(xs_engine_path),
+                "--root-depth", value]) != 0
+    err = capsys.readouterr().err
+    assert "root_depth" in err and len(err.strip().splitlines()) == 1, err

@@ -136,14 +136,15 @@ CAMERA_HINT = "upstream's demo assumes --focal 1500,1500 and --principal at the 
 
 
 def root_depth_value(text: str) -> float | str:
-    """An argparse type: --root-depth MM (a positive, finite number of mm) or 'prior'."""
+    """An argparse type: --root-depth MM (a finite number; the pipeline refuses depths <= 0 naming
+    root_depth) or 'prior'."""
     if text.strip().lower() == "prior":
         return "prior"
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--root-depth must be a depth in mm (> 0) or 'prior', got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"--root-depth must be a depth in mm (> 0) or 'prior', got {text!r}")
     return value
 
