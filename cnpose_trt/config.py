@@ -20,7 +20,9 @@ from .spec import DEFAULT_OPSET, MODELS, VariantSpec
 
 DEFAULT_MAX_BATCH = 32  # the largest batch an engine is built for unless told otherwise
 MAX_BUILD_BATCH = 4096  # the largest engine profile build_engine makes
-PRECISIONS = ("fp32", "fp16", "int8")
+# bf16: the FP32 graph compiled with bfloat16 inference; the openvino backend builds it, on CPUs with AMX-BF16
+# or AVX512-BF16 (backends/openvino/runtime.py says why those flags).
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # Node-name prefixes (as torch.onnx names them) kept out of INT8 by default: pose heads lose
 # accuracy when the heatmap conv and the layer feeding it are quantized.
 DEFAULT_INT8_EXCLUDE = ("/head/final_layer/", "/head/deconv_layers_3/")

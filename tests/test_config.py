@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"max_batch": 0}, r"max_batch must be an integer in 1\.\.4096, got 0"),
     ({"max_batch": True}, r"max_batch must be an integer in 1\.\.4096, got True"),
     ({"max_batch": 4.0}, r"max_batch must be an integer in 1\.\.4096"),
-    ({"precision": "fp8"}, r"precision must be one of fp32, fp16, int8, got 'fp8'"),
+    ({"precision": "fp8"}, r"precision must be one of fp32, fp16, int8, bf16, got 'fp8'"),
     ({"opset": 11}, r"opset must be 17 or newer, got 11"),
     ({"opset": True}, r"opset must be 17 or newer"),
     ({"seed": -1}, r"seed must be a non-negative integer, got -1"),

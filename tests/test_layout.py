@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cnpose_trt"
-BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
+BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt", "openvino")
 
 # The rooms, lowest first. A module of a room imports its own room and the rooms listed for it.
 BASE = {"errors", "spec", "checks", "config", "progress", "interrupts", "cache", "shipped", "_C", "_version"}

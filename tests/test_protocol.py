@@ -57,7 +57,7 @@ def test_protocol_refusals(xs_engine, xs_engine_path):
 
 
 def test_registry():
-    assert backends.NAMES == ("onnxruntime", "tensorrt", "torch")
+    assert backends.NAMES == ("onnxruntime", "tensorrt", "torch", "openvino")
     for name in backends.NAMES:
         module = backends.get(name)
         assert module.NAME == name and module.ENGINE_SUFFIX.startswith(".")
@@ -65,10 +65,10 @@ def test_registry():
                      "NEEDS_GRAPH"):
             assert hasattr(module, attr), (name, attr)
     assert backends.resolve("onnxruntime") == "onnxruntime"
-    with pytest.raises(ValueError, match="backend must be one of auto, onnxruntime, tensorrt, torch"):
-        backends.resolve("openvino")
-    with pytest.raises(EngineError, match="this installation loads onnxruntime, tensorrt, torch"):
-        backends.get("openvino")
+    with pytest.raises(ValueError, match="backend must be one of auto, onnxruntime, tensorrt, torch, openvino"):
+        backends.resolve("tvm")
+    with pytest.raises(EngineError, match="this installation loads onnxruntime, tensorrt, torch, openvino"):
+        backends.get("tvm")
 
 
 class _OnDevice(Engine):

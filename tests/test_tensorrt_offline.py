@@ -44,7 +44,7 @@ def test_load_options():
     assert runtime._load_options({"max_contexts": 5}) == 5
     assert runtime.TrtEngine.options == ("max_contexts",)
     with pytest.raises(ValueError, match=r"takes the option max_contexts, got threads \(threads is an option of "
-                                         r"onnxruntime and torch\)"):
+                                         r"onnxruntime and torch and openvino\)"):
         runtime._load_options({"threads": 4})
     with pytest.raises(ValueError, match="got cuda_graphs, speed .*cuda_graphs is an option of torch"):
         runtime._load_options({"speed": 1, "cuda_graphs": True})

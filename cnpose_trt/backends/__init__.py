@@ -9,7 +9,9 @@ graph or the PyTorch model), its capabilities (GPU, PORTABLE_ENGINE, CPU_IS_REFE
 version(), key_fields(job) (its part of the engine cache key), compile(job, built_file) -> sidecar
 extras, check_engine_file(path, meta) (what the engine file's contents show against its sidecar,
 read cheaply: EngineError on a contradiction; a cached engine that fails it is rebuilt), and
-load(path, meta, **options) -> Engine (which runs the same checks on what it loads).
+load(path, meta, **options) -> Engine (which runs the same checks on what it loads). Optional:
+INSTALL_HINT (what to install when available() is False), precision_problem(precision) (why this machine
+cannot build that precision, or None: asked before anything is exported).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .base import (  # noqa: F401  (the registry's helpers live below the backen
 
 log = logging.getLogger(__name__)
 
-_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}  # name -> subpackage
+# name -> subpackage
+_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "openvino": "openvino"}
 NAMES = tuple(_MODULES)
 BACKENDS = ("auto", *NAMES)  # what the commands that build offer
 # "auto" picks the first available of these: TensorRT where it and a GPU are present.
@@ -83,6 +86,18 @@ def get(name: str, what: str = "") -> ModuleType:
                           "not installed") from None
 
 
+def builders_of(precision: str) -> list[str]:
+    """The backends (of those whose packages import) that build engines of this precision."""
+    names = []
+    for name in NAMES:
+        try:
+            if precision in get(name).PRECISIONS:
+                names.append(name)
+        except EngineError:
+            continue
+    return names
+
+
 def resolve(requested: str) -> str:
     """A concrete backend name for "auto" or a name; a named backend must be available.
 
@@ -96,7 +111,8 @@ def resolve(requested: str) -> str:
         if requested == "tensorrt":
             module.import_trt()  # BuildError with the install hint if missing
         elif not module.available():
-            raise BuildError(f"the {requested} backend is not available here")
+            hint = getattr(module, "INSTALL_HINT", "")
+            raise BuildError(f"the {requested} backend is not available here{': ' + hint if hint else ''}")
         return requested
     for name in AUTO_ORDER:
         try:

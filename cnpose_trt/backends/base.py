@@ -35,7 +35,8 @@ from ..spec import MODELS, RootNetSpec, VariantSpec, network_weight_shapes, spec
 
 MAX_ENGINE_BATCH = 1 << 16
 IO_DTYPES = ("float32", "float16")
-PRECISIONS = ("fp32", "fp16", "int8")
+# bf16: the FP32 graph run with bfloat16 inference (the openvino backend, on CPUs with AMX-BF16 or AVX512-BF16).
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # ONNX Runtime session defaults (onnxruntime/runtime.py), from benchmarks/results/ort-threads-*: on the
 # 2-core machine spinning off was faster end to end in 10 of the 12 on/off pairs (not at threads 1
 # under load), quiet and under load (XS 1.47-1.65x, M 1.09-1.12x at threads 0); threads 1 helped M on the quiet
@@ -45,7 +46,7 @@ ORT_DEFAULT_SPINNING = False
 # The load options each backend takes (each module's LOAD_OPTIONS is its row), here so that a backend
 # refusing an option can name the backends that take it without importing them.
 LOAD_OPTIONS = {"onnxruntime": ("threads", "spinning"), "tensorrt": ("max_contexts",),
-                "torch": ("device", "cuda_graphs", "threads")}
+                "torch": ("device", "cuda_graphs", "threads"), "openvino": ("threads",)}
 
 
 def importable(library: str) -> bool:
@@ -60,6 +61,18 @@ def importable(library: str) -> bool:
 def library_version(library: str) -> str:
     """The library's __version__ (a backend's version(), part of the engine cache key)."""
     return str(importlib.import_module(library).__version__)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The processor's feature flags (/proc/cpuinfo); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def check_options(module: ModuleType, options: dict[str, Any]) -> None:

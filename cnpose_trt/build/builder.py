@@ -228,8 +228,13 @@ class _Build:
             raise ValueError(f"the {self.backend} backend builds {', '.join(self.module.MODELS)} engines, not "
                              f"{c.model}; build it with --backend onnxruntime (or tensorrt)")
         if c.precision not in self.module.PRECISIONS:
+            others = backends.builders_of(c.precision)
             raise ValueError(f"the {self.backend} backend builds {', '.join(self.module.PRECISIONS)}, "
-                             f"not {c.precision!r}")
+                             f"not {c.precision!r}" + (f" ({c.precision} engines: --backend {' or '.join(others)})"
+                                                        if others else ""))
+        problem = getattr(self.module, "precision_problem", lambda _: None)(c.precision)
+        if problem:
+            raise BuildError(f"cannot build a {c.precision} engine with the {self.backend} backend here: {problem}")
         # Listed (and every image hashed) once: the hash keys the cache, the list feeds calibration.
         self.calib_items, self.calib_hash = (calibration_set(self.opts, c.seed) if c.precision == "int8"
                                              else (None, None))
@@ -387,7 +392,8 @@ class _Build:
                                               items=self.calib_items)
             extra["int8"]["calibration"] = _calibration_words(opts, self.calib_items, say)
         else:
-            say("[3/5] FP32 graph")
+            bf16 = " (bf16: the backend compiles it for bfloat16)" if job.precision == "bf16" else ""
+            say(f"[3/5] FP32 graph{bf16}")
         return extra
 
 

@@ -85,7 +85,7 @@ class PrecisionOptions:
             raise ValueError("give either calib_images or calib_synthetic, not both")
 
     def key_fields(self, calib_hash: str | None) -> dict[str, Any]:
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "bf16"):  # bf16: the FP32 graph, compiled for bf16 by the backend
             return {}
         if self.precision == "fp16":
             return {"fp16_output": self.fp16_output, "keep_fp32": list(self.keep_fp32)}

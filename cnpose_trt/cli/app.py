@@ -58,14 +58,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench_args(bn: argparse.ArgumentParser) -> None:
-    from ..backends import add_session_arguments  # lazy: the registry only where bench adds its options
+    from ..backends import NAMES, add_session_arguments  # lazy: the registry only where bench adds its options
+    from ..config import PRECISIONS
 
     bn.add_argument("--variant", type=str.upper, nargs="+", choices=list(VARIANTS), default=["XS"],
                     help="variants to measure (default XS)")
-    bn.add_argument("--backend", nargs="+", choices=["onnxruntime", "tensorrt", "torch"], default=["onnxruntime"],
+    bn.add_argument("--backend", nargs="+", choices=list(NAMES), default=["onnxruntime"],
                     help="backends to measure (default onnxruntime)")
-    bn.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"],
-                    help="precisions to measure (default fp32)")
+    bn.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32"],
+                    help="precisions to measure (default fp32; bf16: the openvino backend; a backend that does "
+                         "not build one is reported as skipped)")
     bn.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, people per call "
                     "(default 1 8)")
     bn.add_argument("--iterations", type=int, default=10, help="timed runs per measurement (default 10)")

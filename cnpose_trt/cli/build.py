@@ -31,12 +31,16 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="weights file; default: deterministic random weights")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime; "
-                        "torch serves the model with PyTorch (fp16 on CUDA)")
+                        "torch serves the model with PyTorch (fp16 on CUDA); openvino: OpenVINO on the CPU "
+                        "(fp32, bf16, int8; pip install 'cnpose_trt[openvino]')")
     p.add_argument("--precision", choices=PRECISIONS, action="append", default=None,
-                   help="repeatable; default fp32 (also --fp16, --int8)")
+                   help="repeatable; default fp32 (also --fp16, --int8, --bf16)")
     p.add_argument("--fp16", action="append_const", dest="precision", const="fp16", help="build the FP16 engine")
     p.add_argument("--int8", action="append_const", dest="precision", const="int8",
                    help="build the INT8 engine (needs --calib-images or --calib-synthetic)")
+    p.add_argument("--bf16", action="append_const", dest="precision", const="bf16",
+                   help="build the BF16 engine: the FP32 graph run in bfloat16 (--backend openvino, on a CPU with "
+                        "AMX-BF16 or AVX512-BF16)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"default {DEFAULT_MAX_BATCH}")
     p.add_argument("--out", type=Path, default=None, help="engine folder (default $CNPOSE_TRT_ENGINES or ./engines)")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached engine is valid")

@@ -27,6 +27,7 @@ from ..base import (
     Engine,
     check_engine_contents,
     check_engine_io,
+    cpu_flags,
     engine_mismatch,
     importable,
     library_version,
@@ -66,18 +67,6 @@ def session_threads(threads: int | None, spinning: bool | None) -> tuple[int, bo
     if spinning is None:
         spinning = DEFAULT_SPINNING
     return threads, flag("spinning", spinning)  # ONNX Runtime's session.intra_op.allow_spinning
-
-
-def cpu_flags() -> frozenset[str]:
-    """The processor's feature flags (/proc/cpuinfo); empty where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 _WARNED: set[str] = set()
