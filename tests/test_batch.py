@@ -495,7 +495,7 @@ def test_manifest_problems_stop_the_job_before_any_work(tmp_path, xs_engine_path
     assert not list((tmp_path / "out").glob("part-*"))
     with pytest.raises(ValueError, match="readers must be an integer > 0"):
         batch.run(tmp_path / "m.jsonl", tmp_path / "out", engine=xs_engine_path, readers=0)
-    with pytest.raises(ValueError, match="precision must be fp32 or fp16"):
+    with pytest.raises(ValueError, match="precision must be fp32, fp16 or bf16"):
         batch.run(tmp_path / "m.jsonl", tmp_path / "out", precision="int8")
     (tmp_path / "file").write_text("")
     with pytest.raises(batch.BatchError, match="is a file, not a folder"):

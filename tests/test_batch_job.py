@@ -27,7 +27,7 @@ from cnpose_trt.runtime.engine import read_sidecar  # noqa: E402
     ({"ray_batch_size": -1}, "ray_batch_size must be an integer > 0, got -1"),
     ({"ray_actors": 0}, "ray_actors must be an integer > 0, got 0"),
     ({"ray_engine": "copy"}, "ray_engine must be one of auto, ship, build, got 'copy'"),
-    ({"precision": "int8"}, "precision must be fp32 or fp16 .build an int8 engine"),
+    ({"precision": "int8"}, "precision must be fp32, fp16 or bf16 .build an int8 engine"),
     ({"threads": -1}, "threads must be a non-negative integer"),
     ({"spinning": "yes"}, "spinning must be on or off"),
 ])

@@ -145,9 +145,9 @@ class BatchConfig:
                 checked[name] = _positive(name, getattr(self, name))
         checks.one_of("ray_engine", self.ray_engine, ("auto", "ship", "build"))
         _check_rootnet(self.rootnet, self.use_ray)
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16 (build an int8 engine with `cnpose-trt build --int8 "
-                             f"...` and pass it as the engine), got {self.precision!r}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16 (build an int8 engine with `cnpose-trt build "
+                             f"--int8 ...` and pass it as the engine), got {self.precision!r}")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 

@@ -43,8 +43,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", type=str.upper, choices=list(VARIANTS), default="XS",
                    help="build (or reuse) this variant's engine (default XS)")
     e.add_argument("--checkpoint", type=Path, help="weights for --variant (default: random)")
-    e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp32 or fp16 (default fp32; int8: build it with `cnpose-trt build --int8` and pass --engine)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp32, fp16 or bf16 (--backend openvino; default fp32; int8: build it with `cnpose-trt build "
+                   "--int8` and pass --engine)")
     e.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime")
     e.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"default {DEFAULT_MAX_BATCH}")

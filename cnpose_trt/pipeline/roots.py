@@ -86,8 +86,9 @@ def resolve_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp
                     progress: Any = None) -> Path | str:
     """What `rootnet` names, as a RootNet engine file or "prior", without loading it: an engine file (its
     sidecar beside it) as it is; a checkpoint built into a RootNet engine (or found in the cache) with
-    the pose engine's backend (the default backend where that one builds no RootNet: torch) and precision
-    (fp32 for an int8 pose engine: an INT8 RootNet needs calibration images, `build --model rootnet --int8`).
+    the pose engine's backend (the default backend where that one builds no RootNet: torch, openvino) and
+    precision (fp32 for an int8 pose engine: an INT8 RootNet needs calibration images, `build --model rootnet
+    --int8`; fp32 for bf16 on the default backend).
     Batch jobs resolve here once and ship the file (Ray) or load it.
 
     Raises:
@@ -104,9 +105,9 @@ def resolve_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp
         raise ValueError(f"rootnet: {path} is neither an engine (no {sidecar_path(path).name} beside it) nor a "
                          f"checkpoint file; give {ROOTNET_WANTED}")
     if backend in backends.NAMES and "rootnet" not in backends.get(backend).MODELS:
-        backend = "auto"  # a pose engine on a backend that builds no RootNet (torch): RootNet on the default
-    if precision == "int8":
-        precision = "fp32"
+        backend = "auto"  # a pose engine on a backend that builds no RootNet (torch, openvino): the default
+    if precision == "int8" or (backend == "auto" and precision not in ("fp32", "fp16")):
+        precision = "fp32"  # INT8 needs calibration images; bf16 is openvino's alone
     config = BuildConfig(None, path, model="rootnet", backend=backend, precision=precision, out_dir=engine_dir)
     return engine_path(EngineRequest(build=config), progress)
 
