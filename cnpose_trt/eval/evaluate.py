@@ -206,8 +206,13 @@ PRIOR_WORDS = "the prior (depth = k, gamma = 1: a 2000 mm person filling the pro
 
 
 def _labels(loaded: list[Any], labels: Sequence[str] | None) -> list[str]:
-    """One name per engine (engine_label by default); identical ones (two fp32 files) get a suffix."""
+    """One name per engine (engine_label by default, with the backend where the engines' backends differ);
+    identical ones (two fp32 files) get a suffix."""
     names = list(labels) if labels is not None else [engine_label(e) for e in loaded]
+    kinds = {(getattr(e, "meta", None) or {}).get("backend") for e in loaded}
+    if labels is None and len(kinds) > 1:  # engines of several backends side by side: say which is which
+        names = [f"{n} {(getattr(e, 'meta', None) or {}).get('backend', '?')}" for n, e in zip(names, loaded,
+                                                                                             strict=True)]
     if len(names) != len(loaded):
         raise ValueError(f"labels must give one name per engine ({len(loaded)}), got {len(names)}")
     seen: dict[str, int] = {}
