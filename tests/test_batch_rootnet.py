@@ -160,3 +160,16 @@ def test_parts_written_before_root_source_read_back(manifest, tmp_path, xs_engin
     rows = _rows(out)
     assert [r["root_source"] for r in rows["b.png"]] == ["given", "given"]
     assert [r["root_source"] for r in rows["c.png"]] == [None]
+
+
+def test_coco_manifest_with_rootnet_refused(tmp_path, xs_engine_path):
+    coco = tmp_path / "dets.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
+    with pytest.raises(ValueError, match="rootnet: COCO detections carry no camera intrinsics"):
+        batch.run(coco, tmp_path / "out", engine=xs_engine_path, rootnet="prior", progress=False)
+
+
+def test_records_without_camera_are_announced(manifest, tmp_path, xs_engine_path):
+    said: list[str] = []
+    batch.run(manifest, tmp_path / "out", engine=xs_engine_path, rootnet="prior", progress=False, say=said.append)
+    assert any("warning: images to do that give neither root_depth nor intrinsics: 1;" in m for m in said), said

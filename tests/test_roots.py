@@ -172,3 +172,60 @@ def test_rootnet_checkpoint_beside_a_torch_engine(rootnet_snapshot, rootnet_engi
     est = PoseEstimator(pose.path, rootnet=rootnet_snapshot, engine_dir=engine_dir)
     assert est.engine.meta["backend"] != est.rootnet.engine.meta["backend"]
     assert Path(est.rootnet.engine.path) == Path(rootnet_engine_path)
+
+
+def test_mixed_batch_estimates_only_those_without_depths(golden, xs_engine, rootnet_engine):
+    """One pose call of 3 people whose middle one has a depth by hand: one RootNet call on the other two crops."""
+    calls: list[int] = []
+    est = PoseEstimator(xs_engine, rootnet=rootnet_engine, crop_method="opencv")
+    infer = rootnet_engine.infer
+    est.rootnet.engine = type("Spy", (), {"infer": lambda self, x: calls.append(len(x)) or infer(x),
+                                          "input_dtype": rootnet_engine.input_dtype})()
+    image, boxes, cam = golden["image_rgb"], golden["boxes"], golden["intrinsics"]
+    items = [{"image": image, "boxes": boxes[0:1], "intrinsics": cam},
+             {"image": image, "boxes": boxes[1:2], "intrinsics": cam, "root_depth": 3210.0},
+             {"image": image, "boxes": boxes[2:3], "intrinsics": cam}]
+    got = list(est.predict_iter(items))
+    assert calls == [2]
+    roots = estimate_roots(rootnet_engine, image, boxes[[0, 2]], intrinsics=cam, crop_method="opencv")
+    np.testing.assert_allclose(np.concatenate([got[0].roots, got[2].roots]), roots, rtol=1e-6, atol=1e-4)
+    assert [r.root_source for r in got] == ["rootnet", "given", "rootnet"]
+
+
+def test_no_people_no_crops(golden, rootnet_engine):
+    for engine in (rootnet_engine, "prior"):
+        assert estimate_roots(engine, golden["image_rgb"], np.zeros((0, 4)), intrinsics=golden["intrinsics"]).shape \
+            == (0, 3)
+
+
+def test_a_depth_that_is_none_is_refused_in_order(golden, xs_engine, rootnet_engine):
+    """RootNet's gamma <= 0 (weights that are not trained ones) is no depth: a clear error, after the results
+    of the batches before it, never a pose placed at a negative depth."""
+    class NegativeAfterFirst:
+        input_dtype = rootnet_engine.input_dtype
+        calls = 0
+
+        def infer(self, x):
+            raw = rootnet_engine.infer(x).copy()
+            self.calls += 1
+            if self.calls > 1:
+                raw[:, 2] = -raw[:, 2]
+            return raw
+
+    est = PoseEstimator(xs_engine, rootnet=rootnet_engine)
+    est.rootnet.engine = NegativeAfterFirst()
+    image, boxes, cam = golden["image_rgb"], golden["boxes"], golden["intrinsics"]
+    items = [{"image": image, "boxes": boxes[:4], "intrinsics": cam},  # 4 people: one engine call
+             {"image": image, "boxes": boxes[4:], "intrinsics": cam}]
+    results = est.predict_iter(items)
+    first = next(results)
+    assert first.root_source == "rootnet" and len(first) == 4 and (first.roots[:, 2] > 0).all()
+    with pytest.raises(ValueError, match=r"RootNet gave person 0 a root depth of -\d.* mm .*trained ones"):
+        next(results)
+
+
+def test_rootnet_takes_only_its_backends_load_options(rootnet_engine_path):
+    from cnpose_trt.pipeline.roots import load_rootnet
+
+    engine = load_rootnet(rootnet_engine_path, {"device": "cuda", "threads": 1, "cuda_graphs": True})
+    assert engine.network == "rootnet"

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends, checks
-from ..cache import file_lock, write_json
+from ..cache import file_lock, sidecar_path, write_json
 from ..errors import BatchError, ManifestError, need_pyarrow
 from ..interrupts import raise_if_stopped
 from ..pipeline.estimator import PoseEstimator
-from ..pipeline.roots import PRIOR, resolve_rootnet
+from ..pipeline.roots import PRIOR, load_rootnet, resolve_rootnet
 from ..runtime.engine import Engine, engine_model, load_engine, read_sidecar
 from ..shipped import flip_for, is_shipped_checkpoint, record
 from .engine import EngineOptions, capability, engine_id
@@ -216,7 +216,9 @@ def run(manifest: str | Path, out: str | Path, config: BatchConfig | None = None
         config = dataclasses.replace(config, **options) if options else config
     else:
         raise TypeError(f"config must be a BatchConfig, got {config!r}")
-    manifest_format(manifest, config.format)
+    if manifest_format(manifest, config.format) == "coco" and config.rootnet is not None:
+        raise ValueError("rootnet: COCO detections carry no camera intrinsics, which RootNet's depths need (they scale "
+                         "with the focal length): give a JSONL, CSV or Parquet manifest with intrinsics per record")
     if not Path(manifest).is_file():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     out = Path(out)
@@ -258,6 +260,7 @@ class _Plan:
     todo: int
     redo: set[str]              # images done before and redone (changed records, --retry-errors)
     unknown: int                # images done by parts that recorded no record hashes: kept unchecked
+    no_camera: int = 0          # images to do whose depths are to be estimated but that give no intrinsics
 
 
 def _settle(out: Path, config: BatchConfig) -> _Job:
@@ -302,6 +305,10 @@ def _settle_rootnet(config: BatchConfig, meta: dict[str, Any] | None, opts: Engi
             rootnet.require_model("rootnet", "rootnet")
         return rootnet
     backend = (meta or {}).get("backend", opts.backend)
+    if config.use_ray and not sidecar_path(rootnet).is_file() and not capability(backend, "PORTABLE_ENGINE", True):
+        raise ValueError(f"rootnet: on Ray, a RootNet checkpoint beside a {backend} pose engine would be built for "
+                         "this machine's GPU; build a portable RootNet engine (`cnpose-trt build --model rootnet "
+                         "--checkpoint FILE --backend onnxruntime`) and give its file")
     path = resolve_rootnet(rootnet, backend=backend, precision=(meta or {}).get("precision", opts.precision),
                            engine_dir=opts.engine_dir, progress=config.say)
     side = read_sidecar(path)
@@ -345,7 +352,7 @@ def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = Fa
     one its poses were computed from (a change stops the job unless redo_changed). failed: images
     to redo because their rows are all errors (--retry-errors)."""
     seen: set[str] = set()
-    todo = unknown = 0
+    todo = unknown = no_camera = 0
     redo: set[str] = set()
     changed: list[Entry] = []
     for entry in read_manifest(**manifest_args):
@@ -357,6 +364,8 @@ def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = Fa
         seen.add(entry.key)
         if entry.key not in done.images:
             todo += 1
+            no_camera += bool(manifest_args.get("estimated_roots") and entry.people and entry.root_depth is None
+                              and entry.intrinsics is None)
             continue
         record = done.records.get(entry.key)
         if record is None:
@@ -372,7 +381,7 @@ def _prepass(manifest_args: dict[str, Any], done: _Done, redo_changed: bool = Fa
         raise BatchError(f"{e.where}: the record of {e.key!r} changed since its poses were computed (its boxes, "
                          f"root_depth or intrinsics; {len(changed)} image{'s' * (len(changed) > 1)} in all): rerun "
                          "with --redo-changed to redo them, or use another --out")
-    return _Plan(len(seen), todo + len(redo), redo, unknown)
+    return _Plan(len(seen), todo + len(redo), redo, unknown, no_camera)
 
 
 
@@ -389,6 +398,9 @@ def _run_locked(manifest_args: dict[str, Any], out: Path, config: BatchConfig) -
     plan = _prepass(manifest_args, done, config.redo_changed,
                     _failed_images(_parts(out)) if config.retry_errors else None)
     total, todo = plan.total, plan.todo
+    if plan.no_camera:
+        config.say(f"warning: images to do that give neither root_depth nor intrinsics: {plan.no_camera}; RootNet's "
+                   "depths need the camera, so each gets an error row")
     if plan.unknown:
         config.say(f"{plan.unknown} done images are in parts written before records were hashed: kept as done "
                    f"without checking their records (use another --out to redo them)")
@@ -431,7 +443,7 @@ def _run_local(config: BatchConfig, job: _Job, entries: Iterator[Entry], next_in
     # On a CPU engine the readers take cores from it: more threads than half the cores slowed the whole
     # job down on a 2-core machine (benchmarks/test_batch.py); a GPU engine leaves the cores to them.
     readers = config.readers or max(1, min(8, (os.cpu_count() or 2) // 2))
-    rootnet = load_engine(job.rootnet, **config.load_options) if isinstance(job.rootnet, Path) else job.rootnet
+    rootnet = load_rootnet(job.rootnet, config.load_options) if isinstance(job.rootnet, Path) else job.rootnet
     estimator = PoseEstimator(engine, rootnet=rootnet)
     writer = PartWriter(job.out, next_index, job.identity, engine.spec.joints, engine_id(engine),
                         config.part_images, config.part_seconds)

@@ -30,6 +30,7 @@ from ..config import BuildConfig, EngineRequest
 from ..errors import BatchError, need_pyarrow
 from ..interrupts import held_stops, raise_if_stopped
 from ..pipeline.estimator import PoseEstimator
+from ..pipeline.roots import load_rootnet
 from ..runtime.engine import load_engine, read_sidecar
 from ..runtime.open import engine_path
 from ..spec import get_spec
@@ -86,7 +87,7 @@ class RayPredictor:
         if isinstance(rootnet, dict):
             import ray
 
-            rootnet = load_engine(install_shipped_engine(ray.get(rootnet["files"])), **options)
+            rootnet = load_rootnet(install_shipped_engine(ray.get(rootnet["files"])), options)
         self.estimator = PoseEstimator(self.engine, rootnet=rootnet)
         self.flip, self.readers = flip, readers
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="cnpose-read")

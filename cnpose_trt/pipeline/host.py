@@ -127,7 +127,12 @@ class HostPath:
             return finished(assemble(batch, None, self.spec.joints))
         crops = items_.crops(batch, self.flip)
         if self.roots is not None:
-            self._estimate_roots(batch, crops)
+            try:
+                self._estimate_roots(batch, crops)
+            except ValueError as exc:  # no usable depth: this batch's error, delivered after the batches before it
+                failed: Future[list[PoseResult]] = Future()
+                failed.set_exception(exc)
+                return failed
         if self.on_device:
             return self._infer_decode(batch, crops)
         started = time.perf_counter()

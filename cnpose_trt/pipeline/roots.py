@@ -20,7 +20,7 @@ from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..io.preprocess import check_image, crop_people, resolve_crop_boxes
 from ..ops.rootnet import k_values, prior_roots, roots_to_image
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, read_sidecar
 from ..runtime.open import engine_path, open_engine
 
 PRIOR = "prior"
@@ -54,12 +54,18 @@ class RootStep:
         boxes they were cut from, intrinsics (4,) or (P, 4) fx, fy, cx, cy."""
         if self.engine is None:
             return prior_roots(crop_boxes, intrinsics)
-        if crops is None or len(crops) != len(crop_boxes):
-            raise ValueError("RootNet needs one crop per crop box")
         if not len(crop_boxes):
             return np.zeros((0, 3))
+        if crops is None or len(crops) != len(crop_boxes):
+            raise ValueError("RootNet needs one crop per crop box")
         raw = self.engine.infer(np.ascontiguousarray(crops, dtype=self.engine.input_dtype))
-        return roots_to_image(np.asarray(raw, np.float64), crop_boxes, k_values(crop_boxes, intrinsics))
+        roots = roots_to_image(np.asarray(raw, np.float64), crop_boxes, k_values(crop_boxes, intrinsics))
+        bad = ~(np.isfinite(roots).all(axis=1) & (roots[:, 2] > 0))
+        if bad.any():  # gamma <= 0 or overflow: no depth to place a pose at (weights not RootNet's trained ones?)
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"RootNet gave person {i} a root depth of {roots[i, 2]:.6g} mm (gamma "
+                             f"{raw[i][2]:.6g}): not a depth; are the RootNet weights trained ones?")
+        return roots
 
 
 def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
@@ -79,7 +85,14 @@ def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32"
     where = resolve_rootnet(rootnet, backend=backend, precision=precision, engine_dir=engine_dir)
     if where == PRIOR:
         return RootStep(None)
-    return RootStep(open_engine(EngineRequest(engine=where, load=load or {})))
+    return RootStep(load_rootnet(where, load))
+
+
+def load_rootnet(path: str | Path, options: dict[str, Any] | None = None) -> Engine:
+    """A RootNet engine file loaded with those of the pose engine's load options its own backend takes (a
+    torch pose engine's device means nothing to an ONNX Runtime RootNet)."""
+    takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
+    return open_engine(EngineRequest(engine=path, load={k: v for k, v in (options or {}).items() if k in takes}))
 
 
 def resolve_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,
