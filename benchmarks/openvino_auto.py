@@ -124,6 +124,7 @@ def main() -> int:
         f" (AMX: {'yes' if 'amx_bf16' in cpu['flags'] else 'no'})")
     say(f"versions: onnxruntime {onnxruntime.__version__}, openvino {ov.version()}; batch {batch}, {rounds} "
         "interleaved rounds, medians, random weights")
+    say(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (a shared machine)")
     if problem:
         say(f"bf16: skipped ({problem})")
     for variant in variants:
