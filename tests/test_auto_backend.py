@@ -85,7 +85,7 @@ def test_choice_is_the_fastest_by_the_recorded_figures(out, measuring, monkeypat
     for fast, slow in (("openvino fp32", "onnxruntime fp32"), ("onnxruntime fp32", "openvino fp32")):
         fake_cpu(monkeypatch)
         monkeypatch.setattr(auto, "BF16_BOUND_MM", 0.0)  # bf16 stays out: this test is about the timings
-        ms = {fast: 40.0, slow: 41.0, "openvino bf16": 1.0}
+        ms = {fast: 40.0, slow: 50.0, "openvino bf16": 1.0}
         monkeypatch.setattr(auto, "time_rounds", timer := FakeTimer(ms))
         result = build(out)
         assert len(timer.calls) == 1 and timer.calls[0] == sorted([fast, slow])
@@ -222,7 +222,13 @@ def test_choose_picks_the_smallest_median_and_names_every_reason_when_none_is_le
                  enumerate(zip(rng.choice(["measured", "over bound", "failed"], 6), rng.uniform(1, 100, 6), strict=True))]
         measured = [c for c in cands if c.status == "measured"]
         if measured:
-            assert auto.choose(cands).ms_per_batch == min(c.ms_per_batch for c in measured)
+            assert auto.choose(cands, margin=0.0).ms_per_batch == min(c.ms_per_batch for c in measured)
+    # Another engine replaces the first (ONNX Runtime) only when faster by more than the margin.
+    first, other = (auto.Candidate(b, "fp32", status="measured", ms_per_batch=v) for b, v in (("a", 100.0), ("b", 96.0)))
+    assert auto.choose([first, other], margin=0.05).backend == "a"
+    assert auto.choose([first, other], margin=0.03).backend == "b"
+    other.ms_per_batch = 94.0
+    assert auto.choose([first, other]).backend == "b" and auto.SWITCH_MARGIN == 0.05
     tie = [auto.Candidate("a", "fp32", status="measured", ms_per_batch=5.0),
            auto.Candidate("b", "fp32", status="measured", ms_per_batch=5.0)]
     assert auto.choose(tie).backend == "a"
