@@ -56,6 +56,7 @@ from ..spec import (
     get_spec,
     model_of,
 )
+from . import auto
 from .lookup import Request, cached, checkpoint_sha256
 from .precision import PrecisionOptions, calibration_set, convert_fp16, distinct_crops, inspect_graph, quantize_int8
 from .storage import NEARLY_FULL_BYTES, build_lock, engine_folder, tidy, workspace
@@ -98,7 +99,8 @@ def _versions() -> dict[str, str]:
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' is tensorrt where TensorRT and a GPU are present, else onnxruntime."""
+    """'auto' is tensorrt where TensorRT and a GPU are present, else onnxruntime (the fixed rule; build_engine
+    measures the CPU's engines instead unless CNPOSE_TRT_AUTO=first: auto.py)."""
     return backends.resolve(backend)
 
 
@@ -168,8 +170,9 @@ def build_engine(variant: SpecLike | BuildConfig | None = None, checkpoint: str 
             VariantSpec; optional with a checkpoint (then read from the weights' shapes).
         checkpoint: weights file; without one, deterministic random weights (benchmarks only).
         options: BuildConfig's other fields:
-        backend: "auto" (TensorRT where it and a GPU are present, else onnxruntime),
-            "onnxruntime", "tensorrt" or "torch".
+        backend: "auto" (TensorRT where it and a GPU are present; else the fastest CPU engine measured on
+            this processor, within the accuracy bound: build/auto.py), "onnxruntime", "openvino",
+            "tensorrt" or "torch".
         precision: "fp32", "fp16" (FP16 graph; keep_fp32 node prefixes stay float32; float16
             heatmaps unless fp16_output=False) or "int8" (Q/DQ graph calibrated on calib_images
             with boxes from calib_boxes JSON, calib_count crops, calib_method entropy | minmax |
@@ -198,6 +201,8 @@ def build_engine(variant: SpecLike | BuildConfig | None = None, checkpoint: str 
         config = variant
     else:
         config = BuildConfig(variant, checkpoint, **options)
+    if auto.measures(config):  # the CPU's candidates built, timed here, the fastest within bound kept (auto.py)
+        return auto.build_measured(config, lambda concrete: _Build(concrete, progress).run(), progress)
     return _Build(config, progress).run()
 
 

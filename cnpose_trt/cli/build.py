@@ -30,7 +30,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--all", action="store_true", help="build every variant (random weights)")
     p.add_argument("--checkpoint", type=Path, help="weights file; default: deterministic random weights")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="default auto: tensorrt where TensorRT and a GPU are present, else onnxruntime; "
+                   help="default auto: tensorrt where TensorRT and a GPU are present, else the fastest CPU engine "
+                        "(onnxruntime, openvino; bf16 for fp32 within 1 mm mean joint shift) timed on this "
+                        "processor, the choice kept per processor in OUT/auto/ (CNPOSE_TRT_AUTO=first: "
+                        "onnxruntime without measuring); "
                         "torch serves the model with PyTorch (fp16 on CUDA); openvino: OpenVINO on the CPU "
                         "(fp32, bf16, int8; pip install 'cnpose_trt[openvino]')")
     p.add_argument("--precision", choices=PRECISIONS, action="append", default=None,

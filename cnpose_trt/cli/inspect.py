@@ -1,6 +1,7 @@
 """`cnpose-trt inspect`: what a file holds. An engine (its file or .json sidecar) is described from
 its sidecar, without loading it or torch: variant, precision, backend, I/O, weights, cache key, and
-whether the engine file is there with the bytes the sidecar names. A checkpoint is described by the
+whether the engine file is there with the bytes the sidecar names, and what `--backend auto` measured
+where it chose the engine. A checkpoint is described by the
 configuration its tensors describe (nn.checkpoint.detect_spec) and the variant it matches.
 """
 
@@ -69,7 +70,27 @@ def _inspect_engine(path: Path) -> int:
     if isinstance(roots, dict):
         print(f"checked:         roots vs PyTorch max {roots.get('max_cells', float('nan')):.1e} cells, gamma "
               f"{roots.get('max_gamma_rel', float('nan')):.1e} (relative) on {roots.get('samples', '?')} crops")
+    if isinstance(meta.get("auto"), dict):
+        _print_auto(meta["auto"])
     return 0
+
+
+def _print_auto(rec: dict[str, Any]) -> None:
+    """What `--backend auto` measured before it chose this engine (build/auto.py records it)."""
+    cpu, choice = rec.get("cpu") or {}, rec.get("choice") or {}
+    print(f"chosen by auto:  {choice.get('backend', '?')} {choice.get('precision', '?')} for the "
+          f"{rec.get('requested_precision', '?')} request, measured {rec.get('measured_at', '?')} on "
+          f"{cpu.get('model', '?')} ({' '.join(cpu.get('flags') or []) or 'no flags read'}, "
+          f"{cpu.get('cores', '?')} cores), batch {rec.get('batch', '?')}, {rec.get('rounds', '?')} rounds")
+    for cand in rec.get("candidates") or []:
+        if not isinstance(cand, dict):
+            continue
+        ms = cand.get("ms_per_batch")
+        figure = f"{ms:8.1f} ms/batch (median)" if isinstance(ms, (int, float)) else f"{cand.get('status', '?')}"
+        reason = f": {cand['reason']}" if cand.get("reason") else ""
+        mark = " <- chosen" if (cand.get("backend"), cand.get("precision")) == (
+            choice.get("backend"), choice.get("precision")) else ""
+        print(f"  {cand.get('backend', '?'):12} {cand.get('precision', '?'):5} {figure}{reason}{mark}")
 
 
 def _inspect_checkpoint(file: Path) -> int:
