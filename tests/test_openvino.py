@@ -304,3 +304,37 @@ def test_shipped_model_bf16_and_int8_within_1mm(tmp_path):
     assert 40 < mpjpe[0] < 150, mpjpe  # a trained model (the mean pose is about 300 mm)
     assert abs(mpjpe[1] - mpjpe[0]) <= 1.0 and abs(mpjpe[2] - mpjpe[0]) <= 1.0, mpjpe
     assert mpjpe[1] != mpjpe[0]  # bf16 really ran in bf16
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_batch_local_and_ray_take_openvino_engines(built, tmp_path):
+    """A batch job with an OpenVINO bf16 engine: the rows equal PoseEstimator's on the same images, and the Ray
+    actors (the engine file shipped, loaded there) give the same rows."""
+    import json
+
+    from cnpose_trt import batch
+    from cnpose_trt.io.draw import save_image
+    from cnpose_trt.io.synthetic import synthesize
+    from cnpose_trt.pipeline.estimator import PoseEstimator
+
+    pytest.importorskip("pyarrow")
+    scenes = [synthesize(s, people=2, width=256, height=224) for s in range(3)]
+    lines = []
+    for i, scene in enumerate(scenes):
+        path = tmp_path / f"im{i}.png"
+        save_image(path, scene.image)
+        lines.append(json.dumps({"image": str(path), "boxes": scene.boxes.tolist()}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    engine = built["bf16"].path
+    batch.run(manifest, tmp_path / "local", engine=engine, progress=False)
+    rows = batch.read_results(tmp_path / "local").to_pylist()
+    want = PoseEstimator(engine).predict([s.image for s in scenes], [s.boxes for s in scenes])
+    got = np.array([r["joints"] for r in rows], np.float64).reshape(3, 2, 18, 3)
+    np.testing.assert_allclose(got, np.stack([w.image for w in want]), rtol=0, atol=1e-3)
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    batch.run(manifest, tmp_path / "ray", engine=engine, progress=False, ray=True, ray_actors=1, ray_batch_size=2)
+    remote = {(r["image"], r["person"]): r["joints"] for r in batch.read_results(tmp_path / "ray").to_pylist()}
+    for r in rows:
+        np.testing.assert_allclose(remote[(r["image"], r["person"])], r["joints"], rtol=0, atol=1e-3)
