@@ -292,3 +292,78 @@ def test_inspect_shows_the_candidates(out, measuring, monkeypatch, capsys):
     assert "12.5 ms/batch (median) <- chosen" in text and "25.0 ms/batch (median)\n" in text
     if not backends.get("openvino").precision_problem("bf16"):
         assert "openvino     bf16  over bound: its joints move" in text
+
+
+@needs_ov
+def test_a_failing_candidate_is_skipped_and_the_choice_not_recorded(out, measuring, monkeypatch):
+    """A backend failing in its own way (its library's RuntimeError at build, or at load) marks its candidate
+    "failed"; auto goes on with the others, and does not record a choice made without it."""
+    from cnpose_trt.build import builder
+
+    real_run = builder._Build.run
+    from cnpose_trt.runtime.engine import load_engine as real_load
+    for where in ("build", "load"):
+        fake_cpu(monkeypatch)
+        monkeypatch.setattr(auto, "BF16_BOUND_MM", 0.0)
+        monkeypatch.setattr(auto, "time_rounds", timer := FakeTimer({"onnxruntime fp32": 50.0, "openvino fp32": 40.0,
+                                                                    "openvino bf16": 1.0}))
+        if where == "build":
+            def flaky_run(self, _real=real_run):
+                if self.config.backend == "onnxruntime":
+                    raise RuntimeError("no space left on device")
+                return _real(self)
+            monkeypatch.setattr(builder._Build, "run", flaky_run)
+            monkeypatch.setattr(auto, "load_engine", real_load)
+        else:
+            monkeypatch.setattr(builder._Build, "run", real_run)
+
+            def refuse_ort(path, **kw):
+                if "onnxruntime" in str(path):
+                    raise RuntimeError("the session would not start")
+                return real_load(path, **kw)
+            monkeypatch.setattr(auto, "load_engine", refuse_ort)
+        result = build(out)
+        rec = result.meta["auto"]
+        status = {f"{c['backend']} {c['precision']}": (c["status"], c.get("reason", "")) for c in rec["candidates"]}
+        assert status["onnxruntime fp32"][0] == "failed" and "RuntimeError" in status["onnxruntime fp32"][1], where
+        assert chosen(result) == ("openvino", "fp32")
+        choice = auto.Choice(result.path.parent, auto.BuildConfig("XS", out_dir=out, max_batch=4),
+                             auto.candidates("fp32"), auto.cpu_fingerprint())
+        assert choice.read() is None, where  # not recorded: the next build measures again
+        assert timer.calls == []  # one engine left: nothing timed
+
+
+@needs_ov
+def test_read_only_cache_without_a_record_takes_the_fixed_rule(out, measuring, monkeypatch):
+    fake_cpu(monkeypatch)
+
+    def read_only(*_a, **_k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(auto, "file_lock", read_only)
+    monkeypatch.setattr(auto, "time_rounds", timer := FakeTimer({}))
+    said = []
+    from cnpose_trt.build.builder import build_engine
+
+    result = build_engine("XS", out_dir=out, max_batch=4, progress=said.append)
+    assert chosen(result) == (backends.resolve("auto"), "fp32") and timer.calls == []
+    assert any("cannot measure into" in m and "the fixed rule" in m for m in said), said
+
+
+@needs_ov
+def test_load_options_of_another_backend_are_left_out_under_auto(out, measuring, monkeypatch):
+    """spinning is ONNX Runtime's: an auto request that got an OpenVINO engine still opens; a named backend keeps
+    the strict check."""
+    from cnpose_trt.config import BuildConfig, EngineRequest
+    from cnpose_trt.runtime.open import open_engine
+
+    fake_cpu(monkeypatch)
+    monkeypatch.setattr(auto, "BF16_BOUND_MM", 0.0)
+    monkeypatch.setattr(auto, "time_rounds", FakeTimer({"onnxruntime fp32": 50.0, "openvino fp32": 10.0,
+                                                        "openvino bf16": 1.0}))
+    engine = open_engine(EngineRequest(build=BuildConfig("XS", out_dir=out, max_batch=4),
+                                       load={"spinning": False, "threads": 1}))
+    assert engine.backend == "openvino"
+    with pytest.raises(ValueError, match="spinning"):
+        open_engine(EngineRequest(build=BuildConfig("XS", out_dir=out, max_batch=4, backend="openvino"),
+                                  load={"spinning": False}))

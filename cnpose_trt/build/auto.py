@@ -16,7 +16,7 @@ joints, recorded at its build against PyTorch float32 on verify.ACCURACY_SAMPLES
 by at most BF16_BOUND_MM on average: issue 25's bound for bf16 is 1 mm of MPJPE over FP32, and the
 mean joint shift between two engines bounds how much their mean per-joint error can differ. (On the
 shipped trained XS model bf16 moves joints 0.8 mm on average; on random weights, whose flat heatmaps
-magnify rounding, 3 mm: auto then keeps float32. To keep float32 whatever the figures, name a backend.)
+magnify rounding, 1.2-1.3 mm: auto then keeps float32. To keep float32 whatever the figures, name a backend.)
 
 The timing: the engines are loaded with their default options and run on the same batch of
 min(TIMING_BATCH, max_batch) synthetic crops, one warm-up call each, then interleaved rounds (the
@@ -50,7 +50,7 @@ from typing import Any
 from .. import backends
 from ..cache import cache_key, default_engine_dir, file_lock, sidecar_path, write_json
 from ..config import BuildConfig
-from ..errors import BuildError, EngineError
+from ..errors import BuildError, CheckpointError, EngineError
 from ..runtime.engine import load_engine, read_sidecar
 from ..spec import VariantSpec, get_spec
 from .lookup import checkpoint_sha256
@@ -311,8 +311,11 @@ def _build_candidates(config: BuildConfig, runnable: list[Candidate], build: Cal
         say(f"auto: candidate {cand.label}")
         try:
             result = build(dataclasses.replace(config, backend=cand.backend, precision=cand.precision))
-        except (BuildError, EngineError) as exc:
-            cand.skip("failed", str(exc).splitlines()[0][:300])
+        except (ValueError, CheckpointError):  # the caller's request or weights: every candidate would fail
+            raise
+        except Exception as exc:  # this backend's failure (its library's own errors included): skip it
+            cand.skip("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            say(f"      failed: {cand.reason}")
             continue
         cand.engine = result.path.name
         over = within_bound(cand, config.precision, result.meta)
@@ -334,7 +337,27 @@ def _measure(built: dict[str, Any], runnable: list[Candidate], max_batch: int, s
                 cand.status, cand.reason = "measured", "the only candidate left: not timed"
         return
     x = accuracy_inputs(VariantSpec(**next(iter(built.values())).meta["spec"]), min(TIMING_BATCH, max_batch))
-    engines = {label: load_engine(result.path) for label, result in built.items()}
+    engines = {}
+    for cand in runnable:  # loaded and run once each, a failure marking its candidate, not ending auto
+        if cand.label not in built:
+            continue
+        engine = None
+        try:
+            engine = load_engine(built[cand.label].path)
+            engine.infer(x)
+            engines[cand.label] = engine
+        except Exception as exc:
+            cand.skip("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            del built[cand.label]
+            if engine is not None:
+                engine.close()
+    if len(engines) < 2:
+        for engine in engines.values():
+            engine.close()
+        for cand in runnable:
+            if cand.label in built:
+                cand.status, cand.reason = "measured", "the only candidate left: not timed"
+        return
     try:
         say(f"auto: timing {len(engines)} engines on this processor, batch {len(x)}, interleaved rounds")
         times = time_rounds({label: (lambda e=e: e.infer(x)) for label, e in engines.items()}, say=say)
@@ -369,14 +392,20 @@ def build_measured(config: BuildConfig, build: Callable[[BuildConfig], Any],
         return build(dataclasses.replace(config, backend=runnable[0].backend, precision=runnable[0].precision))
     out = engine_folder(Path(config.out_dir) if config.out_dir is not None else default_engine_dir())
     choice = Choice(out, config, cands, cpu_fingerprint())
-    with file_lock(out / f".auto-{choice.key[:16]}.lock"):
-        rec = None if config.force else choice.read()
+    rec = None if config.force else choice.read()  # a cache hit needs no lock (a read-only cache serves too)
+    if rec is not None:
+        return _reuse(config, build, choice, rec, say)
+    try:
+        lock = file_lock(out / f".auto-{choice.key[:16]}.lock")
+        lock.__enter__()
+    except OSError as exc:  # a read-only cache without a record for this processor: the fixed rule
+        backend = backends.resolve("auto")
+        say(f"auto: cannot measure into {out} ({exc.strerror or exc}): the fixed rule, {backend}")
+        return build(dataclasses.replace(config, backend=backend))
+    try:
+        rec = None if config.force else choice.read()  # another process may have measured meanwhile
         if rec is not None:
-            picked = rec["choice"]
-            say(f"auto: {picked['backend']} {picked['precision']}, as measured on this processor before "
-                f"({choice.cpu['model']}; --force measures again)")
-            return _attach(build(dataclasses.replace(config, backend=picked["backend"],
-                                                     precision=picked["precision"])), rec)
+            return _reuse(config, build, choice, rec, say)
         say(f"auto: measuring {', '.join(c.label for c in runnable)} on {choice.cpu['model']} "
             f"({' '.join(choice.cpu['flags']) or 'no vector flags read'}, {choice.cpu['cores']} cores)")
         built = _build_candidates(config, runnable, build, say)
@@ -389,7 +418,33 @@ def build_measured(config: BuildConfig, build: Callable[[BuildConfig], Any],
                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "choice": {"backend": best.backend, "precision": best.precision, "engine": best.engine},
                "candidates": [c.to_dict() for c in cands]}
-        choice.write(rec)
+        if any(c.status == "failed" for c in cands):  # a passing failure must not stand as this processor's choice
+            say("auto: a candidate failed, so this choice is not recorded: the next build measures again")
+        else:
+            choice.write(rec)
         say("auto: " + "; ".join(f"{c.label} {c.ms_per_batch:.1f} ms" for c in cands if c.ms_per_batch is not None)
             + f" -> {best.label}")
+        _notice(config, best.precision, rec)
         return _attach(built[best.label], rec)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _reuse(config: BuildConfig, build: Callable[[BuildConfig], Any], choice: Choice, rec: dict[str, Any],
+           say: Callable[[str], None]) -> Any:
+    """The engine of a recorded choice (built or found in the cache), with the record attached."""
+    picked = rec["choice"]
+    say(f"auto: {picked['backend']} {picked['precision']}, as measured on this processor before "
+        f"({choice.cpu['model']}; --force measures again)")
+    _notice(config, picked["precision"], rec)
+    return _attach(build(dataclasses.replace(config, backend=picked["backend"], precision=picked["precision"])),
+                   rec)
+
+
+def _notice(config: BuildConfig, precision: str, rec: dict[str, Any]) -> None:
+    """Say (a warning, shown without any logging set up) when auto serves a request at a lower precision."""
+    if precision != config.precision:
+        picked = rec["choice"]
+        log.warning("auto serves this %s request with a %s %s engine (faster here, its joints within %s mm of "
+                    "float32 on average); name a backend (--backend onnxruntime) to keep %s", config.precision,
+                    picked["backend"], precision, BF16_BOUND_MM, config.precision)

@@ -7,12 +7,16 @@ layer, and only when the request asks for a build; loading a built engine never 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import backends
 from ..config import EngineRequest
-from .engine import Engine, load_engine
+from .engine import Engine, load_engine, read_sidecar
+
+log = logging.getLogger(__name__)
 
 
 def engine_path(request: EngineRequest, progress: Callable[[str], None] | None = None) -> Path:
@@ -32,7 +36,19 @@ def build(request: EngineRequest, progress: Callable[[str], None] | None = None)
 def open_engine(request: EngineRequest, progress: Callable[[str], None] | None = None) -> Engine:
     """Load the request's engine with request.load's options, building it first if asked.
 
+    Where the request let `auto` choose the backend, options the chosen backend does not take (ONNX
+    Runtime's spinning for an OpenVINO engine) are dropped, with a debug note: the caller could not know
+    which backend it would get. A named backend or engine file keeps the strict check.
+
     Raises:
         ValueError: bad options. EngineError, BuildError, CheckpointError: see their messages.
     """
-    return load_engine(engine_path(request, progress), **request.load)
+    path = engine_path(request, progress)
+    load = dict(request.load)
+    if request.build is not None and request.build.backend == "auto" and load:
+        takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
+        dropped = sorted(set(load) - set(takes))
+        if dropped:
+            log.debug("auto chose an engine that takes no %s: left out", ", ".join(dropped))
+            load = {k: v for k, v in load.items() if k in takes}
+    return load_engine(path, **load)
