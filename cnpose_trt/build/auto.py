@@ -445,6 +445,6 @@ def _notice(config: BuildConfig, precision: str, rec: dict[str, Any]) -> None:
     """Say (a warning, shown without any logging set up) when auto serves a request at a lower precision."""
     if precision != config.precision:
         picked = rec["choice"]
-        log.warning("auto serves this %s request with a %s %s engine (faster here, its joints within %s mm of "
+        log.warning("auto serves this %s request with the %s %s engine (faster here, its joints within %s mm of "
                     "float32 on average); name a backend (--backend onnxruntime) to keep %s", config.precision,
                     picked["backend"], precision, BF16_BOUND_MM, config.precision)
