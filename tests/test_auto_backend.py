@@ -367,3 +367,48 @@ def test_load_options_of_another_backend_are_left_out_under_auto(out, measuring,
     with pytest.raises(ValueError, match="spinning"):
         open_engine(EngineRequest(build=BuildConfig("XS", out_dir=out, max_batch=4, backend="openvino"),
                                   load={"spinning": False}))
+
+
+def test_int8_candidates_differ_by_at_most_the_spread():
+    """The INT8 rule written out: a candidate is kept where its mean shift from FP32 is within INT8_SPREAD_MM of
+    the most faithful one's (boundary included), whatever the absolute figures."""
+    spread = auto.INT8_SPREAD_MM
+    assert auto.int8_over_spread({}) == {}
+    assert auto.int8_over_spread({"a int8": 3.0}) == {}
+    assert auto.int8_over_spread({"a int8": 0.2, "b int8": 0.2 + spread}) == {}
+    over = auto.int8_over_spread({"a int8": 0.2, "b int8": 0.2 + spread + 0.01, "c int8": 0.9})
+    assert set(over) == {"b int8"} and f"{spread} mm" in over["b int8"] and "0.20 mm" in over["b int8"]
+
+
+def test_choice_key_holds_the_rules(monkeypatch, tmp_path):
+    """A record made under another bound, margin or package version is not reused: the key changes."""
+    from cnpose_trt.config import BuildConfig
+
+    fake_cpu(monkeypatch, model="Rules CPU")
+    config = BuildConfig("XS", out_dir=tmp_path, max_batch=4)
+    cands, cpu = auto.candidates("fp32"), auto.cpu_fingerprint()
+    key = auto.Choice(tmp_path, config, cands, cpu).key
+    for name, value in (("BF16_BOUND_MM", 2.0), ("SWITCH_MARGIN", 0.2), ("INT8_SPREAD_MM", 0.5),
+                        ("TIMING_BATCH", 4), ("__version__", "9.9.9")):
+        with monkeypatch.context() as m:
+            m.setattr(auto, name, value)
+            assert auto.Choice(tmp_path, config, cands, cpu).key != key, name
+    assert auto.Choice(tmp_path, config, cands, cpu).key == key
+
+
+def test_int8_gate_drops_the_candidate_over_the_spread():
+    from types import SimpleNamespace
+
+    def built_with(a, b):
+        return {"onnxruntime int8": SimpleNamespace(meta={"accuracy_vs_fp32": {"mean_mm": a}}),
+                "openvino int8": SimpleNamespace(meta={"accuracy_vs_fp32": {"mean_mm": b}})}
+
+    runnable = [auto.Candidate("onnxruntime", "int8"), auto.Candidate("openvino", "int8")]
+    built, said = built_with(0.3, 1.5), []
+    auto._gate_int8("int8", runnable, built, said.append)
+    assert list(built) == ["onnxruntime int8"] and runnable[1].status == "over bound" and said
+    assert runnable[0].status == "pending"
+    built = built_with(0.3, 1.2)
+    auto._gate_int8("int8", [auto.Candidate("onnxruntime", "int8"), auto.Candidate("openvino", "int8")], built,
+                    said.append)
+    assert len(built) == 2  # within the spread: both stay, speed decides
