@@ -344,3 +344,22 @@ def test_video_records_on_ray_equal_the_local_run(clip, tmp_path, xs_engine_path
     assert remote.mode.startswith("ray") and (remote.images, remote.people, remote.errors) == \
         (local.images, local.people, local.errors) == (FRAMES + 2, sum(i % 3 for i in range(FRAMES)) + 2, 1)
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+
+
+def test_one_video_named_two_ways_gives_each_record_its_frame(clip, tmp_path, xs_engine_path):
+    """Consecutive records naming one video as a relative and as an absolute path are two keys of one file: the
+    frame both want is decoded once and given to each (it was a spurious 'reader ended early' error row)."""
+    folder, scenes, _ = clip
+    records = [{"video": "clip.mkv", "frame": 3, "boxes": scenes[3].boxes.tolist()},
+               {"video": str(folder / "clip.mkv"), "frame": 3, "boxes": scenes[3].boxes.tolist()},
+               {"video": "clip.mkv", "frame": 5, "boxes": scenes[5].boxes.tolist()}]
+    manifest = _jsonl(folder / "twice.jsonl", records)
+    out = tmp_path / "out"
+    summary = batch.run(manifest, out, engine=xs_engine_path, progress=False)
+    assert summary.errors == 0, [r["error"] for r in batch.read_results(out).to_pylist()]
+    rows = _rows(out)
+    want = _reference(xs_engine_path, [("f3", {"image": scenes[3].image, "boxes": scenes[3].boxes}),
+                                        ("f5", {"image": scenes[5].image, "boxes": scenes[5].boxes})])
+    for key, ref in (("clip.mkv#3", "f3"), (f"{folder / 'clip.mkv'}#3", "f3"), ("clip.mkv#5", "f5")):
+        for p in range(len(scenes[int(key[-1])].boxes)):
+            np.testing.assert_allclose(rows[(key, p)]["joints"], want[(ref, p)]["joints"], rtol=0, atol=1e-3)

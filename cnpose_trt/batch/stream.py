@@ -108,11 +108,14 @@ class _FrameReader:
     order, any thread. A frame decoded before its entry asked (another thread's entry came first)
     waits in `ready`, so at most the read-ahead window's frames are held. A frame past the end, and
     every frame after it, is that frame's error; a frame that cannot be decoded is its own error and
-    the pass starts again after it; a video that cannot be read is every frame's error."""
+    the pass starts again after it; a video that cannot be read is every frame's error. A frame wanted by
+    several entries (one video named two ways: "clip.mp4" and its absolute path) is decoded once and kept
+    until each of them took it."""
 
     def __init__(self, path: str, frames: list[int]) -> None:
-        self.path, self.frames = path, sorted(frames)
-        self.left = len(self.frames)
+        self.wanted = collections.Counter(frames)  # entries still to take each frame
+        self.path, self.frames = path, sorted(self.wanted)
+        self.left = len(frames)
         self.ready: dict[int, np.ndarray] = {}
         self.failed: dict[int, str] = {}
         self.end: int | None = None           # the frames the video has, once a wanted one was past it
@@ -138,9 +141,11 @@ class _FrameReader:
     def _frame(self, frame: int) -> np.ndarray:
         while True:
             if frame in self.ready:
-                return self.ready.pop(frame)
+                self.wanted[frame] -= 1
+                return self.ready[frame] if self.wanted[frame] > 0 else self.ready.pop(frame)
             if frame in self.failed:
-                raise _FrameError(self.failed.pop(frame))
+                self.wanted[frame] -= 1
+                raise _FrameError(self.failed[frame] if self.wanted[frame] > 0 else self.failed.pop(frame))
             if self.error is not None:
                 raise _FrameError(self.error)
             if self.end is not None and frame >= self.end:
