@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import backends
 from ..cache import atomic_write, sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..errors import BatchError, need_pyarrow
@@ -32,7 +31,7 @@ from ..interrupts import held_stops, raise_if_stopped
 from ..pipeline.estimator import PoseEstimator
 from ..pipeline.roots import load_rootnet
 from ..runtime.engine import load_engine, read_sidecar
-from ..runtime.open import engine_path
+from ..runtime.open import engine_path, options_taken
 from ..spec import get_spec
 from .engine import capability, engine_id
 from .manifest import Entry
@@ -72,22 +71,20 @@ class RayPredictor:
 
     def __init__(self, engine: dict[str, Any], flip: bool, readers: int, threads: int | None, device: str | None,
                  spinning: bool | None = None) -> None:
-        options: dict[str, Any] = {}
         if engine["mode"] == "ship":
             import ray
 
             path = install_shipped_engine(ray.get(engine["files"]))
         else:
             path = engine_path(EngineRequest(build=BuildConfig(**engine["build"])))
-        takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
-        given = {"threads": threads or None, "spinning": spinning, "device": device or None}
-        options.update({k: v for k, v in given.items() if k in takes and v is not None})
-        self.engine = load_engine(path, **options)
+        given = {k: v for k, v in {"threads": threads or None, "spinning": spinning, "device": device or None}.items()
+                 if v is not None}  # each engine takes those its backend takes (options_taken)
+        self.engine = load_engine(path, **options_taken(path, given))
         rootnet = engine.get("rootnet")  # None, "prior", or a shipped RootNet engine's files
         if isinstance(rootnet, dict):
             import ray
 
-            rootnet = load_rootnet(install_shipped_engine(ray.get(rootnet["files"])), options)
+            rootnet = load_rootnet(install_shipped_engine(ray.get(rootnet["files"])), given)
         self.estimator = PoseEstimator(self.engine, rootnet=rootnet)
         self.flip, self.readers = flip, readers
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="cnpose-read")

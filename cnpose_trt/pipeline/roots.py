@@ -20,8 +20,8 @@ from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..io.preprocess import check_image, crop_people, resolve_crop_boxes
 from ..ops.rootnet import k_values, prior_roots, roots_to_image
-from ..runtime.engine import Engine, read_sidecar
-from ..runtime.open import engine_path, open_engine
+from ..runtime.engine import Engine
+from ..runtime.open import engine_path, open_engine, options_taken
 
 PRIOR = "prior"
 SOURCES = ("given", "rootnet", PRIOR)  # PoseResult.root_source: hand-given, a RootNet engine, the prior
@@ -91,8 +91,7 @@ def open_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32"
 def load_rootnet(path: str | Path, options: dict[str, Any] | None = None) -> Engine:
     """A RootNet engine file loaded with those of the pose engine's load options its own backend takes (a
     torch pose engine's device means nothing to an ONNX Runtime RootNet)."""
-    takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
-    return open_engine(EngineRequest(engine=path, load={k: v for k, v in (options or {}).items() if k in takes}))
+    return open_engine(EngineRequest(engine=path, load=options_taken(path, options or {})))
 
 
 def resolve_rootnet(rootnet: Any, *, backend: str = "auto", precision: str = "fp32", engine_dir: Any = None,

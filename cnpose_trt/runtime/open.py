@@ -8,7 +8,7 @@ layer, and only when the request asks for a build; loading a built engine never 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,16 @@ def open_engine(request: EngineRequest, progress: Callable[[str], None] | None =
     path = engine_path(request, progress)
     load = dict(request.load)
     if request.build is not None and request.build.backend == "auto" and load:
-        takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
-        dropped = sorted(set(load) - set(takes))
-        if dropped:
-            log.debug("auto chose an engine that takes no %s: left out", ", ".join(dropped))
-            load = {k: v for k, v in load.items() if k in takes}
+        taken = options_taken(path, load)
+        if taken != load:
+            log.debug("auto chose an engine that takes no %s: left out", ", ".join(sorted(set(load) - set(taken))))
+        load = taken
     return load_engine(path, **load)
+
+
+def options_taken(path: str | Path, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Those of `options` (load_engine's) that the backend of the engine file at `path` takes, by its
+    sidecar: for engines whose backend the caller did not pick (auto's choice, a RootNet beside the pose
+    engine, a Ray actor's engine)."""
+    takes = backends.get(read_sidecar(path)["backend"]).LOAD_OPTIONS
+    return {k: v for k, v in options.items() if k in takes}
