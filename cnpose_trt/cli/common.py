@@ -153,10 +153,24 @@ def add_rootnet_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rootnet", metavar="ENGINE_OR_CHECKPOINT", default=None, help=ROOTNET_HELP)
 
 
-def check_root_options(args: argparse.Namespace, camera: bool = True) -> None:
+def rootnet_value(value: Any) -> str | Path | None:
+    """--rootnet checked before anything is loaded (predict, eval): None, 'prior', or an existing file (a
+    RootNet engine, its .json sidecar, a RootNet snapshot)."""
+    from ..cache import sidecar_path
+
+    if value is None or value == "prior":
+        return value
+    path = Path(value)
+    if not str(value).strip() or not (path.is_file() or sidecar_path(path).is_file()):
+        what = f"--rootnet {value}: no such file" if str(value).strip() else "--rootnet is empty"
+        raise ValueError(f"{what}; --rootnet must be a RootNet engine file, its .json sidecar, a RootNet checkpoint "
+                         "(.pth.tar) or 'prior'")
+    return path
+
+
+def check_root_options(args: argparse.Namespace) -> None:
     """--rootnet and --root-depth, checked before any engine is opened: `--root-depth prior` is
-    `--rootnet prior`; a depth by hand and RootNet exclude each other; estimated depths need the camera
-    (camera=False: the command's inputs carry intrinsics, e.g. a batch manifest)."""
+    `--rootnet prior`; a depth by hand and RootNet exclude each other; estimated depths need the camera."""
     depth = getattr(args, "root_depth", None)
     if depth == "prior":
         if args.rootnet not in (None, "prior"):
@@ -164,14 +178,9 @@ def check_root_options(args: argparse.Namespace, camera: bool = True) -> None:
         args.rootnet, args.root_depth = "prior", None
     elif depth is not None and args.rootnet is not None:
         raise ValueError(f"give one of --root-depth {depth:g} (a depth by hand) and --rootnet (depths estimated)")
-    if args.rootnet is None:
+    if rootnet_value(args.rootnet) is None:
         return
-    if not str(args.rootnet).strip():
-        raise ValueError(f"--rootnet must name {ROOTNET_HELP.split(':', 1)[1].split('; needs')[0].strip()}, got ''")
-    if args.rootnet != "prior" and not Path(args.rootnet).exists():
-        raise ValueError(f"--rootnet {args.rootnet}: no such file (give a RootNet engine, a RootNet snapshot or "
-                         "'prior')")
-    if camera and getattr(args, "focal", None) is None:
+    if getattr(args, "focal", None) is None:
         raise ValueError(f"--rootnet needs the camera: --focal FX,FY and --principal CX,CY ({CAMERA_HINT}); "
                          "RootNet's depth scales with the focal length")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import add_session_arguments, session_options
-from ..cache import sidecar_path
 from ..config import BuildConfig, EngineRequest
 from ..errors import EngineError
 from ..eval.datasets import DEFAULT_SYNTHETIC_SEED, H36M_TEST_SAMPLING, EvalSet, _jsonable, h36m_set, synthetic_set
@@ -27,6 +26,7 @@ from ..runtime.engine import load_engine
 from ..runtime.open import open_engine
 from ..shipped import flip_for
 from ..spec import VARIANTS
+from .common import rootnet_value
 from .errors import run as run_reported
 
 # The first line of the old module's docstring: `python -m cnpose_trt.evaluate --help` says it.
@@ -202,19 +202,10 @@ def _engines(args: argparse.Namespace) -> tuple[list[Any], list[str] | None]:
 
 
 def _rootnet_argument(args: argparse.Namespace) -> str | Path | None:
-    """--rootnet checked before anything is loaded: None, 'prior' or an existing file."""
-    value = args.rootnet
-    if value is None:
-        return None
-    if args.bbox_root is not None:
+    """--rootnet checked before anything is loaded: None, 'prior' or an existing file (common.rootnet_value)."""
+    if args.rootnet is not None and args.bbox_root is not None:
         raise ValueError("--rootnet and --bbox-root both give root depths: choose one")
-    if value == PRIOR:
-        return PRIOR
-    path = Path(value)
-    if not value.strip() or not (path.is_file() or sidecar_path(path).is_file()):
-        raise ValueError(f"--rootnet must be a RootNet engine file, its .json sidecar, a RootNet checkpoint "
-                         f"(.pth.tar) or 'prior', got {value!r} (no such file)")
-    return path
+    return rootnet_value(args.rootnet)
 
 
 def _open_rootnet(args: argparse.Namespace, rootnet: str | Path | None) -> Any:
