@@ -289,14 +289,14 @@ def _settle(out: Path, config: BatchConfig) -> _Job:
         config.say("warning: the engine uses random weights: the poses are meaningless; pass a checkpoint for real "
                    "ones")
     identity = _identity(meta, path, loaded, opts, flip)
-    rootnet = _settle_rootnet(config, meta, opts, ray_engine)
+    rootnet = _settle_rootnet(config, meta, opts)
     if rootnet is not None:  # added only with a RootNet: the identity of jobs without one keeps its form
         identity["rootnet"] = (rootnet if isinstance(rootnet, str) else engine_id(rootnet)
                                if isinstance(rootnet, Engine) else read_sidecar(rootnet)["engine_file"])
     return _Job(out, opts, flip, identity, path, loaded, ray_engine, rootnet)
 
 
-def _settle_rootnet(config: BatchConfig, meta: dict[str, Any] | None, opts: EngineOptions, ray_engine: str) -> Any:
+def _settle_rootnet(config: BatchConfig, meta: dict[str, Any] | None, opts: EngineOptions) -> Any:
     """The job's RootNet: "prior", a loaded Engine, or its engine file (a checkpoint built here, with the pose
     engine's backend and precision); on Ray the file is shipped, so it must be a portable engine."""
     rootnet = config.rootnet

@@ -296,14 +296,14 @@ def read_results(out: str | Path) -> Any:
     stale = _superseded(parts)
     tables = []
     for path, _ in parts:
-        table = _with_video_columns(pq.read_table(path).replace_schema_metadata(None))
+        table = _with_newer_columns(pq.read_table(path).replace_schema_metadata(None))
         tables.append(_without(table, stale[path]) if path in stale else table)
     if not tables:
         return output_schema(18).empty_table()
     return pa.concat_tables(tables)
 
 
-def _with_video_columns(table: Any) -> Any:
+def _with_newer_columns(table: Any) -> Any:
     """A part written before video frames (or root sources) had columns: its `video` and `frame` null (all its
     rows are images), its `root_source` "given" where it holds a root_depth (then only a manifest gave one),
     else null; columns in today's order."""

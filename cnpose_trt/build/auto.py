@@ -36,6 +36,7 @@ measuring): for runs that must not depend on timing, such as the test suite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -321,7 +322,7 @@ def _build_candidates(config: BuildConfig, runnable: list[Candidate], build: Cal
         except (ValueError, CheckpointError):  # the caller's request or weights: every candidate would fail
             raise
         except Exception as exc:  # this backend's failure (its library's own errors included): skip it
-            cand.skip("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            cand.skip("failed", _failure(exc))
             say(f"      failed: {cand.reason}")
             continue
         cand.engine = result.path.name
@@ -363,42 +364,50 @@ def _gate_int8(precision: str, runnable: list[Candidate], built: dict[str, Any],
             del built[cand.label]
 
 
+def _failure(exc: BaseException) -> str:
+    """A candidate's failure, for its record: the exception's type and the first line of its message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _only_one_left(built: dict[str, Any], runnable: list[Candidate]) -> bool:
+    """Fewer than two engines to compare: the one left (if any) is marked, untimed."""
+    if len(built) >= 2:
+        return False
+    for cand in runnable:
+        if cand.label in built:
+            cand.status, cand.reason = "measured", "the only candidate left: not timed"
+    return True
+
+
 def _measure(built: dict[str, Any], runnable: list[Candidate], max_batch: int, say: Callable[[str], None]) -> None:
-    """Median ms per batch of each built candidate, timed together (time_rounds)."""
+    """Median ms per batch of each built candidate, timed together (time_rounds). Each is loaded and run once
+    first: one failing there is marked "failed" (and left out), not the end of auto."""
     from .verify import accuracy_inputs
 
-    if len(built) < 2:  # one engine left: nothing to compare, so nothing is timed
-        for cand in runnable:
-            if cand.label in built:
-                cand.status, cand.reason = "measured", "the only candidate left: not timed"
+    if _only_one_left(built, runnable):
         return
     x = accuracy_inputs(VariantSpec(**next(iter(built.values())).meta["spec"]), min(TIMING_BATCH, max_batch))
-    engines = {}
-    for cand in runnable:  # loaded and run once each, a failure marking its candidate, not ending auto
-        if cand.label not in built:
-            continue
-        engine = None
-        try:
-            engine = load_engine(built[cand.label].path)
-            engine.infer(x)
-            engines[cand.label] = engine
-        except Exception as exc:
-            cand.skip("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
-            del built[cand.label]
-            if engine is not None:
-                engine.close()
-    if len(engines) < 2:
-        for engine in engines.values():
-            engine.close()
-        for cand in runnable:
-            if cand.label in built:
-                cand.status, cand.reason = "measured", "the only candidate left: not timed"
-        return
+    loaded: list[Any] = []  # every engine opened, closed at the end whatever happens
+    timed = {}
     try:
-        say(f"auto: timing {len(engines)} engines on this processor, batch {len(x)}, interleaved rounds")
-        times = time_rounds({label: (lambda e=e: e.infer(x)) for label, e in engines.items()}, say=say)
+        for cand in runnable:
+            if cand.label not in built:
+                continue
+            try:
+                loaded.append(engine := load_engine(built[cand.label].path))
+                engine.infer(x)
+            except Exception as exc:
+                cand.skip("failed", _failure(exc))
+                del built[cand.label]
+                continue
+            timed[cand.label] = engine
+        if _only_one_left(built, runnable):
+            return
+        say(f"auto: timing {len(timed)} engines on this processor, batch {len(x)}, interleaved rounds")
+        times = time_rounds({label: (lambda e=e: e.infer(x)) for label, e in timed.items()}, say=say)
     finally:
-        for engine in engines.values():
+        for engine in loaded:
             engine.close()
     for cand in runnable:
         if cand.label in times:
@@ -431,14 +440,13 @@ def build_measured(config: BuildConfig, build: Callable[[BuildConfig], Any],
     rec = None if config.force else choice.read()  # a cache hit needs no lock (a read-only cache serves too)
     if rec is not None:
         return _reuse(config, build, choice, rec, say)
-    try:
-        lock = file_lock(out / f".auto-{choice.key[:16]}.lock")
-        lock.__enter__()
-    except OSError as exc:  # a read-only cache without a record for this processor: the fixed rule
-        backend = backends.resolve("auto")
-        say(f"auto: cannot measure into {out} ({exc.strerror or exc}): the fixed rule, {backend}")
-        return build(dataclasses.replace(config, backend=backend))
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(out / f".auto-{choice.key[:16]}.lock"))
+        except OSError as exc:  # a read-only cache without a record for this processor: the fixed rule
+            backend = backends.resolve("auto")
+            say(f"auto: cannot measure into {out} ({exc.strerror or exc}): the fixed rule, {backend}")
+            return build(dataclasses.replace(config, backend=backend))
         rec = None if config.force else choice.read()  # another process may have measured meanwhile
         if rec is not None:
             return _reuse(config, build, choice, rec, say)
@@ -462,8 +470,6 @@ def build_measured(config: BuildConfig, build: Callable[[BuildConfig], Any],
             + f" -> {best.label}")
         _notice(config, best.precision, rec)
         return _attach(built[best.label], rec)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _reuse(config: BuildConfig, build: Callable[[BuildConfig], Any], choice: Choice, rec: dict[str, Any],
